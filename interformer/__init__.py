@@ -1,0 +1,20 @@
+"""InterFormer (ICCV 2023) split into an offline `encode` and a per-click `interact` step.
+
+    from interformer import load_model, Predictor
+    predictor = Predictor(load_model("interformer_light.pth"))
+    feats = predictor.encode(image)             # once per image (GPU when available)
+    session = predictor.session(feats)
+    mask = session.add_click(120, 200).mask     # per click, on CPU
+"""
+from .checkpoint import CheckpointError, load_model, save_checkpoint
+from .clicks import Click
+from .config import CONFIGS, ModelConfig, PreprocessConfig, get_config
+from .features import ImageFeatures, ImageGeometry
+from .predictor import ClickResult, InteractiveSession, InvalidClickError, Predictor
+from .preprocess import InvalidImageError
+
+__all__ = [
+    "CONFIGS", "CheckpointError", "Click", "ClickResult", "ImageFeatures", "ImageGeometry", "InteractiveSession",
+    "InvalidClickError", "InvalidImageError", "ModelConfig", "Predictor", "PreprocessConfig", "get_config",
+    "load_model", "save_checkpoint",
+]

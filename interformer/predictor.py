@@ -1,0 +1,232 @@
+"""The public two-stage API: `Predictor.encode` once per image, then an `InteractiveSession` per object.
+
+Encode (GPU when present) runs the ViT + SimpleFPN and the click-independent I-MSA keys/values.
+A click runs only I-MSA + UPerHead on CPU. The session state (reference-label map, clicks, previous
+prediction) is explicit, and `replay` rebuilds it from a click list with identical results.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clicks import Click, Roi, add_click_disk, initial_ref_label, update_by_prediction, zoom_in_roi
+from .config import PreprocessConfig
+from .features import ImageFeatures, ImageGeometry
+from .modeling import InterFormer
+from .modeling.imsa import IMSACache
+from .preprocess import preprocess
+
+__all__ = ["Click", "ClickResult", "InteractiveSession", "Predictor", "default_device", "set_cpu_threads"]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_cpu_threads(n: int) -> None:
+    """Intra-op threads for CPU inference (a serving process should match its CPU share)."""
+    torch.set_num_threads(max(1, int(n)))
+
+
+class InvalidClickError(ValueError):
+    """A click outside the image."""
+
+
+@dataclass
+class ClickResult:
+    """Prediction after one click. `margin` is logit1 - logit0 on the padded canvas (float32)."""
+
+    margin: np.ndarray
+    geometry: ImageGeometry
+    clicks: tuple[Click, ...]
+
+    @cached_property
+    def padded_mask(self) -> np.ndarray:
+        """Foreground on the padded network canvas (argmax; ties are background)."""
+        return self.margin > 0
+
+    @cached_property
+    def _original_margin(self) -> np.ndarray:
+        g = self.geometry
+        h, w = g.resized_size
+        m = self.margin[:h, :w]
+        if g.resized:
+            h0, w0 = g.original_size
+            m = F.interpolate(torch.from_numpy(np.ascontiguousarray(m))[None, None], size=(h0, w0),
+                              mode="bilinear", align_corners=False)[0, 0].numpy()
+        return m
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """Foreground at the original image size (bool)."""
+        return self._original_margin > 0
+
+    @cached_property
+    def prob(self) -> np.ndarray:
+        """Foreground probability at the original image size (softmax of the two logits)."""
+        return (1.0 / (1.0 + np.exp(-self._original_margin))).astype(np.float32)
+
+
+@dataclass
+class _State:
+    ref_label: np.ndarray
+    pred: np.ndarray  # bool, padded canvas
+    result: ClickResult | None
+
+
+class Predictor:
+    """Holds a model on a device; `encode` images once and open sessions over their features."""
+
+    def __init__(self, model: InterFormer, preprocess: PreprocessConfig = PreprocessConfig(),
+                 device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval().fuse_for_inference()
+        self.preprocess = preprocess
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint(self.preprocess)
+
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> ImageFeatures:
+        """RGB uint8 (H, W, 3) -> ImageFeatures (pyramid + geometry + I-MSA cache)."""
+        return self.encode_batch([image])[0]
+
+    @torch.inference_mode()
+    def encode_batch(self, images: Sequence[np.ndarray], max_batch: int = 8) -> list[ImageFeatures]:
+        """Encode several images; images with the same padded size share a forward pass."""
+        prepared = [preprocess(img, self.preprocess) for img in images]
+        out: list[ImageFeatures | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, geo) in enumerate(prepared):
+            groups.setdefault(geo.padded_size, []).append(i)
+        for idxs in groups.values():
+            for start in range(0, len(idxs), max_batch):
+                chunk = idxs[start : start + max_batch]
+                batch = torch.cat([prepared[i][0] for i in chunk]).to(self.device)
+                pyramid = self.model.encode(batch)
+                for j, i in enumerate(chunk):
+                    feats = ImageFeatures(tuple(p[j : j + 1].float() for p in pyramid), prepared[i][1])
+                    self._ensure_cache(feats)
+                    out[i] = feats
+        return out  # type: ignore[return-value]
+
+    def _ensure_cache(self, feats: ImageFeatures) -> IMSACache:
+        key = ("imsa", id(self.model))
+        cache = feats.cache.get(key)
+        if cache is None:
+            if feats.device != self.device:
+                feats.pyramid = tuple(p.to(self.device) for p in feats.pyramid)
+            with torch.inference_mode():
+                cache = self.model.precompute(list(feats.pyramid))
+            feats.cache[key] = cache
+        return cache
+
+    def session(self, feats: ImageFeatures, box: Roi | None = None) -> "InteractiveSession":
+        """A new interactive session (one object) over encoded features; `box` (left, up, right, bottom,
+        original pixels) fixes the zoom-in region of the refine stages instead of deriving it per click."""
+        return InteractiveSession(self, feats, box)
+
+    @torch.inference_mode()
+    def predict_margin(self, feats: ImageFeatures, ref_label: np.ndarray, roi: Roi | None) -> np.ndarray:
+        """One interact step: logit1 - logit0 at the padded resolution, as float32 numpy."""
+        cache = self._ensure_cache(feats)
+        rl = torch.from_numpy(ref_label).to(self.device)[None, None]
+        logits = self.model.decode(list(feats.pyramid), rl, roi=roi, cache=cache)
+        margin = logits[:, 1:2] - logits[:, 0:1]
+        margin = F.interpolate(margin, size=ref_label.shape, mode="bilinear", align_corners=False)
+        return margin[0, 0].float().cpu().numpy()
+
+
+class InteractiveSession:
+    """Click-by-click segmentation of one object. State: reference-label map, clicks, last prediction."""
+
+    def __init__(self, predictor: Predictor, feats: ImageFeatures, box: Roi | None = None) -> None:
+        self.predictor = predictor
+        self.feats = feats
+        self.geometry = feats.geometry
+        self.box = box
+        self.reset()
+
+    @property
+    def clicks(self) -> list[Click]:
+        return list(self._clicks)
+
+    @property
+    def ref_label(self) -> np.ndarray:
+        return self._states[-1].ref_label
+
+    @property
+    def result(self) -> ClickResult | None:
+        return self._states[-1].result
+
+    def reset(self) -> None:
+        padded = self.geometry.padded_size
+        self._clicks: list[Click] = []
+        self._states = [_State(initial_ref_label(padded), np.zeros(padded, dtype=bool), None)]
+
+    def to_network(self, row: int, col: int) -> tuple[int, int]:
+        """Original-image pixel -> pixel of the (resized) network canvas; raises for clicks outside."""
+        h0, w0 = self.geometry.original_size
+        if not (0 <= row < h0 and 0 <= col < w0):
+            raise InvalidClickError(f"click ({row}, {col}) is outside the {h0}x{w0} image")
+        if not self.geometry.resized:
+            return int(row), int(col)
+        h, w = self.geometry.resized_size
+        s = self.geometry.scale
+        return min(int(math.floor((row + 0.5) * s)), h - 1), min(int(math.floor((col + 0.5) * s)), w - 1)
+
+    def _roi(self, prev_pred: np.ndarray, ref_label: np.ndarray) -> Roi | None:
+        model = self.predictor.model
+        zc = model.config.zoom_in
+        if not model.neck.has_refine or not zc.enabled:
+            return None
+        if self.box is not None:
+            s = self.geometry.scale
+            left, up, right, bottom = self.box
+            hp, wp = self.geometry.padded_size
+            st = zc.max_stride
+            return (max(0, int(left * s) // st * st), max(0, int(up * s) // st * st),
+                    min(wp, -(-int(math.ceil(right * s)) // st) * st), min(hp, -(-int(math.ceil(bottom * s)) // st) * st))
+        if len(self._clicks) < zc.start_click:
+            return None
+        return zoom_in_roi(prev_pred, ref_label, zc.expand_ratio, zc.min_size, zc.max_stride)
+
+    def add_click(self, row: int, col: int, positive: bool = True) -> ClickResult:
+        """Add a click (original-image pixels) and return the new prediction."""
+        r, c = self.to_network(row, col)
+        prev = self._states[-1]
+        ref = add_click_disk(prev.ref_label, r, c, bool(positive), self.predictor.model.config.clicks.inner_radius)
+        self._clicks.append(Click(int(row), int(col), bool(positive)))
+        margin = self.predictor.predict_margin(self.feats, ref, self._roi(prev.pred, ref))
+        result = ClickResult(margin, self.geometry, tuple(self._clicks))
+        pred = result.padded_mask
+        self._states.append(_State(update_by_prediction(ref, pred), pred, result))
+        return result
+
+    def undo(self) -> ClickResult | None:
+        """Remove the last click; returns the prediction before it (None when no click is left)."""
+        if not self._clicks:
+            return None
+        self._clicks.pop()
+        self._states.pop()
+        return self._states[-1].result
+
+    def replay(self, clicks: Sequence[Click | tuple]) -> ClickResult | None:
+        """Rebuild the state from a click list (e.g. after a restart); same results as clicking anew."""
+        self.reset()
+        result = None
+        for click in clicks:
+            result = self.add_click(*click)
+        return result
+
+    def matches_prefix(self, clicks: Sequence[Click | tuple]) -> bool:
+        """True when `clicks` starts with this session's clicks (so only the rest must be added)."""
+        own = self._clicks
+        return len(clicks) >= len(own) and all(Click(*a) == b for a, b in zip(clicks, own))

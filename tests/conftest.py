@@ -1,0 +1,27 @@
+"""Shared test fixtures: paths to the team's shared data and a small random-initialised model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"the team's shared folder is missing: expected {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    """A randomly initialised 'small' InterFormer (eval mode, CPU)."""
+    import torch
+
+    from interformer import load_model
+
+    torch.manual_seed(0)
+    return load_model(None, variant="small", device="cpu")
