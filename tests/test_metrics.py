@@ -1,0 +1,108 @@
+"""IoU with ignore, NoC, both NoF definitions, mIoU@k and timing aggregation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pipeline.metrics import (
+    iou,
+    mean_noc,
+    miou_at,
+    miou_curve,
+    nof_ritm,
+    noc,
+    success_ratio,
+    summarize,
+    timing,
+)
+
+
+def test_iou_excludes_the_ignore_label_from_intersection_and_union():
+    gt = np.array([[1, 1, -1, 0], [1, 1, -1, 0]], np.int8)
+    pred = np.array([[1, 0, 1, 1], [1, 1, 1, 0]], bool)
+    # valid object pixels 4, predicted 3 of them; one false positive at (0, 3); ignore column not counted.
+    assert iou(gt, pred) == pytest.approx(3 / 5)
+
+
+def test_iou_of_empty_object_and_empty_prediction_is_one():
+    assert iou(np.zeros((3, 3), np.int8), np.zeros((3, 3), bool)) == 1.0
+
+
+def test_noc_first_click_reaching_the_threshold_or_the_cap():
+    ious = [0.5, 0.86, 0.91]
+    assert noc(ious, 0.85) == 2
+    assert noc(ious, 0.90) == 3
+    assert noc(ious, 0.95) == 20
+    assert noc([0.1] * 19 + [0.95], 0.9) == 20  # reached only at click 20: counted as 20 like a failure
+
+
+def test_noc_compares_in_float32_like_ritm():
+    # 0.8499999999 is below 0.85 in float64 but rounds to float32(0.85): RITM counts it as reached.
+    assert noc([0.8499999999], 0.85) == 1
+    assert noc([0.8499], 0.85) == 20
+
+
+def test_nof_ritm_and_success_ratio_differ_on_a_threshold_reached_at_the_last_click():
+    runs = [
+        [0.95] * 20,  # NoC 1
+        [0.1] * 19 + [0.95],  # first reaches 0.9 at click 20
+        [0.1] * 20,  # never
+    ]
+    assert nof_ritm(runs, 0.90) == 2
+    assert success_ratio(runs, 0.90) == pytest.approx(2 / 3)
+    assert mean_noc(runs, 0.90) == pytest.approx((1 + 20 + 20) / 3)
+
+
+def test_miou_at_k_and_the_curve():
+    runs = [[0.2, 0.4, 0.6], [0.4, 0.6, 1.0]]
+    assert miou_at(runs, 1) == pytest.approx(0.3)
+    assert miou_curve(runs, 3) == pytest.approx([0.3, 0.5, 0.8])
+    with pytest.raises(ValueError, match="fewer than 4"):
+        miou_at(runs, 4)
+    with pytest.raises(ValueError, match="1-based"):
+        miou_at(runs, 0)
+    with pytest.raises(ValueError, match="no samples"):
+        miou_at([], 1)
+
+
+def test_timing_splits_encode_and_click_time():
+    t = timing(encode_s=[1.0, 3.0], click_s=[[0.1, 0.3], [0.2]], total_s=[2.0, 4.0])
+    assert t.encode_s_per_image == pytest.approx(2.0)
+    assert t.interact_s_per_click == pytest.approx(0.2)
+    assert t.total_s_per_click == pytest.approx(2.0)
+
+
+def test_summary_of_a_run():
+    runs = [[0.5, 0.86, 0.91] + [0.95] * 17, [0.95] * 20]
+    s = summarize(runs)
+    assert s.samples == 2 and s.noc85 == pytest.approx(1.5) and s.noc90 == pytest.approx(2.0)
+    assert s.nof85 == 0 and s.success90 == 1.0 and len(s.miou) == 20
+    assert s.to_dict()["miou"][0] == pytest.approx(0.725)
+
+
+masks = arrays(np.int8, st.tuples(st.integers(1, 16), st.integers(1, 16)), elements=st.sampled_from([0, 1]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(gt=masks, data=st.data())
+def test_iou_is_symmetric_and_in_unit_interval(gt, data):
+    other = data.draw(arrays(np.int8, gt.shape, elements=st.sampled_from([0, 1])))
+    a = iou(gt, other == 1)
+    assert 0.0 <= a <= 1.0
+    assert a == pytest.approx(iou(other, gt == 1))
+    assert iou(gt, gt == 1) == 1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ious=st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=30),
+    thr=st.floats(0.0, 1.0, allow_nan=False),
+)
+def test_noc_is_between_one_and_twenty(ious, thr):
+    n = noc(ious, thr)
+    assert 1 <= n <= 20
+    if n < 20:
+        assert np.float32(ious[n - 1]) >= np.float32(thr)
