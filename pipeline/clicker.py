@@ -16,23 +16,22 @@ Ground truth is an integer mask with 1 = object, 0 = background, -1 = ignore; pr
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
+
+from interformer.clicks import Click  # (row, col, positive): the model's own click type
 
 IGNORE_LABEL = -1
 # InterFormer keeps pixels whose distance exceeds max / (1 + eps), eps = float32 machine epsilon
 # (torch.finfo(torch.float).eps): a tolerance that, for exact distances, selects exactly the maxima.
 _INTERFORMER_EPS = float(np.finfo(np.float32).eps)
 
-
-class Click(NamedTuple):
-    """One click in pixel coordinates of the mask it was computed on (row = y, col = x)."""
-
-    row: int
-    col: int
-    positive: bool
+__all__ = [
+    "Click", "IGNORE_LABEL", "check_masks", "interformer_next_click", "mark_clicked", "new_not_clicked",
+    "padded_distance", "ritm_error_maps", "ritm_next_click",
+]
 
 
 def check_masks(gt: np.ndarray, pred: np.ndarray) -> None:
