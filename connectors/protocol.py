@@ -1,0 +1,385 @@
+"""Label Studio ML backend protocol: request parsing, click conversion and response bodies.
+
+Facts about the bodies Label Studio 1.23.2 sends and expects are in shared/spec/integrations.md §1.
+Everything here is pure (no model, no IO) so that each rule can be tested on its own:
+
+- the labelling config tells which `Image` the prompts point at, which `BrushLabels` tag receives the
+  mask, and which labels exist;
+- `params.context.result` holds the prompt regions of one interactive call: `keypointlabels`
+  (top-level `is_positive`, Alt+click gives a negative point) and `rectanglelabels`, both in percent
+  of the original image size;
+- a box becomes one positive click at its centre plus a region: the box grown by `BOX_MARGIN` on every
+  side is the zoom-in region of the model's refine stages and bounds the mask (see `box_to_click`).
+"""
+from __future__ import annotations
+
+import math
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from interformer.clicks import Click, Roi
+
+PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
+BOX_MARGIN = 0.2  # a box prompt's region: the box grown by this fraction of its size on each side (1.4x,
+# the expand ratio InterFormer's own zoom-in uses around the object)
+MAX_CLICKS = 200  # prompt items per interactive call; InterFormer is evaluated up to 20 clicks
+MAX_LABEL_CONFIG_CHARS = 1_000_000
+
+
+class ProtocolError(Exception):
+    """A request Label Studio (or anyone) sent that cannot be served; `status` is the HTTP code to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------------
+# Request bodies (extra fields are ignored: Label Studio sends many we do not use)
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContextItem(_Lenient):
+    type: str
+    value: dict[str, Any]
+    original_width: int = Field(gt=0)
+    original_height: int = Field(gt=0)
+    image_rotation: float = 0.0
+    is_positive: bool | None = None
+    id: str | None = None
+    from_name: str | None = None
+    to_name: str | None = None
+
+
+class Context(_Lenient):
+    result: list[ContextItem] = Field(default_factory=list)
+
+
+class Params(_Lenient):
+    context: Context | None = None
+
+
+class Task(_Lenient):
+    id: int | None = None
+    data: dict[str, Any]
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
+    drafts: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class PredictRequest(_Lenient):
+    tasks: list[Task] = Field(min_length=1)
+    project: str | None = None
+    label_config: str | None = None
+    params: Params | None = None
+
+
+class SetupRequest(_Lenient):
+    project: str | None = None
+    label_config: str | None = Field(default=None, alias="schema")
+    hostname: str | None = None
+    extra_params: dict[str, Any] | None = None
+
+
+def parse_body(model: type[BaseModel], body: Any) -> Any:
+    """Validate a decoded JSON body against `model`; a mismatch is a 422 naming the first bad fields."""
+    if not isinstance(body, dict):
+        raise ProtocolError(422, f"request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<body>'}: {err['msg']}" for err in e.errors()[:5]
+        )
+        raise ProtocolError(422, f"invalid {model.__name__}: {problems}") from None
+
+
+def project_id(project: str | None) -> str | None:
+    """Label Studio sends `project` as '<id>.<created timestamp>'; the id is the part before the dot."""
+    if not project:
+        return None
+    return str(project).split(".", 1)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Labelling config
+
+
+@dataclass(frozen=True)
+class ControlTag:
+    """One control tag of the labelling config (BrushLabels, KeyPointLabels or RectangleLabels)."""
+
+    name: str
+    type: str  # lower-case tag name, e.g. "brushlabels"
+    to_name: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """What the backend needs from a labelling config: images, the brush outputs and the prompt tools."""
+
+    images: dict[str, str]  # Image tag name -> task data key (value="$image" -> "image")
+    brushes: dict[str, ControlTag]  # Image tag name -> its BrushLabels tag
+    prompts: dict[str, ControlTag] = field(default_factory=dict)  # tag name -> KeyPoint/Rectangle labels
+
+    def brush_for(self, to_name: str | None) -> ControlTag:
+        """The BrushLabels tag that receives masks for the image `to_name` (the only image when None)."""
+        if to_name is None:
+            if len(self.brushes) != 1:
+                raise ProtocolError(422, "prompt has no to_name and the label config has several BrushLabels")
+            return next(iter(self.brushes.values()))
+        try:
+            return self.brushes[to_name]
+        except KeyError:
+            raise ProtocolError(
+                422, f"label config has no BrushLabels with toName={to_name!r}; masks cannot be returned"
+            ) from None
+
+    def image_key(self, to_name: str) -> str:
+        """Task data key holding the image of the Image tag `to_name`."""
+        try:
+            return self.images[to_name]
+        except KeyError:
+            raise ProtocolError(422, f"label config has no Image tag named {to_name!r}") from None
+
+
+def parse_label_config(xml: str) -> LabelConfig:
+    """Parse a Label Studio labelling config; errors name what is missing (422)."""
+    if not xml or not xml.strip():
+        raise ProtocolError(422, "label config is empty")
+    if len(xml) > MAX_LABEL_CONFIG_CHARS:
+        raise ProtocolError(413, f"label config is longer than {MAX_LABEL_CONFIG_CHARS} characters")
+    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
+        raise ProtocolError(422, "label config must not contain DOCTYPE or ENTITY declarations")
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise ProtocolError(422, f"label config is not valid XML: {e}") from None
+    images: dict[str, str] = {}
+    brushes: dict[str, ControlTag] = {}
+    prompts: dict[str, ControlTag] = {}
+    for el in root.iter():
+        tag = el.tag.lower() if isinstance(el.tag, str) else ""
+        name = el.get("name")
+        if tag == "image" and name:
+            images[name] = (el.get("value") or "").lstrip("$")
+        elif tag in ("brushlabels", *PROMPT_TYPES) and name:
+            to_name = el.get("toName") or el.get("toname") or ""
+            labels = tuple(lab.get("value") for lab in el if isinstance(lab.tag, str)
+                           and lab.tag.lower() == "label" and lab.get("value") is not None)
+            ctl = ControlTag(name, tag, to_name, labels)
+            if tag == "brushlabels":
+                brushes[to_name] = ctl
+            else:
+                prompts[name] = ctl
+    if not images:
+        raise ProtocolError(422, "label config has no <Image> tag")
+    if not brushes:
+        raise ProtocolError(422, "label config has no <BrushLabels> tag to receive the masks")
+    for to_name in brushes:
+        if to_name not in images:
+            raise ProtocolError(422, f"<BrushLabels toName={to_name!r}> points at no <Image> tag")
+    return LabelConfig(images, brushes, prompts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts: context items -> clicks in original-image pixels
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Everything one interactive call asks for: the clicks of one region, its label and where it goes."""
+
+    clicks: tuple[Click, ...]
+    label: str
+    brush_name: str  # from_name of the result
+    image_name: str  # to_name of the result
+    original_size: tuple[int, int]  # (H, W) in pixels, as Label Studio knows the image
+    box: Roi | None = None  # (left, up, right, bottom) region of a box prompt, exclusive right/bottom
+    region_key: str = ""
+
+    @property
+    def has_positive(self) -> bool:
+        return any(c.positive for c in self.clicks)
+
+
+def percent_to_pixel(pct: float, size: int, what: str) -> int:
+    """A percent coordinate (0-100) of an axis of `size` pixels -> the pixel index it falls in."""
+    if not isinstance(pct, (int, float)) or isinstance(pct, bool) or not math.isfinite(pct):
+        raise ProtocolError(422, f"{what} must be a number in percent, got {pct!r}")
+    if pct < 0 or pct > 100:
+        raise ProtocolError(422, f"{what} = {pct} is outside the image (0-100 percent)")
+    return min(int(math.floor(pct * size / 100.0)), size - 1)
+
+
+def box_to_click(value: dict[str, Any], size: tuple[int, int]) -> tuple[Click, Roi]:
+    """A rectangle (percent x, y, width, height) -> a positive click at its centre and a region.
+
+    InterFormer is trained with clicks only, the first one placed deep inside the object, so a box
+    becomes that first click at its centre. Synthetic negative clicks around the box are not added:
+    the model learnt negatives on false-positive regions, not on a fixed pattern of corners, and each
+    would cost an interact step. The box instead gives the region: the box grown by BOX_MARGIN per
+    side (1.4x, InterFormer's zoom-in expand ratio) is the zoom-in region of the refine stages from
+    the first click on, and pixels outside it are background, which stops leaks into neighbouring
+    objects that a centre click alone cannot rule out. Further keypoints refine the mask inside it.
+    """
+    h, w = size
+    for key in ("x", "y", "width", "height"):
+        if key not in value:
+            raise ProtocolError(422, f"rectangle value has no {key!r}")
+    if float(value.get("rotation") or 0.0) != 0.0:
+        raise ProtocolError(422, "rotated rectangles are not supported as prompts")
+    x, y, bw, bh = (value[k] for k in ("x", "y", "width", "height"))
+    for key, v in (("x", x), ("y", y), ("width", bw), ("height", bh)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ProtocolError(422, f"rectangle {key} must be a number in percent, got {v!r}")
+    if bw <= 0 or bh <= 0:
+        raise ProtocolError(422, f"rectangle has no area (width={bw}, height={bh})")
+    if x < 0 or y < 0 or x + bw > 100.0001 or y + bh > 100.0001:
+        raise ProtocolError(422, f"rectangle x={x} y={y} w={bw} h={bh} (percent) leaves the image")
+    left, top = x * w / 100.0, y * h / 100.0
+    right, bottom = (x + bw) * w / 100.0, (y + bh) * h / 100.0
+    centre = Click(min(int((top + bottom) / 2.0), h - 1), min(int((left + right) / 2.0), w - 1), True)
+    mx, my = BOX_MARGIN * (right - left), BOX_MARGIN * (bottom - top)
+    region = (
+        max(0, int(math.floor(left - mx))),
+        max(0, int(math.floor(top - my))),
+        min(w, int(math.ceil(right + mx))),
+        min(h, int(math.ceil(bottom + my))),
+    )
+    return centre, region
+
+
+def _item_label(item: ContextItem) -> str:
+    labels = item.value.get(item.type)
+    if not isinstance(labels, list) or not labels or not isinstance(labels[0], str):
+        raise ProtocolError(422, f"{item.type} item {item.id!r} has no label in value.{item.type}")
+    return labels[0]
+
+
+def prompt_from_items(items: list[ContextItem], config: LabelConfig) -> Prompt:
+    """Turn the prompt regions of one call into a `Prompt`.
+
+    Keypoints keep their order; the last rectangle (if any) becomes the first click and the region.
+    The label is that of the last item (as in Label Studio's SAM examples) and must be one of the
+    BrushLabels labels, since the mask is returned under it.
+    """
+    items = [it for it in items if it.type in PROMPT_TYPES]
+    if not items:
+        raise ProtocolError(422, f"context has no {' or '.join(PROMPT_TYPES)} item")
+    if len(items) > MAX_CLICKS:
+        raise ProtocolError(413, f"context has {len(items)} prompt items; at most {MAX_CLICKS} are served")
+    sizes = {(it.original_height, it.original_width) for it in items}
+    if len(sizes) != 1:
+        raise ProtocolError(422, f"context items disagree on the original image size: {sorted(sizes)}")
+    size = sizes.pop()
+    to_names = {it.to_name for it in items if it.to_name is not None}
+    if len(to_names) > 1:
+        raise ProtocolError(422, f"context items point at several images: {sorted(to_names)}")
+    brush = config.brush_for(to_names.pop() if to_names else None)
+    for it in items:
+        if it.image_rotation:
+            raise ProtocolError(422, f"rotated images are not supported (image_rotation={it.image_rotation})")
+        if it.from_name is not None and it.from_name in config.prompts:
+            if config.prompts[it.from_name].type != it.type:
+                raise ProtocolError(422, f"item from {it.from_name!r} has type {it.type}, tag is another type")
+        label = _item_label(it)
+        if label not in brush.labels:
+            raise ProtocolError(
+                422, f"label {label!r} is not one of the BrushLabels {brush.name!r} labels {list(brush.labels)}"
+            )
+    keypoints: list[Click] = []
+    box_click: Click | None = None
+    region: Roi | None = None
+    key_item: ContextItem | None = None
+    for it in items:
+        if it.type == "keypointlabels":
+            for k in ("x", "y"):
+                if k not in it.value:
+                    raise ProtocolError(422, f"keypoint {it.id!r} has no value.{k}")
+            positive = True if it.is_positive is None else bool(it.is_positive)
+            keypoints.append(Click(
+                row=percent_to_pixel(it.value["y"], size[0], "keypoint y"),
+                col=percent_to_pixel(it.value["x"], size[1], "keypoint x"),
+                positive=positive,
+            ))
+            key_item = key_item or it
+        else:
+            box_click, region = box_to_click(it.value, size)
+            key_item = it
+    clicks = tuple(([box_click] if box_click else []) + keypoints)
+    return Prompt(
+        clicks=clicks,
+        label=_item_label(items[-1]),
+        brush_name=brush.name,
+        image_name=brush.to_name,
+        original_size=size,
+        box=region,
+        region_key=region_key(key_item, clicks),
+    )
+
+
+def region_key(first: ContextItem | None, clicks: tuple[Click, ...]) -> str:
+    """Key of the region being drawn: the id of its first prompt item (stable while clicks are added)."""
+    if first is not None and first.id:
+        return f"id:{first.id}"
+    if clicks:
+        c = clicks[0]
+        return f"click:{c.row},{c.col},{int(c.positive)}"
+    return "empty"
+
+
+def stored_prompts(task: Task, config: LabelConfig) -> list[Prompt]:
+    """Prompts from keypoints/boxes saved in a task's newest annotation or draft: one per label.
+
+    Used by batch predictions (no context): a task whose annotators left smart keypoints gets masks
+    for them; a task without any gets none.
+    """
+    candidates = [a for a in (task.annotations + task.drafts) if isinstance(a, dict) and a.get("result")]
+    for ann in sorted(candidates, key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""), reverse=True):
+        raw = [r for r in ann["result"] if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
+        if not raw:
+            continue
+        items = [parse_body(ContextItem, r) for r in raw]
+        by_label: dict[str, list[ContextItem]] = {}
+        for it in items:
+            by_label.setdefault(_item_label(it), []).append(it)
+        return [prompt_from_items(group, config) for group in by_label.values()]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses
+
+
+def brush_result(
+    rle: list[int], prompt: Prompt, score: float, region_id: str | None = None
+) -> dict[str, Any]:
+    """One `brushlabels` region at the original image size, labelled with the prompt's label."""
+    h, w = prompt.original_size
+    return {
+        "id": region_id or uuid.uuid4().hex[:10],
+        "from_name": prompt.brush_name,
+        "to_name": prompt.image_name,
+        "type": "brushlabels",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "readonly": False,
+        "value": {"format": "rle", "rle": rle, "brushlabels": [prompt.label]},
+        "score": float(score),
+    }
+
+
+def prediction(results: list[dict[str, Any]], model_version: str) -> dict[str, Any]:
+    """One task's prediction; its score is the mean of its regions' scores (0 when empty)."""
+    score = sum(r["score"] for r in results) / len(results) if results else 0.0
+    return {"result": results, "score": float(score), "model_version": model_version}

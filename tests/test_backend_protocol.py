@@ -1,0 +1,189 @@
+"""Label Studio protocol rules: labelling config, context items -> clicks, boxes, responses (pure)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from backend_support import LABEL_CONFIG, keypoint, rectangle
+
+from connectors.protocol import (
+    BOX_MARGIN,
+    ContextItem,
+    PredictRequest,
+    ProtocolError,
+    Task,
+    brush_result,
+    parse_body,
+    parse_label_config,
+    percent_to_pixel,
+    prediction,
+    project_id,
+    prompt_from_items,
+    stored_prompts,
+)
+from interformer.clicks import Click
+
+SIZE = (48, 64)  # (H, W)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return parse_label_config(LABEL_CONFIG)
+
+
+def items(*raw):
+    return [ContextItem.model_validate(r) for r in raw]
+
+
+def test_label_config_is_understood(config):
+    assert config.images == {"image": "image"}
+    assert config.brushes["image"].name == "tag"
+    assert config.brushes["image"].labels == ("object", "background_thing")
+    assert config.prompts["kp"].type == "keypointlabels"
+    assert config.prompts["box"].type == "rectanglelabels"
+
+
+@pytest.mark.parametrize("xml, message", [
+    ("", "empty"),
+    ("<View><Image name='i' value='$x'/>", "not valid XML"),
+    ("<View><BrushLabels name='b' toName='i'/></View>", "no <Image>"),
+    ("<View><Image name='i' value='$x'/><KeyPointLabels name='k' toName='i'/></View>", "no <BrushLabels>"),
+    ("<View><Image name='i' value='$x'/><BrushLabels name='b' toName='other'/></View>", "points at no <Image>"),
+    ("<!DOCTYPE x [<!ENTITY a 'b'>]><View/>", "DOCTYPE"),
+])
+def test_bad_label_configs_name_the_problem(xml, message):
+    with pytest.raises(ProtocolError, match=message) as e:
+        parse_label_config(xml)
+    assert e.value.status == 422
+
+
+def test_percent_coordinates_become_pixels_of_the_original_size():
+    assert percent_to_pixel(25.0, 64, "x") == 16
+    assert percent_to_pixel(0.0, 64, "x") == 0
+    assert percent_to_pixel(100.0, 64, "x") == 63  # the right edge is the last pixel
+    assert percent_to_pixel(99.99, 48, "y") == 47
+    for bad in (-0.1, 100.5, float("nan"), "12", None, True):
+        with pytest.raises(ProtocolError):
+            percent_to_pixel(bad, 64, "x")
+
+
+def test_keypoints_keep_order_and_sign(config):
+    p = prompt_from_items(items(keypoint(25, 50, SIZE, item_id="a"), keypoint(75, 10, SIZE, False, item_id="b")),
+                          config)
+    assert p.clicks == (Click(24, 16, True), Click(4, 48, False))
+    assert p.label == "object" and p.brush_name == "tag" and p.image_name == "image"
+    assert p.original_size == SIZE and p.box is None
+    assert p.region_key == "id:a"
+    assert p.has_positive
+
+
+def test_missing_is_positive_means_positive(config):
+    raw = keypoint(10, 10, SIZE)
+    del raw["is_positive"]
+    assert prompt_from_items(items(raw), config).clicks[0].positive
+
+
+def test_negative_only_prompt_has_no_positive(config):
+    p = prompt_from_items(items(keypoint(10, 10, SIZE, False)), config)
+    assert not p.has_positive
+
+
+def test_unknown_label_is_refused_with_the_known_labels(config):
+    with pytest.raises(ProtocolError, match=r"'car' is not one of the BrushLabels 'tag' labels") as e:
+        prompt_from_items(items(keypoint(10, 10, SIZE, label="car")), config)
+    assert e.value.status == 422
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["value"].pop("x"), "no value.x"),
+    (lambda r: r["value"].update(keypointlabels=[]), "has no label"),
+    (lambda r: r.update(image_rotation=90), "rotated images"),
+    (lambda r: r["value"].update(y=140.0), "outside the image"),
+    (lambda r: r.update(from_name="box"), "tag is another type"),
+    (lambda r: r.update(to_name="nope"), "no BrushLabels with toName='nope'"),
+])
+def test_malformed_keypoints_are_refused(config, mutate, message):
+    raw = keypoint(10, 10, SIZE)
+    mutate(raw)
+    with pytest.raises(ProtocolError, match=message):
+        prompt_from_items(items(raw), config)
+
+
+def test_items_must_agree_on_the_image_size(config):
+    with pytest.raises(ProtocolError, match="disagree on the original image size"):
+        prompt_from_items(items(keypoint(10, 10, SIZE), keypoint(20, 20, (50, 64), item_id="k2")), config)
+
+
+def test_context_without_prompt_items_is_refused(config):
+    with pytest.raises(ProtocolError, match="no keypointlabels or rectanglelabels"):
+        prompt_from_items([], config)
+
+
+def test_a_box_becomes_a_centre_click_and_a_grown_region(config):
+    p = prompt_from_items(items(rectangle(25, 25, 50, 50, SIZE)), config)  # x 16..48, y 12..36 pixels
+    assert p.clicks == (Click(24, 32, True),)
+    mx, my = BOX_MARGIN * 32, BOX_MARGIN * 24
+    assert p.box == (math.floor(16 - mx), math.floor(12 - my), math.ceil(48 + mx), math.ceil(36 + my))
+    assert p.region_key == "id:b1"
+
+
+def test_box_region_is_clipped_to_the_image_and_keypoints_follow_the_box(config):
+    p = prompt_from_items(items(keypoint(99, 99, SIZE, False, item_id="k"), rectangle(0, 0, 100, 100, SIZE)),
+                          config)
+    assert p.box == (0, 0, SIZE[1], SIZE[0])
+    assert p.clicks[0] == Click(24, 32, True)  # the box's click comes first: it starts the object
+    assert p.clicks[1] == Click(47, 63, False)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(width=0), "no area"),
+    (dict(x=80, width=30), "leaves the image"),
+    (dict(rotation=15), "rotated rectangles"),
+    (dict(height="a"), "must be a number"),
+])
+def test_bad_boxes_are_refused(config, change, message):
+    raw = rectangle(10, 10, 20, 20, SIZE)
+    raw["value"].update(change)
+    with pytest.raises(ProtocolError, match=message):
+        prompt_from_items(items(raw), config)
+
+
+def test_stored_keypoints_of_the_newest_annotation_give_one_prompt_per_label(config):
+    old = {"updated_at": "2026-01-01", "result": [keypoint(10, 10, SIZE)]}
+    new = {"updated_at": "2026-02-01", "result": [
+        keypoint(50, 50, SIZE, item_id="a"), keypoint(60, 60, SIZE, False, item_id="b"),
+        keypoint(20, 80, SIZE, label="background_thing", item_id="c"),
+        {"type": "brushlabels", "value": {"rle": [1, 2]}},
+    ]}
+    task = Task(id=3, data={"image": "x"}, annotations=[old], drafts=[new])
+    prompts = stored_prompts(task, config)
+    assert [p.label for p in prompts] == ["object", "background_thing"]
+    assert len(prompts[0].clicks) == 2 and len(prompts[1].clicks) == 1
+    assert stored_prompts(Task(id=4, data={"image": "x"}), config) == []
+
+
+def test_brush_result_has_what_label_studio_needs():
+    from connectors.protocol import Prompt
+
+    prompt = Prompt(clicks=(Click(1, 1, True),), label="object", brush_name="tag", image_name="image",
+                    original_size=SIZE)
+    r = brush_result([1, 2, 3], prompt, 0.75)
+    assert r["type"] == "brushlabels" and r["from_name"] == "tag" and r["to_name"] == "image"
+    assert (r["original_width"], r["original_height"]) == (64, 48)
+    assert r["value"] == {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["object"]}
+    pred = prediction([r], "interformer-x")
+    assert pred["score"] == 0.75 and pred["model_version"] == "interformer-x"
+    assert prediction([], "m") == {"result": [], "score": 0.0, "model_version": "m"}
+
+
+def test_request_bodies_are_validated_with_clear_messages():
+    with pytest.raises(ProtocolError, match="must be a JSON object"):
+        parse_body(PredictRequest, [1, 2])
+    with pytest.raises(ProtocolError, match="tasks"):
+        parse_body(PredictRequest, {"tasks": []})
+    with pytest.raises(ProtocolError, match="tasks.0.data"):
+        parse_body(PredictRequest, {"tasks": [{"id": 1}]})
+    body = parse_body(PredictRequest, {"tasks": [{"id": 1, "data": {}, "predictions": [{"x": 1}]}],
+                                       "project": "7.1795474399", "params": {"context": None}})
+    assert body.params.context is None
+    assert project_id(body.project) == "7"
