@@ -1,0 +1,437 @@
+"""The feature store: one LanceDB table of encoded images, one row per (image_id, encoder fingerprint).
+
+Layout (a LanceDB database folder or object-store prefix, default `./lancedb`):
+  <root>/<table>.lance          features: ids, provenance, geometry, the flat pyramid (see FEATURE_SCHEMA)
+  <root>/<table>_errors.lance   inputs that could not be encoded, with the reason (see ERROR_SCHEMA)
+
+The pyramid is stored as `large_binary` (the bytes of `ImageFeatures.to_flat`) with Lance's page
+compression switched off: of the layouts measured (bench/bench_feature_store.py --compare-layouts)
+it is the fastest to fetch that also holds any image size and both storage dtypes in one column.
+Reads go through pylance directly (the LanceDB query builder adds a few ms per fetch) with a BTREE
+index on `image_id`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable, Sequence
+
+import lance
+import lancedb
+import numpy as np
+import pyarrow as pa
+from lance.fragment import FragmentMetadata, write_fragments
+
+from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry
+
+DEFAULT_ROOT = "lancedb"
+DEFAULT_TABLE = "features"
+
+_NO_COMPRESSION = {"lance-encoding:compression": "none"}
+
+FEATURE_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("content_sha256", pa.string()),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("original_height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("resized_height", pa.int32()),
+        pa.field("resized_width", pa.int32()),
+        pa.field("padded_height", pa.int32()),
+        pa.field("padded_width", pa.int32()),
+        pa.field("scale", pa.float64()),
+        pa.field("level_shapes", pa.list_(pa.int32())),  # [C, h, w] of each level, flattened
+        pa.field("features", pa.large_binary(), metadata=_NO_COMPRESSION),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),  # short code, see pipeline.images.REASONS
+        pa.field("detail", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+_META_COLUMNS = [f.name for f in FEATURE_SCHEMA if f.name != "features"]
+
+
+class FeatureStoreError(RuntimeError):
+    """The table is missing, unreadable or holds rows that break the store's invariants."""
+
+
+class UnknownImageError(KeyError):
+    """No features for this image id and encoder fingerprint."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else "unknown image"
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One encoded image ready to be stored."""
+
+    image_id: str
+    uri: str
+    content_sha256: str
+    features: ImageFeatures
+
+
+@dataclass(frozen=True)
+class StoredFeatures:
+    """One row read back: the features and their provenance."""
+
+    image_id: str
+    uri: str
+    content_sha256: str
+    fingerprint: str
+    dtype: str
+    created_at: datetime
+    features: ImageFeatures
+
+
+def sql_string(value: str) -> str:
+    """A SQL string literal for Lance filters (single quotes doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def table_uri(root: str, table: str) -> str:
+    """Where LanceDB keeps `table` under the database `root` (local folder or object-store URI)."""
+    if "://" in root:
+        return f"{root.rstrip('/')}/{table}.lance"
+    return os.path.join(os.path.abspath(root), f"{table}.lance")
+
+
+def feature_rows(items: Sequence[EncodedImage], fingerprint: str, dtype: str = "float16") -> pa.Table:
+    """Arrow rows (FEATURE_SCHEMA) for encoded images, pyramid serialised with `to_flat(dtype)`."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    cols: dict[str, list] = {name: [] for name in FEATURE_SCHEMA.names}
+    now = datetime.now(timezone.utc)
+    for item in items:
+        flat, shapes = item.features.to_flat(dtype)
+        g = item.features.geometry
+        cols["image_id"].append(item.image_id)
+        cols["uri"].append(item.uri)
+        cols["content_sha256"].append(item.content_sha256)
+        cols["fingerprint"].append(fingerprint)
+        cols["dtype"].append(dtype)
+        cols["original_height"].append(g.original_size[0])
+        cols["original_width"].append(g.original_size[1])
+        cols["resized_height"].append(g.resized_size[0])
+        cols["resized_width"].append(g.resized_size[1])
+        cols["padded_height"].append(g.padded_size[0])
+        cols["padded_width"].append(g.padded_size[1])
+        cols["scale"].append(float(g.scale))
+        cols["level_shapes"].append([int(v) for shp in shapes for v in shp])
+        cols["features"].append(flat.tobytes())
+        cols["created_at"].append(now)
+    return pa.table(cols, schema=FEATURE_SCHEMA)
+
+
+def error_rows(errors: Iterable[tuple[str, str, str, str]], fingerprint: str) -> pa.Table:
+    """Arrow rows (ERROR_SCHEMA) from (image_id, uri, reason, detail) tuples."""
+    now = datetime.now(timezone.utc)
+    errors = list(errors)
+    return pa.table(
+        {
+            "image_id": [e[0] for e in errors],
+            "uri": [e[1] for e in errors],
+            "fingerprint": [fingerprint] * len(errors),
+            "reason": [e[2] for e in errors],
+            "detail": [e[3] for e in errors],
+            "created_at": [now] * len(errors),
+        },
+        schema=ERROR_SCHEMA,
+    )
+
+
+def row_to_features(row: dict) -> StoredFeatures:
+    """Rebuild a StoredFeatures from one row (a dict of python values, FEATURE_SCHEMA columns)."""
+    dtype = row["dtype"]
+    if dtype not in STORAGE_DTYPES:
+        raise FeatureStoreError(f"row for {row['image_id']!r} has unknown dtype {dtype!r}")
+    flat = np.frombuffer(row["features"], dtype=STORAGE_DTYPES[dtype])
+    if dtype == "float32":
+        flat = flat.copy()  # from_flat would otherwise wrap the read-only Arrow buffer
+    shapes = np.asarray(row["level_shapes"], dtype=np.int64).reshape(-1, 3).tolist()
+    geometry = ImageGeometry(
+        (row["original_height"], row["original_width"]),
+        (row["resized_height"], row["resized_width"]),
+        (row["padded_height"], row["padded_width"]),
+        row["scale"],
+    )
+    return StoredFeatures(
+        image_id=row["image_id"],
+        uri=row["uri"],
+        content_sha256=row["content_sha256"],
+        fingerprint=row["fingerprint"],
+        dtype=dtype,
+        created_at=row["created_at"],
+        features=ImageFeatures.from_flat(flat, shapes, geometry),
+    )
+
+
+def write_feature_fragments(uri: str, rows: pa.Table, storage_options: dict | None = None) -> list[str]:
+    """Write rows as new data files of the table at `uri` WITHOUT committing them; returns the fragment
+    metadata as JSON strings for `FeatureStore.commit_fragments`. Uncommitted files are invisible to
+    readers, so a writer killed before the commit leaves no partial rows."""
+    if rows.num_rows == 0:
+        return []
+    fragments = write_fragments(rows.cast(FEATURE_SCHEMA), uri, schema=FEATURE_SCHEMA, storage_options=storage_options)
+    return [json.dumps(f.to_json()) for f in fragments]
+
+
+def fragment_nbytes(fragment_json: str) -> int:
+    """Bytes of the data files of one written fragment."""
+    meta = json.loads(fragment_json)
+    return sum(int(f.get("file_size_bytes") or 0) for f in meta.get("files", []))
+
+
+class FeatureStore:
+    """The features table and its errors table under one LanceDB root; creates both on first use."""
+
+    def __init__(
+        self,
+        root: str = DEFAULT_ROOT,
+        table: str = DEFAULT_TABLE,
+        storage_options: dict | None = None,
+    ):
+        self.root = root
+        self.table_name = table
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.features_uri = table_uri(root, table)
+        self.errors_uri = table_uri(root, table + "_errors")
+        self._db = lancedb.connect(root, storage_options=self.storage_options)
+        self._features = self._open_or_create(table, FEATURE_SCHEMA)
+        self._errors = self._open_or_create(table + "_errors", ERROR_SCHEMA)
+        if not any(list(idx.columns) == ["image_id"] for idx in self._features.list_indices()):
+            self._features.create_index("image_id", config=lancedb.index.BTree(), replace=False)
+
+    def _open_or_create(self, name: str, schema: pa.Schema):
+        try:
+            table = self._db.open_table(name)
+        except ValueError:  # LanceDB's "Table '...' was not found"
+            table = self._db.create_table(name, schema=schema, exist_ok=True)
+        missing = [f.name for f in schema if f.name not in table.schema.names]
+        if missing:
+            raise FeatureStoreError(
+                f"table {name!r} under {self.root} exists with another schema (missing columns {missing})"
+            )
+        return table
+
+    def dataset(self) -> lance.LanceDataset:
+        """The features table as a pylance dataset at its latest version."""
+        return lance.dataset(self.features_uri, storage_options=self.storage_options)
+
+    def existing_ids(self, fingerprint: str) -> set[str]:
+        """Ids that already have features for this fingerprint."""
+        table = self.dataset().to_table(columns=["image_id"], filter=f"fingerprint = {sql_string(fingerprint)}")
+        return set(table.column("image_id").to_pylist())
+
+    def count(self, fingerprint: str | None = None) -> int:
+        """Number of feature rows, for one fingerprint or all."""
+        ds = self.dataset()
+        return ds.count_rows(f"fingerprint = {sql_string(fingerprint)}") if fingerprint else ds.count_rows()
+
+    def fingerprints(self) -> dict[str, int]:
+        """Row count per encoder fingerprint in the table."""
+        column = self.dataset().to_table(columns=["fingerprint"]).column("fingerprint").to_pylist()
+        counts: dict[str, int] = {}
+        for fp in column:
+            counts[fp] = counts.get(fp, 0) + 1
+        return counts
+
+    def add(self, rows: pa.Table) -> int:
+        """Append feature rows in one commit, skipping (image_id, fingerprint) pairs already stored
+        (and repeats within `rows`); returns the number of rows added."""
+        if rows.num_rows == 0:
+            return 0
+        rows = rows.cast(FEATURE_SCHEMA)
+        ids = rows.column("image_id").to_pylist()
+        fps = rows.column("fingerprint").to_pylist()
+        present: set[tuple[str, str]] = set()
+        ds = self.dataset()
+        for fp in set(fps):
+            wanted = sorted({i for i, f in zip(ids, fps) if f == fp})
+            for chunk in _chunks(wanted, 500):
+                found = ds.to_table(
+                    columns=["image_id"],
+                    filter=f"fingerprint = {sql_string(fp)} AND image_id IN ({', '.join(map(sql_string, chunk))})",
+                )
+                present.update((i, fp) for i in found.column("image_id").to_pylist())
+        keep = []
+        for n, key in enumerate(zip(ids, fps)):
+            if key not in present:
+                present.add(key)
+                keep.append(n)
+        if keep:
+            self._features.add(rows.take(keep))
+        return len(keep)
+
+    def commit_fragments(self, fragment_jsons: Sequence[str]) -> int:
+        """Commit fragments written by `write_feature_fragments` as one atomic append; returns the new version."""
+        fragments = [FragmentMetadata.from_json(f) for f in fragment_jsons]
+        if not fragments:
+            return self.dataset().version
+        ds = self.dataset()
+        new = lance.LanceDataset.commit(
+            self.features_uri,
+            lance.LanceOperation.Append(fragments),
+            read_version=ds.version,
+            storage_options=self.storage_options,
+        )
+        return new.version
+
+    def optimize_index(self) -> None:
+        """Fold rows appended since the index was built into the image_id BTREE index."""
+        self.dataset().optimize.optimize_indices()
+
+    def record_errors(self, rows: pa.Table) -> None:
+        """Insert or replace error rows keyed by (image_id, fingerprint)."""
+        if rows.num_rows == 0:
+            return
+        (
+            self._errors.merge_insert(["image_id", "fingerprint"])
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(rows.cast(ERROR_SCHEMA))
+        )
+
+    def clear_errors(self, image_ids: Iterable[str], fingerprint: str) -> None:
+        """Drop error rows of images that have since been encoded with this fingerprint."""
+        for chunk in _chunks(sorted(set(image_ids)), 500):
+            self._errors.delete(
+                f"fingerprint = {sql_string(fingerprint)} AND image_id IN ({', '.join(map(sql_string, chunk))})"
+            )
+
+    def errors(self, fingerprint: str | None = None) -> pa.Table:
+        """The errors table, for one fingerprint or all."""
+        ds = lance.dataset(self.errors_uri, storage_options=self.storage_options)
+        return ds.to_table(filter=f"fingerprint = {sql_string(fingerprint)}" if fingerprint else None)
+
+    def reader(self, fingerprint: str, **kwargs) -> "FeatureReader":
+        """A FeatureReader on this store's features table for one encoder fingerprint."""
+        return FeatureReader(self.root, fingerprint, table=self.table_name, storage_options=self.storage_options, **kwargs)
+
+
+class FeatureReader:
+    """Fast fetch of one image's features by id, for one encoder fingerprint. Open once per process.
+
+    Rows written after the reader opened become visible: the reader moves to the latest table version
+    when a fetch misses (at most once per `miss_refresh_s` seconds) and before any fetch once
+    `refresh_interval_s` has passed since its last check. It only ever returns rows whose fingerprint
+    equals `fingerprint`. A table that does not exist yet is opened on a later call.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        fingerprint: str,
+        *,
+        table: str = DEFAULT_TABLE,
+        storage_options: dict | None = None,
+        refresh_interval_s: float = 5.0,
+        miss_refresh_s: float = 0.05,
+    ):
+        if not fingerprint:
+            raise ValueError("a FeatureReader needs the encoder fingerprint of the features it may return")
+        self.uri = table_uri(root, table)
+        self.fingerprint = fingerprint
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.refresh_interval_s = refresh_interval_s
+        self.miss_refresh_s = miss_refresh_s
+        self._ds: lance.LanceDataset | None = None
+        self._checked_at = float("-inf")
+        self._miss_refreshed_at = float("-inf")
+        self._fp_filter = f"fingerprint = {sql_string(fingerprint)}"
+        self._open()
+
+    @property
+    def version(self) -> int | None:
+        """The table version this reader sees (None while the table does not exist)."""
+        return self._ds.version if self._ds is not None else None
+
+    def refresh(self) -> None:
+        """Move to the latest committed version now."""
+        self._checked_at = time.monotonic()
+        if self._ds is None:
+            self._open()
+        else:
+            self._ds.checkout_latest()
+
+    def get(self, image_id: str) -> ImageFeatures:
+        """The image's features (fp32 tensors on CPU); UnknownImageError if this encoder has none for it."""
+        return self.get_record(image_id).features
+
+    def get_record(self, image_id: str) -> StoredFeatures:
+        """Like `get`, with the row's provenance (uri, content hash, dtype, creation time)."""
+        now = time.monotonic()
+        if now - self._checked_at >= self.refresh_interval_s:
+            self.refresh()
+        row = self._fetch(image_id)
+        if row is None and time.monotonic() - self._miss_refreshed_at >= self.miss_refresh_s:
+            self._miss_refreshed_at = time.monotonic()
+            self.refresh()
+            row = self._fetch(image_id)
+        if row is None:
+            raise UnknownImageError(self._miss_message(image_id))
+        if row["fingerprint"] != self.fingerprint:
+            raise FeatureStoreError(f"internal error: fetched a row of encoder {row['fingerprint']!r}")
+        return row_to_features(row)
+
+    def __contains__(self, image_id: str) -> bool:
+        try:
+            self.get_record(image_id)
+        except UnknownImageError:
+            return False
+        return True
+
+    def _open(self) -> None:
+        try:
+            self._ds = lance.dataset(self.uri, storage_options=self.storage_options)
+        except (FileNotFoundError, ValueError, OSError):
+            self._ds = None
+        self._checked_at = time.monotonic()
+
+    def _fetch(self, image_id: str) -> dict | None:
+        if self._ds is None:
+            return None
+        where = f"image_id = {sql_string(image_id)} AND {self._fp_filter}"
+        try:
+            table = self._ds.to_table(filter=where)
+        except (OSError, ValueError):
+            # A file of an old version may have been removed by compaction/cleanup: retry on the latest.
+            self.refresh()
+            table = self._ds.to_table(filter=where)
+        if table.num_rows == 0:
+            return None
+        rows = table.to_pylist()
+        return max(rows, key=lambda r: r["created_at"])  # several only if two jobs raced; newest wins
+
+    def _miss_message(self, image_id: str) -> str:
+        if self._ds is None:
+            return f"no features for image {image_id!r}: the feature table {self.uri} does not exist yet"
+        others = self._ds.to_table(columns=["fingerprint"], filter=f"image_id = {sql_string(image_id)}")
+        found = sorted(set(others.column("fingerprint").to_pylist()))
+        if found:
+            return (
+                f"image {image_id!r} has no features for encoder {self.fingerprint!r}; "
+                f"it was encoded only by {found} (re-run jobs/encode.py with this model)"
+            )
+        return f"image {image_id!r} is not in the feature table {self.uri} (encoder {self.fingerprint!r})"
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

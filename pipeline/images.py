@@ -1,0 +1,130 @@
+"""Image bytes -> RGB uint8 (H, W, 3), with one typed error that says why a file cannot be used.
+
+The encode job must record every bad input (id, uri, reason) and go on, so decoding never raises
+anything but `ImageDecodeError`, whose `reason` is a short fixed code (for grouping in summaries)
+and whose `detail` is a human sentence. Pillow is used because it reports truncated files (OpenCV
+silently returns a partly grey image) and reads the header before decoding, so the pixel limit is
+enforced without allocating the image.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Reason codes carried by ImageDecodeError (and stored in the errors table).
+EMPTY = "empty"
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated"
+TOO_LARGE = "too_large"
+CORRUPT = "corrupt"
+UNREADABLE = "unreadable"
+REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_LARGE, CORRUPT, UNREADABLE)
+
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageDecodeError(ValueError):
+    """An input file is not a usable image; `reason` is one of `REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown decode error reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # keep the fields when the error crosses a process boundary (Ray)
+        return (type(self), (self.reason, self.detail))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the header only; raises ImageDecodeError for non-images."""
+    with _open(data) as img:
+        return img.height, img.width
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes (JPEG, PNG, TIFF, BMP, WebP, GIF...) to an RGB uint8 (H, W, 3) array.
+
+    Grey, palette, alpha and CMYK images become RGB (alpha is dropped); 16-bit images are scaled to
+    8 bits; for multi-frame files the first frame is used. Images with more than `max_pixels` pixels
+    are refused before their pixels are decoded.
+    """
+    with _open(data) as img:
+        w, h = img.size
+        if w == 0 or h == 0:
+            raise ImageDecodeError(CORRUPT, f"image header declares a size of {w}x{h}")
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageDecodeError(
+                TOO_LARGE, f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels"
+            )
+        try:
+            img.load()
+        except OSError as e:
+            message = str(e)
+            if "truncated" in message.lower():
+                raise ImageDecodeError(TRUNCATED, f"{img.format} data ends early ({message})") from None
+            raise ImageDecodeError(CORRUPT, f"{img.format} data cannot be decoded ({message})") from None
+        except Exception as e:  # malformed files make codecs raise many types (struct.error, IndexError, ...)
+            raise ImageDecodeError(
+                CORRUPT, f"{img.format} data cannot be decoded ({type(e).__name__}: {e})"
+            ) from None
+        return _to_rgb(img)
+
+
+def _open(data: bytes) -> Image.Image:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageDecodeError(EMPTY, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit applies; Pillow's bomb check would only warn or raise at 2x its default.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(bytes(data)))
+    except UnidentifiedImageError:
+        head = bytes(data[:12])
+        kind = _sniff(head)
+        if kind:
+            raise ImageDecodeError(CORRUPT, f"starts like {kind} but cannot be parsed ({len(data)} bytes)") from None
+        raise ImageDecodeError(
+            NOT_AN_IMAGE, f"not a recognised image format ({len(data)} bytes, starting {head[:8]!r})"
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(TOO_LARGE, str(e)) from None
+    except Exception as e:  # a malformed header can make a codec plugin raise anything
+        raise ImageDecodeError(CORRUPT, f"the image header cannot be read ({type(e).__name__}: {e})") from None
+
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
+def _sniff(head: bytes) -> str | None:
+    """The image format a file's first bytes announce, if any."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        grey = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if img.mode == "F":
+        raise ImageDecodeError(CORRUPT, "floating-point images are not supported")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))

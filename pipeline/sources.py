@@ -1,0 +1,277 @@
+"""Which images to encode: list a folder, a glob, a text file of paths/URIs, or a COCO annotation file.
+
+Every input becomes an `ImageSource(image_id, uri)`. Ids are stable across runs (they key the
+feature table): the path relative to the input root, with '/' separators, or the COCO `file_name`
+(or numeric `id`). Local paths and object-store URIs (s3://, gs://, abfs://, file://) are listed and
+read with pyarrow's filesystems, the same layer Ray Data's file readers use, so credentials come
+from the usual environment (AWS_* variables, instance profiles, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from functools import lru_cache
+
+from pyarrow import fs as pafs
+
+from .images import UNREADABLE, ImageDecodeError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+LIST_FILE_EXTENSIONS = (".txt", ".lst")
+_URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_GLOB_CHARS = set("*?[")
+
+
+class SourceError(ValueError):
+    """The input specification cannot be listed (missing folder, bad COCO file, ...)."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image to encode: its id in the feature table and where its bytes are."""
+
+    image_id: str
+    uri: str
+
+
+@dataclass
+class Listing:
+    """Result of listing an input: the images, files skipped for their extension, and id clashes."""
+
+    sources: list[ImageSource]
+    ignored: list[str] = field(default_factory=list)
+    duplicates: list[tuple[ImageSource, ImageSource]] = field(default_factory=list)
+
+
+def is_uri(path: str) -> bool:
+    """True for 'scheme://...' strings (object stores, file://), False for plain local paths."""
+    return bool(_URI_RE.match(path))
+
+
+def list_images(
+    spec: str,
+    *,
+    image_root: str | None = None,
+    coco_id: str = "file_name",
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+) -> Listing:
+    """List the images named by `spec`: a folder (recursive), a glob, a .txt/.lst list file, a COCO .json,
+    or a single image file. `image_root` is the COCO image folder (required for COCO) or, for list files,
+    the root ids are made relative to. Sources come back sorted by id, de-duplicated by id."""
+    spec = str(spec)
+    if any(c in _GLOB_CHARS for c in spec):
+        listing = list_glob(spec, extensions)
+    elif spec.lower().endswith(".json"):
+        if image_root is None:
+            raise SourceError(f"{spec} is a COCO annotation file: give the folder of its images (--image-root)")
+        listing = list_coco(spec, image_root, coco_id)
+    elif spec.lower().endswith(LIST_FILE_EXTENSIONS):
+        listing = list_text_file(spec, image_root)
+    else:
+        info = _info(spec)
+        if info.type == pafs.FileType.Directory:
+            listing = list_folder(spec, extensions)
+        elif info.type == pafs.FileType.File:
+            listing = Listing([ImageSource(posixpath.basename(info.path), _join_uri(spec, ""))])
+        else:
+            raise SourceError(f"input {spec!r} does not exist")
+    return _dedupe(listing)
+
+
+def list_folder(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
+    """All image files under `root`, recursively; hidden files and folders (starting with '.') are skipped."""
+    filesystem, base = _filesystem(root)
+    selector = pafs.FileSelector(base, recursive=True)
+    try:
+        infos = filesystem.get_file_info(selector)
+    except (FileNotFoundError, OSError) as e:
+        raise SourceError(f"cannot list folder {root!r}: {e}") from None
+    sources, ignored = [], []
+    base_clean = base.rstrip("/")
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = _relative(info.path, base_clean)
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if rel.lower().endswith(extensions):
+            sources.append(ImageSource(rel, _join_uri(root, rel)))
+        else:
+            ignored.append(rel)
+    return Listing(sorted(sources, key=lambda s: s.image_id), sorted(ignored))
+
+
+def list_glob(pattern: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
+    """Files matching a glob ('*' and '?' stay within one path segment, '**' spans any number of them).
+    Ids are relative to the longest folder prefix without wildcards. A pattern whose last segment names
+    an extension ('*.png') keeps every match; otherwise only image extensions are kept."""
+    root, rest = _split_glob(pattern)
+    listing = list_folder(root, extensions=("",))
+    parts = rest.split("/")
+    keep_any_ext = "." in parts[-1]
+    sources = [
+        s
+        for s in listing.sources
+        if _glob_match(parts, s.image_id.split("/")) and (keep_any_ext or s.image_id.lower().endswith(extensions))
+    ]
+    return Listing(sources)
+
+
+def list_text_file(path: str, image_root: str | None = None) -> Listing:
+    """One path or URI per line ('#' comments and blank lines skipped). Relative entries are resolved
+    against the list file's folder; ids are entries relative to `image_root` (default: that folder),
+    or the entry as written when it lies elsewhere."""
+    try:
+        text = read_bytes(path).decode("utf-8-sig")
+    except ImageDecodeError as e:
+        raise SourceError(f"cannot read list file {path!r}: {e.detail}") from None
+    except UnicodeDecodeError as e:
+        raise SourceError(f"list file {path!r} is not UTF-8 text: {e}") from None
+    list_dir = _parent(path)
+    id_root = image_root if image_root is not None else list_dir
+    sources = []
+    for line in text.splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if is_uri(entry) or os.path.isabs(entry):
+            uri = entry
+        else:
+            uri = _join_uri(list_dir, entry)
+        sources.append(ImageSource(_id_under(uri, id_root, fallback=entry), uri))
+    return Listing(sources)
+
+
+def list_coco(annotation_file: str, image_root: str, coco_id: str = "file_name") -> Listing:
+    """The `images` of a COCO annotation file, read from `image_root/<file_name>`. Ids are the
+    `file_name` (default) or the numeric `id` as a string (`coco_id="id"`)."""
+    if coco_id not in ("file_name", "id"):
+        raise SourceError(f"coco_id must be 'file_name' or 'id', got {coco_id!r}")
+    try:
+        doc = json.loads(read_bytes(annotation_file))
+    except ImageDecodeError as e:
+        raise SourceError(f"cannot read COCO file {annotation_file!r}: {e.detail}") from None
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{annotation_file!r} is not valid JSON: {e}") from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise SourceError(f"{annotation_file!r} has no 'images' list: is it a COCO annotation file?")
+    sources = []
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict) or "file_name" not in entry or "id" not in entry:
+            raise SourceError(f"{annotation_file!r}: images[{i}] lacks 'file_name' or 'id'")
+        name = str(entry["file_name"])
+        image_id = name if coco_id == "file_name" else str(entry["id"])
+        sources.append(ImageSource(image_id, _join_uri(image_root, name)))
+    return Listing(sources)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of a local file or object; ImageDecodeError(UNREADABLE) when it cannot be read."""
+    try:
+        if not is_uri(uri):
+            with open(uri, "rb") as f:
+                return f.read()
+        filesystem, path = _filesystem(uri)
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except (OSError, ValueError) as e:
+        raise ImageDecodeError(UNREADABLE, f"cannot read {uri}: {e}") from None
+
+
+def _dedupe(listing: Listing) -> Listing:
+    """Keep the first source of each id (sorted by id); pairs with the same id and another uri are reported."""
+    seen: dict[str, ImageSource] = {}
+    duplicates = list(listing.duplicates)
+    for s in listing.sources:
+        first = seen.get(s.image_id)
+        if first is None:
+            seen[s.image_id] = s
+        elif first.uri != s.uri:
+            duplicates.append((first, s))
+    return Listing(sorted(seen.values(), key=lambda s: s.image_id), listing.ignored, duplicates)
+
+
+@lru_cache(maxsize=16)
+def _filesystem_for(scheme_and_host: str) -> pafs.FileSystem:
+    filesystem, _ = pafs.FileSystem.from_uri(scheme_and_host)
+    return filesystem
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    try:
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+    except (ValueError, OSError) as e:
+        raise SourceError(f"unsupported or malformed URI {path!r}: {e}") from None
+    return filesystem, inner
+
+
+def _info(path: str) -> pafs.FileInfo:
+    filesystem, inner = _filesystem(path)
+    try:
+        return filesystem.get_file_info(inner)
+    except OSError as e:
+        raise SourceError(f"cannot access {path!r}: {e}") from None
+
+
+def _relative(path: str, base: str) -> str:
+    path = path.replace(os.sep, "/")
+    base = base.replace(os.sep, "/")
+    if base and path.startswith(base + "/"):
+        return path[len(base) + 1 :]
+    return path.lstrip("/")
+
+
+def _join_uri(root: str, rel: str) -> str:
+    """root + '/' + rel for URIs; an absolute local path otherwise."""
+    if is_uri(root):
+        return root.rstrip("/") + ("/" + rel if rel else "")
+    return os.path.abspath(os.path.join(root, rel)) if rel else os.path.abspath(root)
+
+
+def _parent(path: str) -> str:
+    if is_uri(path):
+        return path.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _id_under(uri: str, root: str, fallback: str) -> str:
+    if is_uri(uri) != is_uri(root):
+        return fallback
+    prefix = root.rstrip("/") if is_uri(root) else os.path.abspath(root).replace(os.sep, "/").rstrip("/")
+    target = uri if is_uri(uri) else os.path.abspath(uri).replace(os.sep, "/")
+    if target.startswith(prefix + "/"):
+        return target[len(prefix) + 1 :]
+    return fallback
+
+
+def _split_glob(pattern: str) -> tuple[str, str]:
+    """('root folder without wildcards', 'rest of the pattern')."""
+    scheme = ""
+    body = pattern
+    match = _URI_RE.match(pattern)
+    if match:
+        scheme, body = pattern[: match.end()], pattern[match.end() :]
+    parts = body.split("/")
+    for i, part in enumerate(parts):
+        if any(c in _GLOB_CHARS for c in part):
+            root = "/".join(parts[:i])
+            if not scheme and root == "" and body.startswith("/"):
+                root = "/"
+            return scheme + (root if root else ("" if scheme else ".")), "/".join(parts[i:])
+    raise SourceError(f"{pattern!r} has no wildcard")
+
+
+def _glob_match(pattern: list[str], parts: list[str]) -> bool:
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_glob_match(rest, parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:])

@@ -1,0 +1,197 @@
+"""The LanceDB feature store on real local tables: round trips, dedupe, freshness, fingerprints, errors."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from interformer.features import ImageFeatures, ImageGeometry, pyramid_shapes
+from pipeline.feature_store import (
+    FEATURE_SCHEMA,
+    EncodedImage,
+    FeatureReader,
+    FeatureStore,
+    FeatureStoreError,
+    UnknownImageError,
+    error_rows,
+    feature_rows,
+    write_feature_fragments,
+)
+
+FP = "small:random-init:max_side=None:div=32"
+OTHER_FP = "small:0123456789abcdef:max_side=None:div=32"
+
+
+def _features(h: int, w: int, seed: int, scale: float = 1.0) -> ImageFeatures:
+    padded = (-(-h // 32) * 32, -(-w // 32) * 32)
+    geometry = ImageGeometry((round(h / scale), round(w / scale)), (h, w), padded, scale)
+    gen = torch.Generator().manual_seed(seed)
+    return ImageFeatures(tuple(torch.randn(1, *s, generator=gen) * 3 for s in pyramid_shapes(padded)), geometry)
+
+
+def _item(image_id: str, seed: int = 0, h: int = 40, w: int = 70) -> EncodedImage:
+    return EncodedImage(image_id, f"/data/{image_id}", f"{seed:064x}", _features(h, w, seed))
+
+
+def _rows(items: list[EncodedImage], fingerprint: str, dtype: str = "float32") -> pa.Table:
+    return feature_rows(items, fingerprint, dtype)
+
+
+def _assert_same(a: ImageFeatures, b: ImageFeatures) -> None:
+    assert a.geometry == b.geometry
+    for x, y in zip(a.pyramid, b.pyramid):
+        assert x.dtype == torch.float32 and torch.equal(x, y)
+
+
+@pytest.fixture()
+def store(tmp_path) -> FeatureStore:
+    return FeatureStore(str(tmp_path / "db"))
+
+
+def test_fp32_round_trip_is_bit_exact_and_fp16_within_rounding(store: FeatureStore):
+    items = [_item("a.jpg", 1, 40, 70), _item("b.png", 2, 100, 33)]
+    assert store.add(feature_rows(items, FP, "float32")) == 2
+    assert store.add(_rows([_item("c.jpg", 3, 65, 64)], OTHER_FP, "float16")) == 1
+    fp32 = store.reader(FP)
+    for item in items:
+        _assert_same(fp32.get(item.image_id), item.features)
+    rec = store.reader(OTHER_FP).get_record("c.jpg")
+    assert rec.dtype == "float16" and rec.uri == "/data/c.jpg" and rec.content_sha256 == f"{3:064x}"
+    expected = _item("c.jpg", 3, 65, 64).features
+    for got, want in zip(rec.features.pyramid, expected.pyramid):
+        assert torch.equal(got, want.half().float())  # exactly the fp16 rounding of the fp32 features
+        assert got.shape == want.shape
+
+
+def test_resized_geometry_is_stored(store: FeatureStore):
+    item = EncodedImage("big.jpg", "s3://bucket/big.jpg", "ab" * 32, _features(48, 64, 5, scale=0.5))
+    store.add(_rows([item], FP, "float32"))
+    got = store.reader(FP).get("big.jpg")
+    assert got.geometry == ImageGeometry((96, 128), (48, 64), (64, 64), 0.5)
+    _assert_same(got, item.features)
+
+
+def test_add_skips_pairs_already_stored_and_repeats(store: FeatureStore):
+    rows = _rows([_item("a"), _item("b"), _item("a", seed=9)], FP, "float32")
+    assert store.add(rows) == 2
+    assert store.add(_rows([_item("a"), _item("c")], FP)) == 1
+    assert store.add(_rows([_item("a")], OTHER_FP)) == 1
+    assert store.count() == 4 and store.count(FP) == 3
+    assert store.existing_ids(FP) == {"a", "b", "c"}
+    assert store.fingerprints() == {FP: 3, OTHER_FP: 1}
+    _assert_same(store.reader(FP).get("a"), _item("a").features)  # the first one added is kept
+
+
+def test_reader_never_returns_another_encoders_rows(store: FeatureStore):
+    store.add(_rows([_item("only-other")], OTHER_FP))
+    reader = store.reader(FP)
+    with pytest.raises(UnknownImageError) as info:
+        reader.get("only-other")
+    assert "encoded only by" in str(info.value) and OTHER_FP in str(info.value)
+    with pytest.raises(KeyError, match="not in the feature table"):
+        reader.get("never-seen")
+    assert "only-other" not in reader
+    with pytest.raises(ValueError):
+        FeatureReader(store.root, "")
+
+
+def test_ids_with_quotes_and_unicode(store: FeatureStore):
+    ids = ["it's.jpg", "naïve/日本.png", "a' OR '1'='1"]
+    store.add(_rows([_item(i, n) for n, i in enumerate(ids)], FP, "float32"))
+    reader = store.reader(FP)
+    for n, i in enumerate(ids):
+        _assert_same(reader.get(i), _item(i, n).features)
+    with pytest.raises(UnknownImageError):
+        reader.get("a")
+
+
+def test_reader_sees_rows_written_after_it_opened(store: FeatureStore):
+    reader = store.reader(FP, refresh_interval_s=3600, miss_refresh_s=0.0)
+    v0 = reader.version
+    store.add(_rows([_item("late")], FP))
+    _assert_same(reader.get("late"), _item("late").features)  # a miss moved it to the latest version
+    assert reader.version > v0
+    slow = store.reader(FP, refresh_interval_s=3600, miss_refresh_s=3600)
+    with pytest.raises(UnknownImageError):
+        slow.get("later")  # this miss refreshes (first one)...
+    store.add(_rows([_item("later")], FP))
+    with pytest.raises(UnknownImageError):
+        slow.get("later")  # ...but the next miss within miss_refresh_s does not
+    slow.refresh()
+    assert "later" in slow
+    periodic = store.reader(FP, refresh_interval_s=0.0, miss_refresh_s=3600)
+    store.add(_rows([_item("periodic")], FP))
+    assert "periodic" in periodic
+
+
+def test_reader_opened_before_the_table_exists(tmp_path):
+    reader = FeatureReader(str(tmp_path / "db"), FP, miss_refresh_s=0.0)
+    assert reader.version is None
+    with pytest.raises(UnknownImageError, match="does not exist yet"):
+        reader.get("x")
+    FeatureStore(str(tmp_path / "db")).add(_rows([_item("x")], FP))
+    _assert_same(reader.get("x"), _item("x").features)
+
+
+def test_fragments_are_invisible_until_committed(store: FeatureStore):
+    frags = write_feature_fragments(store.features_uri, _rows([_item("f1"), _item("f2")], FP))
+    assert len(frags) == 1
+    assert store.count() == 0 and "f1" not in store.reader(FP)
+    version = store.commit_fragments(frags)
+    assert version == store.dataset().version and store.count(FP) == 2
+    _assert_same(store.reader(FP).get("f2"), _item("f2").features)
+    assert store.commit_fragments([]) == version
+
+
+def test_btree_index_on_image_id_and_optimize(store: FeatureStore):
+    store.add(_rows([_item(f"i{n}", n) for n in range(5)], FP))
+    indices = store.dataset().describe_indices()
+    assert any("BTree" in idx.type_url and list(idx.field_names) == ["image_id"] for idx in indices)
+    store.add(_rows([_item("i9", 9)], FP))
+    store.optimize_index()
+    plan = store.dataset().scanner(filter="image_id = 'i9'").explain_plan()
+    assert "ScalarIndexQuery" in plan and "image_id_idx" in plan
+    _assert_same(store.reader(FP).get("i9"), _item("i9", 9).features)
+
+
+def test_reader_survives_compaction_and_cleanup(store: FeatureStore):
+    for n in range(3):
+        store.add(_rows([_item(f"c{n}", n)], FP))
+    reader = store.reader(FP, refresh_interval_s=3600)
+    _assert_same(reader.get("c0"), _item("c0", 0).features)
+    ds = store.dataset()
+    ds.optimize.compact_files()
+    lance.dataset(store.features_uri).cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+    _assert_same(reader.get("c1"), _item("c1", 1).features)  # old files are gone: it moved to the latest
+
+
+def test_errors_table_upserts_and_clears(store: FeatureStore):
+    store.record_errors(error_rows([("bad.png", "/d/bad.png", "not_an_image", "text"), ("t.jpg", "/d/t.jpg", "truncated", "x")], FP))
+    store.record_errors(error_rows([("bad.png", "/d/bad.png", "corrupt", "again")], FP))
+    store.record_errors(error_rows([("bad.png", "/d/bad.png", "empty", "other encoder")], OTHER_FP))
+    errors = store.errors(FP).to_pylist()
+    assert sorted((e["image_id"], e["reason"], e["detail"]) for e in errors) == [
+        ("bad.png", "corrupt", "again"), ("t.jpg", "truncated", "x")]
+    store.clear_errors(["t.jpg"], FP)
+    assert [e["image_id"] for e in store.errors(FP).to_pylist()] == ["bad.png"]
+    assert store.errors().num_rows == 2
+
+
+def test_existing_table_with_another_schema_is_refused(tmp_path):
+    lance.write_dataset(pa.table({"image_id": ["x"], "vector": [1.0]}), str(tmp_path / "db" / "features.lance"))
+    with pytest.raises(FeatureStoreError, match="another schema"):
+        FeatureStore(str(tmp_path / "db"))
+
+
+def test_feature_rows_schema_and_dtype_check():
+    rows = feature_rows([_item("a")], FP)
+    assert rows.schema.equals(FEATURE_SCHEMA) and rows.column("dtype")[0].as_py() == "float16"
+    flat = np.frombuffer(rows.column("features")[0].as_py(), np.float16)
+    assert flat.size == _item("a").features.num_floats
+    assert rows.column("level_shapes")[0].as_py() == [v for s in pyramid_shapes((64, 96)) for v in s]
+    with pytest.raises(ValueError):
+        feature_rows([_item("a")], FP, "bfloat16")
