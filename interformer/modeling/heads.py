@@ -20,7 +20,7 @@ class ConvModule(nn.Module):
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight, bias), not a state-dict entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
+        if self.fused is not None and not self.training:
             return F.relu(F.conv2d(x, self.fused[0], self.fused[1], padding=self.conv.padding), inplace=True)
         return F.relu(self.bn(self.conv(x)))
 

@@ -32,6 +32,23 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     return F.group_norm(x, 1, norm.weight, norm.bias, norm.eps)
 
 
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, h*w, C]; a free view when x is channels-last in memory."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def from_tokens(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, h*w, C] -> [B, C, h, w] stored channels-last (a view, no copy)."""
+    return t.view(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def linear_1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 convolution as a matrix product over channels-last tokens."""
+    h, w = x.shape[-2:]
+    return from_tokens(F.linear(to_tokens(x), conv.weight.flatten(1), conv.bias), h, w)
+
+
 class PoolingAttention(nn.Module):
     """Multi-head attention whose keys/values are max-pooled pyramids of the key map (4 ratios)."""
 
@@ -66,13 +83,11 @@ class PoolingAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q = self.query_proj(x.flatten(2).transpose(1, 2))
-        q = q.view(b, h * w, self.num_heads, -1).transpose(1, 2)
+        q = self.query_proj(to_tokens(x)).view(b, h * w, self.num_heads, -1).transpose(1, 2)
         if k.shape[0] != b:
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        return from_tokens(self.proj(out), h, w)
 
 
 class PoolingBlock(nn.Module):
@@ -100,7 +115,15 @@ class PoolingBlock(nn.Module):
         """Self-attention when kv is None and nothing is cached; else cross-attention to kv / cached keys."""
         k, v = cached if cached is not None else self.keys_values(x if kv is None else kv)
         x = x + self.drop_path(self.attn(group_norm(x, self.norm1), k, v))
-        return x + self.drop_path(self.mlp(group_norm(x, self.norm2)))
+        return x + self.drop_path(self.inverted_bottleneck(group_norm(x, self.norm2)))
+
+    def inverted_bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """`mlp` (1x1 conv, Hardswish, depthwise 3x3, Hardswish, 1x1 conv) run channels-last."""
+        expand, _, depthwise, _, project = self.mlp
+        y = F.hardswish(linear_1x1(x, expand), inplace=not torch.is_grad_enabled())
+        y = F.hardswish(depthwise(y.contiguous(memory_format=torch.channels_last)),
+                        inplace=not torch.is_grad_enabled())
+        return linear_1x1(y, project)
 
 
 class PatchMerging(nn.Module):
@@ -112,11 +135,9 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(9 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        ho, wo = (h + 1) // 2, (w + 1) // 2
+        h, w = x.shape[-2:]
         patches = F.unfold(x, kernel_size=3, stride=2, padding=1).transpose(1, 2)
-        out = self.reduction(self.norm(patches))
-        return out.transpose(1, 2).reshape(b, -1, ho, wo)
+        return from_tokens(self.reduction(self.norm(patches)), (h + 1) // 2, (w + 1) // 2)
 
 
 class Stage(nn.Module):
@@ -195,11 +216,15 @@ class IMSA(nn.Module):
         pixels are looked up and the full-resolution embedding is never built.
         """
         lab = ref_label[:, 0].long()
+        n = self.cfg.num_ref_values
         e = self.patch_embed
-        a, b = e[lab[:, 1::4, 1::4]], e[lab[:, 1::4, 2::4]]
-        c, d = e[lab[:, 2::4, 1::4]], e[lab[:, 2::4, 2::4]]
-        emb = (0.5 * a + 0.5 * b) * 0.5 + (0.5 * c + 0.5 * d) * 0.5
-        return emb.permute(0, 3, 1, 2).contiguous()
+        # The average of the four looked-up embeddings, for all n^4 label combinations, in the same
+        # arithmetic as the bilinear kernel (0.5-weighted pairs per row, then rows).
+        ab = (0.5 * e[:, None, :] + 0.5 * e[None, :, :]).reshape(n * n, -1)
+        table = (ab[:, None, :] * 0.5 + ab[None, :, :] * 0.5).reshape(n ** 4, -1)
+        code = ((lab[:, 1::4, 1::4] * n + lab[:, 1::4, 2::4]) * n + lab[:, 2::4, 1::4]) * n + lab[:, 2::4, 2::4]
+        emb = table[code]
+        return emb.permute(0, 3, 1, 2)
 
     def precompute(self, pyramid: list[torch.Tensor]) -> IMSACache:
         """Keys/values of every coarse stage's cross-attention block (click-independent)."""
@@ -207,7 +232,7 @@ class IMSA(nn.Module):
 
     def forward(self, pyramid: list[torch.Tensor], ref_label: torch.Tensor, roi: Roi | None = None,
                 cache: IMSACache | None = None) -> list[torch.Tensor]:
-        x = pyramid[0] + self.ref_embed(ref_label)
+        x = (pyramid[0] + self.ref_embed(ref_label)).contiguous(memory_format=torch.channels_last)
         outs = []
         for i, stage in enumerate(self.stages):
             cached = cache.keys_values[i] if cache is not None else None
