@@ -1,0 +1,114 @@
+"""Turn per-sample results into what people read: summary rows, a text table, a CSV and an mIoU-vs-clicks plot."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .evaluation import SampleResult
+from .metrics import Summary, summarize, timing
+
+
+@dataclass(frozen=True)
+class Row:
+    """The summary of one run on one dataset."""
+
+    run: str
+    dataset: str
+    summary: Summary
+
+
+def summarize_run(run: str, results: Sequence[SampleResult], max_clicks: int) -> list[Row]:
+    """One row per dataset of a run, datasets in order of first appearance."""
+    by_dataset: dict[str, list[SampleResult]] = {}
+    for r in results:
+        by_dataset.setdefault(r.dataset, []).append(r)
+    rows = []
+    for name, rs in by_dataset.items():
+        n_clicks = min(len(r.ious) for r in rs)
+        if n_clicks < max_clicks:
+            raise ValueError(f"run {run!r}, dataset {name}: a sample has {n_clicks} clicks, the summary needs {max_clicks}")
+        timed = any(t is not None for r in rs for t in r.click_s)
+        t = timing([r.encode_s for r in rs], [r.click_s for r in rs], [r.total_s for r in rs]) if timed else None
+        rows.append(Row(run, name, summarize([r.ious for r in rs], t, max_clicks)))
+    return rows
+
+
+HEADER = (
+    "run", "dataset", "N", "NoC@85", "NoC@90", "NoF@85", "NoF@90", "SR@85", "SR@90",
+    "mIoU@1", "mIoU@3", "mIoU@5", "enc s/img", "s/click", "SPC",
+)
+
+
+def table_cells(row: Row) -> list[str]:
+    s = row.summary
+    t = s.timing
+    times = [f"{t.encode_s_per_image:.3f}", f"{t.interact_s_per_click:.3f}", f"{t.total_s_per_click:.3f}"] if t else ["-"] * 3
+    return [
+        row.run, row.dataset, str(s.samples), f"{s.noc85:.2f}", f"{s.noc90:.2f}", str(s.nof85), str(s.nof90),
+        f"{s.success85:.3f}", f"{s.success90:.3f}", *(f"{s.miou[k - 1]:.3f}" if len(s.miou) >= k else "-" for k in (1, 3, 5)), *times,
+    ]
+
+
+def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
+    """A fixed-width (or Markdown) table of the rows, with a legend of the column meanings."""
+    cells = [list(HEADER)] + [table_cells(r) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in HEADER) + "|")
+    else:
+        widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+        lines = ["  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths))) for c in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    legend = (
+        "NoF@t: samples whose NoC@t is the click cap (RITM's '>=20@t'; includes samples first reaching t at the last click); "
+        "SR@t: InterFormer's success ratio (best IoU over all clicks >= t); "
+        "enc s/img: encoder or feature read per image; s/click: add_click per click; "
+        "SPC: whole sample time (load, clicker, IoU, model) per click."
+    )
+    return "\n".join(lines) + "\n" + legend
+
+
+def write_csv(results: Sequence[SampleResult], path: str | Path) -> None:
+    """One row per sample and click: dataset, sample_id, image_id, click, row, col, positive, iou, seconds."""
+    ordered = sorted(results, key=lambda r: (r.dataset, r.sample_id))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "sample_id", "image_id", "protocol", "click", "row", "col", "positive", "iou", "click_s"])
+        for r in ordered:
+            for k, (c, v, t) in enumerate(zip(r.clicks, r.ious, r.click_s), start=1):
+                row, col, pos = c if c is not None else ("", "", "")
+                sec = f"{t:.6f}" if t is not None else ""
+                w.writerow([r.dataset, r.sample_id, r.image_id, r.protocol, k, row, col, pos, f"{v:.6f}", sec])
+
+
+def plot_miou(rows: Sequence[Row], path: str | Path, title: str = "mIoU vs number of clicks") -> None:
+    """PNG with one panel per dataset and one line per run (mIoU@k for k = 1..max_clicks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    runs = list(dict.fromkeys(r.run for r in rows))
+    colours = {run: plt.get_cmap("tab10")(i % 10) for i, run in enumerate(runs)}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], datasets):
+        for r in rows:
+            if r.dataset != name:
+                continue
+            curve = r.summary.miou
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, color=colours[r.run],
+                    label=f"{r.run} (N={r.summary.samples})")
+        ax.set_title(name)
+        ax.legend(loc="lower right", fontsize=7)
+        ax.set_xlabel("clicks")
+        ax.set_xticks([1, 5, 10, 15, 20])
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mIoU")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,120 @@
+"""What clicks are evaluated against: a picklable description (`SegmenterSpec`) that each Ray worker builds.
+
+Kinds: "grabcut" (the OpenCV baseline), "checkpoint" (InterFormer weights from a file), "random" (a
+randomly initialised variant, seeded so that every worker builds the same weights). Model sessions are
+wrapped so that the evaluation loop sees `canvas_size` and times image encoding apart from clicks; with a
+feature table the stored features are read instead of running the image encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .baselines import GrabCutBaseline, GrabCutConfig
+
+KINDS = ("grabcut", "checkpoint", "random")
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """kind: one of KINDS; checkpoint: weights file (kind "checkpoint"); variant: model variant (required for
+    "random", optional for "checkpoint"); device: torch device (None: CUDA when available); seed: torch seed
+    for random weights; max_side: the predictor's longest-side resize (None: native size, as in the papers);
+    feature_db / feature_table: LanceDB root and table of stored features to read instead of encoding
+    (models only); feature_id_prefix: prepended to a sample's image id to find its row; grabcut: baseline
+    settings."""
+
+    kind: str
+    checkpoint: str | None = None
+    variant: str | None = None
+    device: str | None = None
+    seed: int = 0
+    max_side: int | None = None
+    feature_db: str | None = None
+    feature_table: str = "features"
+    feature_id_prefix: str = ""
+    grabcut: GrabCutConfig = field(default_factory=GrabCutConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown segmenter kind {self.kind!r}; choose one of {KINDS}")
+        if self.kind == "checkpoint" and not self.checkpoint:
+            raise ValueError("a checkpoint path is required")
+        if self.kind == "checkpoint" and not Path(self.checkpoint).is_file():
+            raise ValueError(f"checkpoint file {self.checkpoint} does not exist")
+        if self.kind == "random" and not self.variant:
+            raise ValueError("a model variant is required for random initialisation")
+        if self.kind == "grabcut" and self.feature_db:
+            raise ValueError("the GrabCut baseline does not use stored features")
+
+    @property
+    def default_name(self) -> str:
+        if self.kind == "grabcut":
+            return "grabcut"
+        if self.kind == "random":
+            return f"random-{self.variant}"
+        return Path(self.checkpoint).stem
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def build(self) -> Any:
+        """The segmenter object (`start(image, image_id)`): call once per worker."""
+        if self.kind == "grabcut":
+            return GrabCutBaseline(self.grabcut)
+        import torch
+
+        from interformer.checkpoint import load_model
+        from interformer.config import PreprocessConfig
+        from interformer.predictor import Predictor
+
+        torch.manual_seed(self.seed)
+        model = load_model(self.checkpoint if self.kind == "checkpoint" else None, variant=self.variant, device=self.device)
+        predictor = Predictor(model, PreprocessConfig(max_side=self.max_side), device=self.device)
+        reader = None
+        if self.feature_db:
+            from .feature_store import FeatureReader
+
+            reader = FeatureReader(self.feature_db, predictor.fingerprint, table=self.feature_table)
+        return ModelSegmenter(predictor, reader, self.feature_id_prefix)
+
+
+class ModelSession:
+    """An InterFormer session plus the padded canvas size its `padded_mask` lives on."""
+
+    def __init__(self, session: Any, geometry: Any) -> None:
+        self._session = session
+        self._geometry = geometry
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        if self._geometry.resized:
+            raise ValueError(
+                "the InterFormer protocol needs images at native size; this predictor resizes them (max_side)"
+            )
+        return tuple(self._geometry.padded_size)
+
+    def add_click(self, row: int, col: int, positive: bool) -> Any:
+        return self._session.add_click(row, col, positive=positive)
+
+
+class ModelSegmenter:
+    """Open InterFormer sessions on images, encoding them or reading their stored features."""
+
+    def __init__(self, predictor: Any, reader: Any = None, id_prefix: str = "") -> None:
+        self.predictor = predictor
+        self.reader = reader
+        self.id_prefix = id_prefix
+
+    def start(self, image: np.ndarray, image_id: str | None = None) -> ModelSession:
+        """A session on `image`; with a feature reader its stored features (by `image_id`) are used instead."""
+        if self.reader is not None:
+            if image_id is None:
+                raise ValueError("reading stored features needs the image id")
+            feats = self.reader.get(self.id_prefix + image_id)
+        else:
+            feats = self.predictor.encode(image)
+        return ModelSession(self.predictor.session(feats), feats.geometry)
