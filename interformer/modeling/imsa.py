@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IMSAConfig
-from .layers import DropPath
+from .layers import DropPath, linear_rates
 
 Roi = tuple[int, int, int, int]  # (left, up, right, bottom) in pixels of the padded input, exclusive ends
 
@@ -187,7 +187,7 @@ class IMSA(nn.Module):
         self.patch_embed = nn.Parameter(torch.empty(cfg.num_ref_values, cfg.dims[0]))
         nn.init.xavier_normal_(self.patch_embed)
         total = sum(cfg.depths)
-        rates = torch.linspace(0, cfg.drop_path_rate, total).tolist() if total else []
+        rates = linear_rates(cfg.drop_path_rate, total)
         stages, refines, k = [], [], 0
         for i, dim in enumerate(cfg.dims):
             def block(j: int) -> PoolingBlock:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViTConfig
-from .layers import DropPath
+from .layers import DropPath, linear_rates
 
 
 def beit_relative_position_index(window: int) -> torch.Tensor:
@@ -123,7 +123,7 @@ class MAEViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.window * cfg.window + 1, dim))
         self.patch_embed = PatchEmbed(dim, cfg.patch_size)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = linear_rates(cfg.drop_path_rate, cfg.depth)
         self.layers = nn.ModuleList(TransformerLayer(cfg, r) for r in rates)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
