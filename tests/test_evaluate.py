@@ -142,6 +142,25 @@ def test_random_init_small_model_on_each_benchmark_both_protocols():
             assert res.encode_s > 0 and res.clicks[0] is not None and res.clicks[0][2] is True
 
 
+def test_stored_features_give_the_same_evaluation_as_encoding(tmp_path):
+    from pipeline.feature_store import EncodedImage, FeatureStore, feature_rows
+
+    refs = resolve("GrabCut", DATA)[:1]
+    spec = SegmenterSpec("random", variant="small")
+    encoder = spec.build()
+    items = [EncodedImage(r.image_id, r.image_path, "", encoder.predictor.encode(r.load().image)) for r in refs]
+    store = FeatureStore(str(tmp_path / "db"))
+    assert store.add(feature_rows(items, encoder.predictor.fingerprint, dtype="float32")) == 1
+    stored = SegmenterSpec("random", variant="small", feature_db=str(tmp_path / "db")).build()
+    config = EvalConfig(max_clicks=3)
+    for ref in refs:
+        a, b = evaluate_ref(encoder, ref, config), evaluate_ref(stored, ref, config)
+        assert a.clicks == b.clicks and a.ious == b.ious
+    stored.id_prefix = "data_GT/"  # ids of another encoded folder: not in this table
+    with pytest.raises(KeyError, match="data_GT/"):
+        evaluate_ref(stored, refs[0], config)
+
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DISABLE_USAGE_STATS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), *args], cwd=ROOT, env=env,
