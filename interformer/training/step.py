@@ -76,13 +76,15 @@ def simulate_ref_labels(gt: np.ndarray, num_extra: int, predict: Callable[[np.nd
 
 def sample_losses(forward: nn.Module, model: InterFormer, img: torch.Tensor | None, label: torch.Tensor,
                   num_extra: int, rng: np.random.Generator, clicks_cfg: ClickSimConfig, loss_cfg: LossConfig,
-                  frozen_backbone: bool = False, pyramid: Pyramid | None = None
+                  frozen_backbone: bool = False, pyramid: Pyramid | None = None, freeze_bn: bool = False
                   ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Simulate clicks for one micro-batch and run the training forward; returns the losses (with grad) and
     the number of clicks per sample.
 
     `forward` is `TrainForward(model)`, possibly DDP-wrapped. With `frozen_backbone` the pyramid is computed
     once without gradients (or passed in, e.g. read from a feature table) and only neck + heads learn.
+    With `freeze_bn`, and always for a single sample (no batch statistics exist for the 1x1 pooled branch),
+    the heads' BatchNorm layers normalise with their running statistics and do not update them.
     """
     if img is None and pyramid is None:
         raise ValueError("a training step needs images or pyramids")
@@ -96,6 +98,14 @@ def sample_losses(forward: nn.Module, model: InterFormer, img: torch.Tensor | No
     model.train()
     if frozen_backbone:
         model.backbone.eval()
+    if freeze_bn or len(label) == 1:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    if frozen_backbone:
+        # torch 2.15 CPU segfaults in the GroupNorm backward for a channels-last input that needs no grad
+        # (the backbone returns channels-last maps); contiguous copies avoid it
+        pyramid = [p.contiguous() for p in pyramid]
     ref_t = torch.from_numpy(ref.astype(np.int64))[:, None].to(label.device)
     out = forward(img, ref_t, pyramid if frozen_backbone else None)
     return segmentation_losses(out["logits"], out.get("aux_logits"), label, loss_cfg), n_clicks
@@ -104,7 +114,7 @@ def sample_losses(forward: nn.Module, model: InterFormer, img: torch.Tensor | No
 def training_step(forward: nn.Module, model: InterFormer, optimizer: torch.optim.Optimizer,
                   micro_batches: list[tuple[torch.Tensor | None, torch.Tensor, Pyramid | None]],
                   rng: np.random.Generator, clicks_cfg: ClickSimConfig, loss_cfg: LossConfig,
-                  frozen_backbone: bool = False) -> dict[str, float]:
+                  frozen_backbone: bool = False, freeze_bn: bool = False) -> dict[str, float]:
     """One iteration: a shared k, every micro-batch (img, label, pyramid) forward/backward with its loss
     weighted by its share of the samples (gradients accumulate), one optimiser step; returns scalar metrics."""
     num_extra = sample_num_clicks(rng, clicks_cfg.max_extra_clicks, clicks_cfg.click_decay)
@@ -117,7 +127,7 @@ def training_step(forward: nn.Module, model: InterFormer, optimizer: torch.optim
         sync_off = getattr(forward, "no_sync", None)
         with (sync_off() if sync_off is not None and not last else contextlib.nullcontext()):
             losses, n_clicks = sample_losses(forward, model, img, label, num_extra, rng, clicks_cfg, loss_cfg,
-                                             frozen_backbone, pyramid)
+                                             frozen_backbone, pyramid, freeze_bn)
             share = len(label) / total
             (losses["loss"] * share).backward()
         for k, v in losses.items():

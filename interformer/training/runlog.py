@@ -1,0 +1,109 @@
+"""The run folder: checkpoints (official layout + optimiser state), the CSV logs and the saved config.
+
+<out_dir>/config.json            the TrainConfig of the run (schedule fields must not change on resume)
+<out_dir>/checkpoints/iter_N.pth {'meta': {..., 'iter': N}, 'state_dict', 'optimizer'}; loads with load_model
+<out_dir>/log.csv                iteration, lr, losses, clicks, seconds per iteration
+<out_dir>/eval.csv               iteration, dataset, NoC@85/90, mIoU@1/5, samples
+Checkpoints are written to a temporary name and renamed, so a kill never leaves a half-written one.
+On resume the CSV rows after the checkpoint's iteration (written before the kill) are dropped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..checkpoint import save_checkpoint
+from ..modeling import InterFormer
+
+CHECKPOINT_RE = re.compile(r"^iter_(\d+)\.pth$")
+LOG_FIELDS = ("iter", "lr", "loss", "decode_loss", "aux_loss", "extra_clicks", "clicks_per_sample", "sec_per_iter",
+              "data_sec")
+EVAL_FIELDS = ("iter", "dataset", "protocol", "samples", "noc85", "noc90", "miou1", "miou5", "sec")
+
+
+def checkpoint_path(out_dir: Path, iteration: int) -> Path:
+    return out_dir / "checkpoints" / f"iter_{iteration:07d}.pth"
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of the complete checkpoints of a run, oldest first."""
+    folder = out_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
+def save_training_checkpoint(model: InterFormer, optimizer: torch.optim.Optimizer, out_dir: Path, iteration: int,
+                             config: dict[str, Any], keep: int = 0) -> Path:
+    """Write iter_N.pth (model in the official layout, optimiser state alongside) and prune old ones."""
+    path = checkpoint_path(out_dir, iteration)
+    meta = {"iter": iteration, "train_config": config}
+    save_checkpoint(model, path, meta=meta, extra={"optimizer": optimizer.state_dict()})
+    if keep > 0:
+        for _, old in list_checkpoints(out_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """The raw checkpoint dict (meta, state_dict, optimizer)."""
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("meta", "state_dict", "optimizer"):
+        if key not in obj:
+            raise ValueError(f"{path} is not a training checkpoint of this job (no {key!r})")
+    return obj
+
+
+class CsvLog:
+    """Append-only CSV with a fixed header; `truncate_after(i)` drops rows with iter > i (used on resume)."""
+
+    def __init__(self, path: Path, fields: Sequence[str]) -> None:
+        self.path, self.fields = path, tuple(fields)
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate_after(self, iteration: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = [r for r in self.rows() if r.get("iter", "").isdigit() and int(r["iter"]) <= iteration]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows(kept)
+        tmp.replace(self.path)
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+            f.flush()
+
+
+def check_resume_config(out_dir: Path, config: dict[str, Any], schedule_fields: Sequence[str]) -> None:
+    """Write config.json on the first run; on later runs refuse changed schedule settings."""
+    path = out_dir / "config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in schedule_fields if old.get(k) != config.get(k)]
+        if changed:
+            raise ValueError(f"{out_dir} holds a run with other schedule settings ({'; '.join(changed)}); "
+                             "resume with the same settings or use a new --out-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp.replace(path)

@@ -1,0 +1,161 @@
+"""The per-worker training loop: build or resume the model, stream samples, step, log, checkpoint, evaluate.
+
+It runs the same in a Ray Train worker (`jobs/train.py`; DDP when there are several workers) and in a plain
+process (`jobs/train.py --local`, the tests). Resuming is by iteration: the newest checkpoint in the run
+folder gives the model, the optimiser state and the iteration; the lr schedule, the sample stream and the
+per-iteration random generators are functions of the iteration, so a resumed run continues exactly where
+the killed one would have been.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..modeling import InterFormer
+from .config import SCHEDULE_FIELDS, TrainConfig
+from .data import ConcatSource, TrainSource
+from .init import initial_model
+from .optim import build_optimizer, set_lr
+from .runlog import (EVAL_FIELDS, LOG_FIELDS, CsvLog, check_resume_config, list_checkpoints,
+                     load_training_checkpoint, save_training_checkpoint)
+from .step import TrainForward, training_step
+from .stream import RangeSampler, SampleStream
+
+Evaluator = Callable[[InterFormer], dict[str, Any]]
+
+
+@dataclass
+class WorkerContext:
+    """Where this worker sits: rank among world_size, its device, and hooks into the surrounding framework."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DDP via ray.train.torch.prepare_model
+    report: Callable[[dict[str, Any]], None] | None = None  # e.g. ray.train.report
+    barrier: Callable[[], None] | None = None
+    progress: bool = True  # a tqdm bar on rank 0 (off under Ray: the driver shows progress from log.csv)
+
+
+def iteration_rng(seed: int, rank: int, iteration: int) -> np.random.Generator:
+    """The click-simulation generator of one iteration on one worker."""
+    return np.random.default_rng([seed, 2, rank, iteration])
+
+
+def seed_torch_for(seed: int, rank: int, iteration: int) -> None:
+    """Seed torch (dropout, drop path) from the iteration, so a resumed run draws what the original would."""
+    torch.manual_seed(int(np.random.default_rng([seed, 3, rank, iteration]).integers(2 ** 62)))
+
+
+def open_sources(cfg: TrainConfig) -> TrainSource:
+    sources = [spec.open() for spec in cfg.data]
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)
+
+
+def _collate_images(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    imgs, labels = zip(*batch)
+    return [(torch.stack(imgs), torch.stack(labels), None)]
+
+
+def run_worker(cfg: TrainConfig, ctx: WorkerContext = WorkerContext(), evaluator: Evaluator | None = None,
+               sample_stream: torch.utils.data.Dataset | None = None,
+               collate: Callable | None = None) -> dict[str, Any]:
+    """Train from the run folder's newest checkpoint (or from `cfg.init`) up to `cfg.last_iter`.
+
+    `sample_stream`/`collate` replace the image stream (e.g. stored features, which yields pyramids); by
+    default samples are augmented images from `cfg.data`. Returns a summary (iterations done, last metrics).
+    """
+    out_dir = Path(cfg.out_dir)
+    is_main = ctx.rank == 0
+    config_dict = cfg.to_dict()
+    if is_main:
+        check_resume_config(out_dir, config_dict, SCHEDULE_FIELDS)
+    torch.manual_seed(cfg.seed)
+    model, origin = initial_model(cfg.variant, cfg.init)
+    if cfg.frozen_backbone:
+        model.backbone.requires_grad_(False)
+    checkpoints = list_checkpoints(out_dir)
+    start = 0
+    state = None
+    if checkpoints:
+        start, path = checkpoints[-1]
+        state = load_training_checkpoint(path)
+        model.load_state_dict(state["state_dict"])
+        origin = f"resumed from {path} (iteration {start})"
+    model.to(ctx.device)
+    optimizer = build_optimizer(model, cfg.optim, model.config.vit.depth, model.config.layer_decay_rate)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        del state
+    forward: torch.nn.Module = TrainForward(model)
+    if ctx.wrap is not None and ctx.world_size > 1:
+        forward = ctx.wrap(forward)
+    log = CsvLog(out_dir / "log.csv", LOG_FIELDS)
+    eval_log = CsvLog(out_dir / "eval.csv", EVAL_FIELDS)
+    if is_main:
+        log.truncate_after(start)
+        eval_log.truncate_after(start)
+        print(f"[train] InterFormer-{cfg.variant}: {origin}; iterations {start} -> {cfg.last_iter} of {cfg.max_iters}",
+              flush=True)
+    summary: dict[str, Any] = {"start_iter": start, "end_iter": start, "origin": origin}
+    if start >= cfg.last_iter:
+        return summary
+
+    if sample_stream is None:
+        sample_stream = SampleStream(open_sources(cfg), cfg.augment, cfg.seed, ctx.rank, ctx.world_size)
+        collate = _collate_images
+    loader = DataLoader(sample_stream, batch_size=cfg.batch_size,
+                        sampler=RangeSampler(start * cfg.batch_size, cfg.last_iter * cfg.batch_size),
+                        num_workers=cfg.loader_workers, collate_fn=collate,
+                        persistent_workers=False, prefetch_factor=2 if cfg.loader_workers > 0 else None)
+    pending: list[dict[str, Any]] = []
+    bar = tqdm(total=cfg.last_iter - start, desc="train", disable=not (is_main and ctx.progress),
+               dynamic_ncols=True)
+    t_data = time.perf_counter()
+    it = start
+    for it, micro_batches in enumerate(loader, start=start):
+        t_step = time.perf_counter()
+        lr = set_lr(optimizer, it, cfg.max_iters, cfg.optim)
+        seed_torch_for(cfg.seed, ctx.rank, it)
+        micro_batches = [(None if x is None else x.to(ctx.device), y.to(ctx.device),
+                          None if p is None else [t.to(ctx.device) for t in p]) for x, y, p in micro_batches]
+        metrics = training_step(forward, model, optimizer, micro_batches, iteration_rng(cfg.seed, ctx.rank, it),
+                                cfg.clicks, cfg.loss, cfg.frozen_backbone, cfg.freeze_bn)
+        done = it + 1
+        metrics.update(iter=done, lr=lr, sec_per_iter=time.perf_counter() - t_step, data_sec=t_step - t_data)
+        pending.append(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+        final = done == cfg.last_iter
+        if done % cfg.log_interval == 0 or final:
+            row = {k: float(np.mean([m[k] for m in pending])) for k in pending[0] if k != "iter"}
+            row["iter"] = done
+            if is_main:
+                log.append([row])
+            if ctx.report is not None:
+                ctx.report(row)
+            summary["last"] = row
+            pending = []
+        if done % cfg.checkpoint_interval == 0 or final:
+            if is_main:
+                save_training_checkpoint(model, optimizer, out_dir, done, config_dict, cfg.keep_checkpoints)
+            if ctx.barrier is not None:
+                ctx.barrier()
+        if evaluator is not None and cfg.eval_interval and (done % cfg.eval_interval == 0 or final) and is_main:
+            t_eval = time.perf_counter()
+            result = evaluator(model)
+            result.update(iter=done, sec=time.perf_counter() - t_eval)
+            eval_log.append([result])
+            print(f"[eval] iteration {done}: " + ", ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+            summary["eval"] = result
+        t_data = time.perf_counter()
+    bar.close()
+    summary["end_iter"] = it + 1
+    return summary
