@@ -174,11 +174,12 @@ class LogProgress:
     to the Ray logs, which also keeps Ray Train's internal warnings off the console)."""
 
     def __init__(self, cfg: TrainConfig, poll_s: float = 2.0) -> None:
-        from interformer.training.runlog import list_checkpoints
+        from interformer.training.runlog import LOG_FIELDS, CsvLog, list_checkpoints
 
         self.cfg, self.poll_s = cfg, poll_s
         done = list_checkpoints(Path(cfg.out_dir))
         self.start = done[-1][0] if done else 0
+        CsvLog(Path(cfg.out_dir) / "log.csv", LOG_FIELDS).truncate_after(self.start)  # rows of a killed run
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

@@ -97,3 +97,19 @@ def test_feature_crops_and_labels_line_up(shared_dir):
               torch.zeros(32, 64, dtype=torch.uint8))]
     groups = collate_by_size(batch)
     assert [tuple(g[1].shape) for g in groups] == [(1, 64, 64), (1, 32, 64)]
+
+
+def test_noc_evaluation_hook_writes_eval_csv(shared_dir, tmp_path):
+    img_dir, gt_dir = small_davis(shared_dir, tmp_path / "data", 2)
+    job = load_job()
+    cfg, _ = job.parse_config([
+        "--out-dir", str(tmp_path / "run"), "--data", f"folder:{img_dir},masks={gt_dir}", "--max-iters", "1",
+        "--batch-size", "2", "--crop-size", "64", "--checkpoint-interval", "1", "--loader-workers", "0",
+        "--eval-data", "grabcut", "--eval-data-root", str(shared_dir / "data"), "--eval-interval", "1",
+        "--eval-max-samples", "2", "--eval-clicks", "3"])
+    summary = job.run_local(cfg)
+    result = summary["eval"]
+    assert result["samples"] == 2 and result["dataset"] == "grabcut" and result["protocol"] == "interformer"
+    assert 1.0 <= result["noc85"] <= 3.0 and 0.0 <= result["miou1"] <= 1.0
+    rows = (tmp_path / "run/eval.csv").read_text().splitlines()
+    assert rows[0].startswith("iter,dataset") and rows[1].startswith("1,grabcut,interformer,2,")

@@ -51,6 +51,7 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_one(shared_dir, tmp_p
     # the checkpoint is an ordinary model file, and a finished run does nothing when started again
     assert load_model(tmp_path / "b/checkpoints/iter_0000004.pth").config.name == "small"
     assert a["meta"]["iter"] == 4 and "optimizer" in a
+    assert (tmp_path / "a/loss.png").stat().st_size > 10_000  # the loss curve is redrawn at checkpoints
     again = run_worker(config(shared_dir, tmp_path / "b"))
     assert again["start_iter"] == again["end_iter"] == 4
 

@@ -4,6 +4,7 @@
 <out_dir>/checkpoints/iter_N.pth {'meta': {..., 'iter': N}, 'state_dict', 'optimizer'}; loads with load_model
 <out_dir>/log.csv                iteration, lr, losses, clicks, seconds per iteration
 <out_dir>/eval.csv               iteration, dataset, NoC@85/90, mIoU@1/5, samples
+<out_dir>/loss.png               the loss / lr curve, redrawn at every checkpoint
 Checkpoints are written to a temporary name and renamed, so a kill never leaves a half-written one.
 On resume the CSV rows after the checkpoint's iteration (written before the kill) are dropped.
 """

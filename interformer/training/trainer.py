@@ -23,6 +23,7 @@ from .config import SCHEDULE_FIELDS, TrainConfig
 from .data import ConcatSource, TrainSource
 from .init import initial_model
 from .optim import build_optimizer, set_lr
+from .plot import plot_loss
 from .runlog import (EVAL_FIELDS, LOG_FIELDS, CsvLog, check_resume_config, list_checkpoints,
                      load_training_checkpoint, save_training_checkpoint)
 from .step import TrainForward, training_step
@@ -146,6 +147,7 @@ def run_worker(cfg: TrainConfig, ctx: WorkerContext = WorkerContext(), evaluator
         if done % cfg.checkpoint_interval == 0 or final:
             if is_main:
                 save_training_checkpoint(model, optimizer, out_dir, done, config_dict, cfg.keep_checkpoints)
+                plot_loss(out_dir / "log.csv", out_dir / "loss.png")
             if ctx.barrier is not None:
                 ctx.barrier()
         if evaluator is not None and cfg.eval_interval and (done % cfg.eval_interval == 0 or final) and is_main:
