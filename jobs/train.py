@@ -144,6 +144,15 @@ def run_local(cfg: TrainConfig) -> dict[str, Any]:
     return run_worker(cfg, WorkerContext(device=device), evaluator, stream, collate)
 
 
+def sync_batchnorm(module, device):
+    """The official heads use SyncBN across GPUs; do the same for several CUDA workers (same state-dict keys)."""
+    import torch
+
+    if device.type != "cuda":
+        return module
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 def ray_worker_loop(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
     import ray.train
@@ -160,7 +169,7 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     ctx = WorkerContext(
         rank=rank, world_size=world, device=device,
-        wrap=lambda m: ray.train.torch.prepare_model(m),
+        wrap=lambda m: ray.train.torch.prepare_model(sync_batchnorm(m, device)),
         barrier=(lambda: dist.barrier()) if world > 1 else None,
         progress=False,
     )

@@ -32,6 +32,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _with_message(parse: Any) -> Any:
+    """A type converter whose ValueError text reaches the user (argparse would print only 'invalid value')."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, group_title: str | None = None) -> None:
     """Add one option per field of `cls` (recursively for nested dataclasses)."""
     hints = typing.get_type_hints(cls)
@@ -57,9 +69,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, group_ti
             kwargs.update(type=_parse_bool, default=default, metavar="true|false")
         elif get_origin(base) is tuple and len(get_args(base)) == 2 and get_args(base)[1] is Ellipsis:
             item = get_args(base)[0]
-            parse = getattr(item, "parse", item)
-            kwargs.update(type=parse, action="append", metavar="SPEC", required=not has_default,
-                          default=None)
+            kwargs.update(type=_with_message(getattr(item, "parse", item)), action="append", metavar="SPEC",
+                          required=not has_default, default=None)
         elif get_origin(base) is tuple:
             kwargs.update(type=get_args(base)[0], nargs=len(get_args(base)), default=default)
         else:
