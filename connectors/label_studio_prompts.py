@@ -1,0 +1,199 @@
+"""Object prompts from Label Studio tasks (bulk pre-annotation), and predictions back for them. Pure.
+
+Prompts come from each task's newest annotation (or prediction) holding `rectanglelabels` or
+`keypointlabels` regions, the same region types the interactive backend reads:
+  - every rectangle is one object: its centre click and region, as `protocol.box_to_click` makes them;
+  - a keypoint inside a rectangle of the same label (the smallest, when several) adds a click to it;
+  - the other keypoints of a label form one object together (Alt-click negatives included).
+The image is `data.image_id` when the task has one (the feature-table id), else the image URL: the
+worker then finds the row whose `uri` is that URL, or the row the backend's on-demand encoder stored
+under that URL as id, as the interactive backend does.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+from interformer.clicks import Click
+
+from pipeline.preannotation import ImageResult
+from pipeline.prompts import (
+    BAD_IMAGE_ENTRY,
+    BAD_POINTS,
+    BOX_OUTSIDE,
+    DEGENERATE_BOX,
+    MISSING_IMAGE_ENTRY,
+    ImageJob,
+    ObjectPrompt,
+    Problem,
+    PromptSet,
+    decode_rle,
+)
+
+from .protocol import (
+    PROMPT_TYPES,
+    ContextItem,
+    ControlTag,
+    LabelConfig,
+    Prompt,
+    ProtocolError,
+    box_to_click,
+    brush_result,
+    parse_body,
+    percent_to_pixel,
+)
+from .rle import mask_to_rle
+
+PROMPT_SOURCES = ("annotations", "predictions")
+
+
+def _label(item: ContextItem) -> str | None:
+    labels = item.value.get(item.type)
+    return labels[0] if isinstance(labels, list) and labels and isinstance(labels[0], str) else None
+
+
+def _newest_with_prompts(entries: Iterable[dict], model_version: str | None, skip_version: str | None) -> list[dict]:
+    """Prompt regions of the newest annotation/prediction that has any (cancelled annotations skipped)."""
+    candidates = []
+    for e in entries or []:
+        if not isinstance(e, dict) or e.get("was_cancelled"):
+            continue
+        mv = e.get("model_version")
+        if (model_version is not None and mv != model_version) or (skip_version is not None and mv == skip_version):
+            continue
+        regions = [r for r in e.get("result") or [] if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
+        if regions:
+            candidates.append((str(e.get("updated_at") or e.get("created_at") or ""), int(e.get("id") or 0), regions))
+    if not candidates:
+        return []
+    return max(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def task_prompts(
+    tasks: Iterable[dict],
+    config: LabelConfig,
+    brush: ControlTag,
+    source: str = "annotations",
+    prompt_model_version: str | None = None,
+    skip_model_version: str | None = None,
+) -> PromptSet:
+    """Image jobs (one per task with prompt regions) and per-object problems.
+
+    source: "annotations" or "predictions" (then only those of `prompt_model_version` when given, and never
+    those of `skip_model_version`, the version this job writes).
+    """
+    if source not in PROMPT_SOURCES:
+        raise ValueError(f"source must be one of {PROMPT_SOURCES}, got {source!r}")
+    image_key = config.image_key(brush.to_name)
+    out = PromptSet()
+    for task in tasks:
+        tid = int(task["id"])
+        entries = task.get(source) or []
+        regions = _newest_with_prompts(entries, prompt_model_version if source == "predictions" else None,
+                                       skip_model_version if source == "predictions" else None)
+        if not regions:
+            continue
+        data = task.get("data") or {}
+        ref = data.get(image_key)
+        image_id = data.get("image_id") or ref
+        if not image_id:
+            out.problems.append(Problem(f"ls:{tid}", None, None, MISSING_IMAGE_ENTRY,
+                                        f"task {tid} has neither data.image_id nor data.{image_key}"))
+            continue
+        image_id = str(image_id)
+        job, problems = _task_job(tid, image_id, ref if isinstance(ref, str) else None, regions)
+        out.problems.extend(problems)
+        if job is not None:
+            out.images.append(job)
+    out.images.sort(key=lambda j: j.image_id)
+    return out
+
+
+def _task_job(tid: int, image_id: str, ref: str | None, regions: list[dict]) -> tuple[ImageJob | None, list[Problem]]:
+    problems: list[Problem] = []
+    items: list[ContextItem] = []
+    for n, r in enumerate(regions):
+        key = f"ls:{tid}:{r.get('id') or n}"
+        try:
+            item = parse_body(ContextItem, r)
+        except ProtocolError as e:
+            problems.append(Problem(key, image_id, None, BAD_IMAGE_ENTRY, e.message))
+            continue
+        if _label(item) is None:
+            problems.append(Problem(key, image_id, None, BAD_POINTS, f"{item.type} region has no label"))
+            continue
+        items.append(item)
+    sizes = {(it.original_height, it.original_width) for it in items}
+    if len(sizes) > 1:
+        problems += [Problem(f"ls:{tid}:{it.id}", image_id, _label(it), BAD_IMAGE_ENTRY,
+                             f"regions disagree on the image size: {sorted(sizes)}") for it in items]
+        return None, problems
+    if not items:
+        return None, problems
+    size = sizes.pop()
+    boxes: list[dict[str, Any]] = []
+    for it in (i for i in items if i.type == "rectanglelabels"):
+        key = f"ls:{tid}:{it.id}"
+        try:
+            click, region = box_to_click(it.value, size)
+        except ProtocolError as e:
+            w, h = it.value.get("width"), it.value.get("height")
+            degenerate = not isinstance(w, (int, float)) or not isinstance(h, (int, float)) or w <= 0 or h <= 0
+            problems.append(Problem(key, image_id, _label(it), DEGENERATE_BOX if degenerate else BOX_OUTSIDE, e.message))
+            continue
+        boxes.append({"key": key, "label": _label(it), "click": click, "region": region, "extra": []})
+    groups: dict[str, list[Click]] = {}
+    for it in (i for i in items if i.type == "keypointlabels"):
+        try:
+            click = Click(percent_to_pixel(it.value.get("y"), size[0], "keypoint y"),
+                          percent_to_pixel(it.value.get("x"), size[1], "keypoint x"),
+                          True if it.is_positive is None else bool(it.is_positive))
+        except ProtocolError as e:
+            problems.append(Problem(f"ls:{tid}:{it.id}", image_id, _label(it), BAD_POINTS, e.message))
+            continue
+        inside = [b for b in boxes if b["label"] == _label(it) and _contains(b["region"], click)]
+        if inside:
+            min(inside, key=lambda b: _area(b["region"]))["extra"].append(click)
+        else:
+            groups.setdefault(_label(it), []).append(click)
+    objects = [ObjectPrompt(b["key"], image_id, b["label"], "box", size, clicks=(b["click"], *b["extra"]),
+                            box=b["region"]) for b in boxes]
+    for label, clicks in groups.items():
+        key = f"ls:{tid}:points:{label}"
+        if not any(c.positive for c in clicks):
+            problems.append(Problem(key, image_id, label, BAD_POINTS, "only negative keypoints: nothing to segment"))
+            continue
+        objects.append(ObjectPrompt(key, image_id, label, "points", size, clicks=tuple(clicks)))
+    if not objects:
+        return None, problems
+    return ImageJob(image_id, size, tuple(objects), uri=ref, task_id=tid, via_label_studio=True), problems
+
+
+def _contains(region: tuple[int, int, int, int], click: Click) -> bool:
+    left, up, right, bottom = region
+    return left <= click.col < right and up <= click.row < bottom
+
+
+def _area(region: tuple[int, int, int, int]) -> int:
+    return (region[2] - region[0]) * (region[3] - region[1])
+
+
+def region_id(key: str) -> str:
+    """A stable Label Studio region id for a prompt object (the same object gets the same id on every run)."""
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def prediction_for(result: ImageResult, task_id: int, brush: ControlTag, model_version: str) -> dict | None:
+    """The task's prediction: one brush region per segmented object (None when no object was segmented)."""
+    regions = []
+    for o in result.objects:
+        if not o.ok:
+            continue
+        mask = decode_rle(o.rle)
+        prompt = Prompt(clicks=(), label=o.label, brush_name=brush.name, image_name=brush.to_name,
+                        original_size=(int(result.size[0]), int(result.size[1])))
+        regions.append(brush_result(mask_to_rle(mask), prompt, o.score or 0.0, region_id=region_id(o.key)))
+    if not regions:
+        return None
+    score = sum(r["score"] for r in regions) / len(regions)
+    return {"task": int(task_id), "result": regions, "score": float(score), "model_version": model_version}

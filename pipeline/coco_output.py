@@ -1,0 +1,106 @@
+"""COCO files of pre-annotated masks (RLE from pycocotools' encoder).
+
+Two forms:
+  annotations  a self-contained COCO dataset (images, categories, annotations with RLE segmentations):
+               opens with `pycocotools.coco.COCO(path)`; works for any prompt source;
+  results      the detection-results list (`COCO.loadRes`) against the prompt file's own images and
+               categories; needs a COCO prompt source (numeric image and category ids).
+Every annotation carries the mask's `score` and how it was made: `source_key` (the prompt object),
+`prompt` (box/mask/points), `clicks`, and `iou_prompt` (IoU against the coarse label, when there was one).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .preannotation import ImageResult, ObjectResult
+from .prompts import ImageJob
+
+FORMATS = ("annotations", "results")
+
+
+def _extras(o: ObjectResult, model_version: str) -> dict[str, Any]:
+    return {"score": o.score, "source_key": o.key, "prompt": o.kind, "clicks": len(o.clicks), "iou_prompt": o.iou,
+            "model_version": model_version}
+
+
+def coco_results(results: Iterable[ImageResult], jobs: Mapping[str, ImageJob], model_version: str) -> list[dict]:
+    """The results list: one entry per segmented object whose image and category have COCO ids.
+    `jobs` maps ImageJob.key to the job of each result."""
+    out = []
+    for r in results:
+        job = jobs[r.key]
+        if job.source_image_id is None:
+            raise ValueError(f"image {r.image_id!r} has no COCO image id: write the 'annotations' form instead")
+        for o in r.objects:
+            if o.ok and o.category_id is not None:
+                # no bbox: with one, loadRes would take the box area as the object's area
+                out.append({"image_id": job.source_image_id, "category_id": o.category_id, "segmentation": o.rle,
+                            **_extras(o, model_version)})
+    return out
+
+
+def coco_annotations(
+    results: Iterable[ImageResult],
+    jobs: Mapping[str, ImageJob],
+    model_version: str,
+    categories: Mapping[int, str] | None = None,
+    image_entries: Mapping[str, dict] | None = None,
+) -> dict[str, Any]:
+    """A COCO dataset of the segmented objects. Image entries and categories are the prompt file's when
+    given; otherwise images get ids 1.. (file_name = the feature-table id) and categories ids 1.. by label."""
+    results = sorted(results, key=lambda r: r.key)
+    image_entries = image_entries or {}
+    cats = dict(categories or {})
+    by_name = {name: cid for cid, name in cats.items()}
+    for r in results:
+        for o in r.objects:
+            if not o.ok:
+                continue
+            if o.category_id is not None:
+                if o.category_id not in cats:
+                    cats[o.category_id] = o.label
+                    by_name.setdefault(o.label, o.category_id)
+            elif o.label not in by_name:
+                cid = max(cats, default=0) + 1
+                cats[cid] = o.label
+                by_name[o.label] = cid
+    images, annotations = [], []
+    next_image = max((e["id"] for e in image_entries.values() if isinstance(e.get("id"), int)), default=0) + 1
+    for r in results:
+        job = jobs[r.key]
+        entry = image_entries.get(r.image_id)
+        if entry is None:
+            entry = {"id": next_image, "file_name": r.image_id, "height": r.size[0], "width": r.size[1]}
+            next_image += 1
+            if job.task_id is not None:
+                entry["ls_task_id"] = job.task_id
+        images.append(entry)
+        for o in r.objects:
+            if not o.ok:
+                continue
+            cid = o.category_id if o.category_id is not None else by_name[o.label]
+            annotations.append({"id": len(annotations) + 1, "image_id": entry["id"], "category_id": cid,
+                                "segmentation": o.rle, "area": o.area, "bbox": o.bbox, "iscrowd": 0,
+                                **_extras(o, model_version)})
+    return {
+        "info": {"description": "masks pre-annotated by InterFormer from prompts (jobs/preannotate.py)",
+                 "model_version": model_version},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cid, "name": name} for cid, name in sorted(cats.items())],
+    }
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file next to `path`, then rename it over `path` (never a half file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
