@@ -1,0 +1,6 @@
+"""Entry point: `python -m connectors --help`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

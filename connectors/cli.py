@@ -1,0 +1,169 @@
+"""`python -m connectors`: start the Label Studio ML backend (HTTP server + CPU Ray actors)."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from interformer.config import CONFIGS, PreprocessConfig
+
+from .logs import get_logger, log_event, setup_logging
+
+log = get_logger("cli")
+
+AUTH_PASS_ENV = ("ML_BACKEND_BASIC_AUTH_PASS", "BASIC_AUTH_PASS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m connectors",
+        description="Serve InterFormer masks to Label Studio: an ML backend whose CPU Ray actors turn an "
+        "annotator's clicks into brush masks from features stored by jobs/encode.py.",
+        epilog="Environment: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (images of tasks without features are "
+        "fetched from that server only); ML_BACKEND_BASIC_AUTH_PASS (or BASIC_AUTH_PASS) with --basic-auth-user. "
+        "In Label Studio: Settings > Model > Connect model, URL http://HOST:PORT, interactive preannotations on.",
+    )
+    p.add_argument("--db", default="lancedb",
+                   help="LanceDB root folder (or object-store URI) of the feature table (default: %(default)s)")
+    p.add_argument("--table", default="features",
+                   help="name of the feature table written by jobs/encode.py (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None,
+                   help="InterFormer weights (.pth): the same file jobs/encode.py encoded with, otherwise the table "
+                   "holds no features for this model. Without it, the seeded random init of jobs/encode.py "
+                   "(--variant and --seed; for trying the pipeline only)")
+    p.add_argument("--variant", choices=sorted(CONFIGS), default=None,
+                   help="model variant; checked against the checkpoint (default: read from it), required without one")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random init without --checkpoint, as given to jobs/encode.py (default: 0)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="the longest-side resize jobs/encode.py used (part of the feature fingerprint)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on, 0.0.0.0 for every interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=9090, help="TCP port to listen on (default: %(default)s)")
+    p.add_argument("--actors", type=int, default=1,
+                   help="number of CPU serving actors; images are spread over them by id (default: %(default)s)")
+    p.add_argument("--actor-cpus", type=float, default=None,
+                   help="Ray CPUs reserved per actor (default: the cluster's CPUs / (actors + 1 encoder))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per serving actor (default: this machine's cores / actors)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. ray://head:10001 or auto); default: start a local Ray")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.add_argument("--feature-cache", type=int, default=32,
+                   help="images whose features each actor keeps in memory (default: %(default)s)")
+    p.add_argument("--sessions", type=int, default=64,
+                   help="interactive sessions (regions) each actor keeps (default: %(default)s)")
+    p.add_argument("--no-encode-on-demand", action="store_true",
+                   help="answer 404 for images without features instead of encoding them on a CPU actor")
+    p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
+                   help="local folder tasks' image paths may point into (repeatable); others are refused")
+    p.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="folder for images downloaded from Label Studio to encode on demand "
+                   "(default: label-studio-sdk's cache, ~/.cache/label-studio)")
+    p.add_argument("--basic-auth-user", default=os.environ.get("ML_BACKEND_BASIC_AUTH_USER"),
+                   help="require HTTP basic auth with this user (default: $ML_BACKEND_BASIC_AUTH_USER); "
+                   "the password comes from the environment")
+    p.add_argument("--max-body-mb", type=float, default=64.0,
+                   help="largest request body accepted, in MiB (default: %(default)s)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="times Ray restarts a serving actor that died (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="level of the JSON logs on stderr; debug also logs /health calls (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
+        return 2
+    if args.checkpoint is None and args.variant is None:
+        print("error: without --checkpoint, name the --variant of the random init jobs/encode.py used",
+              file=sys.stderr)
+        return 2
+    if args.actors < 1:
+        print("error: --actors must be at least 1", file=sys.stderr)
+        return 2
+    password = next((os.environ[k] for k in AUTH_PASS_ENV if os.environ.get(k)), None)
+    if args.basic_auth_user and not password:
+        print(f"error: --basic-auth-user needs the password in ${AUTH_PASS_ENV[0]}", file=sys.stderr)
+        return 2
+
+    import ray
+    import uvicorn
+
+    # Ray starts its workers at niceness 15 (batch work); serving actors answer people, so our local Ray
+    # starts them at 0. (On an existing cluster the actors try to lower their niceness themselves.)
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    # Ray forks its processes in ray.init: start it before lancedb (imported by the engine) starts threads.
+    if args.address:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=True)
+    try:
+        return _serve(args, password)
+    finally:
+        ray.shutdown()
+
+
+def model_version(checkpoint: str | None, variant: str, seed: int = 0) -> str:
+    """`interformer-<variant>-<checkpoint file stem>-<sha256[:8]>` (or `-random-init-seed<N>`): the weights."""
+    from interformer.checkpoint import file_sha256
+
+    if checkpoint is None:
+        return f"interformer-{variant}-random-init-seed{seed}"
+    return f"interformer-{variant}-{Path(checkpoint).stem}-{file_sha256(checkpoint)[:8]}"
+
+
+def _serve(args: argparse.Namespace, password: str | None) -> int:
+    import ray
+    import uvicorn
+
+    from interformer.checkpoint import load_model
+
+    from .actors import ActorPool
+    from .engine import EngineConfig
+    from .images import ImageAccess
+    from .server import ServerSettings, create_app
+
+    variant = args.variant or load_model(args.checkpoint).config.name
+    checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+    cfg = EngineConfig(
+        db=args.db if "://" in args.db else str(Path(args.db).resolve()),  # actors may run in another cwd
+        table=args.table,
+        checkpoint=checkpoint,
+        variant=variant,
+        seed=args.seed,
+        preprocess=PreprocessConfig(max_side=args.max_side),
+        feature_cache=args.feature_cache,
+        sessions=args.sessions,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // args.actors),
+        access=ImageAccess.from_env(tuple(args.allowed_root), args.image_cache),
+    )
+    settings = ServerSettings(
+        model_version=model_version(checkpoint, variant, args.seed),
+        basic_auth_user=args.basic_auth_user,
+        basic_auth_pass=password,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+    )
+    pool = None
+    try:
+        total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        # Rounded down: 3 x 0.667 CPUs would not fit on 2 CPUs, and the last actor would wait forever.
+        actor_cpus = args.actor_cpus or math.floor(total_cpus / (args.actors + 1) * 1000) / 1000
+        pool = ActorPool(cfg, args.actors, actor_cpus, encode_on_demand=not args.no_encode_on_demand,
+                         max_restarts=args.max_restarts, log_level=args.log_level)
+        pool.wait_ready()
+        app = create_app(settings, pool)
+        log_event(log, "serving", url=f"http://{args.host}:{args.port}", model_version=settings.model_version,
+                  table=f"{cfg.db}/{cfg.table}", actors=args.actors, actor_cpus=actor_cpus, threads=cfg.threads,
+                  auth=bool(args.basic_auth_user), label_studio_url=cfg.access.label_studio_url)
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=5)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return 0
