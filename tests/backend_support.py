@@ -6,6 +6,7 @@ masks are neither empty nor full (a plain random init answers all-background, wh
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import socket
 from pathlib import Path
@@ -84,11 +85,22 @@ def encode_into_store(checkpoint: Path, db: Path, table: str, items: list[tuple[
     return predictor.fingerprint
 
 
-def reference_mask(checkpoint: Path, image: np.ndarray, clicks: list[Click], box=None) -> np.ndarray:
-    """The model's mask for `clicks` computed in-process from a fresh encode (the ground truth)."""
-    predictor = Predictor(load_model(checkpoint), device="cpu")
-    session = predictor.session(predictor.encode(image), box=box)
-    mask = session.replay(clicks).mask.copy()
+@functools.lru_cache(maxsize=4)
+def _predictor(checkpoint: str | None, variant: str | None) -> Predictor:
+    """The model as jobs/encode.py and the backend build it (one per checkpoint per test process)."""
+    from pipeline.encoding import EncoderSpec, build_predictor
+
+    return build_predictor(EncoderSpec(checkpoint=checkpoint, variant=variant), device="cpu")
+
+
+def reference_mask(checkpoint: Path | None, db: Path, table: str, image_id: str, clicks: list[Click], box=None,
+                   variant: str | None = None) -> np.ndarray:
+    """The model's mask for `clicks`, computed in this process from the image's stored features."""
+    from pipeline.feature_store import FeatureReader
+
+    predictor = _predictor(str(checkpoint) if checkpoint else None, variant)
+    feats = FeatureReader(str(db), predictor.fingerprint, table=table).get(image_id)
+    mask = predictor.session(feats, box=box).replay(clicks).mask.copy()
     if box is not None:
         left, up, right, bottom = box
         bounded = np.zeros_like(mask)
