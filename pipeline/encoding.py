@@ -1,0 +1,250 @@
+"""The stages of the distributed encode job (jobs/encode.py), as plain callables for Ray Data.
+
+  decode_stage   CPU tasks: read bytes, sha256, decode, check, resize (rows carry the resized RGB pixels)
+  EncoderStage   actor pool: the model is loaded once per actor; batched ViT + SimpleFPN forward
+  write_stage    CPU tasks: write the feature rows as new, uncommitted Lance fragments
+
+Every stage passes bad inputs through as rows with a `reason`, so one bad file never fails a batch.
+The driver commits the fragments (pipeline.feature_store.FeatureStore.commit_fragments): rows
+become visible only in whole, atomic commits, which is what makes a killed run safe to re-run.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from interformer.checkpoint import load_model
+from interformer.config import PreprocessConfig
+from interformer.features import ImageFeatures, ImageGeometry
+from interformer.predictor import Predictor, set_cpu_threads
+from interformer.preprocess import compute_geometry, normalize_and_pad, resize_image
+
+from .feature_store import FEATURE_SCHEMA, EncodedImage, feature_rows, fragment_nbytes, write_feature_fragments
+from .images import ImageDecodeError, decode_image
+from .sources import read_bytes
+
+_ERROR_FIELDS = [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
+
+DECODED_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("content_sha256", pa.string()),
+        pa.field("original_height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("resized_height", pa.int32()),
+        pa.field("resized_width", pa.int32()),
+        pa.field("padded_height", pa.int32()),
+        pa.field("padded_width", pa.int32()),
+        pa.field("scale", pa.float64()),
+        pa.field("pixels", pa.large_binary()),  # resized RGB uint8, row-major (H, W, 3)
+        *_ERROR_FIELDS,
+    ]
+)
+
+ENCODED_SCHEMA = pa.schema(list(FEATURE_SCHEMA) + _ERROR_FIELDS)
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("uri", pa.string()),
+        *_ERROR_FIELDS,
+        pa.field("fragments", pa.list_(pa.string())),  # on the first row of each written batch
+        pa.field("nbytes", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder to build: weights, variant, preprocessing, storage dtype and CPU threads."""
+
+    checkpoint: str | None = None  # None: random initialisation from `seed`
+    variant: str | None = None  # required with no checkpoint; checked against the checkpoint otherwise
+    preprocess: PreprocessConfig = PreprocessConfig()
+    dtype: str = "float16"
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+
+
+def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None) -> Predictor:
+    """Load the model of `spec` into a Predictor. Random weights are drawn from a fixed seed so that every
+    actor of a job (and every later run) builds the same "random-init" encoder."""
+    if spec.checkpoint is None:
+        if spec.variant is None:
+            raise ValueError("with no checkpoint, name the variant to initialise randomly")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = load_model(None, variant=spec.variant)
+    else:
+        model = load_model(spec.checkpoint, variant=spec.variant)
+    return Predictor(model, preprocess=spec.preprocess, device=device)
+
+
+def decode_stage(batch: pa.Table, preprocess: PreprocessConfig) -> pa.Table:
+    """(image_id, uri) rows -> DECODED_SCHEMA rows; unreadable or bad images get a reason instead of pixels."""
+    rows = []
+    for image_id, uri in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist()):
+        row: dict = {"image_id": image_id, "uri": uri}
+        try:
+            data = read_bytes(uri)
+            row["content_sha256"] = hashlib.sha256(data).hexdigest()
+            image = decode_image(data, max_pixels=preprocess.max_pixels)
+        except ImageDecodeError as e:
+            row.update(reason=e.reason, detail=e.detail)
+            rows.append(row)
+            continue
+        geometry = compute_geometry(image.shape[:2], preprocess)
+        row.update(
+            original_height=geometry.original_size[0],
+            original_width=geometry.original_size[1],
+            resized_height=geometry.resized_size[0],
+            resized_width=geometry.resized_size[1],
+            padded_height=geometry.padded_size[0],
+            padded_width=geometry.padded_size[1],
+            scale=float(geometry.scale),
+            pixels=np.ascontiguousarray(resize_image(image, geometry)).tobytes(),
+        )
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+class EncoderStage:
+    """Ray Data actor: builds the encoder once, then encodes batches of decoded rows into feature rows."""
+
+    def __init__(self, spec: EncoderSpec, fingerprint: str):
+        if spec.threads is not None:
+            set_cpu_threads(spec.threads)
+        self.spec = spec
+        self.predictor = build_predictor(spec)
+        if self.predictor.fingerprint != fingerprint:
+            raise RuntimeError(
+                f"this worker built encoder {self.predictor.fingerprint!r}, the job expects {fingerprint!r}: "
+                "is the checkpoint file the same on every node?"
+            )
+        self.fingerprint = fingerprint
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok_mask = pc.is_null(batch.column("reason"))
+        good = batch.filter(ok_mask).to_pylist()
+        bad = batch.filter(pc.invert(ok_mask))
+        items = [
+            EncodedImage(row["image_id"], row["uri"], row["content_sha256"], feats)
+            for row, feats in zip(good, self._encode(good))
+        ]
+        encoded = feature_rows(items, self.fingerprint, self.spec.dtype)
+        encoded = encoded.append_column(_ERROR_FIELDS[0], pa.nulls(encoded.num_rows, pa.string()))
+        encoded = encoded.append_column(_ERROR_FIELDS[1], pa.nulls(encoded.num_rows, pa.string()))
+        failed = pa.Table.from_pylist(
+            [
+                {
+                    **{k: row[k] for k in ("image_id", "uri", "content_sha256", "reason", "detail")},
+                    "fingerprint": self.fingerprint,
+                    "dtype": self.spec.dtype,
+                }
+                for row in bad.select(["image_id", "uri", "content_sha256", "reason", "detail"]).to_pylist()
+            ],
+            schema=ENCODED_SCHEMA,
+        )
+        return pa.concat_tables([encoded.cast(ENCODED_SCHEMA), failed])
+
+    @torch.inference_mode()
+    def _encode(self, rows: list[dict]) -> list[ImageFeatures]:
+        """One forward pass per group of images with the same padded size."""
+        geometries = [
+            ImageGeometry(
+                (r["original_height"], r["original_width"]),
+                (r["resized_height"], r["resized_width"]),
+                (r["padded_height"], r["padded_width"]),
+                r["scale"],
+            )
+            for r in rows
+        ]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(geometries):
+            groups.setdefault(g.padded_size, []).append(i)
+        out: list[ImageFeatures | None] = [None] * len(rows)
+        device = self.predictor.device
+        for padded, idxs in groups.items():
+            tensors = []
+            for i in idxs:
+                h, w = geometries[i].resized_size
+                image = np.frombuffer(rows[i]["pixels"], dtype=np.uint8).reshape(h, w, 3)
+                tensors.append(normalize_and_pad(image, padded))
+            pyramid = self.predictor.model.encode(torch.cat(tensors).to(device))
+            for j, i in enumerate(idxs):
+                out[i] = ImageFeatures(tuple(p[j : j + 1].float().cpu() for p in pyramid), geometries[i])
+        return out  # type: ignore[return-value]
+
+
+def write_stage(batch: pa.Table, uri: str, storage_options: dict | None = None) -> pa.Table:
+    """Write the batch's feature rows as uncommitted fragments; return one RESULT_SCHEMA row per image,
+    the fragment metadata on the first row (the driver commits it)."""
+    ok_mask = pc.is_null(batch.column("reason"))
+    good = batch.filter(ok_mask)
+    fragments = write_feature_fragments(uri, good.select(FEATURE_SCHEMA.names), storage_options)
+    n = batch.num_rows
+    frag_col: list[list[str]] = [[] for _ in range(n)]
+    nbytes = [0] * n
+    if n:
+        frag_col[0] = fragments
+        nbytes[0] = sum(fragment_nbytes(f) for f in fragments)
+    return pa.table(
+        {
+            "image_id": batch.column("image_id"),
+            "uri": batch.column("uri"),
+            "reason": batch.column("reason"),
+            "detail": batch.column("detail"),
+            "fragments": pa.array(frag_col, pa.list_(pa.string())),
+            "nbytes": pa.array(nbytes, pa.int64()),
+        },
+        schema=RESULT_SCHEMA,
+    )
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How the job uses a cluster: the encoder actor pool and the CPUs of the read/write tasks."""
+
+    num_encoders: int
+    cpus_per_encoder: float
+    gpus_per_encoder: float
+    threads_per_encoder: int
+    cpus_per_task: float
+
+
+def plan_resources(
+    total_cpus: float,
+    total_gpus: float,
+    num_encoders: int | None = None,
+    cpus_per_encoder: float | None = None,
+) -> ResourcePlan:
+    """Size the encoder pool. With GPUs: one actor per GPU with one CPU each. CPU only: a quarter of the
+    CPUs (at least one) stays free for the decode and write tasks; an actor pool that takes every CPU
+    leaves Ray Data's read tasks unscheduled and the job hangs without an error."""
+    if total_cpus <= 0:
+        raise ValueError("the Ray cluster has no CPUs")
+    if total_gpus >= 1:
+        n = num_encoders or int(total_gpus)
+        if n > total_gpus:
+            raise ValueError(f"{n} GPU encoders asked for, the cluster has {total_gpus:g} GPUs")
+        cpus = cpus_per_encoder if cpus_per_encoder is not None else max(0.25, min(1.0, (total_cpus - 1) / n))
+        gpus = 1.0
+    else:
+        reserve = max(1.0, 0.25 * total_cpus) if total_cpus >= 2 else total_cpus / 2
+        available = total_cpus - reserve
+        n = num_encoders or max(1, int(available // 4))
+        cpus = cpus_per_encoder if cpus_per_encoder is not None else available / n
+        gpus = 0.0
+    left = total_cpus - n * cpus
+    if left <= 0:
+        raise ValueError(
+            f"{n} encoders x {cpus:g} CPUs take all {total_cpus:g} CPUs of the cluster: Ray Data could not run "
+            "its read tasks and the job would hang; use fewer or smaller encoders"
+        )
+    return ResourcePlan(n, float(cpus), gpus, max(1, int(cpus)), float(min(1.0, left)))
