@@ -25,3 +25,13 @@ def small_model():
 
     torch.manual_seed(0)
     return load_model(None, variant="small", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One real Label Studio server for the whole test session (tests/ls_server.py); stopped at the end."""
+    from ls_server import start_label_studio
+
+    server = start_label_studio(tmp_path_factory.mktemp("label-studio"))
+    yield server
+    server.stop()

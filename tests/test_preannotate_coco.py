@@ -1,0 +1,243 @@
+"""jobs/preannotate.py from a COCO prompt file to a COCO file of masks, on real benchmark images.
+
+Prompts are coarse versions of GrabCut/Berkeley ground truth (tests/preannotate_support.py); features
+come from a real LanceDB table; the first run spreads the images over two workers of a private local
+Ray. Every delivered mask must be the model's own mask for the clicks the report says were made.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from backend_support import encode_into_store, make_checkpoint
+from preannotate_support import SIZE, build_prompt_file
+
+from interformer.clicks import Click
+from pipeline.encoding import EncoderSpec, build_predictor
+from pipeline.feature_store import FeatureReader, FeatureStore
+from pipeline.metrics import iou
+from pipeline.prompts import coco_prompts, decode_rle, read_coco_file
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "preannotate.py"
+
+
+def _load_job():
+    spec = importlib.util.spec_from_file_location("preannotate_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("preannotate")
+    fx = build_prompt_file(tmp)
+    ckpt = make_checkpoint(tmp / "small.pth")
+    encode_into_store(ckpt, tmp / "db", "features",
+                      [(i, str(fx.image_root / i), img) for i, img in fx.images.items() if i != fx.unencoded])
+    prompts = coco_prompts(read_coco_file(str(fx.coco_path)), str(fx.image_root))
+    objects = {int(o.key.split(":")[1]): o for j in prompts.images for o in j.objects}
+    return {"tmp": tmp, "fx": fx, "ckpt": ckpt, "objects": objects, "job": _load_job()}
+
+
+def args(env, run_dir: str, *extra: str) -> list[str]:
+    fx = env["fx"]
+    return ["--coco", str(fx.coco_path), "--image-root", str(fx.image_root), "--db", str(env["tmp"] / "db"),
+            "--checkpoint", str(env["ckpt"]), "--run-dir", str(env["tmp"] / run_dir), "--max-clicks", "4", *extra]
+
+
+def run_inline(env, run_dir: str, *extra: str) -> tuple[int, dict]:
+    rc = env["job"].main(args(env, run_dir, *extra))
+    return rc, json.loads((env["tmp"] / run_dir / "summary.json").read_text())
+
+
+def reference_masks(env):
+    """The model's mask for given clicks, computed here from the stored features (one model for all calls)."""
+    predictor = build_predictor(EncoderSpec(checkpoint=str(env["ckpt"])), device="cpu")
+    reader = FeatureReader(str(env["tmp"] / "db"), predictor.fingerprint)
+
+    def mask(image_id: str, clicks: list[Click], box=None) -> np.ndarray:
+        result = predictor.session(reader.get(image_id), box=box).replay(clicks).mask
+        if box is None:
+            return result
+        left, up, right, bottom = box  # a box prompt's mask is bounded by its region, as in the backend
+        bounded = np.zeros_like(result)
+        bounded[up:bottom, left:right] = result[up:bottom, left:right]
+        return bounded
+
+    return mask
+
+
+def report(env, run_dir: str) -> dict[str, dict]:
+    with open(env["tmp"] / run_dir / "report.csv") as f:
+        return {row["key"]: row for row in csv.DictReader(f)}
+
+
+def ledger_objects(env, run_dir: str) -> dict[str, dict]:
+    out = {}
+    for line in (env["tmp"] / run_dir / "ledger.jsonl").read_text().splitlines():
+        for o in json.loads(line)["result"]["objects"]:
+            out[o["key"]] = o
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(env):
+    """The Ray run (two workers); later tests read its outputs and run again in the same folder."""
+    out = env["tmp"] / "masks.json"
+    cmd = [sys.executable, str(JOB), *args(env, "run", "--coco-out", str(out), "--workers", "2", "--num-cpus", "2")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"out": out, "stdout": done.stdout, "summary": json.loads((env["tmp"] / "run" / "summary.json").read_text())}
+
+
+def test_coco_results_load_and_hold_the_models_masks(env, first_run):
+    from pycocotools.coco import COCO
+
+    fx = env["fx"]
+    coco = COCO(str(first_run["out"]))
+    anns = coco.loadAnns(coco.getAnnIds())
+    good = {k for k in fx.kinds if fx.image_of[k] != fx.unencoded}
+    assert sorted(int(a["source_key"].split(":")[1]) for a in anns) == sorted(good)
+    assert first_run["summary"]["workers"] == 2
+    assert "preannotate summary" in first_run["stdout"]
+    done = ledger_objects(env, "run")
+    reference = reference_masks(env)
+    for a in anns:
+        key = int(a["source_key"].split(":")[1])
+        info = coco.loadImgs(a["image_id"])[0]
+        assert info["file_name"] == fx.image_of[key] and (info["height"], info["width"]) == SIZE
+        mask = coco.annToMask(a).astype(bool)
+        assert mask.shape == SIZE and a["area"] == int(mask.sum())
+        assert a["prompt"] == fx.kinds[key] and a["model_version"].startswith("interformer-small-small-")
+        assert coco.loadCats(a["category_id"])[0]["name"] == ("object", "background_thing", "cat")[
+            {1: 0, 2: 1, 3: 2}[a["category_id"]]]
+        prompt = env["objects"][key]
+        clicks = [Click(*c) for c in done[a["source_key"]]["clicks"]]
+        assert 1 <= len(clicks) == a["clicks"] <= 4
+        if prompt.kind != "mask":
+            assert clicks == list(prompt.clicks)
+        expected = reference(fx.image_of[key], clicks, box=prompt.box)
+        np.testing.assert_array_equal(mask, expected)
+        if prompt.coarse is not None:
+            assert a["iou_prompt"] == pytest.approx(iou(decode_rle(prompt.coarse).astype(np.int8), mask), abs=1e-5)
+        else:
+            assert a["iou_prompt"] is None
+    assert any(0 < coco.annToMask(a).sum() < SIZE[0] * SIZE[1] for a in anns)
+
+
+def test_the_click_simulator_follows_the_coarse_mask(env, first_run):
+    done = ledger_objects(env, "run")
+    for key, obj in env["objects"].items():
+        if obj.kind != "mask" or obj.image_id == env["fx"].unencoded:
+            continue
+        result = done[obj.key]
+        row, col, positive = result["clicks"][0]
+        assert positive == 1 and decode_rle(obj.coarse)[row, col], "the first click lies inside the coarse mask"
+        # it stops at the target IoU (0.9) or after --max-clicks 4, and keeps the best mask seen
+        assert len(result["clicks"]) <= result["steps"] <= 4
+        assert result["steps"] == 4 or result["iou"] >= 0.9
+
+
+def test_every_object_is_reported_with_its_outcome(env, first_run):
+    fx = env["fx"]
+    rows = report(env, "run")
+    for key, reason in fx.bad.items():
+        assert rows[f"coco:{key}"]["reason"] == reason, rows[f"coco:{key}"]
+        assert rows[f"coco:{key}"]["detail"]
+    for key in fx.kinds:
+        row = rows[f"coco:{key}"]
+        if fx.image_of[key] == fx.unencoded:
+            assert (row["status"], row["reason"]) == ("failed", "no_features")
+            assert "--encode-missing" in row["detail"]
+        else:
+            assert row["status"] == "ok" and int(row["clicks"]) >= 1 and float(row["score"]) > 0
+    s = first_run["summary"]
+    assert s["segmented"] == len(fx.kinds) - 2 and s["reasons"]["no_features"] == 3
+    assert "failed" in first_run["stdout"] and "no_features 3" in first_run["stdout"]
+
+
+def test_a_rerun_redoes_only_what_could_not_be_done(env, first_run):
+    before = first_run["out"].read_text()
+    rc, s = run_inline(env, "run", "--coco-out", str(first_run["out"]), "--workers", "0")
+    assert rc == 0
+    assert s["done_before"] == first_run["summary"]["images"] - 2  # the unencoded and the missing image
+    assert s["computed_images"] == 2
+    assert json.loads(first_run["out"].read_text())["annotations"] == json.loads(before)["annotations"]
+
+
+def test_missing_images_are_encoded_on_the_fly_when_asked(env, first_run):
+    fx = env["fx"]
+    out = env["tmp"] / "masks-encoded.json"
+    rc, s = run_inline(env, "run", "--coco-out", str(out), "--workers", "0", "--encode-missing")
+    assert rc == 0 and s["encoded_on_the_fly"] == 1 and s["computed_images"] == 2
+    rows = report(env, "run")
+    assert rows["coco:9006"]["reason"] == "image_unreadable"
+    assert all(rows[f"coco:{k}"]["status"] == "ok" for k in fx.kinds)
+    fp = FeatureStore(str(env["tmp"] / "db"), "features")
+    assert fx.unencoded in fp.existing_ids(s["fingerprint"])
+
+
+def test_results_format_loads_against_the_prompt_file(env, first_run):
+    from pycocotools.coco import COCO
+
+    out = env["tmp"] / "results.json"
+    rc, _ = run_inline(env, "run-results", "--coco-out", str(out), "--coco-format", "results", "--workers", "0",
+                       "--use", "box")
+    assert rc == 0
+    gt = COCO(str(env["fx"].coco_path))
+    dt = gt.loadRes(str(out))
+    anns = dt.loadAnns(dt.getAnnIds())
+    assert anns and all(a["prompt"] == "box" and a["clicks"] == 1 for a in anns)
+    for a in anns:
+        info = gt.loadImgs(a["image_id"])[0]
+        assert dt.annToMask(a).shape == (info["height"], info["width"])
+        assert a["area"] == dt.annToMask(a).sum()
+
+
+def test_a_run_with_other_settings_in_the_same_folder_is_refused(env, first_run):
+    with pytest.raises(SystemExit, match="other settings"):
+        env["job"].main(args(env, "run", "--coco-out", str(env["tmp"] / "x.json"), "--target-iou", "0.5"))
+
+
+def test_a_killed_run_resumes_and_delivers_every_object_once(env):
+    run_dir = env["tmp"] / "killed"
+    out = env["tmp"] / "killed.json"
+    cmd = [sys.executable, str(JOB), *args(env, "killed", "--coco-out", str(out), "--workers", "0",
+                                           "--target-iou", "1.0")]
+    cmd[cmd.index("--max-clicks") + 1] = "20"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = run_dir / "ledger.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ledger.exists() and ledger.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_at_kill = ledger.read_bytes().count(b"\n")
+    assert not out.exists()
+    rc, s = run_inline(env, "killed", "--coco-out", str(out), "--workers", "0", "--target-iou", "1.0",
+                       "--max-clicks", "20")
+    assert rc == 0
+    assert s["done_before"] == done_at_kill and s["computed_images"] == s["images"] - done_at_kill
+    annotations = json.loads(out.read_text())["annotations"]
+    keys = [a["source_key"] for a in annotations]
+    fx = env["fx"]
+    steps = {k: o["steps"] for k, o in ledger_objects(env, "killed").items() if o["status"] == "ok"}
+    assert all(steps[a["source_key"]] == (20 if a["prompt"] == "mask" else len(env["objects"][
+        int(a["source_key"].split(":")[1])].clicks)) for a in annotations)
+    stored = FeatureStore(str(env["tmp"] / "db"), "features").existing_ids(s["fingerprint"])
+    assert sorted(keys) == sorted(f"coco:{k}" for k in fx.kinds if fx.image_of[k] in stored)
