@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
 import lance
-import lancedb
 import numpy as np
 import pyarrow as pa
+import torch
 from lance.fragment import FragmentMetadata, write_fragments
 
 from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry
@@ -161,9 +162,6 @@ def row_to_features(row: dict) -> StoredFeatures:
     dtype = row["dtype"]
     if dtype not in STORAGE_DTYPES:
         raise FeatureStoreError(f"row for {row['image_id']!r} has unknown dtype {dtype!r}")
-    flat = np.frombuffer(row["features"], dtype=STORAGE_DTYPES[dtype])
-    if dtype == "float32":
-        flat = flat.copy()  # from_flat would otherwise wrap the read-only Arrow buffer
     shapes = np.asarray(row["level_shapes"], dtype=np.int64).reshape(-1, 3).tolist()
     geometry = ImageGeometry(
         (row["original_height"], row["original_width"]),
@@ -178,8 +176,26 @@ def row_to_features(row: dict) -> StoredFeatures:
         fingerprint=row["fingerprint"],
         dtype=dtype,
         created_at=row["created_at"],
-        features=ImageFeatures.from_flat(flat, shapes, geometry),
+        features=_unflatten(row["features"], dtype, shapes, geometry),
     )
+
+
+def _unflatten(data, dtype: str, shapes: list[list[int]], geometry: ImageGeometry) -> ImageFeatures:
+    """`ImageFeatures.from_flat` for bytes or an Arrow buffer, converted with torch: one fp32 copy split
+    into per-level views. About 40x faster than numpy's astype here, which makes up most of a fetch."""
+    flat = np.frombuffer(data, dtype=STORAGE_DTYPES[dtype])
+    sizes = [int(np.prod(shp)) for shp in shapes]
+    if sum(sizes) != flat.size:
+        raise FeatureStoreError(f"stored features have {flat.size} values, level shapes {shapes} need {sum(sizes)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only Arrow memory: only read, then copied
+        source = torch.from_numpy(flat)
+    values = source.to(torch.float32, copy=True)
+    levels, offset = [], 0
+    for shp, n in zip(shapes, sizes):
+        levels.append(values[offset : offset + n].view(1, *shp))
+        offset += n
+    return ImageFeatures(tuple(levels), geometry)
 
 
 def write_feature_fragments(uri: str, rows: pa.Table, storage_options: dict | None = None) -> list[str]:
@@ -212,11 +228,14 @@ class FeatureStore:
         self.storage_options = dict(storage_options) if storage_options else None
         self.features_uri = table_uri(root, table)
         self.errors_uri = table_uri(root, table + "_errors")
+        import lancedb  # here, not at module level: readers need only pylance, and lancedb takes seconds to import
+        from lancedb.index import BTree
+
         self._db = lancedb.connect(root, storage_options=self.storage_options)
         self._features = self._open_or_create(table, FEATURE_SCHEMA)
         self._errors = self._open_or_create(table + "_errors", ERROR_SCHEMA)
         if not any(list(idx.columns) == ["image_id"] for idx in self._features.list_indices()):
-            self._features.create_index("image_id", config=lancedb.index.BTree(), replace=False)
+            self._features.create_index("image_id", config=BTree(), replace=False)
 
     def _open_or_create(self, name: str, schema: pa.Schema):
         try:
@@ -354,7 +373,6 @@ class FeatureReader:
         self._ds: lance.LanceDataset | None = None
         self._checked_at = float("-inf")
         self._miss_refreshed_at = float("-inf")
-        self._fp_filter = f"fingerprint = {sql_string(fingerprint)}"
         self._open()
 
     @property
@@ -407,17 +425,24 @@ class FeatureReader:
     def _fetch(self, image_id: str) -> dict | None:
         if self._ds is None:
             return None
-        where = f"image_id = {sql_string(image_id)} AND {self._fp_filter}"
+        # Filtering on image_id alone is answered by the BTREE index in one step; adding the fingerprint to
+        # the SQL filter doubles the fetch time (a two-stage plan). An id has rows for few encoders, so
+        # the fingerprint is checked here.
+        where = f"image_id = {sql_string(image_id)}"
         try:
             table = self._ds.to_table(filter=where)
         except (OSError, ValueError):
             # A file of an old version may have been removed by compaction/cleanup: retry on the latest.
             self.refresh()
             table = self._ds.to_table(filter=where)
-        if table.num_rows == 0:
+        rows = table.select(_META_COLUMNS).to_pylist()
+        mine = [i for i, r in enumerate(rows) if r["fingerprint"] == self.fingerprint]
+        if not mine:
             return None
-        rows = table.to_pylist()
-        return max(rows, key=lambda r: r["created_at"])  # several only if two jobs raced; newest wins
+        newest = max(mine, key=lambda i: rows[i]["created_at"])  # >1 only if two jobs raced
+        row = rows[newest]
+        row["features"] = table.column("features")[newest].as_buffer()  # zero-copy
+        return row
 
     def _miss_message(self, image_id: str) -> str:
         if self._ds is None:
