@@ -85,12 +85,19 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
             response = JSONResponse({"error": "authentication required"}, status_code=401,
                                     headers={"WWW-Authenticate": 'Basic realm="ml-backend"'})
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as e:  # a bug or a broken actor: answer 500 with the reason, keep serving
+                log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+                request.state.fields["error"] = f"{type(e).__name__}: {e}"
+                response = JSONResponse({"error": f"internal error ({type(e).__name__}: {e})"}, status_code=500)
         total = (time.perf_counter() - t0) * 1e3
         fields = request.state.fields
         timing = [f"{k[:-3]};dur={v:.2f}" for k, v in fields.items() if k.endswith("_ms")] + [f"total;dur={total:.2f}"]
         response.headers["Server-Timing"] = ", ".join(timing)
         response.headers["X-Request-Id"] = request_id
+        if "actor" in fields:
+            response.headers["X-Backend-Actor"] = str(fields["actor"])
         level = logging.INFO if response.status_code < 400 else logging.WARNING
         if request.url.path == "/health" and response.status_code == 200:
             level = logging.DEBUG

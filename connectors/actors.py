@@ -1,0 +1,221 @@
+"""CPU Ray actors that serve clicks, and the pool the HTTP server talks to.
+
+- `N` serving actors (`SegmentActor`), each a `SegmentEngine`: the interact part of the model loaded
+  once, the feature table opened once, a bounded LRU of features and the per-region sessions.
+  Requests for one image always go to the same actor, so its features and sessions are warm there;
+  a new image goes to the least busy actor (`StickyRouter`).
+- one encoder actor (`EncoderActor`), an `OnDemandEncoder`, for images that have no features yet.
+- An actor that dies is restarted by Ray (`max_restarts`) and the request is retried once; a
+  restarted actor has lost its sessions, so the retry is a replay from the clicks (same mask).
+
+Only RLE + score + timings come back from an actor, never feature tensors.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+import zlib
+from collections import OrderedDict
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+from .engine import EngineConfig, OnDemandEncoder, SegmentEngine
+from .logs import get_logger, log_event, setup_logging
+from .segment import SegmentError, SegmentRequest, SegmentResult
+
+log = get_logger("actors")
+
+
+def route(key: str, n: int) -> int:
+    """Hash routing of a key to one of n actors (crc32: the same in every process, unlike hash())."""
+    return zlib.crc32(key.encode("utf-8")) % n
+
+
+class StickyRouter:
+    """Image -> actor, fixed at the image's first request; the same image then always goes to the same
+    actor, where its features and sessions are warm.
+
+    Plain hash % N can put the few images being annotated at one moment on the same actor (4 images on
+    2 actors all landed on one in the benchmark) while another idles. A new image therefore goes to the
+    actor with the fewest requests in flight, then the fewest images, then by hash. Assignments are
+    kept for the `capacity` most recently used images.
+    """
+
+    def __init__(self, n: int, capacity: int = 100_000) -> None:
+        self.n = n
+        self.capacity = capacity
+        self.inflight = [0] * n
+        self.images = [0] * n
+        self._assigned: OrderedDict[str, int] = OrderedDict()
+
+    def pick(self, key: str) -> int:
+        index = self._assigned.get(key)
+        if index is None:
+            h = route(key, self.n)
+            index = min(range(self.n), key=lambda i: (self.inflight[i], self.images[i], (i - h) % self.n))
+            self._assigned[key] = index
+            self.images[index] += 1
+            if len(self._assigned) > self.capacity:
+                _, old = self._assigned.popitem(last=False)
+                self.images[old] -= 1
+        else:
+            self._assigned.move_to_end(key)
+        return index
+
+
+def _unwrap(e: RayTaskError) -> BaseException:
+    """The exception an actor method raised, without Ray's wrapper (so SegmentError keeps its status)."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+class _EncoderActor:
+    def __init__(self, cfg: EngineConfig, log_level: str) -> None:
+        setup_logging(log_level)
+        self.encoder = OnDemandEncoder(cfg)
+
+    def encode(self, image_id: str, image_ref: str, task_id: int | None) -> dict:
+        return self.encoder.encode(image_id, image_ref, task_id)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _unnice() -> int:
+    """Run this worker at niceness 0 if allowed (Ray starts workers at 15); returns the niceness in effect."""
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+        except (PermissionError, OSError):
+            break
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+class _SegmentActor:
+    def __init__(self, index: int, cfg: EngineConfig, encoder: Any | None, log_level: str) -> None:
+        setup_logging(log_level)
+        niceness = _unnice()
+        if niceness > 0:
+            log_event(log, "serving actor runs at a lowered priority", level=30, actor=index, niceness=niceness)
+        self.index = index
+        self.engine = SegmentEngine(cfg, self._encode_with(encoder) if encoder is not None else None)
+
+    @staticmethod
+    def _encode_with(encoder: Any):
+        def encode(image_id: str, image_ref: str, task_id: int | None) -> dict:
+            try:
+                return ray.get(encoder.encode.remote(image_id, image_ref, task_id))
+            except RayTaskError as e:
+                raise _unwrap(e) from None
+            except RayActorError as e:
+                raise SegmentError(503, f"the encoder actor is unavailable: {e}") from None
+
+        return encode
+
+    def segment(self, req: SegmentRequest) -> SegmentResult:
+        return dataclasses.replace(self.engine.segment(req), actor=self.index)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+SegmentActor = ray.remote(_SegmentActor)
+EncoderActor = ray.remote(_EncoderActor)
+
+
+class ActorPool:
+    """The `Segmenter` of the server: N serving actors + 1 encoder actor on a (local or remote) Ray."""
+
+    def __init__(self, cfg: EngineConfig, num_actors: int = 2, actor_cpus: float = 0.5,
+                 encode_on_demand: bool = True, max_restarts: int = 3, log_level: str = "info",
+                 restart_timeout_s: float = 120.0) -> None:
+        if num_actors < 1:
+            raise ValueError(f"need at least one serving actor, got {num_actors}")
+        self.cfg = cfg
+        self.num_actors = num_actors
+        self.max_restarts = max_restarts
+        self.restart_timeout_s = restart_timeout_s
+        # Idle OpenMP threads sleep instead of spinning: spinning threads of several actors (and other
+        # processes) on a few cores turn a 100 ms click step into seconds.
+        opts = dict(num_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=0,
+                    runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+        self.encoder = (EncoderActor.options(**opts).remote(cfg, log_level) if encode_on_demand else None)
+        self.actors = [SegmentActor.options(**opts).remote(i, cfg, self.encoder, log_level)
+                       for i in range(num_actors)]
+        self.router = StickyRouter(num_actors)
+        self._ready = False
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def wait_ready(self, timeout_s: float = 300.0) -> dict[str, Any]:
+        """Block until every actor has loaded its model and opened the table; raises on failure."""
+        t0 = time.perf_counter()
+        handles = self.actors + ([self.encoder] if self.encoder is not None else [])
+        try:
+            pids = ray.get([h.ping.remote() for h in handles], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"serving actors did not start within {timeout_s:.0f} s: not enough free CPUs in the Ray "
+                f"cluster for {len(handles)} actors, or a slow model load"
+            ) from None
+        except (RayActorError, RayTaskError) as e:
+            raise RuntimeError(f"a serving actor failed to start: {e}") from None
+        self._ready = True
+        info = {"actors": self.num_actors, "pids": pids, "startup_s": round(time.perf_counter() - t0, 2)}
+        log_event(log, "actors ready", **info)
+        return info
+
+    async def segment(self, req: SegmentRequest) -> SegmentResult:
+        """Run on the image's actor; if that actor died, retry once on its restarted incarnation."""
+        index = self.router.pick(req.route_key)
+        self.router.inflight[index] += 1
+        try:
+            return await self._segment_on(index, req)
+        finally:
+            self.router.inflight[index] -= 1
+
+    async def _segment_on(self, index: int, req: SegmentRequest) -> SegmentResult:
+        actor = self.actors[index]
+        for attempt in (1, 2):
+            try:
+                return await actor.segment.remote(req)
+            except RayTaskError as e:
+                cause = _unwrap(e)
+                if isinstance(cause, SegmentError):
+                    raise cause from None
+                raise SegmentError(500, f"actor {index} failed: {type(cause).__name__}: {cause}") from None
+            except RayActorError as e:
+                if attempt == 2:
+                    raise SegmentError(503, f"actor {index} failed twice for this request: {e}") from None
+                log_event(log, "actor died, retrying once", level=30, actor=index, error=str(e)[:300])
+                await self._until_alive(index)
+        raise AssertionError("unreachable")
+
+    async def _until_alive(self, index: int) -> None:
+        """Wait (bounded) while Ray restarts actor `index`: calls meanwhile fail as 'unavailable'."""
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:
+            try:
+                await self.actors[index].ping.remote()
+                return
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise SegmentError(503, f"actor {index} did not come back within "
+                                            f"{self.restart_timeout_s:.0f} s") from None
+                await asyncio.sleep(0.1)
+            except RayActorError as e:  # died for good (restarts used up)
+                raise SegmentError(503, f"actor {index} is dead: {e}") from None
+
+    def shutdown(self) -> None:
+        """Kill the actors (no restart)."""
+        for h in self.actors + ([self.encoder] if self.encoder is not None else []):
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self._ready = False

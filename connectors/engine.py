@@ -1,0 +1,272 @@
+"""What a serving process does with one region's clicks: features by id -> interact -> brush RLE.
+
+`SegmentEngine` is the body of a CPU serving actor. It loads the interact part of the model once,
+opens the feature table once, keeps a bounded LRU of decoded features and the per-region sessions,
+and answers a `SegmentRequest` with RLE + score only. `OnDemandEncoder` is the body of the encoder
+actor: it fetches an image that has no features yet (only from allowed sources, see images.py),
+encodes it on CPU and stores the row, so that the engine can answer, slower, instead of failing.
+Both are plain classes so that they run the same inside Ray actors and in-process.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import lance
+import numpy as np
+
+from interformer.config import PreprocessConfig
+from interformer.features import ImageFeatures
+from interformer.predictor import Predictor, set_cpu_threads
+from pipeline.encoding import EncoderSpec, build_predictor
+from pipeline.feature_store import (
+    EncodedImage,
+    FeatureReader,
+    FeatureStore,
+    UnknownImageError,
+    feature_rows,
+    sql_string,
+    table_uri,
+)
+from pipeline.images import ImageDecodeError, decode_image
+
+from .images import ImageAccess, ImageAccessError, fetch_image_path
+from .logs import get_logger, log_event
+from .rle import mask_to_rle
+from .segment import SegmentError, SegmentRequest, SegmentResult
+from .sessions import SessionStore
+
+log = get_logger("engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a serving or encoder actor needs; built once by the command line."""
+
+    db: str  # LanceDB root holding the feature table
+    table: str
+    checkpoint: str | None  # None: the seeded random init jobs/encode.py builds without a checkpoint
+    variant: str | None = None  # checked against the checkpoint when given; required without one
+    seed: int = 0  # of the random init (no checkpoint), as jobs/encode.py --seed
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    feature_cache: int = 32  # images whose decoded features an actor keeps in memory
+    sessions: int = 64  # interactive sessions an actor keeps (each holds its image's features)
+    threads: int = 1  # torch intra-op threads per actor
+    access: ImageAccess = field(default_factory=ImageAccess)  # where on-demand encoding may read images
+
+
+def _load_predictor(cfg: EngineConfig, interact_only: bool) -> Predictor:
+    """The model exactly as jobs/encode.py builds it (same weights, same fingerprint), on CPU."""
+    spec = EncoderSpec(checkpoint=cfg.checkpoint, variant=cfg.variant, preprocess=cfg.preprocess, seed=cfg.seed,
+                       threads=cfg.threads)
+    set_cpu_threads(cfg.threads)
+    predictor = build_predictor(spec, device="cpu")
+    if interact_only:
+        # A serving actor never encodes: free the ViT and the training-only auxiliary head.
+        predictor.model.backbone = None
+        predictor.model.auxiliary_head = None
+    return predictor
+
+
+class _LRU:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._d: OrderedDict[str, ImageFeatures] = OrderedDict()
+
+    def get(self, key: str) -> ImageFeatures | None:
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+        return v
+
+    def put(self, key: str, value: ImageFeatures) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+
+
+EncodeMissing = Callable[[str, str, "int | None"], dict]  # (image_id, image_ref, task_id) -> info
+
+
+class SegmentEngine:
+    """Interact part of the model + feature reader + sessions; one per serving actor."""
+
+    def __init__(self, cfg: EngineConfig, encode_missing: EncodeMissing | None = None) -> None:
+        self.cfg = cfg
+        self.predictor = _load_predictor(cfg, interact_only=True)
+        self.fingerprint = self.predictor.fingerprint
+        self.reader = FeatureReader(cfg.db, self.fingerprint, table=cfg.table)
+        self.features = _LRU(cfg.feature_cache)
+        self.sessions = SessionStore(cfg.sessions)
+        self.encode_missing = encode_missing
+        self._uri_ds: lance.LanceDataset | None = None
+        self._uri_to_id: dict[str, str] = {}
+
+    def segment(self, req: SegmentRequest) -> SegmentResult:
+        """Answer one request; SegmentError (4xx) for requests that cannot be answered."""
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if not req.clicks:
+            raise SegmentError(422, "no clicks to segment")
+        image_id = req.image_id or self._lookup_uri(req.image_ref)
+        feats, on_demand, image_id = self._features(image_id, req, t)
+        t1 = time.perf_counter()
+        if tuple(feats.geometry.original_size) != tuple(req.original_size):
+            raise SegmentError(
+                422,
+                f"Label Studio sizes image {image_id!r} at {req.original_size[1]}x{req.original_size[0]} (WxH) "
+                f"but its features were computed at {feats.geometry.original_size[1]}x"
+                f"{feats.geometry.original_size[0]}: is the task pointing at another file?",
+            )
+        try:
+            outcome = self.sessions.run(
+                (image_id, req.region_key), req.clicks,
+                lambda: self.predictor.session(feats, box=req.box), variant=req.box,
+            )
+        except ValueError as e:  # InvalidClickError and friends
+            raise SegmentError(422, str(e)) from None
+        result = outcome.result
+        mask = result.mask
+        if req.box is not None:
+            left, up, right, bottom = req.box
+            bounded = np.zeros_like(mask)
+            bounded[up:bottom, left:right] = mask[up:bottom, left:right]
+            mask = bounded
+        score = _score(result.margin, feats, mask)
+        t2 = time.perf_counter()
+        rle = mask_to_rle(mask)
+        t3 = time.perf_counter()
+        t.update(interact=(t2 - t1) * 1e3, rle=(t3 - t2) * 1e3, actor_total=(t3 - t0) * 1e3)
+        return SegmentResult(rle=rle, score=score, image_id=image_id, path=outcome.path, steps=outcome.steps,
+                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand)
+
+    def _features(self, image_id: str | None, req: SegmentRequest, t: dict) -> tuple[ImageFeatures, bool, str]:
+        t0 = time.perf_counter()
+        if image_id is not None:
+            feats = self.features.get(image_id)
+            if feats is not None:
+                t["fetch"] = (time.perf_counter() - t0) * 1e3
+                return feats, False, image_id
+            try:
+                feats = self.reader.get(image_id)
+                self.features.put(image_id, feats)
+                t["fetch"] = (time.perf_counter() - t0) * 1e3
+                return feats, False, image_id
+            except UnknownImageError as e:
+                miss = str(e)
+        else:
+            miss = f"image {req.image_ref!r} is not in the feature table"
+        if self.encode_missing is None or not req.image_ref:
+            why = "on-demand encoding is off" if self.encode_missing is None else "the task has no image URL"
+            raise SegmentError(404, f"{miss}; {why}, so it cannot be encoded now")
+        new_id = image_id or req.image_ref
+        log_event(log, "encoding on demand", image_id=new_id, image_ref=req.image_ref, reason=miss)
+        t1 = time.perf_counter()
+        info = self.encode_missing(new_id, req.image_ref, req.task_id)
+        t["encode"] = (time.perf_counter() - t1) * 1e3
+        self.reader.refresh()
+        try:
+            feats = self.reader.get(new_id)
+        except UnknownImageError as e:
+            raise SegmentError(500, f"image {new_id!r} was encoded but cannot be read back: {e}") from None
+        self.features.put(new_id, feats)
+        self.sessions.drop_image(new_id)
+        if not req.image_id:
+            self._uri_to_id[req.image_ref] = new_id
+        t["fetch"] = (time.perf_counter() - t0) * 1e3 - t["encode"]
+        log_event(log, "encoded on demand", image_id=new_id, encode_ms=round(t["encode"], 1), **info)
+        return feats, True, new_id
+
+    def _lookup_uri(self, image_ref: str | None) -> str | None:
+        """Image id of the row whose `uri` is the task's image URL/path (this encoder's rows only)."""
+        if not image_ref:
+            return None
+        if image_ref in self._uri_to_id:
+            return self._uri_to_id[image_ref]
+        where = f"uri = {sql_string(image_ref)} AND fingerprint = {sql_string(self.fingerprint)}"
+        for attempt in range(2):
+            try:
+                if self._uri_ds is None:
+                    self._uri_ds = lance.dataset(table_uri(self.cfg.db, self.cfg.table))
+                elif attempt:
+                    self._uri_ds.checkout_latest()
+                ids = self._uri_ds.to_table(columns=["image_id"], filter=where).column("image_id").to_pylist()
+            except (FileNotFoundError, ValueError, OSError):
+                ids = []
+            if ids:
+                self._uri_to_id[image_ref] = ids[0]
+                return ids[0]
+        return None
+
+
+def _score(margin: np.ndarray, feats: ImageFeatures, mask: np.ndarray) -> float:
+    """Mean foreground probability over the mask, at the network resolution (0 for an empty mask)."""
+    g = feats.geometry
+    h, w = g.resized_size
+    m = margin[:h, :w]
+    if g.resized:
+        pos = m > 0
+    else:
+        pos = mask & (m > 0)
+    if not pos.any():
+        return 0.0
+    return float(np.mean(1.0 / (1.0 + np.exp(-m[pos].astype(np.float64)))))
+
+
+class OnDemandEncoder:
+    """Fetch (allowed sources only), decode, encode on CPU and store images that have no features yet."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.predictor = _load_predictor(cfg, interact_only=False)
+        self.fingerprint = self.predictor.fingerprint
+        self.store = FeatureStore(cfg.db, cfg.table)
+
+    def encode(self, image_id: str, image_ref: str, task_id: int | None = None) -> dict:
+        """Make sure `image_id` has features in the table; returns timings and sizes for the log."""
+        if self.store.dataset().count_rows(
+            f"image_id = {sql_string(image_id)} AND fingerprint = {sql_string(self.fingerprint)}"
+        ):
+            return {"already_stored": True}
+        t0 = time.perf_counter()
+        try:
+            path = fetch_image_path(image_ref, self.cfg.access, task_id)
+            data = path.read_bytes()
+            image = decode_image(data, self.cfg.preprocess.max_pixels)
+        except ImageAccessError as e:
+            raise SegmentError(404, f"image {image_id!r} has no features and cannot be fetched: {e}") from None
+        except ImageDecodeError as e:
+            raise SegmentError(422, f"image {image_id!r} has no features and is not a usable image: {e}") from None
+        t1 = time.perf_counter()
+        feats = self.predictor.encode(image)
+        t2 = time.perf_counter()
+        item = EncodedImage(image_id, image_ref, hashlib.sha256(data).hexdigest(), feats)
+        self.store.add(feature_rows([item], self.fingerprint))
+        t3 = time.perf_counter()
+        return {"fetch_image_ms": round((t1 - t0) * 1e3, 1), "vit_ms": round((t2 - t1) * 1e3, 1),
+                "store_ms": round((t3 - t2) * 1e3, 1), "height": image.shape[0], "width": image.shape[1]}
+
+
+class InProcessSegmenter:
+    """A `Segmenter` running one engine in this process (worker thread): for tests and comparisons."""
+
+    def __init__(self, cfg: EngineConfig, encode_on_demand: bool = True) -> None:
+        self._encoder = OnDemandEncoder(cfg) if encode_on_demand else None
+        self.engine = SegmentEngine(cfg, self._encoder.encode if self._encoder else None)
+        self._lock = threading.Lock()
+
+    def _run(self, req: SegmentRequest) -> SegmentResult:
+        with self._lock:
+            return self.engine.segment(req)
+
+    async def segment(self, req: SegmentRequest) -> SegmentResult:
+        return await asyncio.to_thread(self._run, req)
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,113 @@
+"""The Ray actor pool: routing by image id, masks equal to the in-process model, restart + retry,
+on-demand encoding in the encoder actor. Runs on a private local Ray."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+from backend_support import encode_into_store, grabcut_images, make_checkpoint, pixel, reference_mask, write_png
+
+from connectors.actors import ActorPool, StickyRouter, route
+from connectors.engine import EngineConfig
+from connectors.images import ImageAccess
+from connectors.rle import rle_to_mask
+from connectors.segment import SegmentError, SegmentRequest
+
+SIZE = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("actors")
+    ckpt = make_checkpoint(tmp / "small.pth")
+    images = grabcut_images(3, SIZE)
+    paths = [write_png(img, tmp / "images" / f"{name}.png") for name, img in images]
+    encode_into_store(ckpt, tmp / "db", "features", [(f"img-{i}", str(p), img)
+                                                      for i, (p, (_, img)) in enumerate(zip(paths[:2], images))])
+    cfg = EngineConfig(db=str(tmp / "db"), table="features", checkpoint=str(ckpt), variant="small", threads=1,
+                       access=ImageAccess(allowed_roots=(str((tmp / "images").resolve()),)))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    p = ActorPool(cfg, num_actors=2, actor_cpus=0.5, max_restarts=2)
+    p.wait_ready(timeout_s=180)
+    yield {"pool": p, "tmp": tmp, "ckpt": ckpt, "paths": paths}
+    p.shutdown()
+    if started:
+        ray.shutdown()
+
+
+def run(pool, req):
+    return asyncio.run(pool.segment(req))
+
+
+def ref(env, image_id, clicks):
+    return reference_mask(env["ckpt"], env["tmp"] / "db", "features", image_id, clicks)
+
+
+def test_routing_keeps_an_image_on_one_actor_and_spreads_new_images():
+    assert route("img-0", 4) == route("img-0", 4)
+    assert len({route(f"img-{i}", 4) for i in range(40)}) == 4
+    router = StickyRouter(2)
+    assert [route(f"bench-{i}", 2) for i in range(4)] == [1, 1, 1, 1]  # plain hashing piles these up
+    first = []
+    for i in range(4):  # four annotators start at once: each first request is still in flight
+        index = router.pick(f"bench-{i}")
+        router.inflight[index] += 1
+        first.append(index)
+    assert sorted(first) == [0, 0, 1, 1]
+    router.inflight = [0, 0]
+    assert [router.pick(f"bench-{i}") for i in range(4)] == first  # later requests: same actor as before
+    router.inflight = [5, 0]  # a busy actor does not take over images it already serves elsewhere
+    assert router.pick("bench-0") == first[0]
+    small = StickyRouter(2, capacity=2)
+    for key in ("a", "b", "c"):
+        small.pick(key)
+    assert sum(small.images) == 2 and "a" not in small._assigned
+
+
+def test_actor_answers_the_models_mask_and_keeps_the_session(pool):
+    p = pool["pool"]
+    clicks = (pixel(50, 50, SIZE), pixel(10, 20, SIZE, False))
+    first = run(p, SegmentRequest(clicks=clicks[:1], original_size=SIZE, image_id="img-0", region_key="r"))
+    second = run(p, SegmentRequest(clicks=clicks, original_size=SIZE, image_id="img-0", region_key="r"))
+    assert first.actor == second.actor
+    assert (first.path, second.path) == ("replay", "step")
+    np.testing.assert_array_equal(rle_to_mask(second.rle, *SIZE), ref(pool, "img-0", list(clicks)))
+    assert second.area == int(ref(pool, "img-0", list(clicks)).sum())
+
+
+def test_a_killed_actor_is_restarted_and_the_request_retried(pool):
+    p = pool["pool"]
+    clicks = (pixel(30, 30, SIZE), pixel(70, 60, SIZE))
+    index = run(p, SegmentRequest(clicks=clicks[:1], original_size=SIZE, image_id="img-1", region_key="k")).actor
+    pid = ray.get(p.actors[index].ping.remote())
+    os.kill(pid, signal.SIGKILL)
+    res = run(p, SegmentRequest(clicks=clicks, original_size=SIZE, image_id="img-1", region_key="k"))
+    assert res.path == "replay"  # the restarted actor lost its sessions
+    assert ray.get(p.actors[index].ping.remote()) != pid
+    np.testing.assert_array_equal(rle_to_mask(res.rle, *SIZE), ref(pool, "img-1", list(clicks)))
+
+
+def test_missing_features_are_encoded_by_the_encoder_actor(pool):
+    p = pool["pool"]
+    path = str(pool["paths"][2])
+    res = run(p, SegmentRequest(clicks=(pixel(50, 50, SIZE),), original_size=SIZE, image_ref=path, region_key="x"))
+    assert res.encoded_on_demand and res.image_id == path and res.timings_ms["encode"] > 0
+    np.testing.assert_array_equal(rle_to_mask(res.rle, *SIZE), ref(pool, path, [pixel(50, 50, SIZE)]))
+    again = run(p, SegmentRequest(clicks=(pixel(50, 50, SIZE),), original_size=SIZE, image_ref=path, region_key="y"))
+    assert not again.encoded_on_demand
+
+
+def test_errors_keep_their_status_across_ray(pool):
+    p = pool["pool"]
+    with pytest.raises(SegmentError) as e:
+        run(p, SegmentRequest(clicks=(pixel(5, 5, SIZE),), original_size=SIZE, image_id="nope", region_key="z"))
+    assert e.value.status == 404 and "'nope' is not in the feature table" in e.value.message
+    with pytest.raises(SegmentError) as e:
+        run(p, SegmentRequest(clicks=(pixel(5, 5, SIZE),), original_size=SIZE, image_ref="/etc/passwd"))
+    assert e.value.status == 404 and "outside the allowed roots" in e.value.message

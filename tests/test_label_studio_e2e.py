@@ -1,0 +1,175 @@
+"""End to end against a real Label Studio 1.23.2 server (its own venv, .ls-venv).
+
+Label Studio is the session's server (the `label_studio` fixture, tests/ls_server.py). Images are encoded
+by jobs/encode.py; our backend is started with `python -m connectors` (local Ray, basic auth); Label
+Studio is told about it through its API and sends the interactive requests itself
+(ml.predict_interactive). The brush masks it hands back must decode to the mask our model gives
+in-process for the same clicks. Also covered: a task whose image has no features (fetched from Label
+Studio's local-files storage and encoded on demand), the batch path (retrieve_tasks_predictions on
+stored keypoints) and the webhook Label Studio registers. The backend started here is stopped here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from backend_support import (
+    LABEL_CONFIG,
+    ROOT,
+    free_port,
+    grabcut_images,
+    keypoint,
+    make_checkpoint,
+    pixel,
+    reference_mask,
+    write_png,
+)
+
+from connectors.rle import rle_to_mask
+
+pytestmark = pytest.mark.slow
+
+SIZE = (64, 96)
+AUTH = ("ls-backend", "pw-" + secrets.token_hex(8))
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, auth=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{url} exited with {proc.returncode} before answering:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=1.0, auth=auth).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def stack(label_studio, tmp_path_factory):
+    """Images in Label Studio's local files, the first two encoded by jobs/encode.py, and our backend."""
+    tmp = tmp_path_factory.mktemp("ls_e2e")
+    storage = label_studio.files_root / f"backend-e2e-{secrets.token_hex(4)}"  # a Local Storage of the project
+    images = grabcut_images(3, SIZE)
+    for name, img in images[:2]:
+        write_png(img, storage / "encoded" / f"{name}.png")
+    write_png(images[2][1], storage / "new" / f"{images[2][0]}.png")  # never encoded: on demand via LS
+    ckpt = make_checkpoint(tmp / "small.pth")
+    logs = {"backend": tmp / "backend.log", "encode": tmp / "encode.log"}
+    with open(logs["encode"], "w") as out:
+        done = subprocess.run([sys.executable, str(ROOT / "jobs" / "encode.py"), str(storage / "encoded"),
+                               "--db", str(tmp / "db"), "--checkpoint", str(ckpt), "--num-cpus", "2"],
+                              cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+    assert done.returncode == 0, logs["encode"].read_text()[-4000:]
+    port = free_port()
+    env = {**os.environ, **label_studio.env(), "ML_BACKEND_BASIC_AUTH_PASS": AUTH[1]}
+    with open(logs["backend"], "w") as out:
+        backend = subprocess.Popen(
+            [sys.executable, "-m", "connectors", "--db", str(tmp / "db"), "--checkpoint", str(ckpt),
+             "--port", str(port), "--actors", "1", "--ray-cpus", "2", "--basic-auth-user", AUTH[0],
+             "--image-cache", str(tmp / "image-cache")],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", backend, logs["backend"], 600, auth=AUTH)
+        yield {"tmp": tmp, "storage": storage, "images": images, "ckpt": ckpt, "logs": logs,
+               "ls": label_studio, "backend_url": f"http://127.0.0.1:{port}"}
+    finally:
+        if backend.poll() is None:
+            backend.send_signal(signal.SIGINT)  # uvicorn stops, then the CLI shuts its Ray down
+            try:
+                backend.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                backend.kill()
+                backend.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def project(stack):
+    client = stack["ls"].client()
+    p = client.projects.create(title="InterFormer e2e", label_config=LABEL_CONFIG)
+    client.import_storage.local.create(project=p.id, path=str(stack["storage"]), title="files", use_blob_urls=True)
+    names = [n for n, _ in stack["images"]]
+    url = f"/data/local-files/?d={stack['storage'].name}/{{}}/{{}}.png"
+    tasks = [{"data": {"image": url.format("encoded", names[0]), "image_id": f"{names[0]}.png"}},
+             {"data": {"image": url.format("encoded", names[1]), "image_id": f"{names[1]}.png"}},
+             {"data": {"image": url.format("new", names[2])}}]
+    ids = client.projects.import_tasks(id=p.id, request=tasks, return_task_ids=True).task_ids
+    ml = client.ml.create(project=p.id, url=stack["backend_url"], title="InterFormer", is_interactive=True,
+                          auth_method="BASIC_AUTH", basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1])
+    return {"client": client, "project": p, "task_ids": ids, "ml": ml, "tasks": tasks}
+
+
+def interactive(project, task_index: int, items: list[dict]) -> dict:
+    raw = project["client"].ml.with_raw_response.predict_interactive(
+        id=project["ml"].id, task=project["task_ids"][task_index], context={"result": items})
+    body = raw.response.json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+def decode(prediction: dict) -> np.ndarray:
+    (region,) = prediction["result"]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["object"]
+    return rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
+
+
+def test_backend_is_connected(project):
+    ml = project["client"].ml.get(id=project["ml"].id)
+    assert ml.state == "CO", ml
+    assert ml.model_version.startswith("interformer-small-small-")
+
+
+def test_interactive_clicks_through_label_studio_give_the_models_masks(stack, project):
+    image_id = f"{stack['images'][0][0]}.png"
+    items, clicks = [], []
+    for n, (x, y, positive) in enumerate([(50, 50, True), (15, 20, False), (75, 60, True)]):
+        items.append(keypoint(x, y, SIZE, positive, item_id=f"e2e{n}"))
+        clicks.append(pixel(x, y, SIZE, positive))
+        prediction = interactive(project, 0, items)
+        expected = reference_mask(stack["ckpt"], stack["tmp"] / "db", "features", image_id, clicks)
+        assert 0 < expected.sum() < expected.size
+        np.testing.assert_array_equal(decode(prediction), expected)
+        assert prediction["model_version"] == project["ml"].model_version
+
+
+def test_an_image_without_features_is_fetched_from_label_studio_and_encoded(stack, project):
+    prediction = interactive(project, 2, [keypoint(40, 40, SIZE, item_id="new")])
+    uri = project["tasks"][2]["data"]["image"]
+    expected = reference_mask(stack["ckpt"], stack["tmp"] / "db", "features", uri, [pixel(40, 40, SIZE)])
+    np.testing.assert_array_equal(decode(prediction), expected)
+    log = stack["logs"]["backend"].read_text()
+    assert '"msg": "encoded on demand"' in log
+
+
+def test_errors_reach_label_studio_instead_of_masks(project):
+    raw = project["client"].ml.with_raw_response.predict_interactive(
+        id=project["ml"].id, task=project["task_ids"][1], context={"result": [keypoint(50, 50, SIZE, label="dog")]})
+    assert "errors" in raw.response.json()
+
+
+def test_batch_predictions_from_stored_keypoints_and_the_webhook(stack, project):
+    client, tid = project["client"], project["task_ids"][1]
+    items = [keypoint(40, 50, SIZE, item_id="s1"), keypoint(80, 20, SIZE, False, item_id="s2")]
+    client.annotations.create(id=tid, result=items)
+    client.actions.create(id="retrieve_tasks_predictions", project=project["project"].id,
+                          selected_items={"all": False, "included": [tid]})
+    preds = [p for p in client.predictions.list(task=tid) if p.model_version == project["ml"].model_version]
+    assert preds, "Label Studio stored no prediction from the backend"
+    expected = reference_mask(stack["ckpt"], stack["tmp"] / "db", "features", f"{stack['images'][1][0]}.png",
+                              [pixel(40, 50, SIZE), pixel(80, 20, SIZE, False)])
+    np.testing.assert_array_equal(decode({"result": [dict(r) for r in preds[-1].result]}), expected)
+    log_lines = [json.loads(line) for line in stack["logs"]["backend"].read_text().splitlines()
+                 if line.startswith("{")]
+    hooks = [r for r in log_lines if r.get("path") == "/webhook"]
+    assert any(r.get("action") == "ANNOTATION_CREATED" and r["status"] == 200 for r in hooks), hooks
