@@ -253,6 +253,12 @@ def run(cfg: JobConfig) -> JobSummary:
     fingerprint = predictor.fingerprint
     del predictor
 
+    if "://" not in cfg.db and not os.path.isabs(cfg.db) and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        _loud(
+            f"WARNING: --db {cfg.db!r} is relative: under `ray job submit` it resolves to {os.path.abspath(cfg.db)}, "
+            "inside the job's temporary copy of the working directory.\nGive an absolute path every node reaches, "
+            "or an object-store URI, to keep the table."
+        )
     store = FeatureStore(cfg.db, cfg.table, storage_options=cfg.storage_options or None)
     summary = JobSummary(fingerprint=fingerprint, table=store.features_uri, random_weights=cfg.encoder.checkpoint is None)
     listing = list_inputs(cfg)
@@ -328,15 +334,23 @@ def _run_pipeline(cfg: JobConfig, store: FeatureStore, fingerprint: str, pending
 
     committer = _Committer(store, fingerprint, summary)
     t0 = time.monotonic()
-    bar = tqdm(total=len(pending), unit="img", desc="encode", disable=None)
+    interactive = sys.stderr.isatty()  # a bar on a terminal; a line every 30 s in `ray job logs` and files
+    bar = tqdm(total=len(pending), unit="img", desc="encode", disable=not interactive)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        last = time.monotonic()
+        last = logged = time.monotonic()
+        done = 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            bar.update(committer.collect(block))
-            if time.monotonic() - last >= cfg.commit_interval:
+            n = committer.collect(block)
+            done += n
+            bar.update(n)
+            now = time.monotonic()
+            if now - last >= cfg.commit_interval:
                 committer.flush()
-                last = time.monotonic()
+                last = now
+            if not interactive and now - logged >= 30:
+                print(f"encode: {done}/{len(pending)} images processed, {done / (now - t0):.2f} images/s", flush=True)
+                logged = now
     except KeyboardInterrupt:
         summary.interrupted = True
         print("\nencode: interrupted; committing the fragments already written", file=sys.stderr, flush=True)
