@@ -234,8 +234,15 @@ class FeatureStore:
         self._db = lancedb.connect(root, storage_options=self.storage_options)
         self._features = self._open_or_create(table, FEATURE_SCHEMA)
         self._errors = self._open_or_create(table + "_errors", ERROR_SCHEMA)
-        if not any(list(idx.columns) == ["image_id"] for idx in self._features.list_indices()):
-            self._features.create_index("image_id", config=BTree(), replace=False)
+        if not self._has_id_index():
+            try:
+                self._features.create_index("image_id", config=BTree(), replace=False)
+            except (RuntimeError, ValueError):  # another process created it in the meantime
+                if not self._has_id_index():
+                    raise
+
+    def _has_id_index(self) -> bool:
+        return any(list(idx.columns) == ["image_id"] for idx in self._features.list_indices())
 
     def _open_or_create(self, name: str, schema: pa.Schema):
         try:
