@@ -92,6 +92,7 @@ class JobConfig:
     coco_format: str = "annotations"
     db: str = DEFAULT_ROOT
     table: str = DEFAULT_TABLE
+    storage_options: dict = field(default_factory=dict)
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     model_version: str | None = None
     policy: ClickPolicy = field(default_factory=ClickPolicy)
@@ -200,6 +201,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     model = p.add_argument_group("model and features")
     model.add_argument("--db", default=DEFAULT_ROOT, help="LanceDB root of the feature table (default: %(default)s)")
     model.add_argument("--table", default=DEFAULT_TABLE, help="feature table name (default: %(default)s)")
+    model.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="storage option for Lance on object stores (e.g. region=us-east-1), as given to "
+                       "jobs/encode.py; repeatable")
     model.add_argument("--checkpoint", help="InterFormer weights, the same file jobs/encode.py used; without it the "
                        "seeded RANDOM initialisation of jobs/encode.py (for trying the pipeline only)")
     model.add_argument("--variant", choices=sorted(CONFIGS),
@@ -264,6 +268,12 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         url_template(a.image_url)
     except ValueError as e:
         p.error(f"--image-url: {e}")
+    options = {}
+    for item in a.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--storage-option expects KEY=VALUE, got {item!r}")
+        options[key] = value
     variant = a.variant or (None if a.checkpoint else "light")
     encoder = EncoderSpec(checkpoint=os.path.abspath(a.checkpoint) if a.checkpoint else None, variant=variant,
                           preprocess=PreprocessConfig(max_side=a.max_side), seed=a.seed)
@@ -272,6 +282,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         ls_url=a.ls_url, ls_prompts=a.ls_prompts, ls_prompt_model_version=a.ls_prompt_model_version,
         ls_brush=a.ls_brush, push=a.push, push_batch=a.push_batch, image_url=a.image_url, coco_out=a.coco_out,
         coco_format=a.coco_format, db=a.db if "://" in a.db else os.path.abspath(a.db), table=a.table,
+        storage_options=options,
         encoder=encoder, model_version=a.model_version, policy=ClickPolicy(a.target_iou, a.max_clicks),
         encode_missing=a.encode_missing, allowed_roots=tuple(a.allowed_root), run_dir=a.run_dir, fresh=a.fresh,
         workers=a.workers, cpus_per_worker=a.cpus_per_worker, address=a.address, num_cpus=a.num_cpus, limit=a.limit,
@@ -297,7 +308,10 @@ def run_info(cfg: JobConfig, fingerprint: str, model_version: str) -> dict:
 
 
 def source_name(cfg: JobConfig) -> str:
-    return os.path.abspath(cfg.coco) if cfg.coco else f"{cfg.ls_url or os.environ.get('LABEL_STUDIO_URL')}#{cfg.ls_project}"
+    """The prompt source: the COCO file (absolute path or URI), or Label Studio URL#project."""
+    if cfg.coco:
+        return cfg.coco if "://" in cfg.coco else os.path.abspath(cfg.coco)
+    return f"{cfg.ls_url or os.environ.get('LABEL_STUDIO_URL')}#{cfg.ls_project}"
 
 
 def prepare_run_dir(cfg: JobConfig, info: dict) -> Path:
@@ -492,7 +506,10 @@ def attach_tasks(cfg: JobConfig, project, jobs: list[ImageJob], model_version: s
 
 
 def start_ray(cfg: JobConfig) -> None:
-    """Join --address or the cluster of a `ray job submit`, else start a private local Ray."""
+    """Join --address or the cluster of a `ray job submit`, else start a private local Ray.
+
+    Workers keep Ray's batch priority (niceness 15, RAY_worker_niceness) so that on shared nodes the
+    interactive backend's actors (niceness 0) win; OpenMP threads wait passively instead of spinning."""
     import ray
 
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
@@ -502,8 +519,18 @@ def start_ray(cfg: JobConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     path = os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": path}}, _metrics_export_port=_free_port())
+    for attempt in range(1, 4):
+        try:
+            env = {"PYTHONPATH": path, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
+                     runtime_env={"env_vars": env}, _metrics_export_port=_free_port())
+            return
+        except Exception as e:  # Ray gives its raylet a fixed 30 s to register: too short on an overloaded host
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 3:
+                raise RayStartError(f"could not start a local Ray: {e}") from None
+            print(f"preannotate: the local Ray did not come up in time (attempt {attempt}); trying again",
+                  file=sys.stderr, flush=True)
 
 
 def _free_port() -> int:
@@ -519,7 +546,8 @@ def worker_spec(cfg: JobConfig, threads: int) -> WorkerSpec:
     if cfg.ls_url and access is not None:
         access = replace(access, label_studio_url=cfg.ls_url.rstrip("/"))
     return WorkerSpec(encoder=cfg.encoder, db=cfg.db, table=cfg.table, policy=cfg.policy,
-                      encode_missing=cfg.encode_missing, threads=threads, image_access=access)
+                      encode_missing=cfg.encode_missing, threads=threads, image_access=access,
+                      storage_options=cfg.storage_options or None)
 
 
 def segment_all(cfg: JobConfig, jobs: list[ImageJob], summary: Summary):
@@ -565,6 +593,10 @@ def segment_all(cfg: JobConfig, jobs: list[ImageJob], summary: Summary):
             ray.shutdown()
     finally:
         bar.close()
+
+
+class RayStartError(RuntimeError):
+    """The private local Ray could not be started."""
 
 
 class WorkerDied(RuntimeError):
@@ -675,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run(cfg)
-    except (PromptFileError, LabelStudioError, LedgerError) as e:
+    except (PromptFileError, LabelStudioError, LedgerError, RayStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)

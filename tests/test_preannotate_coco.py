@@ -241,3 +241,34 @@ def test_a_killed_run_resumes_and_delivers_every_object_once(env):
         int(a["source_key"].split(":")[1])].clicks)) for a in annotations)
     stored = FeatureStore(str(env["tmp"] / "db"), "features").existing_ids(s["fingerprint"])
     assert sorted(keys) == sorted(f"coco:{k}" for k in fx.kinds if fx.image_of[k] in stored)
+
+
+def test_help_explains_every_option_and_bad_combinations_are_refused(env, capsys):
+    job = env["job"]
+    with pytest.raises(SystemExit) as e:
+        job.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--coco", "--ls-project", "--push", "--coco-out", "--target-iou", "--max-clicks", "--encode-missing",
+                   "--workers", "--address", "--run-dir", "--model-version", "--image-url", "--storage-option"):
+        assert option in text
+    refused = [
+        [],  # no prompts
+        ["--coco", "p.json"],  # nothing to write
+        ["--coco", "p.json", "--push"],  # no project to push into
+        ["--ls-project", "3", "--coco-out", "o.json", "--coco-format", "results"],  # LS tasks have no COCO ids
+        ["--coco", "p.json", "--coco-out", "o.json", "--target-iou", "1.5"],
+        ["--coco", "p.json", "--coco-out", "o.json", "--image-url", "/x/{nope}"],
+        ["--coco", "p.json", "--coco-out", "o.json", "--checkpoint", "/does/not/exist.pth"],
+    ]
+    for argv in refused:
+        with pytest.raises(SystemExit) as e:
+            job.parse_args(argv)
+        assert e.value.code == 2, argv
+
+
+def test_a_missing_prompt_file_is_a_clear_error(env, capsys):
+    rc = env["job"].main(["--coco", str(env["tmp"] / "nope.json"), "--coco-out", str(env["tmp"] / "o.json"),
+                          "--db", str(env["tmp"] / "db"), "--checkpoint", str(env["ckpt"]),
+                          "--run-dir", str(env["tmp"] / "nope-run")])
+    assert rc == 2 and "cannot read prompt file" in capsys.readouterr().err
