@@ -92,6 +92,7 @@ def compare_layouts(size: int, rows: int, fetches: int, workdir: str) -> dict[st
     results = {}
     for name, field in layouts.items():
         uri = os.path.join(workdir, f"layout_{len(results)}.lance")
+        shutil.rmtree(uri, ignore_errors=True)
         schema = pa.schema([pa.field("image_id", pa.string()), field])
         for start in range(0, rows, 50):
             arrays = [np.roll(base, i) for i in range(start, min(rows, start + 50))]
