@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,9 +85,9 @@ def _ray_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "ray.scripts.scripts", *args]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head():
-    """A private Ray head on 127.0.0.1 (2 CPUs, free ports, its own temp dir); killed at the end."""
+    """A private Ray head on 127.0.0.1 (2 CPUs, free ports, its own temp dir), for this module's tests only."""
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
     ports = {
         name: _free_port()
@@ -115,6 +116,7 @@ def ray_head():
     yield {"url": url, "gcs": f"127.0.0.1:{ports['port']}", "sid": head.pid}
     _stop_session(head)
     log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop_session(head: subprocess.Popen) -> None:
