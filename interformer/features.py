@@ -122,7 +122,7 @@ class ImageFeatures:
         for shp, n in zip(shapes, sizes):
             arr = flat[offset : offset + n].reshape(1, *[int(v) for v in shp])
             offset += n
-            levels.append(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device))
+            levels.append(torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=torch.float32))
         return cls(tuple(levels), geometry)
 
 
