@@ -90,16 +90,18 @@ class Timing:
     total_s_per_click: float
 
 
-def timing(encode_s: Sequence[float], click_s: Sequence[Sequence[float]], total_s: Sequence[float]) -> Timing:
-    """Aggregate per-sample timings: encode seconds, per-click seconds lists, whole-sample seconds."""
+def timing(
+    encode_s: Sequence[float], click_s: Sequence[Sequence[float | None]], total_s: Sequence[float]
+) -> Timing:
+    """Aggregate per-sample timings: encode seconds, per-click seconds (None: no model call), whole-sample seconds."""
     _require_samples(encode_s)
-    n_clicks = sum(len(c) for c in click_s)
-    if n_clicks == 0:
+    timed = [t for per_sample in click_s for t in per_sample if t is not None]
+    if not timed:
         raise ValueError("no clicks were timed")
     return Timing(
         encode_s_per_image=float(np.mean(encode_s)),
-        interact_s_per_click=float(sum(sum(c) for c in click_s) / n_clicks),
-        total_s_per_click=float(sum(total_s) / n_clicks),
+        interact_s_per_click=float(sum(timed) / len(timed)),
+        total_s_per_click=float(sum(total_s) / len(timed)),
     )
 
 

@@ -73,6 +73,8 @@ def test_timing_splits_encode_and_click_time():
     assert t.encode_s_per_image == pytest.approx(2.0)
     assert t.interact_s_per_click == pytest.approx(0.2)
     assert t.total_s_per_click == pytest.approx(2.0)
+    # None marks a click with no model call (InterFormer protocol with nothing left to correct)
+    assert timing([1.0], [[0.1, None, 0.3]], [1.0]).interact_s_per_click == pytest.approx(0.2)
 
 
 def test_summary_of_a_run():
