@@ -148,8 +148,19 @@ def test_an_image_without_features_is_fetched_from_label_studio_and_encoded(stac
     uri = project["tasks"][2]["data"]["image"]
     expected = reference_mask(stack["ckpt"], stack["tmp"] / "db", "features", uri, [pixel(40, 40, SIZE)])
     np.testing.assert_array_equal(decode(prediction), expected)
-    log = stack["logs"]["backend"].read_text()
-    assert '"msg": "encoded on demand"' in log
+    assert '"encoded_on_demand": true' in wait_for_line(stack["logs"]["backend"], '"encoded_on_demand": true')
+    # The encoder actor's own line reaches the backend's log through Ray's log forwarding, a moment later.
+    assert '"msg": "encoded on demand"' in wait_for_line(stack["logs"]["backend"], '"msg": "encoded on demand"')
+
+
+def wait_for_line(path: Path, needle: str, timeout: float = 30.0) -> str:
+    """The log's text once it holds `needle` (or as it is after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    text = path.read_text()
+    while needle not in text and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text = path.read_text()
+    return text
 
 
 def test_errors_reach_label_studio_instead_of_masks(project):
