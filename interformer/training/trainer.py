@@ -40,7 +40,6 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DDP via ray.train.torch.prepare_model
-    report: Callable[[dict[str, Any]], None] | None = None  # e.g. ray.train.report
     barrier: Callable[[], None] | None = None
     progress: bool = True  # a tqdm bar on rank 0 (off under Ray: the driver shows progress from log.csv)
 
@@ -140,8 +139,6 @@ def run_worker(cfg: TrainConfig, ctx: WorkerContext = WorkerContext(), evaluator
             row["iter"] = done
             if is_main:
                 log.append([row])
-            if ctx.report is not None:
-                ctx.report(row)
             summary["last"] = row
             pending = []
         if done % cfg.checkpoint_interval == 0 or final:
