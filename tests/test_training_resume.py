@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,9 @@ def test_changed_schedule_is_refused(shared_dir, tmp_path):
     run_worker(config(shared_dir, tmp_path, max_iters=2, checkpoint_interval=1))
     with pytest.raises(ValueError, match="max_iters"):
         run_worker(config(shared_dir, tmp_path, max_iters=8))
+    base = config(shared_dir, tmp_path, max_iters=2, checkpoint_interval=1)
+    with pytest.raises(ValueError, match="optim"):
+        run_worker(replace(base, optim=replace(base.optim, lr=base.optim.lr * 2)))
 
 
 def test_killed_job_resumes_from_its_last_checkpoint(shared_dir, tmp_path):

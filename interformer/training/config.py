@@ -110,4 +110,4 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-SCHEDULE_FIELDS = ("max_iters", "batch_size", "num_workers", "seed", "variant", "frozen_backbone")
+SCHEDULE_FIELDS = ("max_iters", "batch_size", "num_workers", "seed", "variant", "frozen_backbone", "optim")
