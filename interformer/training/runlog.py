@@ -98,6 +98,7 @@ class CsvLog:
 def check_resume_config(out_dir: Path, config: dict[str, Any], schedule_fields: Sequence[str]) -> None:
     """Write config.json on the first run; on later runs refuse changed schedule settings."""
     path = out_dir / "config.json"
+    config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
     if path.is_file():
         old = json.loads(path.read_text())
         changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in schedule_fields if old.get(k) != config.get(k)]
