@@ -24,7 +24,14 @@ from interformer.features import ImageFeatures, ImageGeometry
 from interformer.predictor import Predictor, set_cpu_threads
 from interformer.preprocess import compute_geometry, normalize_and_pad, resize_image
 
-from .feature_store import FEATURE_SCHEMA, EncodedImage, feature_rows, fragment_nbytes, write_feature_fragments
+from .feature_store import (
+    FEATURE_SCHEMA,
+    GEOMETRY_FIELDS,
+    EncodedImage,
+    feature_rows,
+    fragment_nbytes,
+    write_feature_fragments,
+)
 from .images import ImageDecodeError, decode_image
 from .sources import read_bytes
 
@@ -35,13 +42,7 @@ DECODED_SCHEMA = pa.schema(
         pa.field("image_id", pa.string()),
         pa.field("uri", pa.string()),
         pa.field("content_sha256", pa.string()),
-        pa.field("original_height", pa.int32()),
-        pa.field("original_width", pa.int32()),
-        pa.field("resized_height", pa.int32()),
-        pa.field("resized_width", pa.int32()),
-        pa.field("padded_height", pa.int32()),
-        pa.field("padded_width", pa.int32()),
-        pa.field("scale", pa.float64()),
+        *GEOMETRY_FIELDS,
         pa.field("pixels", pa.large_binary()),  # resized RGB uint8, row-major (H, W, 3)
         *_ERROR_FIELDS,
     ]

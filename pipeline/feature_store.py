@@ -33,6 +33,17 @@ DEFAULT_TABLE = "features"
 
 _NO_COMPRESSION = {"lance-encoding:compression": "none"}
 
+# Where the features sit in the original image: sizes before and after the resize and the padding.
+GEOMETRY_FIELDS = [
+    pa.field("original_height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("resized_height", pa.int32()),
+    pa.field("resized_width", pa.int32()),
+    pa.field("padded_height", pa.int32()),
+    pa.field("padded_width", pa.int32()),
+    pa.field("scale", pa.float64()),
+]
+
 FEATURE_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -40,13 +51,7 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("content_sha256", pa.string()),
         pa.field("fingerprint", pa.string(), nullable=False),
         pa.field("dtype", pa.string(), nullable=False),
-        pa.field("original_height", pa.int32()),
-        pa.field("original_width", pa.int32()),
-        pa.field("resized_height", pa.int32()),
-        pa.field("resized_width", pa.int32()),
-        pa.field("padded_height", pa.int32()),
-        pa.field("padded_width", pa.int32()),
-        pa.field("scale", pa.float64()),
+        *GEOMETRY_FIELDS,
         pa.field("level_shapes", pa.list_(pa.int32())),  # [C, h, w] of each level, flattened
         pa.field("features", pa.large_binary(), metadata=_NO_COMPRESSION),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
