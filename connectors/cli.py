@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from interformer.checkpoint import model_version
 from interformer.config import CONFIGS, PreprocessConfig
 
 from .logs import get_logger, log_event, setup_logging
@@ -107,15 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, password)
     finally:
         ray.shutdown()
-
-
-def model_version(checkpoint: str | None, variant: str, seed: int = 0) -> str:
-    """`interformer-<variant>-<checkpoint file stem>-<sha256[:8]>` (or `-random-init-seed<N>`): the weights."""
-    from interformer.checkpoint import file_sha256
-
-    if checkpoint is None:
-        return f"interformer-{variant}-random-init-seed{seed}"
-    return f"interformer-{variant}-{Path(checkpoint).stem}-{file_sha256(checkpoint)[:8]}"
 
 
 def _serve(args: argparse.Namespace, password: str | None) -> int:

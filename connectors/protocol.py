@@ -9,7 +9,7 @@ Everything here is pure (no model, no IO) so that each rule can be tested on its
   (top-level `is_positive`, Alt+click gives a negative point) and `rectanglelabels`, both in percent
   of the original image size;
 - a box becomes one positive click at its centre plus a region: the box grown by `BOX_MARGIN` on every
-  side is the zoom-in region of the model's refine stages and bounds the mask (see `box_to_click`).
+  side is the zoom-in region of the model's refine stages and bounds the mask (`pipeline.box_prompt`).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from interformer.clicks import Click, Roi
+from pipeline import box_prompt
+from pipeline.box_prompt import BOX_MARGIN
 
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
-BOX_MARGIN = 0.2  # a box prompt's region: the box grown by this fraction of its size on each side (1.4x,
-# the expand ratio InterFormer's own zoom-in uses around the object)
 MAX_CLICKS = 200  # prompt items per interactive call; InterFormer is evaluated up to 20 clicks
 MAX_LABEL_CONFIG_CHARS = 1_000_000
 
@@ -221,41 +221,11 @@ def percent_to_pixel(pct: float, size: int, what: str) -> int:
 
 
 def box_to_click(value: dict[str, Any], size: tuple[int, int]) -> tuple[Click, Roi]:
-    """A rectangle (percent x, y, width, height) -> a positive click at its centre and a region.
-
-    InterFormer is trained with clicks only, the first one placed deep inside the object, so a box
-    becomes that first click at its centre. Synthetic negative clicks around the box are not added:
-    the model learnt negatives on false-positive regions, not on a fixed pattern of corners, and each
-    would cost an interact step. The box instead gives the region: the box grown by BOX_MARGIN per
-    side (1.4x, InterFormer's zoom-in expand ratio) is the zoom-in region of the refine stages from
-    the first click on, and pixels outside it are background, which stops leaks into neighbouring
-    objects that a centre click alone cannot rule out. Further keypoints refine the mask inside it.
-    """
-    h, w = size
-    for key in ("x", "y", "width", "height"):
-        if key not in value:
-            raise ProtocolError(422, f"rectangle value has no {key!r}")
-    if float(value.get("rotation") or 0.0) != 0.0:
-        raise ProtocolError(422, "rotated rectangles are not supported as prompts")
-    x, y, bw, bh = (value[k] for k in ("x", "y", "width", "height"))
-    for key, v in (("x", x), ("y", y), ("width", bw), ("height", bh)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise ProtocolError(422, f"rectangle {key} must be a number in percent, got {v!r}")
-    if bw <= 0 or bh <= 0:
-        raise ProtocolError(422, f"rectangle has no area (width={bw}, height={bh})")
-    if x < 0 or y < 0 or x + bw > 100.0001 or y + bh > 100.0001:
-        raise ProtocolError(422, f"rectangle x={x} y={y} w={bw} h={bh} (percent) leaves the image")
-    left, top = x * w / 100.0, y * h / 100.0
-    right, bottom = (x + bw) * w / 100.0, (y + bh) * h / 100.0
-    centre = Click(min(int((top + bottom) / 2.0), h - 1), min(int((left + right) / 2.0), w - 1), True)
-    mx, my = BOX_MARGIN * (right - left), BOX_MARGIN * (bottom - top)
-    region = (
-        max(0, int(math.floor(left - mx))),
-        max(0, int(math.floor(top - my))),
-        min(w, int(math.ceil(right + mx))),
-        min(h, int(math.ceil(bottom + my))),
-    )
-    return centre, region
+    """The shared box rule (`pipeline.box_prompt.box_to_click`), a bad rectangle answered with 422."""
+    try:
+        return box_prompt.box_to_click(value, size)
+    except box_prompt.BoxPromptError as e:
+        raise ProtocolError(422, str(e)) from None
 
 
 def _item_label(item: ContextItem) -> str:

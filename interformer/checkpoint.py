@@ -34,6 +34,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def model_version(checkpoint: str | os.PathLike | None, variant: str, seed: int = 0) -> str:
+    """The name predictions carry for these weights: `interformer-<variant>-<file stem>-<sha256[:8]>`, or
+    `interformer-<variant>-random-init-seed<N>`. The backend and bulk pre-annotation use the same name, so
+    neither adds a second prediction of the same weights to a task."""
+    if checkpoint is None:
+        return f"interformer-{variant}-random-init-seed{seed}"
+    return f"interformer-{variant}-{Path(checkpoint).stem}-{file_sha256(checkpoint)[:8]}"
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint file -> (state dict, meta). Clear errors for missing, truncated or foreign files."""
     path = Path(path)

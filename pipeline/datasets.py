@@ -273,20 +273,30 @@ def detect_folder(path: str | Path, ignore_value: int | None = None) -> list[Sam
     )
 
 
+def default_data_root() -> Path:
+    """Where benchmark names (GrabCut, Berkeley, DAVIS) are looked up unless a data root is given: the team's
+    `shared/data` beside the project checkout. The same for every job and from any current folder."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
 def resolve(
     spec: str,
-    data_root: str | Path,
+    data_root: str | Path | None = None,
     coco_images: str | Path | None = None,
     ignore_value: int | None = None,
     min_area: float = 0.0,
     include_crowd: bool = False,
+    root_option: str = "--data-root",
 ) -> list[SampleRef]:
-    """Samples for a dataset given by benchmark name (under `data_root`), folder path or COCO .json file."""
+    """Samples for a dataset given by benchmark name (under `data_root`, default `default_data_root()`),
+    folder path or COCO .json file. `root_option` names the caller's data-root option in errors."""
     key = spec.lower()
     if key in BENCHMARKS and not Path(spec).exists():
-        folder = Path(data_root) / {"grabcut": "GrabCut", "berkeley": "Berkeley", "davis": "DAVIS"}[key]
+        root = Path(data_root) if data_root is not None else default_data_root()
+        folder = root / {"grabcut": "GrabCut", "berkeley": "Berkeley", "davis": "DAVIS"}[key]
         if not folder.is_dir():
-            raise DatasetError(f"benchmark {spec} not found: {folder} does not exist (set --data-root)")
+            raise DatasetError(f"benchmark {spec} not found: {folder} does not exist (give the folder that holds "
+                               f"GrabCut/, Berkeley/ and DAVIS/ with {root_option})")
         return BENCHMARKS[key](folder)
     path = Path(spec)
     if path.suffix.lower() == ".json":

@@ -3,7 +3,7 @@
 A prompt is one of
   box     a bounding box -> one positive click at its centre and the box grown by 20 % as the zoom-in
           region and mask bound, exactly as the Label Studio backend treats a rectangle
-          (`connectors.protocol.box_to_click`);
+          (`pipeline.box_prompt`);
   mask    a coarse mask or polygon -> clicks from the RITM click simulator against it, until a target
           IoU or a click budget (see pipeline.preannotation);
   points  given clicks (row, col, positive) in original-image pixels.
@@ -26,6 +26,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from interformer.clicks import Click, Roi
+
+from .box_prompt import BoxPromptError, box_to_click
 
 PROMPT_KINDS = ("box", "mask", "points")
 USE_CHOICES = ("auto", *PROMPT_KINDS)
@@ -179,15 +181,13 @@ def clip_box(bbox: Sequence[float], size: tuple[int, int]) -> tuple[tuple[float,
 
 def box_prompt(bbox: Sequence[float], size: tuple[int, int]) -> tuple[Click, Roi]:
     """A pixel box [x, y, w, h] inside the image -> the backend's centre click and region."""
-    from connectors.protocol import ProtocolError, box_to_click
-
     h, w = size
     x, y, bw, bh = bbox
     value = {"x": 100.0 * x / w, "y": 100.0 * y / h, "width": 100.0 * bw / w, "height": 100.0 * bh / h}
     try:
         return box_to_click(value, size)
-    except ProtocolError as e:
-        raise PromptError(DEGENERATE_BOX, e.message) from None
+    except BoxPromptError as e:
+        raise PromptError(DEGENERATE_BOX, str(e)) from None
 
 
 def polygons_to_rle(polygons: Any, size: tuple[int, int]) -> tuple[dict, bool]:

@@ -37,6 +37,9 @@ class TrainConfig:
     cpus_per_worker: int = field(default=1, metadata={"help": "CPUs (and torch threads) per Ray Train worker"})
     loader_workers: int = field(default=2, metadata={"help": "data-loading processes per worker (0: in the worker)"})
     seed: int = field(default=42, metadata={"help": "seed of every random choice (data order, crops, clicks)"})
+    deterministic: bool = field(default=False, metadata={
+        "help": "bit-identical runs: one torch thread per worker and torch's deterministic algorithms (slower on "
+                "multi-core CPUs); without it a resumed run equals an uninterrupted one only with 1 CPU per worker"})
     frozen_backbone: bool = field(default=False, metadata={
         "help": "train only I-MSA and the heads; the ViT + SimpleFPN stay fixed"})
     freeze_bn: bool = field(default=False, metadata={
@@ -53,7 +56,9 @@ class TrainConfig:
     log_interval: int = field(default=50, metadata={"help": "write a log.csv row every N iterations (averages)"})
     eval_data: str | None = field(default=None, metadata={
         "help": "held-out set for NoC evaluation: a benchmark name (grabcut, berkeley, davis), folder or COCO json"})
-    eval_data_root: str = field(default="../shared/data", metadata={"help": "where benchmark names are found"})
+    eval_data_root: str | None = field(default=None, metadata={
+        "help": "folder holding GrabCut/, Berkeley/, DAVIS/ for benchmark names; default: the shared/data beside "
+                "the project checkout, whatever the current folder (as interformer-evaluate --data-root)"})
     eval_interval: int = field(default=0, metadata={"help": "evaluate NoC every N iterations (0: never)"})
     eval_max_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N samples only"})
     eval_protocol: str = field(default="interformer", metadata={

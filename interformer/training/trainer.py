@@ -9,6 +9,7 @@ the killed one would have been.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,6 +25,7 @@ from .data import ConcatSource, TrainSource
 from .init import initial_model
 from .optim import build_optimizer, set_lr
 from .plot import plot_loss
+from .run_lock import RunFolderLock
 from .runlog import (EVAL_FIELDS, LOG_FIELDS, CsvLog, check_resume_config, list_checkpoints,
                      load_training_checkpoint, save_training_checkpoint)
 from .step import TrainForward, training_step
@@ -42,6 +44,7 @@ class WorkerContext:
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DDP via ray.train.torch.prepare_model
     barrier: Callable[[], None] | None = None
     progress: bool = True  # a tqdm bar on rank 0 (off under Ray: the driver shows progress from log.csv)
+    lock_wait_s: float = 0.0  # how long rank 0 waits for an earlier writer of the run folder to exit
 
 
 def iteration_rng(seed: int, rank: int, iteration: int) -> np.random.Generator:
@@ -64,6 +67,24 @@ def _collate_images(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     return [(torch.stack(imgs), torch.stack(labels), None)]
 
 
+@contextmanager
+def torch_settings(cfg: TrainConfig):
+    """Torch threads (`cpus_per_worker`, or 1 with `deterministic`) and deterministic algorithms for the
+    duration of a run; the caller's settings come back afterwards.
+
+    With several intra-op threads, CPU reductions can add in a different order from run to run, so two
+    identical runs drift apart after a few iterations; one thread and deterministic kernels make a run, and a
+    resumed run, bit-identical to any other run of the same settings."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1 if cfg.deterministic else cfg.cpus_per_worker)
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def run_worker(cfg: TrainConfig, ctx: WorkerContext = WorkerContext(), evaluator: Evaluator | None = None,
                sample_stream: torch.utils.data.Dataset | None = None,
                collate: Callable | None = None) -> dict[str, Any]:
@@ -71,7 +92,21 @@ def run_worker(cfg: TrainConfig, ctx: WorkerContext = WorkerContext(), evaluator
 
     `sample_stream`/`collate` replace the image stream (e.g. stored features, which yields pyramids); by
     default samples are augmented images from `cfg.data`. Returns a summary (iterations done, last metrics).
+    Rank 0 holds the run folder's writer lock throughout (RunFolderBusy when another process has it).
     """
+    lock = RunFolderLock(cfg.out_dir) if ctx.rank == 0 else None
+    if lock is not None:
+        lock.acquire(ctx.lock_wait_s)
+    try:
+        with torch_settings(cfg):
+            return _train(cfg, ctx, evaluator, sample_stream, collate)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
+           sample_stream: torch.utils.data.Dataset | None, collate: Callable | None) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     is_main = ctx.rank == 0
     config_dict = cfg.to_dict()

@@ -1,0 +1,161 @@
+"""What a pre-annotation run tells its user: the summary (printed and saved), the per-object CSV report."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .preannotation import ClickPolicy, ImageResult
+from .prompts import Problem
+
+REPORT = "report.csv"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class PreannotateSummary:
+    """What a run did; printed at the end and written to RUN_DIR/summary.json."""
+
+    fingerprint: str
+    model_version: str
+    random_weights: bool
+    source: str
+    run_dir: str
+    images: int = 0
+    objects: int = 0
+    not_usable: int = 0
+    done_before: int = 0
+    delivered_before: int = 0
+    computed_images: int = 0
+    computed_objects: int = 0
+    computed_steps: int = 0  # interact steps (clicks) run by this run's workers
+    worker_cpu_s: float = 0.0  # CPU seconds the workers spent on them (independent of other load)
+    segmented: int = 0
+    failed: int = 0
+    reasons: dict = field(default_factory=dict)
+    mean_clicks: dict = field(default_factory=dict)
+    mean_iou: float | None = None
+    reached_target: str = ""
+    encoded_on_the_fly: int = 0
+    tasks_created: int = 0
+    pushed: int = 0
+    push_failures: list = field(default_factory=list)
+    duplicate_tasks: list = field(default_factory=list)
+    coco_out: str | None = None
+    coco_annotations: int = 0
+    workers: int = 0
+    seconds: float = 0.0
+    startup_s: float = 0.0
+    interrupted: bool = False
+    error: str | None = None  # why the run stopped early (a worker died), when it did
+
+    def count(self, result: ImageResult) -> None:
+        """Add an image this run's workers computed."""
+        self.computed_images += 1
+        self.computed_objects += len(result.objects)
+        self.computed_steps += sum(o.steps for o in result.objects)
+        self.worker_cpu_s += result.cpu_ms / 1e3
+        self.encoded_on_the_fly += int(result.encoded_on_the_fly)
+
+    @property
+    def objects_per_s(self) -> float:
+        """Objects segmented per second once the workers were up (Ray and model start-up excluded)."""
+        busy = self.seconds - self.startup_s
+        return self.computed_objects / busy if busy > 0 else 0.0
+
+    @property
+    def steps_per_s(self) -> float:
+        busy = self.seconds - self.startup_s
+        return self.computed_steps / busy if busy > 0 else 0.0
+
+
+def tally(summary: PreannotateSummary, results: list[ImageResult], problems: list[Problem],
+          policy: ClickPolicy) -> None:
+    """Per-object totals over this run's prompts (earlier runs' results included)."""
+    reasons = Counter(p.reason for p in problems)
+    clicks: dict[str, list[int]] = {}
+    ious = []
+    for r in results:
+        for o in r.objects:
+            if o.ok:
+                summary.segmented += 1
+                clicks.setdefault(o.kind, []).append(len(o.clicks))
+                if o.iou is not None:
+                    ious.append(o.iou)
+            else:
+                reasons[o.reason] += 1
+    summary.failed = sum(reasons.values())
+    summary.reasons = dict(sorted(reasons.items()))
+    summary.mean_clicks = {k: round(sum(v) / len(v), 2) for k, v in sorted(clicks.items())}
+    if ious:
+        summary.mean_iou = round(sum(ious) / len(ious), 4)
+        summary.reached_target = f"{sum(i >= policy.target_iou for i in ious)}/{len(ious)}"
+
+
+REPORT_COLUMNS = ["image_id", "key", "label", "prompt", "status", "reason", "clicks", "steps", "iou_prompt", "score",
+                  "area", "ms", "notes", "detail"]
+
+
+def write_report(path: Path, problems: list[Problem], results: list[ImageResult]) -> None:
+    """One CSV row per object: how it was segmented, or why not."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(REPORT_COLUMNS)
+        for p in problems:
+            w.writerow([p.image_id or "", p.key, p.label or "", "", "not_usable", p.reason, "", "", "", "", "", "", "",
+                        p.detail])
+        for r in sorted(results, key=lambda r: r.key):
+            for o in r.objects:
+                w.writerow([o.image_id, o.key, o.label, o.kind, o.status, o.reason or "", len(o.clicks) if o.ok else "",
+                            o.steps if o.ok else "", "" if o.iou is None else f"{o.iou:.4f}",
+                            "" if o.score is None else f"{o.score:.4f}", o.area if o.ok else "", f"{o.ms:.1f}",
+                            "; ".join(o.notes), (o.detail or "").strip().splitlines()[-1] if o.detail else ""])
+    os.replace(tmp, path)
+
+
+def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
+    lines = ["", "preannotate summary"]
+    lines.append(f"  model        {s.model_version} (features {s.fingerprint})"
+                 + ("   <-- RANDOM WEIGHTS, not for labelling" if s.random_weights else ""))
+    lines.append(f"  prompts      {s.objects} objects on {s.images} images from {s.source}; "
+                 f"{s.not_usable} not usable")
+    lines.append(f"  resumed      {s.done_before} images done in an earlier run, {s.delivered_before} already "
+                 "predicted in Label Studio")
+    lines.append(f"  computed     {s.computed_objects} objects on {s.computed_images} images"
+                 + (f" with {s.workers} workers" if s.workers else " in this process")
+                 + (f", {s.encoded_on_the_fly} images encoded on the fly" if s.encoded_on_the_fly else "")
+                 + ("  (INTERRUPTED: run again to finish)" if s.interrupted else ""))
+    lines.append(f"  segmented    {s.segmented} objects; clicks per object "
+                 + (", ".join(f"{k} {v}" for k, v in s.mean_clicks.items()) or "-"))
+    if s.mean_iou is not None:
+        lines.append(f"  coarse IoU   mean {s.mean_iou:.3f}; target reached by {s.reached_target}")
+    lines.append(f"  failed       {s.failed}" + (" (" + ", ".join(f"{k} {v}" for k, v in s.reasons.items()) + ")"
+                                                 if s.reasons else ""))
+    if s.tasks_created or s.pushed or s.push_failures or s.delivered_before:
+        lines.append(f"  label studio {s.tasks_created} tasks created, {s.pushed} predictions pushed"
+                     + (f", {len(s.push_failures)} refused" if s.push_failures else ""))
+        for f in s.push_failures[:problems_shown]:
+            lines.append(f"      task {f['task']}: {f['error']}")
+    if s.duplicate_tasks:
+        lines.append(f"  note         {len(s.duplicate_tasks)} images have several tasks; the lowest task id is used")
+    if s.coco_out:
+        lines.append(f"  coco         {s.coco_annotations} annotations in {s.coco_out}")
+    lines.append(f"  time         {s.seconds:.1f} s ({s.startup_s:.1f} s starting workers); after start-up "
+                 f"{s.objects_per_s:.2f} objects/s, {s.steps_per_s:.1f} clicks/s")
+    if s.computed_objects:
+        lines.append(f"  cpu          {s.worker_cpu_s:.1f} CPU s in the workers, "
+                     f"{1e3 * s.worker_cpu_s / s.computed_objects:.0f} ms per object")
+    lines.append(f"  report       {Path(s.run_dir) / REPORT} (one row per object)")
+    return "\n".join(lines)
+
+
+def write_summary(summary: PreannotateSummary) -> Path:
+    """RUN_DIR/summary.json: the summary's fields and its two rates."""
+    path = Path(summary.run_dir, SUMMARY)
+    path.write_text(json.dumps({**asdict(summary), "objects_per_s": summary.objects_per_s,
+                                "steps_per_s": summary.steps_per_s}, indent=2) + "\n")
+    return path

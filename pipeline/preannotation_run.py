@@ -1,0 +1,377 @@
+"""A bulk pre-annotation run: prompts -> masks on Ray workers -> a ledger -> COCO file and/or Label Studio.
+
+`run(cfg, label_studio)` reads the prompts (a COCO file, or a Label Studio project), refuses at the start
+whatever could only fail at the end (an output that cannot be written), spreads the images over CPU Ray
+workers (`pipeline.preannotation.PreannotateWorker`) and appends every finished image to
+RUN_DIR/ledger.jsonl, so a killed run resumes where it stopped. RUN_DIR/report.csv lists every object.
+
+Label Studio is reached only through the `LabelStudioLink` the caller passes in
+(`connectors.label_studio_preannotation.ProjectLink`): the pipeline layer never imports `connectors`, and a
+run with COCO prompts and a COCO output needs no Label Studio at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+from interformer.checkpoint import model_version as weights_version
+
+from .coco_output import FORMATS, coco_annotations, coco_results, write_json_atomic
+from .encoding import EncoderSpec, build_predictor
+from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
+from .ledger import Ledger
+from .preannotation import ClickPolicy, ImageResult, PreannotateWorker, WorkerSpec
+from .preannotation_report import REPORT, PreannotateSummary, tally, write_report
+from .prompts import USE_CHOICES, ImageJob, Problem, PromptSet, coco_prompts, read_coco_file
+from .ray_runtime import init_ray
+
+RUN_INFO = "run.json"
+LEDGER = "ledger.jsonl"
+DEFAULT_IMAGE_URL = "/data/local-files/?d={file_name}"
+
+
+@dataclass
+class PreannotateConfig:
+    """Every setting of a run (the command line's options); inconsistent combinations raise ValueError."""
+
+    coco: str | None = None
+    image_root: str | None = None
+    coco_id: str = "file_name"
+    use: str = "auto"
+    ls_project: int | None = None
+    ls_url: str | None = None
+    ls_prompts: str = "annotations"
+    ls_prompt_model_version: str | None = None
+    ls_brush: str | None = None
+    push: bool = False
+    push_batch: int = 50
+    image_url: str = DEFAULT_IMAGE_URL
+    coco_out: str | None = None
+    coco_format: str = "annotations"
+    db: str = DEFAULT_ROOT
+    table: str = DEFAULT_TABLE
+    storage_options: dict = field(default_factory=dict)
+    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+    model_version: str | None = None
+    policy: ClickPolicy = field(default_factory=ClickPolicy)
+    encode_missing: bool = False
+    allowed_roots: tuple[str, ...] = ()
+    run_dir: str | None = None
+    fresh: bool = False
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    address: str | None = None
+    num_cpus: int | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.coco is None and self.ls_project is None:
+            raise ValueError("give the prompts: --coco FILE or --ls-project ID")
+        if self.coco is not None and self.ls_project is not None and not self.push:
+            raise ValueError("--coco with --ls-project: add --push to push the COCO prompts' masks into that project")
+        if not self.coco_out and not self.push:
+            raise ValueError("nothing to write: give --coco-out FILE and/or --push")
+        if self.push and self.ls_project is None:
+            raise ValueError("--push needs --ls-project")
+        if self.coco_format not in FORMATS:
+            raise ValueError(f"--coco-format must be one of {FORMATS}")
+        if self.coco_format == "results" and self.coco is None:
+            raise ValueError("--coco-format results needs COCO prompts (--coco): Label Studio tasks have no COCO ids")
+        if self.coco_out and "://" in self.coco_out:
+            raise ValueError("--coco-out must be a local file")
+        if self.use not in USE_CHOICES:
+            raise ValueError(f"--use must be one of {USE_CHOICES}")
+        if self.ls_prompt_model_version and self.ls_prompts != "predictions":
+            raise ValueError("--ls-prompt-model-version goes with --ls-prompts predictions")
+        if self.push_batch < 1:
+            raise ValueError("--push-batch must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError("--workers must be 0 or more")
+        if self.model_version is not None and ("," in self.model_version or not self.model_version.strip()):
+            raise ValueError("--model-version must be non-empty and contain no comma")
+
+
+@dataclass
+class TaskAttachment:
+    """Jobs matched to their Label Studio tasks, and what the project already holds."""
+
+    jobs: list[ImageJob]
+    delivered: set[str]  # ImageJob.key of the jobs whose task has a prediction of this model version
+    tasks_created: int = 0
+    duplicate_tasks: list[dict] = field(default_factory=list)
+
+
+class PredictionPusher(Protocol):
+    """Buffers finished images as Label Studio predictions and imports them in batches."""
+
+    pushed: int
+    failures: list[dict]
+
+    def add(self, result: ImageResult) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class LabelStudioLink(Protocol):
+    """What a run needs from a Label Studio project (connectors.label_studio_preannotation.ProjectLink)."""
+
+    source: str  # "URL#project", the run's prompt source name
+    image_access: Any  # where workers may fetch task images from (--encode-missing)
+
+    def prompts(self, model_version: str) -> PromptSet: ...
+
+    def keep_project_labels(self, jobs: list[ImageJob]) -> tuple[list[ImageJob], list[Problem]]: ...
+
+    def attach_tasks(self, jobs: list[ImageJob], model_version: str) -> TaskAttachment: ...
+
+    def pusher(self, model_version: str, task_of: dict[str, int]) -> PredictionPusher: ...
+
+
+class OutputError(ValueError):
+    """An output the run could not write at its end; refused before any work."""
+
+
+class RunDirError(ValueError):
+    """The run folder holds a run of other settings, or cannot be created."""
+
+
+class WorkerDied(RuntimeError):
+    """A Ray worker process died mid-run; what finished is in the ledger."""
+
+
+def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> PreannotateSummary:
+    """Prompts -> jobs -> masks on Ray workers (ledger after each image) -> Label Studio and/or COCO."""
+    if cfg.ls_project is not None and label_studio is None:
+        raise ValueError("a run with --ls-project needs its LabelStudioLink")
+    if cfg.encoder.checkpoint is None:
+        _loud(f"WARNING: no --checkpoint given: the {cfg.encoder.variant} model is RANDOMLY INITIALISED "
+              f"(seed {cfg.encoder.seed}).\nIts masks are useless for labelling; use it to try the pipeline only.")
+    predictor = build_predictor(cfg.encoder, device="cpu")  # fails fast on a bad checkpoint; gives the fingerprint
+    fingerprint, variant = predictor.fingerprint, predictor.model.config.name
+    del predictor
+    model_version = cfg.model_version or weights_version(cfg.encoder.checkpoint, variant, cfg.encoder.seed)
+    prompts = (coco_prompts(read_coco_file(cfg.coco), cfg.image_root, cfg.coco_id, cfg.use) if cfg.coco
+               else label_studio.prompts(model_version))
+    jobs, problems = prompts.images, list(prompts.problems)
+    if cfg.push:
+        jobs, dropped = label_studio.keep_project_labels(jobs)
+        problems.extend(dropped)
+    if cfg.limit is not None:
+        jobs = jobs[: cfg.limit]
+    check_outputs(cfg, jobs)
+    source = source_name(cfg, label_studio)
+    run_dir = prepare_run_dir(cfg, run_info(cfg, source, fingerprint, model_version))
+    summary = PreannotateSummary(fingerprint, model_version, cfg.encoder.checkpoint is None, source, str(run_dir),
+                                 images=len(jobs), objects=sum(len(j.objects) for j in jobs),
+                                 not_usable=len(problems))
+    ledger = Ledger(run_dir / LEDGER)
+    done = latest_results(ledger)
+
+    delivered: set[str] = set()
+    if cfg.push:
+        attached = label_studio.attach_tasks(jobs, model_version)
+        jobs, delivered = attached.jobs, attached.delivered
+        summary.tasks_created, summary.duplicate_tasks = attached.tasks_created, attached.duplicate_tasks
+    by_key = {j.key: j for j in jobs}
+    finished = {k for k, j in by_key.items() if k in done and done[k].final and done[k].digest == j.digest()}
+    needs_mask = [j for j in jobs if j.key not in finished and (cfg.coco_out or j.key not in delivered)]
+    summary.done_before = len(finished)
+    summary.delivered_before = len(delivered)
+    print(f"preannotate: {summary.objects} objects on {summary.images} images ({summary.not_usable} prompts not "
+          f"usable); {len(finished)} images done in an earlier run, {len(delivered)} already predicted by "
+          f"{model_version}; {len(needs_mask)} images to segment", flush=True)
+
+    pusher = None
+    if cfg.push:
+        pusher = label_studio.pusher(model_version, {j.key: j.task_id for j in jobs})
+        for key in sorted(finished - delivered):
+            pusher.add(done[key])
+    image_access = label_studio.image_access if label_studio is not None else None
+    t0 = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for result in segment_all(cfg, needs_mask, summary, image_access):
+            ledger.append({"type": "image", "result": result.to_dict()})
+            done[result.key] = result
+            summary.count(result)
+            if pusher is not None and result.key not in delivered and result.final:
+                pusher.add(result)
+    except (KeyboardInterrupt, WorkerDied) as e:
+        summary.interrupted = True
+        summary.error = str(e) or None
+        print(f"\npreannotate: {'stopped: ' + str(e) if str(e) else 'interrupted'}; the finished images are in "
+              "the ledger, run again to resume", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        summary.seconds = time.monotonic() - t0
+        if pusher is not None:
+            pusher.flush()
+            summary.pushed, summary.push_failures = pusher.pushed, list(pusher.failures)
+
+    current = [done[j.key] for j in jobs if j.key in done and done[j.key].digest == j.digest()]
+    if cfg.coco_out and not summary.interrupted:
+        write_coco(cfg, prompts, by_key, current, model_version, summary)
+    tally(summary, current, problems, cfg.policy)
+    write_report(run_dir / REPORT, problems, current)
+    return summary
+
+
+def check_outputs(cfg: PreannotateConfig, jobs: Sequence[ImageJob]) -> None:
+    """Refuse, before any work, an output that could only fail when it is written at the end."""
+    if not cfg.coco_out:
+        return
+    if cfg.coco_format == "results":
+        no_id = [j.image_id for j in jobs if j.source_image_id is None]
+        if no_id:
+            raise OutputError(f"--coco-format results needs integer COCO image ids, and {len(no_id)} of the "
+                              f"{len(jobs)} images of {cfg.coco} have none (e.g. {no_id[0]!r}); write "
+                              "--coco-format annotations instead")
+    out = Path(cfg.coco_out)
+    if out.is_dir():
+        raise OutputError(f"--coco-out {cfg.coco_out!r} is a folder; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--coco-out {cfg.coco_out!r}: cannot create its folder ({e.strerror or e})") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise OutputError(f"--coco-out {cfg.coco_out!r} is not writable")
+
+
+def source_name(cfg: PreannotateConfig, label_studio: LabelStudioLink | None) -> str:
+    """The prompt source: the COCO file (absolute path or URI), or Label Studio URL#project."""
+    if cfg.coco:
+        return cfg.coco if "://" in cfg.coco else os.path.abspath(cfg.coco)
+    return label_studio.source
+
+
+def run_info(cfg: PreannotateConfig, source: str, fingerprint: str, model_version: str) -> dict:
+    """What decides the masks of a run; a run folder holds the results of one such setting only."""
+    return {"source": source, "fingerprint": fingerprint, "model_version": model_version, "use": cfg.use,
+            "coco_id": cfg.coco_id, "ls_prompts": cfg.ls_prompts, "ls_prompt_model_version": cfg.ls_prompt_model_version,
+            "policy": asdict(cfg.policy)}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80] or "run"
+
+
+def prepare_run_dir(cfg: PreannotateConfig, info: dict) -> Path:
+    """Create the run folder, or check that it holds a run of the same setting (--fresh starts over)."""
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    else:
+        stem = Path(cfg.coco).stem if cfg.coco else f"ls-project-{cfg.ls_project}"
+        run_dir = Path("runs") / "preannotate" / _slug(f"{stem}-{info['model_version']}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+    info_path = run_dir / RUN_INFO
+    if cfg.fresh:
+        Ledger(run_dir / LEDGER).clear()
+    elif info_path.exists():
+        old = json.loads(info_path.read_text())
+        if old != info:
+            changed = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
+            raise RunDirError(f"{run_dir} holds a run with other settings (differs in: {', '.join(changed)}); "
+                              "use another --run-dir, or --fresh to start over there")
+    info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return run_dir
+
+
+def latest_results(ledger: Ledger) -> dict[str, ImageResult]:
+    """The newest ledger record of each image job (by ImageJob.key)."""
+    out: dict[str, ImageResult] = {}
+    for rec in ledger.read(repair=True):
+        if rec.get("type") == "image":
+            r = ImageResult.from_dict(rec["result"])
+            out[r.key] = r
+    return out
+
+
+def worker_spec(cfg: PreannotateConfig, threads: int, image_access: Any) -> WorkerSpec:
+    return WorkerSpec(encoder=cfg.encoder, db=cfg.db, table=cfg.table, policy=cfg.policy,
+                      encode_missing=cfg.encode_missing, threads=threads, image_access=image_access,
+                      storage_options=cfg.storage_options or None)
+
+
+def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: PreannotateSummary,
+                image_access: Any = None) -> Iterator[ImageResult]:
+    """Yield an ImageResult per job as workers finish them (unordered), with a progress bar over objects.
+
+    Workers keep Ray's batch priority (niceness 15, RAY_worker_niceness) so that on shared nodes the
+    interactive backend's actors (niceness 0) win."""
+    from tqdm import tqdm
+
+    if not jobs:
+        return
+    t0 = time.monotonic()
+    threads = max(1, int(cfg.cpus_per_worker))
+    spec = worker_spec(cfg, threads, image_access)
+    bar = tqdm(total=sum(len(j.objects) for j in jobs), unit="obj", desc="preannotate", disable=None)
+    try:
+        if cfg.workers == 0:
+            summary.workers = 0
+            worker = PreannotateWorker(spec)
+            summary.startup_s = time.monotonic() - t0
+            for job in jobs:
+                result = worker.run(job)
+                bar.update(len(job.objects))
+                yield result
+            return
+        import ray
+        from ray.util import ActorPool
+
+        init_ray(cfg.address, num_cpus=cfg.num_cpus, log_to_driver=True, job="preannotate")
+        try:
+            cpus = ray.cluster_resources().get("CPU", 1.0)
+            n = cfg.workers or max(1, int(cpus // max(cfg.cpus_per_worker, 1e-3)))
+            n = max(1, min(n, len(jobs)))
+            summary.workers = n
+            actor = ray.remote(PreannotateWorker).options(num_cpus=cfg.cpus_per_worker, max_restarts=0)
+            actors = [actor.remote(spec) for _ in range(n)]
+            ray.get([a.ping.remote() for a in actors])  # model loaded, table opened: the rest is throughput
+            summary.startup_s = time.monotonic() - t0
+            pool = ActorPool(actors)
+            bar.set_description(f"preannotate ({n} workers)")
+            try:
+                for result in pool.map_unordered(lambda a, job: a.run.remote(job), jobs):
+                    bar.update(len(result.objects))
+                    yield result
+            except ray.exceptions.RayActorError as e:  # a worker process died (out of memory, node lost)
+                raise WorkerDied(f"a worker died: {str(e).splitlines()[0][:300]}") from None
+        finally:
+            ray.shutdown()
+    finally:
+        bar.close()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _loud(message: str) -> None:
+    bar = "!" * 78
+    sys.stderr.write(f"\n{bar}\n{message}\n{bar}\n\n")
+    sys.stderr.flush()
+
+
+def write_coco(cfg: PreannotateConfig, prompts: PromptSet, by_key: dict[str, ImageJob], results: list[ImageResult],
+               model_version: str, summary: PreannotateSummary) -> None:
+    if cfg.coco_format == "results":
+        doc = coco_results(results, by_key, model_version)
+        count = len(doc)
+    else:
+        doc = coco_annotations(results, by_key, model_version, prompts.categories or None,
+                               prompts.image_entries or None)
+        count = len(doc["annotations"])
+    write_json_atomic(cfg.coco_out, doc)
+    summary.coco_out = str(cfg.coco_out)
+    summary.coco_annotations = count

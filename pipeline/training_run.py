@@ -1,0 +1,133 @@
+"""A training run with the pipeline's parts: held-out NoC with the evaluation code, samples from the feature table.
+
+The loop and its Ray Train launch live in `interformer.training`; this module gives them the pieces that
+belong to the pipeline (`PIPELINE_HOOKS`), resolves the held-out set with the same data-root rule as
+`interformer-evaluate` (`pipeline.datasets.default_data_root`, whatever the current folder), and joins or
+starts Ray like every other job.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from interformer.training.config import TrainConfig
+from interformer.training.launch import WorkerHooks, run_ray_train
+from interformer.training.launch import run_local as run_in_process
+
+from .datasets import SampleRef, default_data_root, resolve
+from .ray_runtime import init_ray
+
+EVAL_ROOT_OPTION = "--eval-data-root"
+
+
+def with_eval_data(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its held-out data root made explicit (absolute, so that workers anywhere read the same
+    folder), after checking the held-out set can be read: raises DatasetError naming the option to fix."""
+    if cfg.eval_data is None:
+        return cfg
+    if cfg.eval_data_root is None:
+        cfg = replace(cfg, eval_data_root=str(default_data_root()))
+    eval_refs(cfg)
+    return cfg
+
+
+def eval_refs(cfg: TrainConfig) -> list[SampleRef]:
+    refs = resolve(cfg.eval_data, cfg.eval_data_root, root_option=EVAL_ROOT_OPTION)
+    return refs[: cfg.eval_max_samples] if cfg.eval_max_samples is not None else refs
+
+
+def make_evaluator(cfg: TrainConfig, device: torch.device):
+    """NoC on the held-out set with the evaluation job's code (pipeline.evaluation), on a copy of the model."""
+    from tqdm import tqdm
+
+    from interformer.predictor import Predictor
+
+    from .evaluation import EvalConfig, evaluate_ref
+    from .metrics import mean_noc, miou_at
+    from .segmenters import ModelSegmenter
+
+    refs = eval_refs(cfg)
+    econf = EvalConfig(protocol=cfg.eval_protocol, max_clicks=cfg.eval_clicks, seed=cfg.seed)
+
+    def evaluate(model) -> dict[str, Any]:
+        segmenter = ModelSegmenter(Predictor(copy.deepcopy(model), device=device))
+        results = [evaluate_ref(segmenter, r, econf) for r in tqdm(refs, desc="eval", leave=False)]
+        ious = [r.ious for r in results]
+        return {
+            "dataset": cfg.eval_data, "protocol": cfg.eval_protocol, "samples": len(results),
+            "noc85": round(mean_noc(ious, 0.85, cfg.eval_clicks), 4),
+            "noc90": round(mean_noc(ious, 0.90, cfg.eval_clicks), 4),
+            "miou1": round(miou_at(ious, 1), 4),
+            "miou5": round(miou_at(ious, min(5, cfg.eval_clicks)), 4),
+        }
+
+    return evaluate
+
+
+class StoredFeatureFetch:
+    """Opens a FeatureReader on first use (in whichever process reads samples) and fetches pyramids by id."""
+
+    def __init__(self, root: str, table: str, fingerprint: str) -> None:
+        self.root, self.table, self.fingerprint = root, table, fingerprint
+
+    def __call__(self):
+        from .feature_store import FeatureReader
+
+        return FeatureReader(self.root, self.fingerprint, table=self.table).get
+
+
+class FeatureTableError(ValueError):
+    """The feature table holds no features of the model being trained."""
+
+
+def feature_stream(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Any, Any]:
+    """The frozen-backbone sample stream over the feature table (after checking its fingerprint), or
+    (None, None) when the run trains on images."""
+    if not cfg.features:
+        return None, None
+    from interformer.config import PreprocessConfig
+    from interformer.training.feature_stream import FeatureSampleStream, collate_by_size
+    from interformer.training.init import initial_model
+    from interformer.training.trainer import open_sources
+
+    from .feature_store import FeatureStore
+
+    fingerprint = cfg.features_fingerprint
+    if fingerprint is None:
+        torch.manual_seed(cfg.seed)
+        fingerprint = initial_model(cfg.variant, cfg.init)[0].fingerprint(PreprocessConfig())
+    found = FeatureStore(cfg.features, cfg.features_table).fingerprints()
+    if fingerprint not in found:
+        raise FeatureTableError(
+            f"the feature table {cfg.features}/{cfg.features_table} has no features of encoder {fingerprint!r}; it "
+            f"holds {found or 'nothing'} (encode with the same --init, or give --features-fingerprint)")
+    stream = FeatureSampleStream(open_sources(cfg), StoredFeatureFetch(cfg.features, cfg.features_table, fingerprint),
+                                 cfg.augment.crop_size, cfg.seed, rank, world_size)
+    return stream, collate_by_size
+
+
+PIPELINE_HOOKS = WorkerHooks(evaluator=make_evaluator, sample_stream=feature_stream)
+
+
+def run_local(cfg: TrainConfig) -> dict[str, Any]:
+    """Train in this process (no Ray) with the pipeline's evaluator and feature stream."""
+    return run_in_process(with_eval_data(cfg), PIPELINE_HOOKS)
+
+
+def run_on_ray(cfg: TrainConfig, address: str | None, max_failures: int) -> dict[str, str]:
+    """Train with Ray Train on the cluster at `address` (or RAY_ADDRESS), else on a private local Ray sized for
+    the workers; returns the last log.csv row."""
+    import os
+
+    import ray
+
+    cfg = with_eval_data(cfg)
+    init_ray(address, num_cpus=max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker),
+             log_to_driver=False, job="train")
+    try:
+        return run_ray_train(cfg, max_failures, PIPELINE_HOOKS)
+    finally:
+        ray.shutdown()
