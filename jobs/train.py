@@ -30,7 +30,9 @@ prepare_job_process("jobs/train.py")  # before the imports that need the project
 
 from interformer.training.cli import add_dataclass_arguments, build_dataclass  # noqa: E402
 from interformer.training.config import TrainConfig  # noqa: E402
+from interformer.training.launch import TrainingFailed  # noqa: E402
 from interformer.training.run_lock import RunFolderBusy, RunFolderLock  # noqa: E402
+from interformer.training.runlog import ScheduleChanged  # noqa: E402
 from pipeline.datasets import DatasetError  # noqa: E402
 from pipeline.training_run import FeatureTableError, run_local, run_on_ray  # noqa: E402
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             last = f"iterations {summary['start_iter']} -> {summary['end_iter']}; {summary.get('last', {})}"
         else:
             last = run_on_ray(cfg, args.address, args.max_failures)
-    except (RunFolderBusy, DatasetError, FeatureTableError, RayStartError) as e:
+    except (RunFolderBusy, DatasetError, ScheduleChanged, FeatureTableError, RayStartError, TrainingFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[train] done: {last}", flush=True)

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from .datasets import DatasetError, SampleRef, default_data_root, resolve
 from .evaluation import EvalConfig, SampleResult, append_results, pending, read_results
 from .ray_runtime import init_ray
-from .report import Row, format_table, plot_miou, write_csv
+from .report import Row, format_table, plot_miou, summarize_run, write_csv
+from .run_info import changed_settings, record_settings
 from .segmenters import SegmenterSpec
 
 RESULTS = "results.jsonl"
@@ -84,13 +85,10 @@ def prepare_output(out: Path, info: dict[str, Any], overwrite: bool) -> list[Sam
     results_path = out / RESULTS
     if overwrite:
         results_path.unlink(missing_ok=True)
-    elif info_path.exists():
-        old = json.loads(info_path.read_text())
-        if old != info:
-            changed = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
-            raise RunFolderError(f"{out} holds results of a different run (differs in: {', '.join(changed)}); "
-                                 "use another --output or --overwrite")
-    info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    elif changed := changed_settings(info_path, info):
+        raise RunFolderError(f"{out} holds results of a different run (differs in: {', '.join(changed)}); "
+                             "use another --output or --overwrite")
+    record_settings(info_path, info)
     return read_results(results_path, repair=True)
 
 
@@ -171,9 +169,18 @@ def load_run(path: Path) -> tuple[str, list[SampleResult], int]:
     return info.get("name", folder.name), results, max_clicks
 
 
-def is_same_run(path: Path, out: Path) -> bool:
-    """True when `path` (a folder or results file to compare) is the run folder `out` itself."""
-    return path.resolve() in (out.resolve(), (out / RESULTS).resolve())
+def compare_rows(paths: Sequence[Path], this_run: Path | None = None) -> list[Row]:
+    """Summary rows of earlier runs (folders or results files), skipping `this_run` itself; read before a new
+    run starts, so that a wrong path fails at once. Raises RunFolderError."""
+    rows = []
+    for path in paths:
+        if this_run is not None and path.resolve() in (this_run.resolve(), (this_run / RESULTS).resolve()):
+            continue  # summarised as this run
+        try:
+            rows.extend(summarize_run(*load_run(path)))
+        except ValueError as e:
+            raise RunFolderError(f"cannot compare with {path}: {e}") from None
+    return rows
 
 
 def write_reports(rows: list[Row], out: Path, results: list[SampleResult] | None) -> list[Path]:

@@ -11,7 +11,6 @@ run with COCO prompts and a COCO output needs no Label Studio at all.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -31,6 +30,7 @@ from .preannotation import ClickPolicy, ImageResult, PreannotateWorker, WorkerSp
 from .preannotation_report import REPORT, PreannotateSummary, tally, write_report
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptSet, coco_prompts, read_coco_file
 from .ray_runtime import init_ray
+from .run_info import changed_settings, record_settings
 
 RUN_INFO = "run.json"
 LEDGER = "ledger.jsonl"
@@ -276,13 +276,10 @@ def prepare_run_dir(cfg: PreannotateConfig, info: dict) -> Path:
     info_path = run_dir / RUN_INFO
     if cfg.fresh:
         Ledger(run_dir / LEDGER).clear()
-    elif info_path.exists():
-        old = json.loads(info_path.read_text())
-        if old != info:
-            changed = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
-            raise RunDirError(f"{run_dir} holds a run with other settings (differs in: {', '.join(changed)}); "
-                              "use another --run-dir, or --fresh to start over there")
-    info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    elif changed := changed_settings(info_path, info):
+        raise RunDirError(f"{run_dir} holds a run with other settings (differs in: {', '.join(changed)}); "
+                          "use another --run-dir, or --fresh to start over there")
+    record_settings(info_path, info)
     return run_dir
 
 

@@ -8,19 +8,33 @@ starts Ray like every other job.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from interformer.training.config import TrainConfig
+from interformer.training.config import SCHEDULE_FIELDS, TrainConfig
 from interformer.training.launch import WorkerHooks, run_ray_train
 from interformer.training.launch import run_local as run_in_process
+from interformer.training.runlog import refuse_schedule_changes
 
 from .datasets import SampleRef, default_data_root, resolve
 from .ray_runtime import init_ray
 
 EVAL_ROOT_OPTION = "--eval-data-root"
+
+
+def checked_before_start(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its held-out data root made explicit, after the checks that would otherwise fail only once
+    workers run: the held-out set is readable, a resumed run keeps its schedule, the feature table holds
+    this model's features. Raises DatasetError, ScheduleChanged or FeatureTableError."""
+    cfg = with_eval_data(cfg)
+    refuse_schedule_changes(Path(cfg.out_dir), cfg.to_dict(), SCHEDULE_FIELDS)
+    if cfg.features:
+        features_fingerprint(cfg)
+    return cfg
 
 
 def with_eval_data(cfg: TrainConfig) -> TrainConfig:
@@ -83,15 +97,10 @@ class FeatureTableError(ValueError):
     """The feature table holds no features of the model being trained."""
 
 
-def feature_stream(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Any, Any]:
-    """The frozen-backbone sample stream over the feature table (after checking its fingerprint), or
-    (None, None) when the run trains on images."""
-    if not cfg.features:
-        return None, None
+def features_fingerprint(cfg: TrainConfig) -> str:
+    """The encoder fingerprint of the stored features to train on, after checking the table holds it."""
     from interformer.config import PreprocessConfig
-    from interformer.training.feature_stream import FeatureSampleStream, collate_by_size
     from interformer.training.init import initial_model
-    from interformer.training.trainer import open_sources
 
     from .feature_store import FeatureStore
 
@@ -104,8 +113,18 @@ def feature_stream(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Any, A
         raise FeatureTableError(
             f"the feature table {cfg.features}/{cfg.features_table} has no features of encoder {fingerprint!r}; it "
             f"holds {found or 'nothing'} (encode with the same --init, or give --features-fingerprint)")
-    stream = FeatureSampleStream(open_sources(cfg), StoredFeatureFetch(cfg.features, cfg.features_table, fingerprint),
-                                 cfg.augment.crop_size, cfg.seed, rank, world_size)
+    return fingerprint
+
+
+def feature_stream(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Any, Any]:
+    """The frozen-backbone sample stream over the feature table, or (None, None) when the run trains on images."""
+    if not cfg.features:
+        return None, None
+    from interformer.training.feature_stream import FeatureSampleStream, collate_by_size
+    from interformer.training.trainer import open_sources
+
+    fetch = StoredFeatureFetch(cfg.features, cfg.features_table, features_fingerprint(cfg))
+    stream = FeatureSampleStream(open_sources(cfg), fetch, cfg.augment.crop_size, cfg.seed, rank, world_size)
     return stream, collate_by_size
 
 
@@ -114,17 +133,15 @@ PIPELINE_HOOKS = WorkerHooks(evaluator=make_evaluator, sample_stream=feature_str
 
 def run_local(cfg: TrainConfig) -> dict[str, Any]:
     """Train in this process (no Ray) with the pipeline's evaluator and feature stream."""
-    return run_in_process(with_eval_data(cfg), PIPELINE_HOOKS)
+    return run_in_process(checked_before_start(cfg), PIPELINE_HOOKS)
 
 
 def run_on_ray(cfg: TrainConfig, address: str | None, max_failures: int) -> dict[str, str]:
     """Train with Ray Train on the cluster at `address` (or RAY_ADDRESS), else on a private local Ray sized for
     the workers; returns the last log.csv row."""
-    import os
-
     import ray
 
-    cfg = with_eval_data(cfg)
+    cfg = checked_before_start(cfg)
     init_ray(address, num_cpus=max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker),
              log_to_driver=False, job="train")
     try:

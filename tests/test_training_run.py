@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from interformer.training.augment import AugmentConfig
 from interformer.training.config import TrainConfig
-from interformer.training.data import DataSpec
-from interformer.training.optim import OptimConfig
 from interformer.training.run_lock import RunFolderBusy
 from interformer.training.runlog import LOG_FIELDS, CsvLog, list_checkpoints
 from interformer.training.trainer import run_worker
 from pipeline.datasets import DatasetError, default_data_root
+from test_training_resume import config as resume_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = ("import sys; from interformer.training.run_lock import RunFolderLock; lock = RunFolderLock(sys.argv[1]); "
@@ -37,12 +35,8 @@ def _env() -> dict[str, str]:
 
 
 def config(shared_dir: Path, out_dir: Path, **kw) -> TrainConfig:
-    davis = shared_dir / "data/DAVIS"
-    base = dict(out_dir=str(out_dir), data=(DataSpec.parse(f"folder:{davis / 'img'},masks={davis / 'gt'}"),),
-                variant="small", max_iters=6, batch_size=2, loader_workers=0, checkpoint_interval=6, log_interval=1,
-                augment=AugmentConfig(crop_size=64), optim=OptimConfig(lr=1e-3, warmup_iters=2))
-    base.update(kw)
-    return TrainConfig(**base)
+    """The resume test's short run (small model, 64-pixel crops), 6 iterations with one checkpoint at the end."""
+    return resume_config(shared_dir, out_dir, **{"max_iters": 6, "checkpoint_interval": 6, **kw})
 
 
 def test_deterministic_runs_are_bit_identical_with_two_cpus_per_worker(shared_dir, tmp_path):

@@ -21,6 +21,10 @@ from .trainer import Evaluator, WorkerContext, run_worker
 RAY_LOCK_WAIT_S = 60.0  # a restarted Ray Train worker waits this long for its failed predecessor to exit
 
 
+class TrainingFailed(RuntimeError):
+    """Ray Train gave up on the run (a worker raised, or failed more than --max-failures times)."""
+
+
 @dataclass(frozen=True)
 class WorkerHooks:
     """Builders a worker calls with its config: `evaluator(cfg, device)` on rank 0 when cfg.eval_interval is
@@ -92,7 +96,7 @@ def run_ray_train(cfg: TrainConfig, max_failures: int, hooks: WorkerHooks = Work
     with LogProgress(cfg):
         result = trainer.fit()
     if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}")
+        raise TrainingFailed(f"training failed: {result.error}")
     return last_log_row(cfg)
 
 

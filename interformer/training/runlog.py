@@ -95,17 +95,28 @@ class CsvLog:
             f.flush()
 
 
-def check_resume_config(out_dir: Path, config: dict[str, Any], schedule_fields: Sequence[str]) -> None:
-    """Write config.json on the first run; on later runs refuse changed schedule settings."""
+class ScheduleChanged(ValueError):
+    """The run folder holds a run with other schedule settings."""
+
+
+def refuse_schedule_changes(out_dir: Path, config: dict[str, Any], schedule_fields: Sequence[str]) -> None:
+    """Raise ScheduleChanged when a schedule setting differs from the run recorded in out_dir/config.json."""
     path = out_dir / "config.json"
+    if not path.is_file():
+        return
     config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in schedule_fields if old.get(k) != config.get(k)]
-        if changed:
-            raise ValueError(f"{out_dir} holds a run with other schedule settings ({'; '.join(changed)}); "
-                             "resume with the same settings or use a new --out-dir")
+    old = json.loads(path.read_text())
+    changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in schedule_fields if old.get(k) != config.get(k)]
+    if changed:
+        raise ScheduleChanged(f"{out_dir} holds a run with other schedule settings ({'; '.join(changed)}); "
+                              "resume with the same settings or use a new --out-dir")
+
+
+def check_resume_config(out_dir: Path, config: dict[str, Any], schedule_fields: Sequence[str]) -> None:
+    """Write config.json on the first run; on later runs refuse changed schedule settings (ScheduleChanged)."""
+    refuse_schedule_changes(out_dir, config, schedule_fields)
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "config.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
     tmp.replace(path)
