@@ -24,7 +24,7 @@ from pipeline import evaluation_cli  # noqa: E402
 from pipeline.datasets import DatasetError  # noqa: E402
 from pipeline.evaluation_run import (  # noqa: E402
     DatasetSelection, RunFolderError, WorkerPlacement, collect_samples, compare_rows, run_evaluation, write_reports)
-from pipeline.report import format_table, summarize_run  # noqa: E402
+from pipeline.evaluation_report import format_table, summarize_run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

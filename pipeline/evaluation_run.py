@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from .datasets import DatasetError, SampleRef, default_data_root, resolve
 from .evaluation import EvalConfig, SampleResult, append_results, pending, read_results
 from .ray_runtime import init_ray
-from .report import Row, format_table, plot_miou, summarize_run, write_csv
+from .evaluation_report import Row, format_table, plot_miou, summarize_run, write_csv
 from .run_info import changed_settings, record_settings
 from .segmenters import SegmenterSpec
 

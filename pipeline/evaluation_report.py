@@ -1,4 +1,4 @@
-"""Turn per-sample results into what people read: summary rows, a text table, a CSV and an mIoU-vs-clicks plot."""
+"""Evaluation results for people: summary rows, a text table, a CSV and an mIoU-vs-clicks plot."""
 from __future__ import annotations
 
 import csv
