@@ -234,6 +234,8 @@ def check_outputs(cfg: PreannotateConfig, jobs: Sequence[ImageJob]) -> None:
                               f"{len(jobs)} images of {cfg.coco} have none (e.g. {no_id[0]!r}); write "
                               "--coco-format annotations instead")
     out = Path(cfg.coco_out)
+    if cfg.coco and "://" not in cfg.coco and out.resolve() == Path(cfg.coco).resolve():
+        raise OutputError(f"--coco-out {cfg.coco_out!r} is the prompt file itself; write the masks elsewhere")
     if out.is_dir():
         raise OutputError(f"--coco-out {cfg.coco_out!r} is a folder; give a file name")
     try:

@@ -38,15 +38,16 @@ def test_results_format_with_non_integer_image_ids_is_refused_before_any_work(tm
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.json").exists()
 
 
-@pytest.mark.parametrize("case", ["folder", "under_a_file"])
+@pytest.mark.parametrize("case", ["folder", "under_a_file", "the_prompt_file"])
 def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, case):
     coco = prompt_file(tmp_path / "prompts.json", [1, 2])
     (tmp_path / "taken").mkdir()
     (tmp_path / "plain").write_text("")
-    out = {"folder": tmp_path / "taken", "under_a_file": tmp_path / "plain" / "out.json"}[case]
+    prompts_before = coco.read_text()
+    out = {"folder": tmp_path / "taken", "under_a_file": tmp_path / "plain" / "out.json", "the_prompt_file": coco}[case]
     rc = run(tmp_path, coco, str(out))
     assert rc == 2 and "--coco-out" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and coco.read_text() == prompts_before
 
 
 def test_integer_ids_pass_the_check_and_the_run_goes_on(tmp_path, capsys):
