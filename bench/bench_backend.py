@@ -44,6 +44,9 @@ from interformer.checkpoint import load_model, save_checkpoint  # noqa: E402
 from interformer.predictor import Predictor, set_cpu_threads  # noqa: E402
 from pipeline.feature_store import EncodedImage, FeatureReader, FeatureStore, feature_rows  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from results_io import begin, save  # noqa: E402
+
 GRABCUT = ROOT.parent / "shared" / "data" / "GrabCut" / "data_GT"
 LABEL_CONFIG = (
     '<View><Image name="image" value="$image"/>'
@@ -280,6 +283,7 @@ def plot(summary: dict, records: list[dict], levels: list[int], path: Path) -> N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = begin()
     size = tuple(args.size)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.actors)
     out = Path(args.out)
@@ -329,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(summary, records, args.levels, out / "latency.png")
         print_table(summary, args.levels)
         print(f"\nwrote {out / 'results.json'} and {out / 'latency.png'}")
+        save("bench_backend", summary, started)  # the per-request records stay in --out
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGINT)

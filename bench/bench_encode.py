@@ -3,6 +3,7 @@
     python bench/bench_encode.py                         # light variant, 16 images, this machine's CPUs
     python bench/bench_encode.py --variant small --images 32
     python bench/bench_encode.py --skip-job              # only the in-process breakdown
+    python bench/bench_encode.py --latency 512x512 --latency-repeats 4 --images 0 --skip-job   # one-image encode
 
 Inputs are the sample photos (samples/, 451x300 to 640x427) copied to --images files. Two measurements:
   1. in process, stage by stage as the job runs them: read + sha256 + decode + resize (decode_stage),
@@ -10,6 +11,8 @@ Inputs are the sample photos (samples/, 451x300 to 640x427) copied to --images f
      fragment write + commit (write_stage + FeatureStore.commit_fragments);
   2. the whole job, `python jobs/encode.py` on a private local Ray: images/s over the pipeline
      (actor start-up included, Ray start-up excluded) and the wall time of the command.
+  3. (--latency WxH) one image encoded by `Predictor.encode` again and again in one process: the first
+     call (one-time allocations and kernel selection) apart from the warm calls (median, min, max).
 Random weights (no checkpoint): the speed is the same as with trained ones.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -34,6 +38,9 @@ from interformer.config import CONFIGS, PreprocessConfig  # noqa: E402
 from pipeline.encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, write_stage  # noqa: E402
 from pipeline.feature_store import FeatureStore  # noqa: E402
 from pipeline.sources import list_images  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from results_io import begin, save  # noqa: E402
 
 
 def make_inputs(folder: Path, n: int) -> list[Path]:
@@ -83,6 +90,24 @@ def breakdown(folder: Path, spec: EncoderSpec, batch_size: int, workdir: Path) -
             "bytes_per_image": nbytes / table.num_rows}
 
 
+def encode_latency(spec: EncoderSpec, size: str, repeats: int) -> dict:
+    """Seconds of `Predictor.encode` on one random WxH image: the first call, then `repeats` warm calls."""
+    w, h = (int(v) for v in size.lower().split("x"))
+    image = np.random.default_rng(1).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    predictor = build_predictor(spec)
+    times = []
+    for _ in range(1 + repeats):
+        t0 = time.perf_counter()
+        predictor.encode(image)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    warm = sorted(times[1:])
+    return {"size": size, "first_call_s": round(times[0], 2), "warm_calls": repeats,
+            "warm_median_s": round(float(np.median(warm)), 2) if warm else None,
+            "warm_min_s": round(warm[0], 2) if warm else None, "warm_max_s": round(warm[-1], 2) if warm else None}
+
+
 def run_job(folder: Path, args: argparse.Namespace, workdir: Path) -> dict:
     summary_path = workdir / "summary.json"
     cmd = [sys.executable, str(ROOT / "jobs" / "encode.py"), str(folder), "--db", str(workdir / "jobdb"),
@@ -107,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
     p.add_argument("--max-side", type=int, default=None, help="longest-side resize (default: native size)")
     p.add_argument("--skip-job", action="store_true", help="skip the end-to-end job run")
-    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--latency", default=None, metavar="WxH",
+                   help="also time Predictor.encode on one random WxH image: first call and warm calls")
+    p.add_argument("--latency-repeats", type=int, default=4, help="warm calls for --latency (default: %(default)s)")
+    p.add_argument("--json", default=None, help="raw results file (default: bench/results/bench_encode-UTC.json)")
     a = p.parse_args(argv)
+    started = begin()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_enc_"))
     try:
@@ -116,24 +145,29 @@ def main(argv: list[str] | None = None) -> int:
         make_inputs(folder, a.images)
         spec = EncoderSpec(variant=a.variant, preprocess=PreprocessConfig(max_side=a.max_side), dtype=a.dtype)
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-        b = breakdown(folder, spec, a.batch_size, workdir)
-        n = b["images"]
-        total = b["decode_s"] + b["encode_s"] + b["write_s"]
-        figures = {"variant": a.variant, "device": device, "images": n, "batch_size": a.batch_size, "dtype": a.dtype,
-                   **{k: round(v, 3) for k, v in b.items()}, "in_process_images_per_s": round(n / total, 2)}
-        print(f"{a.variant} on {device}, {n} images (samples, 451x300 to 640x427), batch {a.batch_size}, {a.dtype}")
-        print("| stage | ms per image | share |\n|---|---|---|")
-        for name in ("decode", "encode", "write"):
-            secs = b[f"{name}_s"]
-            print(f"| {name} | {secs / n * 1e3:.1f} | {secs / total:.0%} |")
-        print(f"in process: {n / total:.2f} images/s; {b['bytes_per_image'] / 1e6:.2f} MB per image stored")
-        if not a.skip_job:
+        figures = {"variant": a.variant, "device": device, "batch_size": a.batch_size, "dtype": a.dtype}
+        if a.images:
+            b = breakdown(folder, spec, a.batch_size, workdir)
+            n = b["images"]
+            total = b["decode_s"] + b["encode_s"] + b["write_s"]
+            figures.update({"images": n, **{k: round(v, 3) for k, v in b.items()},
+                            "in_process_images_per_s": round(n / total, 2)})
+            print(f"{a.variant} on {device}, {n} images (samples, 451x300 to 640x427), batch {a.batch_size}, {a.dtype}")
+            print("| stage | ms per image | share |\n|---|---|---|")
+            for name in ("decode", "encode", "write"):
+                secs = b[f"{name}_s"]
+                print(f"| {name} | {secs / n * 1e3:.1f} | {secs / total:.0%} |")
+            print(f"in process: {n / total:.2f} images/s; {b['bytes_per_image'] / 1e6:.2f} MB per image stored")
+        if a.latency:
+            figures["latency"] = lat = encode_latency(spec, a.latency, a.latency_repeats)
+            print(f"Predictor.encode {a.latency}: first call {lat['first_call_s']} s, warm median {lat['warm_median_s']} s "
+                  f"(min {lat['warm_min_s']}, max {lat['warm_max_s']}, {lat['warm_calls']} calls)")
+        if a.images and not a.skip_job:
             job = run_job(folder, a, workdir)
             figures.update({k: round(v, 2) for k, v in job.items()})
             print(f"jobs/encode.py on a local Ray: {job['job_images_per_s']:.2f} images/s over the pipeline "
                   f"({job['job_pipeline_s']:.1f} s), {job['job_wall_s']:.1f} s for the whole command")
-        if a.json:
-            Path(a.json).write_text(json.dumps(figures, indent=2))
+        save("bench_encode", figures, started, a.json)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

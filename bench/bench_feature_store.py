@@ -8,6 +8,14 @@ The table is built once (synthetic features with the exact shapes of a 512x512 i
 batches, so it has several fragments, then the image_id index is updated) and reused on later runs
 with the same --db. A fetch is `FeatureReader.get(image_id)`: the indexed lookup, the read, and the
 conversion to fp32 torch tensors, i.e. what a click server pays per image.
+
+Two measurements:
+  * hot: one process fetches random ids right after the table was written, so the data is in the OS page
+    cache (what a click server sees for images it, or a recent encode job, read lately);
+  * cold (--cold-fetches N, default 20): a fresh process opens the table and fetches N distinct ids, and
+    before its opening and before each fetch the table's files are dropped from the page cache with
+    posix_fadvise(DONTNEED) (no root needed; only these files are touched). The first fetch (it also reads
+    the index) is reported apart. "Cold-ish": a virtual disk may still be cached by the host.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interformer.features import ImageFeatures, ImageGeometry, pyramid_shapes  # noqa: E402
 from pipeline.feature_store import EncodedImage, FeatureStore, feature_rows  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import begin, save  # noqa: E402
 
 FINGERPRINT = "bench:synthetic:max_side=None:div=32"
 
@@ -70,6 +82,62 @@ def measure_reader(store: FeatureStore, rows: int, fetches: int, seed: int = 1) 
         cpu.append(time.process_time() - c0)
         assert feats.pyramid[0].dtype == torch.float32
     return wall, cpu
+
+
+def evict_from_page_cache(path: str) -> None:
+    """Drop every file under `path` from the OS page cache (clean pages only: the files are synced first)."""
+    for d, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def cached_fraction(path: str) -> float | None:
+    """Share of the bytes under `path` resident in the page cache (util-linux `fincore`), None if unavailable."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *files],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pairs = [line.split() for line in out.splitlines() if line.strip()]
+    total = sum(int(size) for _, size in pairs)
+    return round(sum(int(res) for res, _ in pairs) / total, 4) if total else None
+
+
+def cold_worker(root: str, table: str, rows: int, fetches: int, seed: int = 3) -> dict:
+    """Runs in a fresh process: open the reader and fetch `fetches` distinct ids, each from an evicted cache."""
+    store = FeatureStore(root, table=table)
+    ids = [f"img/{i:06d}.jpg" for i in random.Random(seed).sample(range(rows), k=fetches)]
+    evict_from_page_cache(store.features_uri)
+    before = cached_fraction(store.features_uri)
+    t0 = time.perf_counter()
+    reader = store.reader(FINGERPRINT)
+    open_s = time.perf_counter() - t0
+    wall = []
+    for image_id in ids:
+        evict_from_page_cache(store.features_uri)
+        t0 = time.perf_counter()
+        feats = reader.get(image_id)
+        wall.append(time.perf_counter() - t0)
+        assert feats.pyramid[0].dtype == torch.float32
+    return {"open_ms": round(open_s * 1e3, 2), "first_fetch_ms": round(wall[0] * 1e3, 2),
+            "fetch_median_ms": round(statistics.median(wall[1:]) * 1e3, 2),
+            "fetch_p90_ms": round(float(np.percentile(wall[1:], 90)) * 1e3, 2), "fetches": fetches,
+            "cached_fraction_after_eviction": before}
+
+
+def measure_cold(workdir: str, table: str, rows: int, fetches: int) -> dict:
+    """`cold_worker` in a fresh Python process (nothing of the table in its memory)."""
+    done = subprocess.run([sys.executable, __file__, "--cold-worker", workdir, table, str(rows), str(fetches)],
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"the cold-fetch process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def disk_bytes(path: str) -> int:
@@ -127,6 +195,12 @@ def compare_layouts(size: int, rows: int, fetches: int, workdir: str) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--cold-worker"]:
+        root, table, rows, fetches = argv[1:5]
+        print(json.dumps(cold_worker(root, table, int(rows), int(fetches))))
+        return 0
+    started = begin()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", default=None, help="LanceDB folder for the benchmark table (default: a temporary folder, "
                    "removed at the end); an existing table there is reused")
@@ -138,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-layouts", action="store_true",
                    help="also time raw fetches for list<float16>, large_binary (compressed / not) and blob v2")
     p.add_argument("--layout-rows", type=int, default=300, help="rows per table in the layout comparison")
-    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--cold-fetches", type=int, default=20,
+                   help="distinct ids fetched by a fresh process with the table evicted from the page cache "
+                   "before each fetch (0: skip)")
+    p.add_argument("--json", default=None, help="raw results file (default: bench/results/bench_feature_store-UTC.json)")
     a = p.parse_args(argv)
 
     workdir = a.db or tempfile.mkdtemp(prefix="bench_fs_")
@@ -170,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n| layout | median ms | p99 ms | MB per image |\n|---|---|---|---|")
             for name, (m, q, b) in layouts.items():
                 print(f"| {name} | {m:.2f} | {q:.2f} | {b / 1e6:.2f} |")
-        if a.json:
-            Path(a.json).write_text(json.dumps(figures, indent=2))
+        if a.cold_fetches:
+            figures["cold"] = cold = measure_cold(workdir, store.table_name, a.rows, a.cold_fetches)
+            print(f"cold (fresh process, table evicted from the page cache before each fetch; resident after "
+                  f"eviction: {cold['cached_fraction_after_eviction']}): open {cold['open_ms']} ms, first fetch "
+                  f"{cold['first_fetch_ms']} ms, then median {cold['fetch_median_ms']} ms, p90 {cold['fetch_p90_ms']} ms")
+        save("bench_feature_store", figures, started, a.json)
     finally:
         if a.db is None:
             shutil.rmtree(workdir, ignore_errors=True)

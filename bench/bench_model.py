@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, then the checkout
 from official_step import official_click_step  # noqa: E402
+from results_io import begin, save  # noqa: E402
 
 from interformer import Predictor, load_model  # noqa: E402
 from interformer.predictor import set_cpu_threads  # noqa: E402
@@ -79,8 +80,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--clicks", type=int, default=12, help="clicks per size (the first 2 are warm-up)")
     ap.add_argument("--sizes", default="512x512,1024x768", help="comma-separated WxH image sizes")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--out", default=None, help="raw results file (default: bench/results/bench_model-UTC.json)")
     args = ap.parse_args()
+    started = begin()
     set_cpu_threads(args.threads)
     torch.manual_seed(0)
     model = load_model(args.checkpoint, variant=None if args.checkpoint else args.variant, device="cpu")
@@ -99,8 +101,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['size']} | {r['encode_ms']} | {r['ours_click_ms_median']} | {r['official_click_ms_median']} "
               f"| {r['speedup']}x | {r['stored_bytes_fp16']:,} / {r['stored_bytes_fp32']:,} B |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save("bench_model", result, started, args.out)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ from pipeline.encoding import EncoderSpec, build_predictor  # noqa: E402
 from pipeline.feature_store import EncodedImage, FeatureStore, feature_rows  # noqa: E402
 from pipeline.prompts import encode_mask  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from results_io import begin, save  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data"
 JOB = ROOT / "jobs" / "preannotate.py"
 
@@ -55,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-niceness", type=int, default=0,
                    help="niceness of the Ray workers (RAY_worker_niceness); Ray's own default is 15, which on a busy "
                    "host hands them less CPU than the in-process run gets (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="raw results file (default: bench/results/bench_preannotate-UTC.json)")
     return p.parse_args(argv)
 
 
@@ -123,6 +127,7 @@ def run_job(work: Path, prompts: Path, use: str, workers: int, max_clicks: int, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = begin()
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     prompts = prepare(work, args.images)
@@ -149,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['use']} | {label} | {r['objects_per_s']:.2f} | {r['clicks_per_s']:.1f} | "
               f"{r['cpu_ms_per_object']:.0f} | {r['startup_s']:.1f} | {r['busy_s']:.1f} | {r['wall_s']:.1f} | "
               f"{r['load_before']:.1f} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"images": args.images, "max_clicks": args.max_clicks, "cores": cores,
-                                        "ray_niceness": args.ray_niceness, "results": results}, indent=2) + "\n")
+    save("bench_preannotate", {"images": args.images, "max_clicks": args.max_clicks, "cores": cores,
+                               "ray_niceness": args.ray_niceness, "results": results}, started, args.out)
     return 0
 
 

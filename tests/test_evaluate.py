@@ -105,15 +105,53 @@ def test_interformer_loop_stops_clicking_when_nothing_is_wrong_and_is_seeded():
     assert a.ious[-1] > a.ious[0]
 
 
+def _independent_iou(gt: np.ndarray, pred: np.ndarray) -> float:
+    """IoU of `gt == 1` and `pred`, leaving GrabCut's 128 ignore band out (written here, not pipeline.metrics)."""
+    valid = gt != 128
+    obj, pred = (gt == 1) & valid, pred.astype(bool) & valid
+    union = int((obj | pred).sum())
+    return 1.0 if union == 0 else int((obj & pred).sum()) / union
+
+
+def _edt(mask: np.ndarray) -> np.ndarray:
+    """scipy's exact distance to the nearest False pixel, the outside of the image counting as False."""
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+
+
+def _assert_click_follows_the_protocol(gt: np.ndarray, pred: np.ndarray, clicked: np.ndarray, click: list,
+                                       ritm: bool) -> None:
+    """The click lies at a deepest point of the larger error region (RITM: first in raster order)."""
+    valid = gt != 128 if ritm else np.ones(gt.shape, bool)
+    fn = (gt == 1) & ~pred & valid & ~clicked
+    fp = (gt != 1) & pred & valid & ~clicked
+    fn_d, fp_d = _edt(fn), _edt(fp)
+    positive = fn_d.max() > fp_d.max()
+    dist = fn_d if positive else fp_d
+    row, col, sign = click
+    assert sign == positive, (click, fn_d.max(), fp_d.max())
+    assert dist[row, col] == pytest.approx(dist.max(), abs=1e-3), (click, dist[row, col], dist.max())
+    if ritm:
+        first = np.argwhere(dist >= dist.max() - 1e-3)[0]
+        assert (row, col) == tuple(first)
+
+
 def test_grabcut_baseline_on_a_real_sample():
     ref = resolve("GrabCut", DATA)[0]
     res = evaluate_ref(GrabCutBaseline(), ref, EvalConfig(max_clicks=3))
     sample = ref.load()
     session = GrabCutBaseline().start(sample.image)
+    pred = np.zeros(sample.gt.shape, bool)
+    clicked = np.zeros(sample.gt.shape, bool)
     for (row, col, pos), expected in zip(res.clicks, res.ious):
+        # each recorded click is RITM's click for the mask before it, recomputed here with scipy
+        _assert_click_follows_the_protocol(sample.gt, pred, clicked, [row, col, pos], ritm=True)
+        clicked[row, col] = True
         out = session.add_click(row, col, pos)
         assert out.mask.shape == sample.gt.shape and out.padded_mask.shape[0] % 32 == 0
-        assert iou(sample.gt, out.mask) == pytest.approx(expected)  # deterministic (seeded OpenCV RNG)
+        pred = out.mask.astype(bool)
+        assert _independent_iou(sample.gt, pred) == pytest.approx(expected)  # deterministic (seeded OpenCV RNG)
     assert res.ious[-1] > 0.5
     with pytest.raises(ValueError, match="outside"):
         session.add_click(sample.gt.shape[0], 0, True)
@@ -132,13 +170,38 @@ def test_results_file_round_trip_and_repair_of_a_cut_line(tmp_path):
     assert [r.sample_id for r in read_results(path)] == ["s1", "s2", "s3"]
 
 
-def test_random_init_small_model_on_each_benchmark():
-    segmenter = SegmenterSpec("random", variant="small").build()
+def test_a_model_on_each_benchmark_records_its_own_clicks_and_ious(tmp_path):
+    """Both protocols with a real model: every click and IoU recorded is recomputed here, independently.
+
+    The checkpoint's class bias is centred (tests/backend_support.py) so that its masks are neither empty
+    nor full; a plain random model answers background everywhere and IoU 0 would prove nothing.
+    """
+    from backend_support import make_checkpoint
+
+    spec = SegmenterSpec("checkpoint", checkpoint=str(make_checkpoint(tmp_path / "small.pth")))
+    segmenter, replayer = spec.build(), spec.build()
+    nontrivial = []
     for name, protocol in (("GrabCut", "ritm"), ("Berkeley", "interformer"), ("DAVIS", "ritm")):
         ref = resolve(name, DATA)[0]
-        res = evaluate_ref(segmenter, ref, EvalConfig(protocol=protocol, max_clicks=2))
-        assert len(res.ious) == 2 and all(0.0 <= v <= 1.0 for v in res.ious)
-        assert res.encode_s > 0 and res.clicks[0] is not None and res.clicks[0][2] is True
+        res = evaluate_ref(segmenter, ref, EvalConfig(protocol=protocol, max_clicks=3))
+        assert len(res.ious) == len(res.clicks) == 3 and res.encode_s > 0
+        sample = ref.load()
+        session = replayer.start(sample.image, sample.image_id)
+        ritm = protocol == "ritm"
+        canvas = sample.gt.shape if ritm else tuple(session.canvas_size)
+        gt = sample.gt if ritm else pad_to(sample.gt, canvas)
+        pred, clicked = np.zeros(canvas, bool), np.zeros(canvas, bool)
+        for click, recorded in zip(res.clicks, res.ious):
+            if click is None:  # InterFormer's rule: nothing left to correct
+                assert _independent_iou(gt, pred) == 1.0
+                continue
+            _assert_click_follows_the_protocol(gt, pred, clicked, click, ritm=ritm)
+            clicked[click[0], click[1]] = True
+            out = session.add_click(*click)
+            pred = (np.asarray(out.prob) > 0.49) if ritm else np.asarray(out.padded_mask, bool)
+            assert _independent_iou(gt, pred) == pytest.approx(recorded, abs=1e-9)
+            nontrivial.append(0 < pred.sum() < pred.size)
+    assert any(nontrivial)
 
 
 def test_stored_features_give_the_same_evaluation_as_encoding(tmp_path):

@@ -42,6 +42,56 @@ SIZE = (64, 96)
 AUTH = ("ls-backend", "pw-" + secrets.token_hex(8))
 
 
+class BackendLog:
+    """The backend's log as JSON records, read incrementally: one way to wait for a line.
+
+    `wait_for` returns the first record (since the start of the log) that satisfies the predicate, as soon
+    as it is written. The deadline only bounds a failure, never a pass: a missing line fails with the log's
+    tail, and so does a backend that exited.
+    """
+
+    def __init__(self, path: Path, proc: subprocess.Popen):
+        self.path, self.proc = path, proc
+        self.records: list[dict] = []
+        self._offset, self._partial = 0, b""
+
+    def _read_new(self) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            start = line.find("{")  # Ray prefixes forwarded actor lines with "(Actor pid=...)"
+            if start < 0:
+                continue
+            try:
+                record = json.loads(line[start:])
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                self.records.append(record)
+
+    def wait_for(self, predicate, what: str, timeout_s: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while True:
+            self._read_new()
+            for record in self.records[seen:]:
+                if predicate(record):
+                    return record
+            seen = len(self.records)
+            if self.proc.poll() is not None:
+                pytest.fail(f"the backend exited ({self.proc.returncode}) before logging {what}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the backend never logged {what}:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def tail(self) -> str:
+        return self.path.read_text(errors="replace")[-4000:]
+
+
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, auth=None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -83,7 +133,8 @@ def stack(label_studio, tmp_path_factory):
     try:
         wait_http(f"http://127.0.0.1:{port}/health", backend, logs["backend"], 600, auth=AUTH)
         yield {"tmp": tmp, "storage": storage, "images": images, "ckpt": ckpt, "logs": logs,
-               "ls": label_studio, "backend_url": f"http://127.0.0.1:{port}"}
+               "log": BackendLog(logs["backend"], backend), "ls": label_studio,
+               "backend_url": f"http://127.0.0.1:{port}"}
     finally:
         if backend.poll() is None:
             backend.send_signal(signal.SIGINT)  # uvicorn stops, then the CLI shuts its Ray down
@@ -148,19 +199,12 @@ def test_an_image_without_features_is_fetched_from_label_studio_and_encoded(stac
     uri = project["tasks"][2]["data"]["image"]
     expected = reference_mask(stack["ckpt"], stack["tmp"] / "db", "features", uri, [pixel(40, 40, SIZE)])
     np.testing.assert_array_equal(decode(prediction), expected)
-    assert '"encoded_on_demand": true' in wait_for_line(stack["logs"]["backend"], '"encoded_on_demand": true')
+    log = stack["log"]
+    request = log.wait_for(lambda r: r.get("encoded_on_demand") is True, "a request line with encoded_on_demand")
+    assert request["status"] == 200
     # The encoder actor's own line reaches the backend's log through Ray's log forwarding, a moment later.
-    assert '"msg": "encoded on demand"' in wait_for_line(stack["logs"]["backend"], '"msg": "encoded on demand"')
-
-
-def wait_for_line(path: Path, needle: str, timeout: float = 30.0) -> str:
-    """The log's text once it holds `needle` (or as it is after `timeout` seconds)."""
-    deadline = time.monotonic() + timeout
-    text = path.read_text()
-    while needle not in text and time.monotonic() < deadline:
-        time.sleep(0.2)
-        text = path.read_text()
-    return text
+    event = log.wait_for(lambda r: r.get("msg") == "encoded on demand", "the encoder actor's 'encoded on demand' line")
+    assert event["encode_ms"] >= 0
 
 
 def test_errors_reach_label_studio_instead_of_masks(project):
@@ -180,7 +224,7 @@ def test_batch_predictions_from_stored_keypoints_and_the_webhook(stack, project)
     expected = reference_mask(stack["ckpt"], stack["tmp"] / "db", "features", f"{stack['images'][1][0]}.png",
                               [pixel(40, 50, SIZE), pixel(80, 20, SIZE, False)])
     np.testing.assert_array_equal(decode({"result": [dict(r) for r in preds[-1].result]}), expected)
-    log_lines = [json.loads(line) for line in stack["logs"]["backend"].read_text().splitlines()
-                 if line.startswith("{")]
-    hooks = [r for r in log_lines if r.get("path") == "/webhook"]
-    assert any(r.get("action") == "ANNOTATION_CREATED" and r["status"] == 200 for r in hooks), hooks
+    # Label Studio may deliver its webhook after the API call returns: wait for the line, do not read once.
+    hook = stack["log"].wait_for(lambda r: r.get("path") == "/webhook" and r.get("action") == "ANNOTATION_CREATED",
+                                 "the ANNOTATION_CREATED webhook")
+    assert hook["status"] == 200

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,15 +52,30 @@ def env(tmp_path_factory):
     return {"tmp": tmp, "fx": fx, "ckpt": ckpt, "objects": objects, "job": _load_job()}
 
 
-def args(env, run_dir: str, *extra: str) -> list[str]:
+def args(env, run_dir: str, *extra: str, db: str = "db") -> list[str]:
     fx = env["fx"]
-    return ["--coco", str(fx.coco_path), "--image-root", str(fx.image_root), "--db", str(env["tmp"] / "db"),
+    return ["--coco", str(fx.coco_path), "--image-root", str(fx.image_root), "--db", str(env["tmp"] / db),
             "--checkpoint", str(env["ckpt"]), "--run-dir", str(env["tmp"] / run_dir), "--max-clicks", "4", *extra]
 
 
-def run_inline(env, run_dir: str, *extra: str) -> tuple[int, dict]:
-    rc = env["job"].main(args(env, run_dir, *extra))
+def run_inline(env, run_dir: str, *extra: str, db: str = "db") -> tuple[int, dict]:
+    rc = env["job"].main(args(env, run_dir, *extra, db=db))
     return rc, json.loads((env["tmp"] / run_dir / "summary.json").read_text())
+
+
+def fork_first_run(env, first_run, name: str, with_db: bool = False) -> dict:
+    """A private copy of the first run's folder (and, for a test that adds features, of the table).
+
+    Tests that run the job again work on such a copy, so no test sees what another one wrote, in any order.
+    """
+    shutil.copytree(env["tmp"] / "run", env["tmp"] / name)
+    out = env["tmp"] / f"{name}.json"
+    out.write_text(first_run["annotations_text"])
+    db = "db"
+    if with_db:
+        db = f"{name}-db"
+        shutil.copytree(env["tmp"] / "db", env["tmp"] / db)
+    return {"run_dir": name, "out": out, "db": db}
 
 
 def reference_masks(env):
@@ -99,20 +115,25 @@ def first_run(env):
     cmd = [sys.executable, str(JOB), *args(env, "run", "--coco-out", str(out), "--workers", "2", "--num-cpus", "2")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"out": out, "stdout": done.stdout, "summary": json.loads((env["tmp"] / "run" / "summary.json").read_text())}
+    # Everything the tests read is taken now: later tests run the job again, but only in copies of this folder.
+    return {"out": out, "annotations_text": out.read_text(), "stdout": done.stdout,
+            "summary": json.loads((env["tmp"] / "run" / "summary.json").read_text()),
+            "report": report(env, "run"), "ledger": ledger_objects(env, "run")}
 
 
 def test_coco_results_load_and_hold_the_models_masks(env, first_run):
     from pycocotools.coco import COCO
 
     fx = env["fx"]
-    coco = COCO(str(first_run["out"]))
+    first_out = env["tmp"] / "first-masks.json"
+    first_out.write_text(first_run["annotations_text"])
+    coco = COCO(str(first_out))
     anns = coco.loadAnns(coco.getAnnIds())
     good = {k for k in fx.kinds if fx.image_of[k] != fx.unencoded}
     assert sorted(int(a["source_key"].split(":")[1]) for a in anns) == sorted(good)
     assert first_run["summary"]["workers"] == 2
     assert "preannotate summary" in first_run["stdout"]
-    done = ledger_objects(env, "run")
+    done = first_run["ledger"]
     reference = reference_masks(env)
     for a in anns:
         key = int(a["source_key"].split(":")[1])
@@ -138,7 +159,7 @@ def test_coco_results_load_and_hold_the_models_masks(env, first_run):
 
 
 def test_the_click_simulator_follows_the_coarse_mask(env, first_run):
-    done = ledger_objects(env, "run")
+    done = first_run["ledger"]
     for key, obj in env["objects"].items():
         if obj.kind != "mask" or obj.image_id == env["fx"].unencoded:
             continue
@@ -152,7 +173,7 @@ def test_the_click_simulator_follows_the_coarse_mask(env, first_run):
 
 def test_every_object_is_reported_with_its_outcome(env, first_run):
     fx = env["fx"]
-    rows = report(env, "run")
+    rows = first_run["report"]
     for key, reason in fx.bad.items():
         assert rows[f"coco:{key}"]["reason"] == reason, rows[f"coco:{key}"]
         assert rows[f"coco:{key}"]["detail"]
@@ -169,24 +190,28 @@ def test_every_object_is_reported_with_its_outcome(env, first_run):
 
 
 def test_a_rerun_redoes_only_what_could_not_be_done(env, first_run):
-    before = first_run["out"].read_text()
-    rc, s = run_inline(env, "run", "--coco-out", str(first_run["out"]), "--workers", "0")
+    run = fork_first_run(env, first_run, "rerun")
+    rc, s = run_inline(env, run["run_dir"], "--coco-out", str(run["out"]), "--workers", "0")
     assert rc == 0
     assert s["done_before"] == first_run["summary"]["images"] - 2  # the unencoded and the missing image
     assert s["computed_images"] == 2
-    assert json.loads(first_run["out"].read_text())["annotations"] == json.loads(before)["annotations"]
+    assert s["reasons"] == first_run["summary"]["reasons"]  # the same two images fail the same way again
+    assert json.loads(run["out"].read_text())["annotations"] == json.loads(first_run["annotations_text"])["annotations"]
 
 
 def test_missing_images_are_encoded_on_the_fly_when_asked(env, first_run):
     fx = env["fx"]
-    out = env["tmp"] / "masks-encoded.json"
-    rc, s = run_inline(env, "run", "--coco-out", str(out), "--workers", "0", "--encode-missing")
+    run = fork_first_run(env, first_run, "encode-missing", with_db=True)
+    rc, s = run_inline(env, run["run_dir"], "--coco-out", str(run["out"]), "--workers", "0", "--encode-missing",
+                       db=run["db"])
     assert rc == 0 and s["encoded_on_the_fly"] == 1 and s["computed_images"] == 2
-    rows = report(env, "run")
+    rows = report(env, run["run_dir"])
     assert rows["coco:9006"]["reason"] == "image_unreadable"
     assert all(rows[f"coco:{k}"]["status"] == "ok" for k in fx.kinds)
-    fp = FeatureStore(str(env["tmp"] / "db"), "features")
+    fp = FeatureStore(str(env["tmp"] / run["db"]), "features")
     assert fx.unencoded in fp.existing_ids(s["fingerprint"])
+    # the shared table is untouched: other tests still see the image as unencoded
+    assert fx.unencoded not in FeatureStore(str(env["tmp"] / "db"), "features").existing_ids(s["fingerprint"])
 
 
 def test_results_format_loads_against_the_prompt_file(env, first_run):

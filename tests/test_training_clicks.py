@@ -111,11 +111,36 @@ def test_simulated_ref_labels_follow_the_update_order():
     assert ref.dtype == np.uint8 and set(np.unique(ref)) <= {DEF_BG, MAYBE_BG, UNKNOWN, MAYBE_FG, DEF_FG}
 
 
-def test_predict_masks_runs_the_model(small_model):
-    img = torch.randn(2, 3, 64, 64)
+def test_predict_masks_is_the_inference_sessions_mask(small_model):
+    """The training loop's masks are the ones the interactive session gives for the same clicks.
+
+    The session takes another route to the same function (cached I-MSA keys/values, a gathered click
+    embedding, BatchNorm folded, the upsampled margin thresholded instead of a 2-channel argmax), so the
+    masks may differ only where the margin is at fp32 noise level. The class bias is centred on the median
+    first-click margin so that the masks are neither empty nor full (a random model answers background).
+    """
+    import copy
+
+    from interformer.clicks import add_click_disk, initial_ref_label
+    from interformer.predictor import Predictor
+
+    model = copy.deepcopy(small_model).eval()
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    probe = Predictor(copy.deepcopy(model), device="cpu")
+    margin = probe.session(probe.encode(image)).add_click(20, 20, True).margin
     with torch.no_grad():
-        pyramid = small_model.backbone(img)
-        ref = np.full((2, 64, 64), UNKNOWN, dtype=np.uint8)
-        ref[:, 30:35, 30:35] = DEF_FG
-        pred = predict_masks(small_model, pyramid, ref)
+        model.decode_head.conv_seg.bias[1] -= float(np.median(margin))
+    predictor = Predictor(copy.deepcopy(model), device="cpu")
+    feats = predictor.encode(image)
+    clicks = [(20, 20, True), (40, 44, True)]
+    ref = np.stack([add_click_disk(initial_ref_label((64, 64)), r, c, pos) for r, c, pos in clicks])
+    with torch.no_grad():
+        pyramid = [p.repeat(len(clicks), 1, 1, 1) for p in feats.pyramid]
+        pred = predict_masks(model, pyramid, ref)
     assert pred.shape == (2, 64, 64) and pred.dtype == bool
+    for b, (r, c, pos) in enumerate(clicks):
+        result = predictor.session(feats).add_click(r, c, pos)
+        assert 0 < result.mask.sum() < result.mask.size
+        differ = pred[b] != result.mask
+        assert np.all(np.abs(result.margin[differ]) < 1e-4), int(differ.sum())
+    assert (pred[0] != pred[1]).any()  # each sample's own clicks decide its mask
