@@ -188,7 +188,8 @@ class ActorPool:
                 cause = _unwrap(e)
                 if isinstance(cause, SegmentError):
                     raise cause from None
-                raise SegmentError(500, f"actor {index} failed: {type(cause).__name__}: {cause}") from None
+                log_event(log, "actor failed", level=40, actor=index, error=f"{type(cause).__name__}: {cause}"[:2000])
+                raise SegmentError(500, f"serving actor {index} failed; the backend's log has the details") from None
             except RayActorError as e:
                 if attempt == 2:
                     raise SegmentError(503, f"actor {index} failed twice for this request: {e}") from None
