@@ -234,8 +234,6 @@ def parse_http_url(text: str, what: str = "image URL") -> HttpURL:
     if not isinstance(text, str):
         raise _refuse(what, "it is not a string")
     _check_chars(text, what)
-    if " " in text:
-        raise _refuse(what, "it contains spaces")
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in ("http", "https"):
