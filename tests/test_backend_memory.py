@@ -37,7 +37,7 @@ def test_the_lru_keeps_recent_entries_within_its_byte_budget():
     assert lru.keys() == [4, 2, 5]  # 3 was the least recently used
     box = {"g": np.zeros(1000, dtype=np.uint8)}
     lru.put("g", box)
-    assert lru.keys() == [2, 5, "g"]
+    assert lru.keys() == [4, 2, 5, "g"] and lru.nbytes == 10_000
     box["more"] = np.zeros(6000, dtype=np.uint8)  # the entry gains a buffer after it was stored
     lru.remeasure("g")
     assert lru.keys() == ["g"] and lru.nbytes == 7000
