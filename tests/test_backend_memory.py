@@ -40,7 +40,7 @@ def test_the_lru_keeps_recent_entries_within_its_byte_budget():
     assert lru.keys() == [4, 2, 5, "g"] and lru.nbytes == 10_000
     box["more"] = np.zeros(6000, dtype=np.uint8)  # the entry gains a buffer after it was stored
     lru.remeasure("g")
-    assert lru.keys() == ["g"] and lru.nbytes == 7000
+    assert lru.keys() == [5, "g"] and lru.nbytes == 10_000
     lru.put("huge", np.zeros(20_000, dtype=np.uint8))  # larger than the budget: not kept
     assert "huge" not in lru and lru.nbytes <= 10_000
     with pytest.raises(ValueError):
