@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve InterFormer masks to Label Studio: an ML backend whose CPU Ray actors turn an "
         "annotator's clicks into brush masks from features stored by jobs/encode.py.",
         epilog="Environment: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (images of tasks without features are "
-        "fetched from that server, the --storage-host hosts it redirects to and the --allowed-root folders only); ML_BACKEND_BASIC_AUTH_PASS (or BASIC_AUTH_PASS) with --basic-auth-user. "
+        "fetched from that server, the --storage-host hosts it redirects to and the --allowed-root folders only); "
+        "ML_BACKEND_BASIC_AUTH_PASS (or BASIC_AUTH_PASS) with --basic-auth-user. "
         "In Label Studio: Settings > Model > Connect model, URL http://HOST:PORT, interactive preannotations on.",
     )
     p.add_argument("--db", default="lancedb",

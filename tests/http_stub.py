@@ -60,3 +60,41 @@ class StubServer:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join()
+
+
+def guard_network(mp, fake_dns: dict[str, str]) -> dict[str, list]:
+    """Keep a test's sockets on this machine, and record what the code under test tried.
+
+    Names in `fake_dns` resolve to their (private, metadata...) address without any DNS query; other
+    names but `localhost` and IP literals fail to resolve. Every `socket.connect` is recorded, and one
+    to a non-loopback address is refused before anything is sent. `mp` is a pytest MonkeyPatch.
+    """
+    import ipaddress
+    import socket
+
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+    record: dict[str, list] = {"lookups": [], "connects": []}
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        record["lookups"].append(host)
+        if host in fake_dns:
+            addr = fake_dns[host]
+            if ":" in addr:
+                return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (addr, port, 0, 0))]
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (addr, port))]
+        try:
+            ipaddress.ip_address(str(host))
+        except ValueError:
+            if host != "localhost":
+                raise socket.gaierror(socket.EAI_NONAME, "test: no DNS") from None
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    def connect(self, address):
+        record["connects"].append((address[0], address[1]))
+        if not ipaddress.ip_address(address[0]).is_loopback:
+            raise ConnectionRefusedError("test: no traffic leaves loopback")
+        return real_connect(self, address)
+
+    mp.setattr(socket, "getaddrinfo", getaddrinfo)
+    mp.setattr(socket.socket, "connect", connect)
+    return record

@@ -15,17 +15,15 @@ The number of requests sent is printed at the end of the module (pytest -s) and 
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import socket
 
 import pytest
 from backend_support import LABEL_CONFIG, encode_into_store, grabcut_images, make_checkpoint, write_png
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from http_stub import Route, StubServer
+from http_stub import Route, StubServer, guard_network
 
 from connectors.engine import EngineConfig, InProcessSegmenter
 from connectors.server import ServerSettings, create_app
@@ -60,7 +58,7 @@ def world(tmp_path_factory):
             "/data/upload/1/redirect.png": Route(302, headers={"Location": f"{forbidden.url}/x.png"}),
             "/data/upload/1/meta.png": Route(302, headers={"Location": "http://metadata.test/latest/meta-data/"}),
         })
-        connects = _guard_network(mp, allowed={("127.0.0.1", ls.port)})
+        connects = guard_network(mp, FAKE_DNS)["connects"]
         access = ImageAccess(label_studio_url=ls.url, api_key="k", allowed_roots=(str(root),),
                              storage_hosts=("metadata.test", "private.test", "mapped.test"),
                              max_image_bytes=1 << 20)
@@ -73,35 +71,6 @@ def world(tmp_path_factory):
                    "fingerprint": segmenter.engine.fingerprint, "db": cfg.db}
     print(f"\nfuzzed {SENT['requests']} requests against the backend app; answers by status: "
           f"{dict(sorted(SENT['by_status'].items()))}; requests reaching the Label Studio stub: {len(ls.hits)}")
-
-
-def _guard_network(mp: pytest.MonkeyPatch, allowed: set[tuple[str, int]]) -> list:
-    """Fake DNS for FAKE_DNS, no DNS for other names, and a record of every connect (non-loopback refused)."""
-    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
-    connects: list = []
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host in FAKE_DNS:
-            addr = FAKE_DNS[host]
-            fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-            return [(fam, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (addr, port) if fam == socket.AF_INET
-                     else (addr, port, 0, 0))]
-        try:
-            ipaddress.ip_address(str(host))
-        except ValueError:
-            if host != "localhost":
-                raise socket.gaierror(socket.EAI_NONAME, "test: no DNS")
-        return real_getaddrinfo(host, port, *args, **kwargs)
-
-    def connect(self, address):
-        connects.append((address[0], address[1]))
-        if not ipaddress.ip_address(address[0]).is_loopback:
-            raise ConnectionRefusedError("test: no traffic leaves loopback")
-        return real_connect(self, address)
-
-    mp.setattr(socket, "getaddrinfo", getaddrinfo)
-    mp.setattr(socket.socket, "connect", connect)
-    return connects
 
 
 def check(world, response) -> None:
@@ -179,8 +148,9 @@ def mutated(body: dict, draw_paths: list[tuple[list, object]]) -> dict:
             if node is None:
                 break
         else:
-            if isinstance(node, dict) or (isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node)):
-                node[path[-1]] = value
+            last = path[-1]
+            if isinstance(node, dict) or (isinstance(node, list) and isinstance(last, int) and last < len(node)):
+                node[last] = value
     return body
 
 
@@ -196,9 +166,8 @@ FIELD_PATHS = [["tasks"], ["tasks", 0], ["tasks", 0, "id"], ["tasks", 0, "data"]
 
 
 def post(world, path, payload):
-    if isinstance(payload, (bytes, str)):
-        return world["client"].post(path, content=payload, headers={"content-type": "application/json"})
-    return world["client"].post(path, content=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+    content = payload if isinstance(payload, (bytes, str)) else json.dumps(payload).encode()
+    return world["client"].post(path, content=content, headers={"content-type": "application/json"})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import base64
 import io
-import ipaddress
 import os
-import socket
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from http_stub import Route, StubServer
+from http_stub import Route, StubServer, guard_network
 from PIL import Image
 
 from pipeline.image_access import ImageAccess, ImageAccessError, parse_http_url, plan, read_image_bytes
@@ -37,43 +35,23 @@ FAKE_DNS = {  # names a task or a redirect may use; resolution is faked, nothing
 
 @pytest.fixture
 def net(monkeypatch):
-    """Fake DNS for FAKE_DNS names; record every connect, refuse (without sending) non-loopback ones."""
-    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
-    record = {"connects": [], "lookups": []}
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        record["lookups"].append(host)
-        if host in FAKE_DNS:
-            addr = FAKE_DNS[host]
-            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-            sockaddr = (addr, port, 0, 0) if family == socket.AF_INET6 else (addr, port)
-            return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)]
-        return real_getaddrinfo(host, port, *args, **kwargs)
-
-    def connect(self, address):
-        record["connects"].append(address[0])
-        if not ipaddress.ip_address(address[0]).is_loopback:
-            raise ConnectionRefusedError("test: no traffic leaves loopback")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    return record
+    return guard_network(monkeypatch, FAKE_DNS)
 
 
 @pytest.fixture
 def servers(tmp_path):
     forbidden = StubServer({"/x.png": Route(body=PNG), "/data/upload/1/x.png": Route(body=PNG)})
     ls = StubServer()
+    fp = forbidden.port
     with forbidden, ls:
         ls.routes.update({
             "/data/upload/1/x.png": Route(body=PNG),
             "/data/upload/1/big.png": Route(body=PNG + b"\0" * 5000),
             "/data/upload/1/big-unsized.png": Route(body=PNG + b"\0" * 5000, send_length=False),
             "/data/upload/1/to-forbidden.png": Route(302, headers={"Location": f"{forbidden.url}/x.png"}),
-            "/data/upload/1/to-localhost.png": Route(302, headers={"Location": f"http://localhost:{forbidden.port}/x.png"}),
+            "/data/upload/1/to-localhost.png": Route(302, headers={"Location": f"http://localhost:{fp}/x.png"}),
             "/data/upload/1/to-metadata.png": Route(302, headers={"Location": "http://metadata.test/latest/"}),
-            "/data/upload/1/to-storage.png": Route(302, headers={"Location": f"http://storage.test:{forbidden.port}/x.png"}),
+            "/data/upload/1/to-storage.png": Route(302, headers={"Location": f"http://storage.test:{fp}/x.png"}),
             "/data/upload/1/to-self.png": Route(302, headers={"Location": "/data/upload/1/x.png"}),
             "/data/upload/1/loop.png": Route(302, headers={"Location": "/data/upload/1/loop.png"}),
             "/data/upload/1/passwd.png": Route(body=SECRET),
