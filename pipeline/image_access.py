@@ -278,7 +278,7 @@ def plan(ref: str, access: ImageAccess, task_id: int | None = None) -> _Plan:
         url = parse_http_url(ref)
         ls = access.label_studio
         if ls is not None and url.origin == ls.origin:
-            return _Plan("http", _label_studio_data_path(url))
+            return _Plan("http", _label_studio_data_path(url, ls))
         if _storage_host_allowed(url, access):
             return _Plan("http", url)
         raise _refuse("image URL", "its host is neither the configured Label Studio server nor an allowed "
@@ -305,21 +305,28 @@ def plan(ref: str, access: ImageAccess, task_id: int | None = None) -> _Plan:
 
 
 def _label_studio_url(access: ImageAccess, target: str) -> HttpURL:
+    """A Label Studio path (`/data/...`) on the configured server, under its base path if it has one."""
     ls = access.label_studio
     if ls is None:
         raise ImageAccessError("the image is a Label Studio path, but LABEL_STUDIO_URL is not set")
     if not target.startswith("/") or target.startswith("//"):
         raise _refuse("image reference", "it is not a Label Studio path")
-    url = parse_http_url(f"{ls.scheme}://{'[' + ls.host + ']' if ':' in ls.host else ls.host}:{ls.port}{target}",
-                         what="image reference")
+    host = f"[{ls.host}]" if ":" in ls.host else ls.host
+    url = parse_http_url(f"{ls.scheme}://{host}:{ls.port}{_base_path(ls)}{target}", what="image reference")
     if url.origin != ls.origin:
         raise _refuse("image reference", "it is not a Label Studio path")
-    return _label_studio_data_path(url)
+    return _label_studio_data_path(url, ls)
 
 
-def _label_studio_data_path(url: HttpURL) -> HttpURL:
+def _base_path(ls: HttpURL) -> str:
+    """The path Label Studio is served under ('' at the root), from LABEL_STUDIO_URL."""
+    return ls.target.partition("?")[0].rstrip("/")
+
+
+def _label_studio_data_path(url: HttpURL, ls: HttpURL) -> HttpURL:
     """`url` if it names Label Studio data (never its API), with relative query values (`?d=`, `filepath=`)."""
-    if not LS_PATH_PATTERN.match(url.target):
+    base = _base_path(ls)
+    if not url.target.startswith(base + "/") or not LS_PATH_PATTERN.match(url.target[len(base):]):
         raise _refuse("image reference", "it is not a Label Studio data path (/data/, /storage-data/)")
     query = url.target.partition("?")[2]
     if any(unquote(part.partition("=")[2]).startswith("/") for part in query.split("&") if part):

@@ -221,6 +221,15 @@ def test_local_files_stay_inside_the_allowed_roots(servers):
         read_image_bytes(str(root / "sub" / "a.png"), ImageAccess())
 
 
+def test_a_label_studio_served_under_a_base_path_is_reached_under_it():
+    access = ImageAccess(label_studio_url="https://example.org/labels/", api_key="k")
+    assert str(plan("/data/upload/3/a.png", access).url) == "https://example.org/labels/data/upload/3/a.png"
+    assert plan("https://example.org/labels/data/upload/3/a.png", access).url.target == "/labels/data/upload/3/a.png"
+    for ref in ("https://example.org/data/upload/3/a.png", "https://example.org/labels/api/projects"):
+        with pytest.raises(ImageAccessError, match="not a Label Studio data path"):
+            plan(ref, access)
+
+
 def test_references_are_classified_without_io():
     access = ImageAccess(label_studio_url="http://ls.example:8080", allowed_roots=("/srv/images",))
     assert plan("/data/upload/3/a.png", access).url.target == "/data/upload/3/a.png"
