@@ -454,7 +454,7 @@ def http_get(url: HttpURL, access: ImageAccess) -> bytes:
     ls = access.label_studio
     deadline = time.monotonic() + access.timeout_s
     for _ in range(MAX_REDIRECTS + 1):
-        headers = {"User-Agent": "interformer-ml-backend", "Accept": "image/*", "Connection": "close"}
+        headers = {"User-Agent": "interformer-ml-backend", "Accept": "*/*", "Connection": "close"}
         if ls is not None and url.origin == ls.origin and access.api_key:
             headers["Authorization"] = f"Token {access.api_key}"
         addresses = resolve_checked(url, access)
