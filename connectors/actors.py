@@ -122,6 +122,10 @@ class _SegmentActor:
     def ping(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this incarnation runs on (it moves when its node dies)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 SegmentActor = ray.remote(_SegmentActor)
 EncoderActor = ray.remote(_EncoderActor)
@@ -147,6 +151,7 @@ class ActorPool:
         self.actors = [SegmentActor.options(**opts).remote(i, cfg, self.encoder, log_level)
                        for i in range(num_actors)]
         self.router = StickyRouter(num_actors)
+        self.retries = 0  # requests retried because their actor died (each at most once)
         self._ready = False
 
     def ready(self) -> bool:
@@ -188,11 +193,13 @@ class ActorPool:
                 cause = _unwrap(e)
                 if isinstance(cause, SegmentError):
                     raise cause from None
-                raise SegmentError(500, f"actor {index} failed: {type(cause).__name__}: {cause}") from None
+                log_event(log, "actor failed", level=40, actor=index, error=f"{type(cause).__name__}: {cause}"[:2000])
+                raise SegmentError(500, f"serving actor {index} failed; the backend's log has the details") from None
             except RayActorError as e:
                 if attempt == 2:
                     raise SegmentError(503, f"actor {index} failed twice for this request: {e}") from None
                 log_event(log, "actor died, retrying once", level=30, actor=index, error=str(e)[:300])
+                self.retries += 1
                 await self._until_alive(index)
         raise AssertionError("unreachable")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from interformer.checkpoint import model_version
 from interformer.config import CONFIGS, PreprocessConfig
 
+from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
+
 from .logs import get_logger, log_event, setup_logging
 
 log = get_logger("cli")
@@ -23,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve InterFormer masks to Label Studio: an ML backend whose CPU Ray actors turn an "
         "annotator's clicks into brush masks from features stored by jobs/encode.py.",
         epilog="Environment: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (images of tasks without features are "
-        "fetched from that server only); ML_BACKEND_BASIC_AUTH_PASS (or BASIC_AUTH_PASS) with --basic-auth-user. "
+        "fetched from that server, the --storage-host hosts it redirects to and the --allowed-root folders only); "
+        "ML_BACKEND_BASIC_AUTH_PASS (or BASIC_AUTH_PASS) with --basic-auth-user. "
         "In Label Studio: Settings > Model > Connect model, URL http://HOST:PORT, interactive preannotations on.",
     )
     p.add_argument("--db", default="lancedb",
@@ -52,17 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (e.g. ray://head:10001 or auto); default: start a local Ray")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
-    p.add_argument("--feature-cache", type=int, default=32,
-                   help="images whose features each actor keeps in memory (default: %(default)s)")
-    p.add_argument("--sessions", type=int, default=64,
-                   help="interactive sessions (regions) each actor keeps (default: %(default)s)")
+    p.add_argument("--feature-cache-mb", type=float, default=256.0,
+                   help="memory each serving actor keeps for decoded features, in MiB; least recently used "
+                   "images are dropped beyond it (default: %(default)s)")
+    p.add_argument("--session-cache-mb", type=float, default=512.0,
+                   help="memory each serving actor keeps for interactive sessions (every click's state, for "
+                   "undo, and the image's features), in MiB (default: %(default)s)")
+    p.add_argument("--max-clicks", type=int, default=100,
+                   help="clicks of one region served per request; more get a 413 (default: %(default)s)")
     p.add_argument("--no-encode-on-demand", action="store_true",
                    help="answer 404 for images without features instead of encoding them on a CPU actor")
-    p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
-                   help="local folder tasks' image paths may point into (repeatable); others are refused")
-    p.add_argument("--image-cache", default=None, metavar="DIR",
-                   help="folder for images downloaded from Label Studio to encode on demand "
-                   "(default: label-studio-sdk's cache, ~/.cache/label-studio)")
+    add_image_access_arguments(p)
     p.add_argument("--basic-auth-user", default=os.environ.get("ML_BACKEND_BASIC_AUTH_USER"),
                    help="require HTTP basic auth with this user (default: $ML_BACKEND_BASIC_AUTH_USER); "
                    "the password comes from the environment")
@@ -88,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.actors < 1:
         print("error: --actors must be at least 1", file=sys.stderr)
         return 2
+    for name in ("feature_cache_mb", "session_cache_mb", "max_image_mb", "max_body_mb", "max_clicks"):
+        if getattr(args, name) <= 0:
+            print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    try:
+        ImageAccess.from_args(args)
+    except (ImageAccessError, ValueError) as e:
+        print(f"error: image access settings: {e}", file=sys.stderr)
+        return 2
     password = next((os.environ[k] for k in AUTH_PASS_ENV if os.environ.get(k)), None)
     if args.basic_auth_user and not password:
         print(f"error: --basic-auth-user needs the password in ${AUTH_PASS_ENV[0]}", file=sys.stderr)
@@ -110,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
 
+def _mib(value: float) -> int:
+    return int(value * 1024 * 1024)
+
+
 def _serve(args: argparse.Namespace, password: str | None) -> int:
     import ray
     import uvicorn
@@ -118,10 +134,10 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
 
     from .actors import ActorPool
     from .engine import EngineConfig
-    from .images import ImageAccess
     from .server import ServerSettings, create_app
 
     variant = args.variant or load_model(args.checkpoint).config.name
+    access = ImageAccess.from_args(args)
     checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
     cfg = EngineConfig(
         db=args.db if "://" in args.db else str(Path(args.db).resolve()),  # actors may run in another cwd
@@ -130,16 +146,17 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         variant=variant,
         seed=args.seed,
         preprocess=PreprocessConfig(max_side=args.max_side),
-        feature_cache=args.feature_cache,
-        sessions=args.sessions,
+        feature_cache_bytes=_mib(args.feature_cache_mb),
+        session_cache_bytes=_mib(args.session_cache_mb),
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.actors),
-        access=ImageAccess.from_env(tuple(args.allowed_root), args.image_cache),
+        access=access,
     )
     settings = ServerSettings(
         model_version=model_version(checkpoint, variant, args.seed),
         basic_auth_user=args.basic_auth_user,
         basic_auth_pass=password,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_body_bytes=_mib(args.max_body_mb),
+        max_clicks=args.max_clicks,
     )
     pool = None
     try:

@@ -1,9 +1,9 @@
 """What a serving process does with one region's clicks: features by id -> interact -> brush RLE.
 
 `SegmentEngine` is the body of a CPU serving actor. It loads the interact part of the model once,
-opens the feature table once, keeps a bounded LRU of decoded features and the per-region sessions,
+opens the feature table once, keeps LRUs of decoded features and per-region sessions bounded in bytes,
 and answers a `SegmentRequest` with RLE + score only. `OnDemandEncoder` is the body of the encoder
-actor: it fetches an image that has no features yet (only from allowed sources, see images.py),
+actor: it fetches an image that has no features yet (only from allowed sources, pipeline/image_access.py),
 encodes it on CPU and stores the row, so that the engine can answer, slower, instead of failing.
 Both are plain classes so that they run the same inside Ray actors and in-process.
 """
@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,13 +32,16 @@ from pipeline.feature_store import (
     sql_string,
     table_uri,
 )
-from pipeline.images import ImageDecodeError, decode_image
+from pipeline.image_access import ImageAccess, ImageAccessError, read_image_bytes
+from pipeline.images import TOO_LARGE, ImageDecodeError, decode_image
 
-from .images import ImageAccess, ImageAccessError, fetch_image_path
 from .logs import get_logger, log_event
+from .memory import ByteLRU, buffer_bytes
 from .rle import mask_to_rle
 from .segment import SegmentError, SegmentRequest, SegmentResult
 from .sessions import SessionStore
+
+MIB = 1024 * 1024
 
 log = get_logger("engine")
 
@@ -54,8 +56,8 @@ class EngineConfig:
     variant: str | None = None  # checked against the checkpoint when given; required without one
     seed: int = 0  # of the random init (no checkpoint), as jobs/encode.py --seed
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    feature_cache: int = 32  # images whose decoded features an actor keeps in memory
-    sessions: int = 64  # interactive sessions an actor keeps (each holds its image's features)
+    feature_cache_bytes: int = 256 * MIB  # decoded features (and the model's cache of them) an actor keeps
+    session_cache_bytes: int = 512 * MIB  # interactive sessions an actor keeps, each with its click states
     threads: int = 1  # torch intra-op threads per actor
     access: ImageAccess = field(default_factory=ImageAccess)  # where on-demand encoding may read images
 
@@ -73,24 +75,6 @@ def _load_predictor(cfg: EngineConfig, interact_only: bool) -> Predictor:
     return predictor
 
 
-class _LRU:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._d: OrderedDict[str, ImageFeatures] = OrderedDict()
-
-    def get(self, key: str) -> ImageFeatures | None:
-        v = self._d.get(key)
-        if v is not None:
-            self._d.move_to_end(key)
-        return v
-
-    def put(self, key: str, value: ImageFeatures) -> None:
-        self._d[key] = value
-        self._d.move_to_end(key)
-        while len(self._d) > self.capacity:
-            self._d.popitem(last=False)
-
-
 EncodeMissing = Callable[[str, str, "int | None"], dict]  # (image_id, image_ref, task_id) -> info
 
 
@@ -102,8 +86,8 @@ class SegmentEngine:
         self.predictor = _load_predictor(cfg, interact_only=True)
         self.fingerprint = self.predictor.fingerprint
         self.reader = FeatureReader(cfg.db, self.fingerprint, table=cfg.table)
-        self.features = _LRU(cfg.feature_cache)
-        self.sessions = SessionStore(cfg.sessions)
+        self.features: ByteLRU[ImageFeatures] = ByteLRU(cfg.feature_cache_bytes, buffer_bytes)
+        self.sessions = SessionStore(cfg.session_cache_bytes)
         self.encode_missing = encode_missing
         self._uri_ds: lance.LanceDataset | None = None
         self._uri_to_id: dict[str, str] = {}
@@ -131,6 +115,7 @@ class SegmentEngine:
             )
         except ValueError as e:  # InvalidClickError and friends
             raise SegmentError(422, str(e)) from None
+        self.features.remeasure(image_id)  # the first session adds the model's cache to the features
         result = outcome.result
         mask = result.mask
         if req.box is not None:
@@ -158,15 +143,16 @@ class SegmentEngine:
                 self.features.put(image_id, feats)
                 t["fetch"] = (time.perf_counter() - t0) * 1e3
                 return feats, False, image_id
-            except UnknownImageError as e:
-                miss = str(e)
+            except UnknownImageError as e:  # its message names the table's path: for the log only
+                log_event(log, "no stored features", image_id=image_id, reason=str(e))
+            miss = f"image {image_id!r} has no stored features for this backend's model"
         else:
-            miss = f"image {req.image_ref!r} is not in the feature table"
+            miss = "the task's image has no stored features for this backend's model"
         if self.encode_missing is None or not req.image_ref:
             why = "on-demand encoding is off" if self.encode_missing is None else "the task has no image URL"
             raise SegmentError(404, f"{miss}; {why}, so it cannot be encoded now")
         new_id = image_id or req.image_ref
-        log_event(log, "encoding on demand", image_id=new_id, image_ref=req.image_ref, reason=miss)
+        log_event(log, "encoding on demand", image_id=new_id, image_ref=req.image_ref)
         t1 = time.perf_counter()
         info = self.encode_missing(new_id, req.image_ref, req.task_id)
         t["encode"] = (time.perf_counter() - t1) * 1e3
@@ -174,7 +160,8 @@ class SegmentEngine:
         try:
             feats = self.reader.get(new_id)
         except UnknownImageError as e:
-            raise SegmentError(500, f"image {new_id!r} was encoded but cannot be read back: {e}") from None
+            log_event(log, "encoded image cannot be read back", level=40, image_id=new_id, reason=str(e))
+            raise SegmentError(500, "the image was encoded but its features cannot be read back") from None
         self.features.put(new_id, feats)
         self.sessions.drop_image(new_id)
         if not req.image_id:
@@ -236,13 +223,15 @@ class OnDemandEncoder:
             return {"already_stored": True}
         t0 = time.perf_counter()
         try:
-            path = fetch_image_path(image_ref, self.cfg.access, task_id)
-            data = path.read_bytes()
+            data = read_image_bytes(image_ref, self.cfg.access, task_id)
             image = decode_image(data, self.cfg.preprocess.max_pixels)
         except ImageAccessError as e:
-            raise SegmentError(404, f"image {image_id!r} has no features and cannot be fetched: {e}") from None
-        except ImageDecodeError as e:
-            raise SegmentError(422, f"image {image_id!r} has no features and is not a usable image: {e}") from None
+            raise SegmentError(e.status, f"the task's image has no features and cannot be read: {e.message}") from None
+        except ImageDecodeError as e:  # its detail may quote the file's first bytes: only the reason goes out
+            log_event(log, "image cannot be decoded", level=30, image_id=image_id, reason=e.reason, detail=e.detail)
+            detail = f" ({e.detail})" if e.reason == TOO_LARGE else ""
+            raise SegmentError(422, f"the task's image has no features and is not a usable image: "
+                                    f"{e.reason}{detail}") from None
         t1 = time.perf_counter()
         feats = self.predictor.encode(image)
         t2 = time.perf_counter()

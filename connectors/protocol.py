@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from interformer.clicks import Click, Roi
 from pipeline import box_prompt
@@ -47,16 +47,33 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+MAX_IMAGE_SIDE = 1_000_000  # pixels; Label Studio's original_width/height of any real image is far below
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 class ContextItem(_Lenient):
     type: str
     value: dict[str, Any]
-    original_width: int = Field(gt=0)
-    original_height: int = Field(gt=0)
-    image_rotation: float = 0.0
+    original_width: int = Field(gt=0, le=MAX_IMAGE_SIDE)
+    original_height: int = Field(gt=0, le=MAX_IMAGE_SIDE)
+    image_rotation: float = Field(default=0.0, allow_inf_nan=False)
     is_positive: bool | None = None
     id: str | None = None
     from_name: str | None = None
     to_name: str | None = None
+
+    @model_validator(mode="after")
+    def _numeric_geometry(self) -> "ContextItem":
+        """Coordinates (and a rectangle's rotation) are finite numbers; anything else is a 422, not a fault."""
+        keys = {"keypointlabels": ("x", "y"), "rectanglelabels": ("x", "y", "width", "height", "rotation")}
+        for key in keys.get(self.type, ()):
+            v = self.value.get(key)
+            if not (v is None and key == "rotation") and key in self.value and not _is_number(v):
+                raise ValueError(f"value.{key} must be a finite number")
+        return self
 
 
 class Context(_Lenient):

@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import secrets
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from .json_body import parse_json
 from .logs import get_logger, log_event
 from .protocol import (
     LabelConfig,
@@ -54,6 +55,7 @@ class ServerSettings:
     basic_auth_pass: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024  # interactive bodies carry the task's earlier RLE predictions
     batch_concurrency: int = 4  # regions of a batch /predict in flight at once
+    max_clicks: int = 100  # clicks of one region per request: each is an interact step and a kept state
 
     @property
     def auth_enabled(self) -> bool:
@@ -87,10 +89,12 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
         else:
             try:
                 response = await call_next(request)
-            except Exception as e:  # a bug or a broken actor: answer 500 with the reason, keep serving
+            except Exception as e:  # a bug or a broken actor: 500, details in the log only, keep serving
                 log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
                 request.state.fields["error"] = f"{type(e).__name__}: {e}"
-                response = JSONResponse({"error": f"internal error ({type(e).__name__}: {e})"}, status_code=500)
+                response = JSONResponse(
+                    {"error": f"internal error; the backend's log has the details (request id {request_id})"},
+                    status_code=500)
         total = (time.perf_counter() - t0) * 1e3
         fields = request.state.fields
         timing = [f"{k[:-3]};dur={v:.2f}" for k, v in fields.items() if k.endswith("_ms")] + [f"total;dur={total:.2f}"]
@@ -123,12 +127,13 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
-        body = parse_body(SetupRequest, await _read_json(request, settings.max_body_bytes))
-        pid = project_id(body.project)
-        if body.label_config:
-            config = parse_label_config(body.label_config)
-            if pid:
-                state.label_configs[pid] = config
+        raw = await _read_json(request, settings.max_body_bytes)
+        with _client_input("the /setup body"):
+            body = parse_body(SetupRequest, raw)
+            pid = project_id(body.project)
+            config = parse_label_config(body.label_config) if body.label_config else None
+        if config is not None and pid:
+            state.label_configs[pid] = config
         request.state.fields.update(project=pid, hostname=body.hostname)
         return {"model_version": settings.model_version}
 
@@ -137,18 +142,20 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
         body = await _read_json(request, settings.max_body_bytes)
         action = body.get("action") if isinstance(body, dict) else None
         project = body.get("project") if isinstance(body, dict) else None
-        request.state.fields.update(action=action,
-                                    project=project.get("id") if isinstance(project, dict) else project)
+        project = project.get("id") if isinstance(project, dict) else project
+        request.state.fields.update(action=_loggable(action), project=_loggable(project))
         return {"status": "ok"}
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
-        body = parse_body(PredictRequest, await _read_json(request, settings.max_body_bytes))
+        raw = await _read_json(request, settings.max_body_bytes)
+        with _client_input("the /predict body"):
+            body = parse_body(PredictRequest, raw)
+            pid = project_id(body.project)
+            config = _label_config(state, body.label_config, pid)
+            context = body.params.context if body.params else None
         parse_ms = (time.perf_counter() - t0) * 1e3
-        pid = project_id(body.project)
-        config = _label_config(state, body.label_config, pid)
-        context = body.params.context if body.params else None
         request.state.fields.update(project=pid, parse_ms=round(parse_ms, 2))
         if context is not None:
             answer = await _interactive(state, body, config, request.state.fields)
@@ -193,10 +200,32 @@ async def _read_json(request: Request, limit: int) -> Any:
     raw = b"".join(chunks)
     if not raw.strip():
         raise ProtocolError(400, "request body is empty; expected JSON")
+    return parse_json(raw)
+
+
+# Faults that pure parsing of a client's body can raise: they mean the body is malformed, not the server.
+_INPUT_FAULTS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
+
+
+@contextmanager
+def _client_input(what: str) -> Iterator[None]:
+    """Turn any fault raised while interpreting client input into a 422 (logged with its traceback)."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError(400, f"request body is not valid JSON: {e}") from None
+        yield
+    except ProtocolError:
+        raise
+    except _INPUT_FAULTS as e:
+        log.warning("client input could not be interpreted", exc_info=True)
+        raise ProtocolError(422, f"{what} could not be interpreted ({type(e).__name__})") from None
+
+
+def _loggable(value: Any) -> str | int | None:
+    """A webhook field for the log: short scalars only (the webhook is unauthenticated)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    return value[:100] if isinstance(value, str) else None
 
 
 def _label_config(state: _State, xml: str | None, pid: str | None) -> LabelConfig:
@@ -207,13 +236,24 @@ def _label_config(state: _State, xml: str | None, pid: str | None) -> LabelConfi
     raise ProtocolError(422, "request has no label_config and /setup was not called for this project")
 
 
-def _segment_request(task, prompt: Prompt, config: LabelConfig) -> SegmentRequest:
+MAX_IMAGE_ID_CHARS = 1024
+MAX_IMAGE_REF_CHARS = 4096
+
+
+def _segment_request(task, prompt: Prompt, config: LabelConfig, max_clicks: int) -> SegmentRequest:
+    if len(prompt.clicks) > max_clicks:
+        raise ProtocolError(413, f"the region has {len(prompt.clicks)} clicks; at most {max_clicks} are served "
+                                 "per request")
     image_id = task.data.get("image_id")
     image_ref = task.data.get(config.image_key(prompt.image_name))
-    if image_id is not None and not isinstance(image_id, (str, int)):
+    if image_id is not None and (isinstance(image_id, bool) or not isinstance(image_id, (str, int))):
         raise ProtocolError(422, f"task data image_id must be a string, got {type(image_id).__name__}")
     if image_ref is not None and not isinstance(image_ref, str):
         raise ProtocolError(422, "task image must be a URL or path string")
+    if image_id is not None and len(str(image_id)) > MAX_IMAGE_ID_CHARS:
+        raise ProtocolError(422, f"task data image_id is longer than {MAX_IMAGE_ID_CHARS} characters")
+    if image_ref is not None and len(image_ref) > MAX_IMAGE_REF_CHARS:
+        raise ProtocolError(422, f"task image reference is longer than {MAX_IMAGE_REF_CHARS} characters")
     if image_id in (None, "") and not image_ref:
         raise ProtocolError(
             422, f"task {task.id} has neither data.image_id nor data.{config.image_key(prompt.image_name)}"
@@ -233,13 +273,14 @@ async def _interactive(state: _State, body: PredictRequest, config: LabelConfig,
     if len(body.tasks) != 1:
         raise ProtocolError(422, f"an interactive request (with context) must carry one task, got {len(body.tasks)}")
     task = body.tasks[0]
-    prompt = prompt_from_items(body.params.context.result, config)
-    fields.update(task=task.id, clicks=len(prompt.clicks), label=prompt.label, mode="interactive")
+    with _client_input("the interactive context"):
+        prompt = prompt_from_items(body.params.context.result, config)
+        fields.update(task=task.id, clicks=len(prompt.clicks), label=prompt.label, mode="interactive")
+        req = _segment_request(task, prompt, config, state.settings.max_clicks) if prompt.has_positive else None
     mv = state.settings.model_version
-    if not prompt.has_positive:
+    if req is None:
         fields.update(outcome="negative_only")
         return {"results": [prediction([], mv)]}
-    req = _segment_request(task, prompt, config)
     res = await state.segmenter.segment(req)
     fields.update(image_id=res.image_id, session=res.path, steps=res.steps, actor=res.actor, area=res.area,
                   encoded_on_demand=res.encoded_on_demand,
@@ -255,8 +296,9 @@ async def _batch(state: _State, body: PredictRequest, config: LabelConfig, field
 
     async def one_task(task) -> dict:
         try:
-            prompts = [p for p in stored_prompts(task, config) if p.has_positive]
-            reqs = [(p, _segment_request(task, p, config)) for p in prompts]
+            with _client_input(f"task {task.id}'s stored prompts"):
+                prompts = [p for p in stored_prompts(task, config) if p.has_positive]
+                reqs = [(p, _segment_request(task, p, config, state.settings.max_clicks)) for p in prompts]
         except ProtocolError as e:
             failures.append(f"task {task.id}: {e.message}")
             return prediction([], mv)

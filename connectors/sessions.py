@@ -15,11 +15,12 @@ mask never depends on the path taken (tests/test_backend_sessions.py checks it).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 from interformer.clicks import Click
+
+from .memory import ByteLRU, buffer_bytes
 
 SessionFactory = Callable[[], Any]  # () -> a fresh InteractiveSession over the image's features
 
@@ -41,25 +42,42 @@ class SessionOutcome:
     steps: int  # interact steps run for this request
 
 
-class SessionStore:
-    """Bounded LRU of interactive sessions keyed by (image id, region key)."""
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 
-    def __init__(self, capacity: int = 64) -> None:
-        if capacity < 1:
-            raise ValueError(f"session capacity must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+
+class SessionStore:
+    """LRU of interactive sessions keyed by (image id, region key), bounded in bytes.
+
+    A session is measured with everything it holds: its per-click states (kept for undo) and the
+    features of its image, so the store never holds more than `max_bytes` of array buffers, whatever
+    the image sizes and click counts. A session larger than the whole budget answers its request and
+    is not kept (the next request for that region replays).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self._entries: ByteLRU[_Entry] = ByteLRU(max_bytes, buffer_bytes)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._entries.max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._entries.nbytes
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
     def drop(self, key: Hashable) -> None:
-        self._entries.pop(key, None)
+        self._entries.pop(key)
 
     def drop_image(self, image_id: str) -> None:
         """Forget every session of one image (e.g. after its features were re-encoded)."""
-        for key in [k for k in self._entries if isinstance(k, tuple) and k and k[0] == image_id]:
-            del self._entries[key]
+        for key in [k for k in self._entries.keys() if isinstance(k, tuple) and k and k[0] == image_id]:
+            self._entries.pop(key)
 
     def run(self, key: Hashable, clicks: Sequence[Click], new_session: SessionFactory,
             variant: Hashable = None) -> SessionOutcome:
@@ -73,23 +91,20 @@ class SessionStore:
             raise ValueError("a session needs at least one click")
         entry = self._entries.get(key)
         if entry is not None and entry.variant != variant:
-            del self._entries[key]
+            self._entries.pop(key)
             entry = None
         try:
             if entry is not None:
-                self._entries.move_to_end(key)
                 outcome = _reuse(entry, clicks)
                 if outcome is not None:
+                    self._entries.remeasure(key)
                     return outcome
             session = entry.session if entry is not None else new_session()
             result = _replay(session, clicks)
         except BaseException:
-            self._entries.pop(key, None)  # a half-updated session must not be reused
+            self._entries.pop(key)  # a half-updated session must not be reused
             raise
-        self._entries[key] = _Entry(session, clicks, result, variant)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        self._entries.put(key, _Entry(session, clicks, result, variant))
         return SessionOutcome(result, "replay", len(clicks))
 
 

@@ -192,7 +192,7 @@ class WorkerSpec:
 
     encode_missing: encode images without stored features (on this worker's CPU) and store them;
     otherwise their objects fail with NO_FEATURES. image_access: where Label Studio image references may
-    be fetched from (connectors.images.ImageAccess), for encoding images of Label Studio tasks.
+    be fetched from (pipeline.image_access.ImageAccess), for encoding images of Label Studio tasks.
     """
 
     encoder: Any  # pipeline.encoding.EncoderSpec: weights, variant, seed, preprocessing, as jobs/encode.py
@@ -314,13 +314,12 @@ class PreannotateWorker:
 
     def _read(self, job: ImageJob) -> bytes:
         if job.via_label_studio:
-            from connectors.images import ImageAccess, ImageAccessError, fetch_image_path
+            from .image_access import ImageAccess, ImageAccessError, read_image_bytes
 
             try:
-                return fetch_image_path(job.uri, self.spec.image_access or ImageAccess.from_env(),
-                                        job.task_id).read_bytes()
-            except (ImageAccessError, OSError) as e:
-                raise ImageUnavailable(IMAGE_UNREADABLE, str(e)) from None
+                return read_image_bytes(job.uri, self.spec.image_access or ImageAccess.from_env(), job.task_id)
+            except ImageAccessError as e:
+                raise ImageUnavailable(IMAGE_UNREADABLE, e.message) from None
         from .images import ImageDecodeError
         from .sources import read_bytes
 

@@ -101,7 +101,7 @@ class ImageJob:
     """All objects of one image, and where to find the image if it must be encoded on the fly.
 
     uri: path/URI of the image file (COCO: image root + file_name; Label Studio: the task's image URL,
-    then `via_label_studio`: fetched through connectors.images' access rules).
+    then `via_label_studio`: fetched through pipeline.image_access's rules).
     source_image_id: the COCO image id; task_id: the Label Studio task (when known).
     """
 

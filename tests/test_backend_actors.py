@@ -13,7 +13,7 @@ from backend_support import encode_into_store, grabcut_images, make_checkpoint, 
 
 from connectors.actors import ActorPool, StickyRouter, route
 from connectors.engine import EngineConfig
-from connectors.images import ImageAccess
+from pipeline.image_access import ImageAccess
 from connectors.rle import rle_to_mask
 from connectors.segment import SegmentError, SegmentRequest
 
@@ -107,7 +107,7 @@ def test_errors_keep_their_status_across_ray(pool):
     p = pool["pool"]
     with pytest.raises(SegmentError) as e:
         run(p, SegmentRequest(clicks=(pixel(5, 5, SIZE),), original_size=SIZE, image_id="nope", region_key="z"))
-    assert e.value.status == 404 and "'nope' is not in the feature table" in e.value.message
+    assert e.value.status == 404 and "'nope' has no stored features" in e.value.message
     with pytest.raises(SegmentError) as e:
         run(p, SegmentRequest(clicks=(pixel(5, 5, SIZE),), original_size=SIZE, image_ref="/etc/passwd"))
     assert e.value.status == 404 and "outside the allowed roots" in e.value.message

@@ -139,13 +139,15 @@ def test_box_region_is_clipped_to_the_image_and_keypoints_follow_the_box(config)
     (dict(width=0), "no area"),
     (dict(x=80, width=30), "leaves the image"),
     (dict(rotation=15), "rotated rectangles"),
-    (dict(height="a"), "must be a number"),
+    (dict(height="a"), "must be a finite number"),
+    (dict(rotation="abc"), "value.rotation must be a finite number"),
+    (dict(x=[1]), "value.x must be a finite number"),
 ])
 def test_bad_boxes_are_refused(config, change, message):
     raw = rectangle(10, 10, 20, 20, SIZE)
     raw["value"].update(change)
     with pytest.raises(ProtocolError, match=message):
-        prompt_from_items(items(raw), config)
+        prompt_from_items([parse_body(ContextItem, raw)], config)
 
 
 def test_stored_keypoints_of_the_newest_annotation_give_one_prompt_per_label(config):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from backend_support import grabcut_images
 
+from connectors.memory import buffer_bytes
 from connectors.sessions import SessionStore
 from interformer.checkpoint import load_model
 from interformer.clicks import Click
@@ -31,7 +32,7 @@ def fresh(predictor, feats, clicks, box=None):
 
 def test_every_path_gives_the_margin_of_a_fresh_replay(predictor_and_feats):
     predictor, feats = predictor_and_feats
-    store = SessionStore(capacity=4)
+    store = SessionStore()
     key = ("img", "id:k1")
     new = lambda: predictor.session(feats)  # noqa: E731
     expected = {n: fresh(predictor, feats, CLICKS[:n]) for n in range(1, len(CLICKS) + 1)}
@@ -94,16 +95,35 @@ def test_a_session_made_for_another_box_is_not_reused(predictor_and_feats):
     np.testing.assert_array_equal(out.result.margin, fresh(predictor, feats, CLICKS[:4], box=box_b))
 
 
-def test_lru_keeps_at_most_capacity_sessions(predictor_and_feats):
+def test_the_store_is_bounded_in_bytes_counting_every_click_state(predictor_and_feats):
     predictor, feats = predictor_and_feats
-    store = SessionStore(capacity=2)
+    probe = SessionStore()
+    probe.run("one", CLICKS[:1], lambda: predictor.session(feats))
+    one_click = probe.nbytes
+    probe.run("one", CLICKS, lambda: predictor.session(feats))
+    assert probe.nbytes > one_click  # the undo history of every click is counted
+    assert one_click >= buffer_bytes(feats)  # the session holds its image's features
+
+    store = SessionStore(max_bytes=int(one_click * 2.5))
     for key in ("a", "b", "c"):
         store.run(key, CLICKS[:1], lambda: predictor.session(feats))
-    assert len(store) == 2
+        assert store.nbytes <= store.max_bytes
+    assert len(store) == 2 and "a" not in store
     assert store.run("a", CLICKS[:1], lambda: predictor.session(feats)).path == "replay"  # "a" was evicted
-    assert store.run("c", CLICKS[:1], lambda: predictor.session(feats)).path == "cached"
+    assert store.run("a", CLICKS[:1], lambda: predictor.session(feats)).path == "cached"
     store.drop_image("c")
     assert store.run(("c", 1), CLICKS[:1], lambda: predictor.session(feats)).path == "replay"
+
+    # Growing one region click by click evicts the others, then the region itself once it alone is too big.
+    many = [Click(8 + (i * 7) % 48, 8 + (i * 11) % 80, i % 3 != 1) for i in range(120)]
+    for n in range(1, len(many) + 1):
+        out = store.run("long", many[:n], lambda: predictor.session(feats))
+        assert store.nbytes <= store.max_bytes
+        if "long" not in store:
+            break
+    assert n > 1 and "long" not in store and len(store) == 0
+    np.testing.assert_array_equal(out.result.margin, fresh(predictor, feats, many[:n]))  # still answered
+    assert store.run("long", many[:n], lambda: predictor.session(feats)).path == "replay"
 
 
 def test_a_failing_click_leaves_no_half_updated_session(predictor_and_feats):

@@ -127,8 +127,7 @@ def stack(label_studio, tmp_path_factory):
     with open(logs["backend"], "w") as out:
         backend = subprocess.Popen(
             [sys.executable, "-m", "connectors", "--db", str(tmp / "db"), "--checkpoint", str(ckpt),
-             "--port", str(port), "--actors", "1", "--ray-cpus", "2", "--basic-auth-user", AUTH[0],
-             "--image-cache", str(tmp / "image-cache")],
+             "--port", str(port), "--actors", "1", "--ray-cpus", "2", "--basic-auth-user", AUTH[0]],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", backend, logs["backend"], 600, auth=AUTH)
