@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from functools import cached_property
-from typing import TYPE_CHECKING
 
+from pipeline.image_access import ImageAccess
 from pipeline.preannotation import ImageResult
 from pipeline.preannotation_run import PreannotateConfig, TaskAttachment
 from pipeline.prompts import ImageJob, Problem, PromptSet, filter_labels
@@ -19,8 +19,6 @@ from pipeline.prompts import ImageJob, Problem, PromptSet, filter_labels
 from .label_studio_client import LabelStudioProject, index_tasks, url_template
 from .label_studio_prompts import prediction_for, task_prompts
 
-if TYPE_CHECKING:
-    from .images import ImageAccess
 
 
 def label_studio_url(cfg: PreannotateConfig) -> str | None:
@@ -41,10 +39,8 @@ class ProjectLink:
         return LabelStudioProject(label_studio_url(self.cfg) or "", key or "", self.cfg.ls_project, self.cfg.ls_brush)
 
     @cached_property
-    def image_access(self) -> "ImageAccess":
-        from .images import ImageAccess
-
-        access = ImageAccess.from_env(self.cfg.allowed_roots)
+    def image_access(self) -> ImageAccess:
+        access = self.cfg.image_access or ImageAccess.from_env()
         if self.cfg.ls_url:
             access = replace(access, label_studio_url=self.cfg.ls_url.rstrip("/"))
         return access

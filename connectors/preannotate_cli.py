@@ -12,6 +12,7 @@ from interformer.config import CONFIGS, PreprocessConfig
 from pipeline.coco_output import FORMATS
 from pipeline.encoding import EncoderSpec
 from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE
+from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
 from pipeline.preannotation import ClickPolicy
 from pipeline.preannotation_run import DEFAULT_IMAGE_URL, PreannotateConfig
 from pipeline.prompts import USE_CHOICES
@@ -80,9 +81,8 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     model.add_argument("--encode-missing", action="store_true",
                        help="encode images that have no stored features on the workers' CPUs (and store them); "
                        "without it their objects are reported as no_features")
-    model.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
-                       help="local folder Label Studio tasks' image paths may point into, for --encode-missing "
-                       "(repeatable)")
+    add_image_access_arguments(p.add_argument_group(
+        "image access (--encode-missing on Label Studio tasks: where their images may be read from)"))
     sim = p.add_argument_group("click simulation (coarse masks and polygons)")
     sim.add_argument("--target-iou", type=float, default=0.9,
                      help="stop clicking when the mask reaches this IoU against the coarse label (default: %(default)s)")
@@ -119,6 +119,10 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         if not sep or not key:
             parser.error(f"--storage-option expects KEY=VALUE, got {item!r}")
         options[key] = value
+    try:
+        access = ImageAccess.from_args(a)
+    except (ImageAccessError, ValueError) as e:
+        parser.error(f"image access: {e}")
     variant = a.variant or (None if a.checkpoint else "light")
     encoder = EncoderSpec(checkpoint=os.path.abspath(a.checkpoint) if a.checkpoint else None, variant=variant,
                           preprocess=PreprocessConfig(max_side=a.max_side), seed=a.seed)
@@ -130,7 +134,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
             coco_format=a.coco_format, db=a.db if "://" in a.db else os.path.abspath(a.db), table=a.table,
             storage_options=options, encoder=encoder, model_version=a.model_version,
             policy=ClickPolicy(a.target_iou, a.max_clicks), encode_missing=a.encode_missing,
-            allowed_roots=tuple(a.allowed_root), run_dir=a.run_dir, fresh=a.fresh, workers=a.workers,
+            image_access=access, run_dir=a.run_dir, fresh=a.fresh, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker, address=a.address, num_cpus=a.num_cpus, limit=a.limit,
         )
     except ValueError as e:

@@ -62,7 +62,7 @@ class PreannotateConfig:
     model_version: str | None = None
     policy: ClickPolicy = field(default_factory=ClickPolicy)
     encode_missing: bool = False
-    allowed_roots: tuple[str, ...] = ()
+    image_access: Any = None  # pipeline.image_access.ImageAccess: where task images may be read from
     run_dir: str | None = None
     fresh: bool = False
     workers: int | None = None
