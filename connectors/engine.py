@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +23,7 @@ import numpy as np
 
 from interformer.config import PreprocessConfig
 from interformer.features import ImageFeatures
-from interformer.predictor import Predictor, set_cpu_threads
+from interformer.predictor import InteractiveSession, Predictor, set_cpu_threads
 from pipeline.encoding import EncoderSpec, build_predictor
 from pipeline.feature_store import (
     EncodedImage,
@@ -37,6 +38,7 @@ from pipeline.images import ImageDecodeError, decode_image
 
 from .images import ImageAccess, ImageAccessError, fetch_image_path
 from .logs import get_logger, log_event
+from .onscreen import start_mask
 from .rle import mask_to_rle
 from .segment import SegmentError, SegmentRequest, SegmentResult
 from .sessions import SessionStore
@@ -107,6 +109,7 @@ class SegmentEngine:
         self.encode_missing = encode_missing
         self._uri_ds: lance.LanceDataset | None = None
         self._uri_to_id: dict[str, str] = {}
+        self._start_sources: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its start
 
     def segment(self, req: SegmentRequest) -> SegmentResult:
         """Answer one request; SegmentError (4xx) for requests that cannot be answered."""
@@ -124,13 +127,15 @@ class SegmentEngine:
                 f"but its features were computed at {feats.geometry.original_size[1]}x"
                 f"{feats.geometry.original_size[0]}: is the task pointing at another file?",
             )
+        starts: dict = {}
         try:
             outcome = self.sessions.run(
                 (image_id, req.region_key), req.clicks,
-                lambda: self.predictor.session(feats, box=req.box), variant=req.box,
+                lambda: self._new_session(feats, req, starts), variant=req.box,
             )
         except ValueError as e:  # InvalidClickError and friends
             raise SegmentError(422, str(e)) from None
+        start = self._start_sources.get(outcome.session, "blank")
         result = outcome.result
         mask = result.mask
         if req.box is not None:
@@ -142,9 +147,23 @@ class SegmentEngine:
         t2 = time.perf_counter()
         rle = mask_to_rle(mask)
         t3 = time.perf_counter()
-        t.update(interact=(t2 - t1) * 1e3, rle=(t3 - t2) * 1e3, actor_total=(t3 - t0) * 1e3)
+        t.update(interact=(t2 - t1) * 1e3, rle=(t3 - t2) * 1e3, actor_total=(t3 - t0) * 1e3, **starts)
         return SegmentResult(rle=rle, score=score, image_id=image_id, path=outcome.path, steps=outcome.steps,
-                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand)
+                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand, start=start)
+
+    def _new_session(self, feats: ImageFeatures, req: SegmentRequest, timings: dict) -> InteractiveSession:
+        """A session for the region: from the on-screen mask under its first positive click, else blank.
+        Chosen once per session (sessions.py keeps it), so later clicks decode nothing."""
+        t0 = time.perf_counter()
+        mask = start_mask(req.start, req.clicks)
+        source = req.start.source if mask is not None else "blank"
+        session = self.predictor.session(feats, box=req.box, initial_mask=mask)
+        self._start_sources[session] = source
+        if req.start is not None:
+            timings["start_mask"] = (time.perf_counter() - t0) * 1e3
+            log_event(log, "session start", image_id=req.image_id, region=req.region_key, start=source,
+                      candidates=len(req.start.rles))
+        return session
 
     def _features(self, image_id: str | None, req: SegmentRequest, t: dict) -> tuple[ImageFeatures, bool, str]:
         t0 = time.perf_counter()

@@ -72,6 +72,7 @@ class Task(_Lenient):
     data: dict[str, Any]
     annotations: list[dict[str, Any]] = Field(default_factory=list)
     drafts: list[dict[str, Any]] = Field(default_factory=list)
+    predictions: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class PredictRequest(_Lenient):

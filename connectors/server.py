@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import secrets
@@ -23,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .logs import get_logger, log_event
+from .onscreen import interactive_region_id, onscreen_candidates
 from .protocol import (
     LabelConfig,
     PredictRequest,
@@ -239,12 +241,12 @@ async def _interactive(state: _State, body: PredictRequest, config: LabelConfig,
     if not prompt.has_positive:
         fields.update(outcome="negative_only")
         return {"results": [prediction([], mv)]}
-    req = _segment_request(task, prompt, config)
+    req = dataclasses.replace(_segment_request(task, prompt, config), start=onscreen_candidates(task, prompt))
     res = await state.segmenter.segment(req)
     fields.update(image_id=res.image_id, session=res.path, steps=res.steps, actor=res.actor, area=res.area,
-                  encoded_on_demand=res.encoded_on_demand,
+                  encoded_on_demand=res.encoded_on_demand, start=res.start,
                   **{f"{k}_ms": round(v, 2) for k, v in res.timings_ms.items()})
-    return {"results": [prediction([brush_result(res.rle, prompt, res.score)], mv)]}
+    return {"results": [prediction([brush_result(res.rle, prompt, res.score, interactive_region_id())], mv)]}
 
 
 async def _batch(state: _State, body: PredictRequest, config: LabelConfig, fields: dict) -> dict:

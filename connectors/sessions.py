@@ -15,6 +15,7 @@ mask never depends on the path taken (tests/test_backend_sessions.py checks it).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
@@ -39,6 +40,7 @@ class SessionOutcome:
     result: Any  # the predictor's ClickResult for the last click
     path: str  # "cached", "step", "undo" or "replay"
     steps: int  # interact steps run for this request
+    session: Any = None  # the session that answered (its `start` tells what it began from)
 
 
 class SessionStore:
@@ -80,7 +82,7 @@ class SessionStore:
                 self._entries.move_to_end(key)
                 outcome = _reuse(entry, clicks)
                 if outcome is not None:
-                    return outcome
+                    return dataclasses.replace(outcome, session=entry.session)
             session = entry.session if entry is not None else new_session()
             result = _replay(session, clicks)
         except BaseException:
@@ -90,7 +92,7 @@ class SessionStore:
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
-        return SessionOutcome(result, "replay", len(clicks))
+        return SessionOutcome(result, "replay", len(clicks), session)
 
 
 def _reuse(entry: _Entry, clicks: tuple[Click, ...]) -> SessionOutcome | None:
