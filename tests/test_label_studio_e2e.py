@@ -30,6 +30,7 @@ from backend_support import (
     keypoint,
     make_checkpoint,
     pixel,
+    rectangle,
     reference_mask,
     write_png,
 )
@@ -184,3 +185,39 @@ def test_batch_predictions_from_stored_keypoints_and_the_webhook(stack, project)
                  if line.startswith("{")]
     hooks = [r for r in log_lines if r.get("path") == "/webhook"]
     assert any(r.get("action") == "ANNOTATION_CREATED" and r["status"] == 200 for r in hooks), hooks
+
+
+def test_a_click_on_a_pre_annotated_object_refines_the_prediction(stack, project):
+    """Pre-annotate a task with jobs/preannotate.py --push (a box drawn in Label Studio), then click on that
+    object through Label Studio: the answer is the API's initial_mask session on the prediction's mask."""
+    client, name = project["client"], stack["images"][0][0]
+    image_id = f"{name}.png"
+    p = client.projects.create(title="refine e2e", label_config=LABEL_CONFIG)
+    (tid,) = client.projects.import_tasks(id=p.id, return_task_ids=True, request=[{"data": {
+        "image": f"/data/local-files/?d={stack['storage'].name}/encoded/{image_id}", "image_id": image_id}}]).task_ids
+    client.annotations.create(id=tid, result=[rectangle(20, 15, 55, 70, SIZE, item_id="box")])
+    env = {**os.environ, **stack["ls"].env()}
+    log = stack["tmp"] / "preannotate.log"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, str(ROOT / "jobs" / "preannotate.py"), "--ls-project", str(p.id),
+                               "--push", "--db", str(stack["tmp"] / "db"), "--checkpoint", str(stack["ckpt"]),
+                               "--workers", "0", "--run-dir", str(stack["tmp"] / "refine-run")],
+                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+    assert done.returncode == 0, log.read_text()[-4000:]
+    (pred,) = list(client.predictions.list(task=tid))
+    prior = decode({"result": [dict(r) for r in pred.result]})
+    assert 0 < prior.sum() < prior.size
+    ml = client.ml.create(project=p.id, url=stack["backend_url"], title="InterFormer", is_interactive=True,
+                          auth_method="BASIC_AUTH", basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1])
+    inside = np.argwhere(prior)
+    row, col = inside[len(inside) // 2]
+    x, y = (col + 0.5) * 100.0 / SIZE[1], (row + 0.5) * 100.0 / SIZE[0]
+    clicks, items = [pixel(x, y, SIZE)], [keypoint(x, y, SIZE, item_id="fix1")]
+    raw = client.ml.with_raw_response.predict_interactive(id=ml.id, task=tid, context={"result": items})
+    answer = decode(raw.response.json()["data"])
+    db = stack["tmp"] / "db"
+    refined = reference_mask(stack["ckpt"], db, "features", image_id, clicks, initial_mask=prior)
+    np.testing.assert_array_equal(answer, refined)
+    assert not np.array_equal(answer, reference_mask(stack["ckpt"], db, "features", image_id, clicks))
+    text = wait_for_line(stack["logs"]["backend"], f'"start": "prediction:{pred.id}"')
+    assert f'"start": "prediction:{pred.id}"' in text
