@@ -35,6 +35,7 @@ from pipeline.feature_store import (
     table_uri,
 )
 from pipeline.images import ImageDecodeError, decode_image
+from pipeline.polygons import mask_to_polygons
 
 from .images import ImageAccess, ImageAccessError, fetch_image_path
 from .logs import get_logger, log_event
@@ -145,11 +146,18 @@ class SegmentEngine:
             mask = bounded
         score = _score(result.margin, feats, mask)
         t2 = time.perf_counter()
-        rle = mask_to_rle(mask)
+        rle, polygons, polygon_iou = [], None, None
+        if req.output == "polygonlabels":
+            polys = mask_to_polygons(mask)
+            polygons, polygon_iou = polys.label_studio_points(), polys.iou
+        else:
+            rle = mask_to_rle(mask)
         t3 = time.perf_counter()
-        t.update(interact=(t2 - t1) * 1e3, rle=(t3 - t2) * 1e3, actor_total=(t3 - t0) * 1e3, **starts)
+        t.update(interact=(t2 - t1) * 1e3, actor_total=(t3 - t0) * 1e3, **starts)
+        t["polygon" if polygons is not None else "rle"] = (t3 - t2) * 1e3
         return SegmentResult(rle=rle, score=score, image_id=image_id, path=outcome.path, steps=outcome.steps,
-                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand, start=start)
+                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand, start=start,
+                             polygons=polygons, polygon_iou=polygon_iou)
 
     def _new_session(self, feats: ImageFeatures, req: SegmentRequest, timings: dict) -> InteractiveSession:
         """A session for the region: from the on-screen mask under its first positive click, else blank.
@@ -162,7 +170,7 @@ class SegmentEngine:
         if req.start is not None:
             timings["start_mask"] = (time.perf_counter() - t0) * 1e3
             log_event(log, "session start", image_id=req.image_id, region=req.region_key, start=source,
-                      candidates=len(req.start.rles))
+                      candidates=len(req.start.shapes))
         return session
 
     def _features(self, image_id: str | None, req: SegmentRequest, t: dict) -> tuple[ImageFeatures, bool, str]:

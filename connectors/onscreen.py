@@ -4,9 +4,10 @@ Label Studio 1.23.2 embeds the task's annotations, drafts and predictions, with 
 in every interactive /predict body (shared/spec/integrations.md §1.2), so no extra round trip to
 Label Studio is needed. Which mask wins:
 
-1. the newest (by `updated_at`, else `created_at`) non-cancelled annotation or draft that has a brush
-   region with the prompt's label: what the annotator last saved or is editing; when one exists, a
-   prediction is never resurrected over it (the annotator may have deleted that region on purpose);
+1. the newest (by `updated_at`, else `created_at`) non-cancelled annotation or draft that has a brush or
+   polygon region with the prompt's label on the prompt's image: what the annotator last saved or is
+   editing; when one exists, a prediction is never resurrected over it (the annotator may have deleted
+   that region on purpose);
 2. else the newest prediction with such a region (e.g. a pre-annotation by jobs/preannotate.py);
 3. within that source, the first region (in its order) whose mask contains the region's first positive
    click: the object the annotator clicked on. No region under the click: a blank start (a new object).
@@ -25,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from interformer.clicks import Click
+from pipeline.polygons import rasterize
 
 from .protocol import Prompt, Task
 from .rle import rle_to_mask
@@ -39,10 +41,12 @@ def interactive_region_id() -> str:
 
 @dataclass(frozen=True)
 class StartCandidates:
-    """Brush masks of one source that a region's session may start from, in the source's order."""
+    """Masks of one source that a region's session may start from, in the source's order."""
 
     source: str  # "annotation:<id>", "draft:<id>" or "prediction:<id>"
-    rles: tuple[np.ndarray, ...]  # Label Studio brush RLE bytes (uint8), one per region with the label
+    # one per region with the label: ("rle", Label Studio brush RLE bytes as uint8) or
+    # ("polygon", (k, 2) float64 points in percent of the width / height)
+    shapes: tuple[tuple[str, np.ndarray], ...]
     size: tuple[int, int]  # (H, W) of the masks
 
 
@@ -62,25 +66,36 @@ def _rle_bytes(rle: Any) -> np.ndarray | None:
     return arr.astype(np.uint8)
 
 
-def _regions(result: Any, prompt: Prompt) -> list[np.ndarray]:
-    """RLEs of the brush regions in `result` that belong to the prompt's tag, image, label and size."""
+def _points(points: Any) -> np.ndarray | None:
+    try:
+        arr = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if arr.ndim != 2 or arr.shape[0] < 3 or arr.shape[1] != 2 or not np.isfinite(arr).all():
+        return None
+    return arr
+
+
+def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray]]:
+    """Shapes of the brush / polygon regions in `result` with the prompt's label, image and size."""
     out = []
     for r in result if isinstance(result, list) else []:
-        if not isinstance(r, dict) or r.get("type") != "brushlabels":
+        if not isinstance(r, dict) or r.get("type") not in ("brushlabels", "polygonlabels"):
             continue
-        if str(r.get("id") or "").startswith(INTERACTIVE_ID_PREFIX):
-            continue
-        if r.get("from_name", prompt.brush_name) != prompt.brush_name or r.get("to_name", prompt.image_name) != prompt.image_name:
+        if str(r.get("id") or "").startswith(INTERACTIVE_ID_PREFIX) or r.get("to_name", prompt.image_name) != prompt.image_name:
             continue
         value = r.get("value") if isinstance(r.get("value"), dict) else {}
-        labels = value.get("brushlabels")
-        if not isinstance(labels, list) or prompt.label not in labels or value.get("format", "rle") != "rle":
+        labels = value.get(r["type"])
+        if not isinstance(labels, list) or prompt.label not in labels:
             continue
         if (r.get("original_height"), r.get("original_width")) != tuple(prompt.original_size):
             continue
-        rle = _rle_bytes(value.get("rle"))
-        if rle is not None:
-            out.append(rle)
+        if r["type"] == "brushlabels" and value.get("format", "rle") == "rle":
+            shape = ("rle", _rle_bytes(value.get("rle")))
+        else:
+            shape = ("polygon", _points(value.get("points")))
+        if shape[1] is not None:
+            out.append(shape)
     return out
 
 
@@ -88,9 +103,9 @@ def _newest(items: Iterable[tuple[str, dict[str, Any]]], prompt: Prompt) -> Star
     ranked = sorted((it for it in items if isinstance(it[1], dict) and not it[1].get("was_cancelled")),
                     key=lambda it: _stamp(it[1]), reverse=True)
     for kind, item in ranked:
-        rles = _regions(item.get("result"), prompt)
-        if rles:
-            return StartCandidates(f"{kind}:{item.get('id')}", tuple(rles), tuple(prompt.original_size))
+        shapes = _regions(item.get("result"), prompt)
+        if shapes:
+            return StartCandidates(f"{kind}:{item.get('id')}", tuple(shapes), tuple(prompt.original_size))
     return None
 
 
@@ -106,10 +121,13 @@ def start_mask(candidates: StartCandidates | None, clicks: tuple[Click, ...]) ->
     if candidates is None or first is None:
         return None
     h, w = candidates.size
-    for rle in candidates.rles:
+    for kind, data in candidates.shapes:
         try:
-            mask = rle_to_mask(rle, h, w)
-        except (ValueError, IndexError):  # a corrupt or mis-sized RLE is no start mask
+            if kind == "rle":
+                mask = rle_to_mask(data, h, w)
+            else:
+                mask = rasterize([(data * [w / 100.0, h / 100.0]).reshape(-1).tolist()], (h, w))
+        except (ValueError, IndexError):  # a corrupt or mis-sized shape is no start mask
             continue
         if 0 <= first.row < h and 0 <= first.col < w and mask[first.row, first.col]:
             return mask

@@ -38,6 +38,7 @@ class SegmentRequest:
     box: Roi | None = None  # (left, up, right, bottom) of a box prompt: zoom-in region and mask bound
     region_key: str = ""
     start: StartCandidates | None = None  # masks on screen the region's session may start from (onscreen.py)
+    output: str = "brushlabels"  # answer as brush RLE, or "polygonlabels": polygons (pipeline/polygons.py)
 
     @property
     def route_key(self) -> str:
@@ -57,6 +58,8 @@ class SegmentResult:
     encoded_on_demand: bool = False
     actor: int = -1
     start: str = "blank"  # what the region's session started from: "blank" or the source of its mask
+    polygons: list[list[list[float]]] | None = None  # output "polygonlabels": per polygon [[x%, y%], ...]
+    polygon_iou: float | None = None  # IoU of those polygons against the mask
 
 
 class Segmenter(Protocol):

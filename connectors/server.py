@@ -31,7 +31,7 @@ from .protocol import (
     Prompt,
     ProtocolError,
     SetupRequest,
-    brush_result,
+    mask_results,
     parse_body,
     parse_label_config,
     prediction,
@@ -228,6 +228,7 @@ def _segment_request(task, prompt: Prompt, config: LabelConfig) -> SegmentReques
         task_id=task.id,
         box=prompt.box,
         region_key=prompt.region_key,
+        output=prompt.output_type,
     )
 
 
@@ -244,9 +245,10 @@ async def _interactive(state: _State, body: PredictRequest, config: LabelConfig,
     req = dataclasses.replace(_segment_request(task, prompt, config), start=onscreen_candidates(task, prompt))
     res = await state.segmenter.segment(req)
     fields.update(image_id=res.image_id, session=res.path, steps=res.steps, actor=res.actor, area=res.area,
-                  encoded_on_demand=res.encoded_on_demand, start=res.start,
+                  encoded_on_demand=res.encoded_on_demand, start=res.start, polygon_iou=res.polygon_iou,
                   **{f"{k}_ms": round(v, 2) for k, v in res.timings_ms.items()})
-    return {"results": [prediction([brush_result(res.rle, prompt, res.score, interactive_region_id())], mv)]}
+    regions = mask_results(prompt, res.score, res.rle, res.polygons, interactive_region_id())
+    return {"results": [prediction(regions, mv)]}
 
 
 async def _batch(state: _State, body: PredictRequest, config: LabelConfig, fields: dict) -> dict:
@@ -270,7 +272,7 @@ async def _batch(state: _State, body: PredictRequest, config: LabelConfig, field
             except SegmentError as e:
                 failures.append(f"task {task.id}: {e.message}")
                 continue
-            results.append(brush_result(res.rle, prompt, res.score))
+            results.extend(mask_results(prompt, res.score, res.rle, res.polygons))
         return prediction(results, mv)
 
     predictions = await asyncio.gather(*(one_task(t) for t in body.tasks))

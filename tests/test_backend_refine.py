@@ -11,10 +11,11 @@ from fastapi.testclient import TestClient
 
 from connectors.engine import EngineConfig, InProcessSegmenter
 from connectors.onscreen import INTERACTIVE_ID_PREFIX, StartCandidates, onscreen_candidates, start_mask
-from connectors.protocol import ContextItem, Task, parse_label_config, prompt_from_items
+from connectors.protocol import ContextItem, ProtocolError, Task, parse_label_config, prompt_from_items
 from connectors.rle import mask_to_rle, rle_to_mask
 from connectors.server import ServerSettings, create_app
 from interformer.clicks import Click
+from pipeline.polygons import mask_to_polygons
 
 SIZE = (64, 96)
 CONFIG = parse_label_config(LABEL_CONFIG)
@@ -30,6 +31,11 @@ def region(mask: np.ndarray, label: str = "object", rid: str = "r1", **extra) ->
     return {"id": rid, "type": "brushlabels", "from_name": "tag", "to_name": "image", "original_height": SIZE[0],
             "original_width": SIZE[1], "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
             **extra}
+
+
+def polygon_region(points, label: str = "object", rid: str = "p1") -> dict:
+    return {"id": rid, "type": "polygonlabels", "from_name": "poly", "to_name": "image", "original_height": SIZE[0],
+            "original_width": SIZE[1], "value": {"points": points, "polygonlabels": [label], "closed": True}}
 
 
 def prompt(x: float, y: float):
@@ -60,6 +66,12 @@ def test_saved_annotation_or_draft_wins_over_predictions_newest_first():
     assert chosen(Task(id=1, data={}, annotations=[older, cancelled]))[0] == "annotation:2"
 
 
+def test_polygon_regions_are_start_masks_too():
+    (points,) = mask_to_polygons(LEFT).label_studio_points()
+    source, mask = chosen(Task(id=1, data={}, predictions=[{"id": 8, "result": [polygon_region(points)]}]))
+    assert source == "prediction:8" and np.array_equal(mask, LEFT)
+
+
 def test_saved_work_without_the_object_does_not_resurrect_the_prediction():
     pred = {"id": 1, "result": [region(LEFT)]}
     ann = {"id": 2, "updated_at": "2026-11-26T10:05:00Z", "result": [region(RIGHT)]}
@@ -72,10 +84,11 @@ def test_regions_of_other_labels_tags_sizes_ours_and_corrupt_ones_are_ignored():
     bad_rle["value"]["rle"] = [300, -1]
     wrong_size = region(LEFT)
     wrong_size["original_width"] = 95
-    others = [region(LEFT, label="dog"), {**region(LEFT), "from_name": "other"}, wrong_size, bad_rle,
-              region(LEFT, rid=INTERACTIVE_ID_PREFIX + "abc"), {**region(LEFT), "type": "polygonlabels"}]
+    others = [region(LEFT, label="dog"), {**region(LEFT), "to_name": "other"}, wrong_size, bad_rle,
+              region(LEFT, rid=INTERACTIVE_ID_PREFIX + "abc"), {**region(LEFT), "type": "polygonlabels"},
+              polygon_region([[10, 10], [20, 10]]), polygon_region([[10, 10], [20, "x"], [5, 5]])]
     assert onscreen_candidates(Task(id=1, data={}, drafts=[{"id": 4, "result": others}]), prompt(*ON_LEFT)) is None
-    truncated = StartCandidates("prediction:9", (np.asarray(mask_to_rle(LEFT)[:8], dtype=np.uint8),), SIZE)
+    truncated = StartCandidates("prediction:9", (("rle", np.asarray(mask_to_rle(LEFT)[:8], dtype=np.uint8)),), SIZE)
     assert start_mask(truncated, prompt(*ON_LEFT).clicks) is None
     assert start_mask(None, prompt(*ON_LEFT).clicks) is None
     negative_only = (Click(30, 20, False),)
@@ -132,3 +145,41 @@ def test_a_click_off_every_mask_starts_blank(env):
     pred = {"id": 12, "result": [region(LEFT)]}
     mask, _, _ = ask(env, [keypoint(*ON_RIGHT, SIZE, item_id="b1")], predictions=[pred])
     np.testing.assert_array_equal(mask, expected(env, [pixel(*ON_RIGHT, SIZE)]))
+
+
+POLYGON_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object" smart="true"/><Label value="thing" smart="true"/></KeyPointLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="object"/></PolygonLabels>
+  <BrushLabels name="tag" toName="image"><Label value="thing"/></BrushLabels>
+</View>"""
+
+
+def test_polygon_labels_answer_with_polygons_brush_labels_with_brush(env):
+    config = parse_label_config(POLYGON_CONFIG)
+    assert config.polygons["image"].name == "poly" and config.brushes["image"].name == "tag"
+    assert prompt_from_items([ContextItem.model_validate(keypoint(*ON_LEFT, SIZE))], config).output_type == "polygonlabels"
+    items = [keypoint(*ON_RIGHT, SIZE, item_id="p1")]
+    task = {"id": 9, "data": {"image_id": "img-0"}, "annotations": [], "drafts": [], "predictions": []}
+    r = env["client"].post("/predict", json={"tasks": [task], "label_config": POLYGON_CONFIG, "project": "2.1",
+                                             "params": {"context": {"result": items}}})
+    assert r.status_code == 200, r.text
+    regions = r.json()["results"][0]["result"]
+    want = mask_to_polygons(expected(env, [pixel(*ON_RIGHT, SIZE)]))
+    assert [g["value"]["points"] for g in regions] == want.label_studio_points() and regions
+    assert all(g["type"] == "polygonlabels" and g["from_name"] == "poly" and g["value"]["polygonlabels"] == ["object"]
+               and g["id"].startswith(INTERACTIVE_ID_PREFIX) for g in regions)
+    thing = [keypoint(*ON_RIGHT, SIZE, label="thing", item_id="t1")]
+    r = env["client"].post("/predict", json={"tasks": [task], "label_config": POLYGON_CONFIG, "project": "2.1",
+                                             "params": {"context": {"result": thing}}})
+    (brush,) = r.json()["results"][0]["result"]
+    assert brush["type"] == "brushlabels" and brush["from_name"] == "tag"
+    bad = [keypoint(*ON_RIGHT, SIZE, label="dog", item_id="d1")]
+    r = env["client"].post("/predict", json={"tasks": [task], "label_config": POLYGON_CONFIG, "project": "2.1",
+                                             "params": {"context": {"result": bad}}})
+    assert r.status_code == 422 and "'dog'" in r.json()["error"]
+    only_polygons = POLYGON_CONFIG.replace('<BrushLabels name="tag" toName="image"><Label value="thing"/></BrushLabels>', "")
+    assert parse_label_config(only_polygons).brushes == {}
+    with pytest.raises(ProtocolError, match="PolygonLabels toName='elsewhere'"):
+        parse_label_config(only_polygons.replace('toName="image"><Label value="object"/>',
+                                                 'toName="elsewhere"><Label value="object"/>'))
