@@ -36,6 +36,7 @@ from backend_support import (
 )
 
 from connectors.rle import rle_to_mask
+from pipeline.polygons import mask_to_polygons
 
 pytestmark = pytest.mark.slow
 
@@ -221,3 +222,25 @@ def test_a_click_on_a_pre_annotated_object_refines_the_prediction(stack, project
     assert not np.array_equal(answer, reference_mask(stack["ckpt"], db, "features", image_id, clicks))
     text = wait_for_line(stack["logs"]["backend"], f'"start": "prediction:{pred.id}"')
     assert f'"start": "prediction:{pred.id}"' in text
+
+
+POLYGON_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <PolygonLabels name="poly" toName="image"><Label value="object" background="#00FF00"/></PolygonLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object" smart="true"/></KeyPointLabels>
+</View>"""
+
+
+def test_a_polygon_project_gets_polygons_through_label_studio(stack, project):
+    client, image_id = project["client"], f"{stack['images'][1][0]}.png"
+    p = client.projects.create(title="polygon e2e", label_config=POLYGON_CONFIG)
+    (tid,) = client.projects.import_tasks(id=p.id, return_task_ids=True, request=[{"data": {
+        "image": f"/data/local-files/?d={stack['storage'].name}/encoded/{image_id}", "image_id": image_id}}]).task_ids
+    ml = client.ml.create(project=p.id, url=stack["backend_url"], title="InterFormer", is_interactive=True,
+                          auth_method="BASIC_AUTH", basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1])
+    raw = client.ml.with_raw_response.predict_interactive(id=ml.id, task=tid,
+                                                          context={"result": [keypoint(50, 50, SIZE, item_id="pg")]})
+    regions = raw.response.json()["data"]["result"]
+    mask = reference_mask(stack["ckpt"], stack["tmp"] / "db", "features", image_id, [pixel(50, 50, SIZE)])
+    assert regions and all(r["type"] == "polygonlabels" and r["value"]["polygonlabels"] == ["object"] for r in regions)
+    assert [r["value"]["points"] for r in regions] == mask_to_polygons(mask).label_studio_points()
