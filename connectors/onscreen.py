@@ -73,7 +73,7 @@ def _points(points: Any) -> np.ndarray | None:
         return None
     if arr.ndim != 2 or arr.shape[0] < 3 or arr.shape[1] != 2 or not np.isfinite(arr).all():
         return None
-    return arr
+    return np.clip(arr, 0.0, 100.0)  # percent: never rasterise far outside the image (cost grows with extent)
 
 
 def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray]]:
@@ -127,7 +127,7 @@ def start_mask(candidates: StartCandidates | None, clicks: tuple[Click, ...]) ->
                 mask = rle_to_mask(data, h, w)
             else:
                 mask = rasterize([(data * [w / 100.0, h / 100.0]).reshape(-1).tolist()], (h, w))
-        except (ValueError, IndexError):  # a corrupt or mis-sized shape is no start mask
+        except Exception:  # noqa: BLE001 - a region from the request that does not decode is no start mask
             continue
         if 0 <= first.row < h and 0 <= first.col < w and mask[first.row, first.col]:
             return mask

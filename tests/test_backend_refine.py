@@ -8,6 +8,8 @@ import pytest
 from backend_support import (LABEL_CONFIG, encode_into_store, grabcut_images, keypoint, make_checkpoint, pixel,
                              reference_mask, write_png)
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connectors.engine import EngineConfig, InProcessSegmenter
 from connectors.onscreen import INTERACTIVE_ID_PREFIX, StartCandidates, onscreen_candidates, start_mask
@@ -70,6 +72,8 @@ def test_polygon_regions_are_start_masks_too():
     (points,) = mask_to_polygons(LEFT).label_studio_points()
     source, mask = chosen(Task(id=1, data={}, predictions=[{"id": 8, "result": [polygon_region(points)]}]))
     assert source == "prediction:8" and np.array_equal(mask, LEFT)
+    huge = polygon_region([[-1e12, -1e12], [1e12, -1e12], [1e12, 1e12], [-1e12, 1e12]])  # clipped to the image
+    assert chosen(Task(id=1, data={}, drafts=[{"id": 9, "result": [huge]}]))[1].all()
 
 
 def test_saved_work_without_the_object_does_not_resurrect_the_prediction():
@@ -183,3 +187,26 @@ def test_polygon_labels_answer_with_polygons_brush_labels_with_brush(env):
     with pytest.raises(ProtocolError, match="PolygonLabels toName='elsewhere'"):
         parse_label_config(only_polygons.replace('toName="image"><Label value="object"/>',
                                                  'toName="elsewhere"><Label value="object"/>'))
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-300, 300) | st.floats(allow_nan=True) | st.text(max_size=5),
+                     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children,
+                                                                                       max_size=4), max_leaves=20)
+_value = st.fixed_dictionaries({}, optional={"format": st.sampled_from(["rle", "x"]), "rle": _json,
+                                             "points": _json, "brushlabels": st.just(["object"]) | _json,
+                                             "polygonlabels": st.just(["object"]) | _json})
+_region = st.fixed_dictionaries({"type": st.sampled_from(["brushlabels", "polygonlabels", "keypointlabels"]) | _json},
+                                optional={"id": _json, "to_name": st.just("image") | _json, "value": _value | _json,
+                                          "original_height": st.just(SIZE[0]) | _json,
+                                          "original_width": st.just(SIZE[1]) | _json})
+_item = st.fixed_dictionaries({}, optional={"id": _json, "result": st.lists(_region, max_size=3) | _json,
+                                            "updated_at": _json, "created_at": _json, "was_cancelled": _json})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_item, max_size=2), st.lists(_item, max_size=2), st.lists(_item, max_size=2))
+def test_hostile_task_contents_never_break_a_click(annotations, drafts, predictions):
+    task = Task(id=1, data={}, annotations=annotations, drafts=drafts, predictions=predictions)
+    p = prompt(*ON_LEFT)
+    mask = start_mask(onscreen_candidates(task, p), p.clicks)
+    assert mask is None or (mask.shape == SIZE and mask.dtype == bool)
