@@ -210,3 +210,12 @@ def test_hostile_task_contents_never_break_a_click(annotations, drafts, predicti
     p = prompt(*ON_LEFT)
     mask = start_mask(onscreen_candidates(task, p), p.clicks)
     assert mask is None or (mask.shape == SIZE and mask.dtype == bool)
+
+
+def test_an_rle_claiming_another_size_is_refused_before_decoding():
+    rle = mask_to_rle(LEFT)
+    with pytest.raises(ValueError, match="pixels"):
+        rle_to_mask([255, 255, 255, 252] + rle[4:], *SIZE)  # ~1e9 pixels claimed: never allocated
+    with pytest.raises(ValueError, match="header"):
+        rle_to_mask([1, 2], *SIZE)
+    assert np.array_equal(rle_to_mask(rle, *SIZE), LEFT)
