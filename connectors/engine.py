@@ -2,8 +2,9 @@
 
 `SegmentEngine` is the body of a CPU serving actor. It loads the interact part of the model once,
 opens the feature table once, keeps a bounded LRU of decoded features and the per-region sessions,
-and answers a `SegmentRequest` with RLE + score only. `OnDemandEncoder` is the body of the encoder
-actor: it fetches an image that has no features yet (only from allowed sources, see images.py),
+and answers a `SegmentRequest` with RLE (or polygons) + score only; a region's session starts from
+the mask on screen under its first click when the request carries one (onscreen.py). `OnDemandEncoder`
+is the body of the encoder actor: it fetches an image that has no features yet (only from allowed sources, see images.py),
 encodes it on CPU and stores the row, so that the engine can answer, slower, instead of failing.
 Both are plain classes so that they run the same inside Ray actors and in-process.
 """

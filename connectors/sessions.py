@@ -10,8 +10,9 @@ it has seen:
 - anything else (another annotator on the same region key, an actor that restarted and lost its
   state, a click moved or removed mid-list)   -> the session is rebuilt from the clicks ("replay").
 
-Replay runs the same per-click sequence as stepping, and undo returns states stepping stored, so the
-mask never depends on the path taken (tests/test_backend_sessions.py checks it).
+Replay runs the same per-click sequence as stepping, from the session's start (blank, or the mask that was
+on screen when the session was made: onscreen.py), and undo returns states stepping stored, so the mask
+never depends on the path taken (tests/test_backend_sessions.py, tests/test_session_start.py check it).
 """
 from __future__ import annotations
 
