@@ -4,8 +4,9 @@
 opens the feature table once, keeps a bounded LRU of decoded features and the per-region sessions,
 and answers a `SegmentRequest` with RLE (or polygons) + score only; a region's session starts from
 the mask on screen under its first click when the request carries one (onscreen.py). `OnDemandEncoder`
-is the body of the encoder actor: it fetches an image that has no features yet (only from allowed sources, see images.py),
-encodes it on CPU and stores the row, so that the engine can answer, slower, instead of failing.
+is the body of the encoder actor: it fetches an image that has no features yet (only from allowed
+sources, see images.py), encodes it on CPU and stores the row, so that the engine can answer, slower,
+instead of failing.
 Both are plain classes so that they run the same inside Ray actors and in-process.
 """
 from __future__ import annotations

@@ -82,7 +82,9 @@ def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray]]:
     for r in result if isinstance(result, list) else []:
         if not isinstance(r, dict) or r.get("type") not in ("brushlabels", "polygonlabels"):
             continue
-        if str(r.get("id") or "").startswith(INTERACTIVE_ID_PREFIX) or r.get("to_name", prompt.image_name) != prompt.image_name:
+        if str(r.get("id") or "").startswith(INTERACTIVE_ID_PREFIX):
+            continue  # an answer of ours, maybe saved in a draft: never its own start
+        if r.get("to_name", prompt.image_name) != prompt.image_name:
             continue
         value = r.get("value") if isinstance(r.get("value"), dict) else {}
         labels = value.get(r["type"])

@@ -50,7 +50,8 @@ def mask_to_canvas(mask: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
         kind = f"dtype {mask.dtype}" if isinstance(mask, np.ndarray) else type(mask).__name__
         raise InvalidMaskError(f"expected a bool numpy mask, got {kind} (convert with `mask > 0`)")
     if tuple(mask.shape) != tuple(geometry.original_size):
-        raise InvalidMaskError(f"mask shape {tuple(mask.shape)} differs from the image size {tuple(geometry.original_size)}")
+        raise InvalidMaskError(f"mask shape {tuple(mask.shape)} differs from the image size "
+                               f"{tuple(geometry.original_size)}")
     h, w = geometry.resized_size
     if geometry.resized:
         mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0

@@ -30,8 +30,8 @@ DEFAULT_TOLERANCE = 1.0  # pixels (Douglas-Peucker); the most a mask is simplifi
 DEFAULT_MIN_IOU = 0.98  # below this IoU against the mask, the tolerance is halved (down to exact polygons)
 _MIN_TOLERANCE = 0.25  # below this, the next step is no simplification at all
 
-__all__ = ["DEFAULT_MIN_IOU", "DEFAULT_TOLERANCE", "MaskPolygons", "coco_segmentation", "label_studio_polygons", "mask_to_polygons",
-           "rasterize"]
+__all__ = ["DEFAULT_MIN_IOU", "DEFAULT_TOLERANCE", "MaskPolygons", "coco_segmentation", "label_studio_polygons",
+           "mask_to_polygons", "rasterize"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -153,7 +153,9 @@ def test_a_click_off_every_mask_starts_blank(env):
 
 POLYGON_CONFIG = """<View>
   <Image name="image" value="$image"/>
-  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object" smart="true"/><Label value="thing" smart="true"/></KeyPointLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true">
+    <Label value="object" smart="true"/><Label value="thing" smart="true"/>
+  </KeyPointLabels>
   <PolygonLabels name="poly" toName="image"><Label value="object"/></PolygonLabels>
   <BrushLabels name="tag" toName="image"><Label value="thing"/></BrushLabels>
 </View>"""
