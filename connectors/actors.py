@@ -2,8 +2,8 @@
 
 - `N` serving actors (`SegmentActor`), each a `SegmentEngine`: the interact part of the model loaded
   once, the feature table opened once, a bounded LRU of features and the per-region sessions.
-  Requests for one image always go to the same actor, so its features and sessions are warm there;
-  a new image goes to the least busy actor (`StickyRouter`).
+  Requests for one image always go to the same actor, so its features and sessions are warm there:
+  rendezvous hashing on the image id (`route`), so a changed actor count moves only ~1/N of the images.
 - one encoder actor (`EncoderActor`), an `OnDemandEncoder`, for images that have no features yet.
 - An actor that dies is restarted by Ray (`max_restarts`) and the request is retried once; a
   restarted actor has lost its sessions, so the retry is a replay from the clicks (same mask).
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import os
 import time
-import zlib
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -30,24 +30,56 @@ from .segment import SegmentError, SegmentRequest, SegmentResult
 log = get_logger("actors")
 
 
+def _weight(key: str, index: int) -> int:
+    """A stable 64-bit pseudo-random weight of (key, actor index): the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(f"{index}\x00{key}".encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def rendezvous_ranking(key: str, n: int) -> list[int]:
+    """Actor indices 0..n-1 ordered by rendezvous (highest-random-weight) hashing of `key`, best first.
+
+    Each index's weight depends only on (key, index), so going from n to n+1 actors moves exactly the keys
+    whose new actor n outranks all others (about 1/(n+1)), and going to n-1 moves only the keys of actor
+    n-1; every other key keeps its actor, its cached features and its sessions.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one actor, got {n}")
+    return sorted(range(n), key=lambda i: _weight(key, i), reverse=True)
+
+
 def route(key: str, n: int) -> int:
-    """Hash routing of a key to one of n actors (crc32: the same in every process, unlike hash())."""
-    return zlib.crc32(key.encode("utf-8")) % n
+    """The actor of `key` among n: its top rendezvous choice."""
+    return rendezvous_ranking(key, n)[0]
+
+
+def choose_actor(key: str, n: int, choices: int = 1, load: Sequence[Any] | None = None) -> int:
+    """The actor for a new image: the least loaded (`load[i]`, any comparable) of its top `choices`
+    rendezvous actors, ties to the better rank; `choices=1` or no `load` is `route(key, n)`."""
+    ranked = rendezvous_ranking(key, n)[: max(1, min(choices, n))]
+    if len(ranked) == 1 or load is None:
+        return ranked[0]
+    return min(ranked, key=lambda i: (load[i], ranked.index(i)))
 
 
 class StickyRouter:
-    """Image -> actor, fixed at the image's first request; the same image then always goes to the same
-    actor, where its features and sessions are warm.
+    """Image -> actor by rendezvous hashing on the image id, fixed at the image's first request.
 
-    Plain hash % N can put the few images being annotated at one moment on the same actor (4 images on
-    2 actors all landed on one in the benchmark) while another idles. A new image therefore goes to the
-    actor with the fewest requests in flight, then the fewest images, then by hash. Assignments are
-    kept for the `capacity` most recently used images.
+    A new image goes to the least busy of its top `choices` rendezvous actors: fewest requests in flight
+    (with `by_images`, then fewest images), ties to the better rank, so with idle actors it is exactly
+    `route(key, n)`. bench/bench_routing.py measured the default, 2 choices by requests in flight: it
+    moves as few images as pure rendezvous hashing when `--actors` changes (~1/(N+1) for N -> N+1) and
+    cuts the queueing of pure hashing, where a few busy images can pile onto one actor, to near the old
+    least-busy router's (which reshuffled 50-65 % of the images on a restart). `choices=1` is pure
+    rendezvous hashing. Assignments are kept for the `capacity` most recently used images.
     """
 
-    def __init__(self, n: int, capacity: int = 100_000) -> None:
+    def __init__(self, n: int, capacity: int = 100_000, choices: int = 2, by_images: bool = False) -> None:
+        if choices < 1:
+            raise ValueError(f"choices must be at least 1, got {choices}")
         self.n = n
         self.capacity = capacity
+        self.choices = min(choices, n)
+        self.by_images = by_images
         self.inflight = [0] * n
         self.images = [0] * n
         self._assigned: OrderedDict[str, int] = OrderedDict()
@@ -55,8 +87,10 @@ class StickyRouter:
     def pick(self, key: str) -> int:
         index = self._assigned.get(key)
         if index is None:
-            h = route(key, self.n)
-            index = min(range(self.n), key=lambda i: (self.inflight[i], self.images[i], (i - h) % self.n))
+            load = None
+            if self.choices > 1:
+                load = [(self.inflight[i], self.images[i] if self.by_images else 0) for i in range(self.n)]
+            index = choose_actor(key, self.n, self.choices, load)
             self._assigned[key] = index
             self.images[index] += 1
             if len(self._assigned) > self.capacity:

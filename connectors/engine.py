@@ -2,9 +2,11 @@
 
 `SegmentEngine` is the body of a CPU serving actor. It loads the interact part of the model once,
 opens the feature table once, keeps LRUs of decoded features and per-region sessions bounded in bytes,
-and answers a `SegmentRequest` with RLE + score only. `OnDemandEncoder` is the body of the encoder
-actor: it fetches an image that has no features yet (only from allowed sources, pipeline/image_access.py),
-encodes it on CPU and stores the row, so that the engine can answer, slower, instead of failing.
+and answers a `SegmentRequest` with RLE (or polygons) + score only; a region's session starts from
+the mask on screen under its first click when the request carries one (onscreen.py). `OnDemandEncoder`
+is the body of the encoder actor: it fetches an image that has no features yet (only from allowed
+sources, pipeline/image_access.py), encodes it on CPU and stores the row, so that the engine can answer,
+slower, instead of failing.
 Both are plain classes so that they run the same inside Ray actors and in-process.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import hashlib
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,7 +24,7 @@ import numpy as np
 
 from interformer.config import PreprocessConfig
 from interformer.features import ImageFeatures
-from interformer.predictor import Predictor, set_cpu_threads
+from interformer.predictor import InteractiveSession, Predictor, set_cpu_threads
 from pipeline.encoding import EncoderSpec, build_predictor
 from pipeline.feature_store import (
     EncodedImage,
@@ -34,9 +37,11 @@ from pipeline.feature_store import (
 )
 from pipeline.image_access import ImageAccess, ImageAccessError, read_image_bytes
 from pipeline.images import TOO_LARGE, ImageDecodeError, decode_image
+from pipeline.polygons import mask_to_polygons
 
 from .logs import get_logger, log_event
 from .memory import ByteLRU, buffer_bytes
+from .onscreen import start_mask
 from .rle import mask_to_rle
 from .segment import SegmentError, SegmentRequest, SegmentResult
 from .sessions import SessionStore
@@ -91,6 +96,7 @@ class SegmentEngine:
         self.encode_missing = encode_missing
         self._uri_ds: lance.LanceDataset | None = None
         self._uri_to_id: dict[str, str] = {}
+        self._start_sources: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its start
 
     def segment(self, req: SegmentRequest) -> SegmentResult:
         """Answer one request; SegmentError (4xx) for requests that cannot be answered."""
@@ -108,14 +114,16 @@ class SegmentEngine:
                 f"but its features were computed at {feats.geometry.original_size[1]}x"
                 f"{feats.geometry.original_size[0]}: is the task pointing at another file?",
             )
+        starts: dict = {}
         try:
             outcome = self.sessions.run(
                 (image_id, req.region_key), req.clicks,
-                lambda: self.predictor.session(feats, box=req.box), variant=req.box,
+                lambda: self._new_session(feats, req, starts), variant=req.box,
             )
         except ValueError as e:  # InvalidClickError and friends
             raise SegmentError(422, str(e)) from None
         self.features.remeasure(image_id)  # the first session adds the model's cache to the features
+        start = self._start_sources.get(outcome.session, "blank")
         result = outcome.result
         mask = result.mask
         if req.box is not None:
@@ -125,11 +133,32 @@ class SegmentEngine:
             mask = bounded
         score = _score(result.margin, feats, mask)
         t2 = time.perf_counter()
-        rle = mask_to_rle(mask)
+        rle, polygons, polygon_iou = [], None, None
+        if req.output == "polygonlabels":
+            polys = mask_to_polygons(mask)
+            polygons, polygon_iou = polys.label_studio_points(), polys.iou
+        else:
+            rle = mask_to_rle(mask)
         t3 = time.perf_counter()
-        t.update(interact=(t2 - t1) * 1e3, rle=(t3 - t2) * 1e3, actor_total=(t3 - t0) * 1e3)
+        t.update(interact=(t2 - t1) * 1e3, actor_total=(t3 - t0) * 1e3, **starts)
+        t["polygon" if polygons is not None else "rle"] = (t3 - t2) * 1e3
         return SegmentResult(rle=rle, score=score, image_id=image_id, path=outcome.path, steps=outcome.steps,
-                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand)
+                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand, start=start,
+                             polygons=polygons, polygon_iou=polygon_iou)
+
+    def _new_session(self, feats: ImageFeatures, req: SegmentRequest, timings: dict) -> InteractiveSession:
+        """A session for the region: from the on-screen mask under its first positive click, else blank.
+        Chosen once per session (sessions.py keeps it), so later clicks decode nothing."""
+        t0 = time.perf_counter()
+        mask = start_mask(req.start, req.clicks)
+        source = req.start.source if mask is not None else "blank"
+        session = self.predictor.session(feats, box=req.box, initial_mask=mask)
+        self._start_sources[session] = source
+        if req.start is not None:
+            timings["start_mask"] = (time.perf_counter() - t0) * 1e3
+            log_event(log, "session start", image_id=req.image_id, region=req.region_key, start=source,
+                      candidates=len(req.start.shapes))
+        return session
 
     def _features(self, image_id: str | None, req: SegmentRequest, t: dict) -> tuple[ImageFeatures, bool, str]:
         t0 = time.perf_counter()

@@ -89,6 +89,7 @@ class Task(_Lenient):
     data: dict[str, Any]
     annotations: list[dict[str, Any]] = Field(default_factory=list)
     drafts: list[dict[str, Any]] = Field(default_factory=list)
+    predictions: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class PredictRequest(_Lenient):
@@ -141,11 +142,33 @@ class ControlTag:
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """What the backend needs from a labelling config: images, the brush outputs and the prompt tools."""
+    """What the backend needs from a labelling config: images, the mask outputs and the prompt tools."""
 
     images: dict[str, str]  # Image tag name -> task data key (value="$image" -> "image")
     brushes: dict[str, ControlTag]  # Image tag name -> its BrushLabels tag
     prompts: dict[str, ControlTag] = field(default_factory=dict)  # tag name -> KeyPoint/Rectangle labels
+    polygons: dict[str, ControlTag] = field(default_factory=dict)  # Image tag name -> its PolygonLabels tag
+
+    def output_for(self, to_name: str | None, label: str) -> ControlTag:
+        """The tag a mask labelled `label` on image `to_name` is returned in: the image's PolygonLabels when
+        it has that label, else its BrushLabels (the only image when `to_name` is None)."""
+        if to_name is None:
+            names = set(self.brushes) | set(self.polygons)
+            if len(names) != 1:
+                raise ProtocolError(422, "prompt has no to_name and the label config has several output images")
+            to_name = names.pop()
+        polygon = self.polygons.get(to_name)
+        if polygon is not None and label in polygon.labels:
+            return polygon
+        if polygon is not None and to_name not in self.brushes:
+            raise ProtocolError(
+                422, f"label {label!r} is not one of the PolygonLabels {polygon.name!r} labels {list(polygon.labels)}")
+        brush = self.brush_for(to_name)
+        if label not in brush.labels:
+            raise ProtocolError(
+                422, f"label {label!r} is not one of the BrushLabels {brush.name!r} labels {list(brush.labels)}"
+            )
+        return brush
 
     def brush_for(self, to_name: str | None) -> ControlTag:
         """The BrushLabels tag that receives masks for the image `to_name` (the only image when None)."""
@@ -181,30 +204,32 @@ def parse_label_config(xml: str) -> LabelConfig:
     except ET.ParseError as e:
         raise ProtocolError(422, f"label config is not valid XML: {e}") from None
     images: dict[str, str] = {}
-    brushes: dict[str, ControlTag] = {}
+    outputs: dict[str, dict[str, ControlTag]] = {"brushlabels": {}, "polygonlabels": {}}
     prompts: dict[str, ControlTag] = {}
     for el in root.iter():
         tag = el.tag.lower() if isinstance(el.tag, str) else ""
         name = el.get("name")
         if tag == "image" and name:
             images[name] = (el.get("value") or "").lstrip("$")
-        elif tag in ("brushlabels", *PROMPT_TYPES) and name:
+        elif tag in (*outputs, *PROMPT_TYPES) and name:
             to_name = el.get("toName") or el.get("toname") or ""
             labels = tuple(lab.get("value") for lab in el if isinstance(lab.tag, str)
                            and lab.tag.lower() == "label" and lab.get("value") is not None)
             ctl = ControlTag(name, tag, to_name, labels)
-            if tag == "brushlabels":
-                brushes[to_name] = ctl
+            if tag in outputs:
+                outputs[tag][to_name] = ctl
             else:
                 prompts[name] = ctl
     if not images:
         raise ProtocolError(422, "label config has no <Image> tag")
-    if not brushes:
-        raise ProtocolError(422, "label config has no <BrushLabels> tag to receive the masks")
-    for to_name in brushes:
-        if to_name not in images:
-            raise ProtocolError(422, f"<BrushLabels toName={to_name!r}> points at no <Image> tag")
-    return LabelConfig(images, brushes, prompts)
+    if not any(outputs.values()):
+        raise ProtocolError(422, "label config has no <BrushLabels> (or <PolygonLabels>) tag to receive the masks")
+    for tag, by_image in outputs.items():
+        for to_name in by_image:
+            if to_name not in images:
+                title = "BrushLabels" if tag == "brushlabels" else "PolygonLabels"
+                raise ProtocolError(422, f"<{title} toName={to_name!r}> points at no <Image> tag")
+    return LabelConfig(images, outputs["brushlabels"], prompts, outputs["polygonlabels"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,6 +247,7 @@ class Prompt:
     original_size: tuple[int, int]  # (H, W) in pixels, as Label Studio knows the image
     box: Roi | None = None  # (left, up, right, bottom) region of a box prompt, exclusive right/bottom
     region_key: str = ""
+    output_type: str = "brushlabels"  # the type of `brush_name`'s tag: "brushlabels" or "polygonlabels"
 
     @property
     def has_positive(self) -> bool:
@@ -271,18 +297,15 @@ def prompt_from_items(items: list[ContextItem], config: LabelConfig) -> Prompt:
     to_names = {it.to_name for it in items if it.to_name is not None}
     if len(to_names) > 1:
         raise ProtocolError(422, f"context items point at several images: {sorted(to_names)}")
-    brush = config.brush_for(to_names.pop() if to_names else None)
+    to_name = to_names.pop() if to_names else None
     for it in items:
         if it.image_rotation:
             raise ProtocolError(422, f"rotated images are not supported (image_rotation={it.image_rotation})")
         if it.from_name is not None and it.from_name in config.prompts:
             if config.prompts[it.from_name].type != it.type:
                 raise ProtocolError(422, f"item from {it.from_name!r} has type {it.type}, tag is another type")
-        label = _item_label(it)
-        if label not in brush.labels:
-            raise ProtocolError(
-                422, f"label {label!r} is not one of the BrushLabels {brush.name!r} labels {list(brush.labels)}"
-            )
+        config.output_for(to_name, _item_label(it))  # every label must have a tag to be returned in
+    output = config.output_for(to_name, _item_label(items[-1]))
     keypoints: list[Click] = []
     box_click: Click | None = None
     region: Roi | None = None
@@ -306,11 +329,12 @@ def prompt_from_items(items: list[ContextItem], config: LabelConfig) -> Prompt:
     return Prompt(
         clicks=clicks,
         label=_item_label(items[-1]),
-        brush_name=brush.name,
-        image_name=brush.to_name,
+        brush_name=output.name,
+        image_name=output.to_name,
         original_size=size,
         box=region,
         region_key=region_key(key_item, clicks),
+        output_type=output.type,
     )
 
 
@@ -364,6 +388,36 @@ def brush_result(
         "value": {"format": "rle", "rle": rle, "brushlabels": [prompt.label]},
         "score": float(score),
     }
+
+
+def polygon_results(polygons: list[list[list[float]]], prompt: Prompt, score: float,
+                    region_id: str | None = None) -> list[dict[str, Any]]:
+    """`polygonlabels` regions (one per polygon: points in percent of the width/height), labelled with the
+    prompt's label; a mask with several parts gives several regions (ids `<region_id>-<n>` when given)."""
+    h, w = prompt.original_size
+    out = []
+    for n, points in enumerate(polygons):
+        out.append({
+            "id": f"{region_id}-{n}" if region_id else uuid.uuid4().hex[:10],
+            "from_name": prompt.brush_name,
+            "to_name": prompt.image_name,
+            "type": "polygonlabels",
+            "original_width": w,
+            "original_height": h,
+            "image_rotation": 0,
+            "readonly": False,
+            "value": {"points": points, "polygonlabels": [prompt.label], "closed": True},
+            "score": float(score),
+        })
+    return out
+
+
+def mask_results(prompt: Prompt, score: float, rle: list[int] | None = None,
+                 polygons: list[list[list[float]]] | None = None, region_id: str | None = None) -> list[dict[str, Any]]:
+    """The regions answering a prompt in its output tag's form: one brush region, or its polygons."""
+    if prompt.output_type == "polygonlabels":
+        return polygon_results(polygons or [], prompt, score, region_id)
+    return [brush_result(rle or [], prompt, score, region_id)]
 
 
 def prediction(results: list[dict[str, Any]], model_version: str) -> dict[str, Any]:

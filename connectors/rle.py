@@ -56,7 +56,16 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
 
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
-    """Decode Label Studio brush RLE (with the SDK's decoder) into a bool (H, W) mask (alpha > 127)."""
+    """Decode Label Studio brush RLE (with the SDK's decoder) into a bool (H, W) mask (alpha > 127).
+
+    The header's value count is checked first, so an RLE from a request cannot make the decoder allocate
+    more than the (H, W) mask it claims to be."""
+    head = np.asarray(rle[:4], dtype=np.int64)
+    if head.size < 4 or head.min() < 0 or head.max() > 255:
+        raise ValueError("RLE is shorter than its 4-byte header or holds values outside 0-255")
+    count = int.from_bytes(bytes(head.astype(np.uint8).tolist()), "big")
+    if count != height * width * 4:
+        raise ValueError(f"RLE holds {count // 4} pixels, expected {height}x{width} = {height * width}")
     flat = brush.decode_rle(rle)
     if flat.size != height * width * 4:
         raise ValueError(f"RLE holds {flat.size // 4} pixels, expected {height}x{width} = {height * width}")

@@ -11,6 +11,8 @@ from typing import Protocol
 
 from interformer.clicks import Click, Roi
 
+from .onscreen import StartCandidates
+
 
 class SegmentError(Exception):
     """A request the model side cannot answer (unknown image, size mismatch...); `status` is the HTTP code."""
@@ -35,6 +37,8 @@ class SegmentRequest:
     task_id: int | None = None
     box: Roi | None = None  # (left, up, right, bottom) of a box prompt: zoom-in region and mask bound
     region_key: str = ""
+    start: StartCandidates | None = None  # masks on screen the region's session may start from (onscreen.py)
+    output: str = "brushlabels"  # answer as brush RLE, or "polygonlabels": polygons (pipeline/polygons.py)
 
     @property
     def route_key(self) -> str:
@@ -53,6 +57,9 @@ class SegmentResult:
     timings_ms: dict[str, float] = field(default_factory=dict)  # fetch, encode, interact, rle, ...
     encoded_on_demand: bool = False
     actor: int = -1
+    start: str = "blank"  # what the region's session started from: "blank" or the source of its mask
+    polygons: list[list[list[float]]] | None = None  # output "polygonlabels": per polygon [[x%, y%], ...]
+    polygon_iou: float | None = None  # IoU of those polygons against the mask
 
 
 class Segmenter(Protocol):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import secrets
 import time
@@ -24,13 +25,14 @@ from fastapi.responses import JSONResponse
 
 from .json_body import parse_json
 from .logs import get_logger, log_event
+from .onscreen import interactive_region_id, onscreen_candidates
 from .protocol import (
     LabelConfig,
     PredictRequest,
     Prompt,
     ProtocolError,
     SetupRequest,
-    brush_result,
+    mask_results,
     parse_body,
     parse_label_config,
     prediction,
@@ -266,6 +268,7 @@ def _segment_request(task, prompt: Prompt, config: LabelConfig, max_clicks: int)
         task_id=task.id,
         box=prompt.box,
         region_key=prompt.region_key,
+        output=prompt.output_type,
     )
 
 
@@ -281,11 +284,13 @@ async def _interactive(state: _State, body: PredictRequest, config: LabelConfig,
     if req is None:
         fields.update(outcome="negative_only")
         return {"results": [prediction([], mv)]}
+    req = dataclasses.replace(req, start=onscreen_candidates(task, prompt))
     res = await state.segmenter.segment(req)
     fields.update(image_id=res.image_id, session=res.path, steps=res.steps, actor=res.actor, area=res.area,
-                  encoded_on_demand=res.encoded_on_demand,
+                  encoded_on_demand=res.encoded_on_demand, start=res.start, polygon_iou=res.polygon_iou,
                   **{f"{k}_ms": round(v, 2) for k, v in res.timings_ms.items()})
-    return {"results": [prediction([brush_result(res.rle, prompt, res.score)], mv)]}
+    regions = mask_results(prompt, res.score, res.rle, res.polygons, interactive_region_id())
+    return {"results": [prediction(regions, mv)]}
 
 
 async def _batch(state: _State, body: PredictRequest, config: LabelConfig, fields: dict) -> dict:
@@ -310,7 +315,7 @@ async def _batch(state: _State, body: PredictRequest, config: LabelConfig, field
             except SegmentError as e:
                 failures.append(f"task {task.id}: {e.message}")
                 continue
-            results.append(brush_result(res.rle, prompt, res.score))
+            results.extend(mask_results(prompt, res.score, res.rle, res.polygons))
         return prediction(results, mv)
 
     predictions = await asyncio.gather(*(one_task(t) for t in body.tasks))

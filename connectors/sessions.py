@@ -10,11 +10,13 @@ it has seen:
 - anything else (another annotator on the same region key, an actor that restarted and lost its
   state, a click moved or removed mid-list)   -> the session is rebuilt from the clicks ("replay").
 
-Replay runs the same per-click sequence as stepping, and undo returns states stepping stored, so the
-mask never depends on the path taken (tests/test_backend_sessions.py checks it).
+Replay runs the same per-click sequence as stepping, from the session's start (blank, or the mask that was
+on screen when the session was made: onscreen.py), and undo returns states stepping stored, so the mask
+never depends on the path taken (tests/test_backend_sessions.py, tests/test_session_start.py check it).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
@@ -40,6 +42,7 @@ class SessionOutcome:
     result: Any  # the predictor's ClickResult for the last click
     path: str  # "cached", "step", "undo" or "replay"
     steps: int  # interact steps run for this request
+    session: Any = None  # the session that answered (its `start` tells what it began from)
 
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -98,14 +101,14 @@ class SessionStore:
                 outcome = _reuse(entry, clicks)
                 if outcome is not None:
                     self._entries.remeasure(key)
-                    return outcome
+                    return dataclasses.replace(outcome, session=entry.session)
             session = entry.session if entry is not None else new_session()
             result = _replay(session, clicks)
         except BaseException:
             self._entries.pop(key)  # a half-updated session must not be reused
             raise
         self._entries.put(key, _Entry(session, clicks, result, variant))
-        return SessionOutcome(result, "replay", len(clicks))
+        return SessionOutcome(result, "replay", len(clicks), session)
 
 
 def _reuse(entry: _Entry, clicks: tuple[Click, ...]) -> SessionOutcome | None:

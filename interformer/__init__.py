@@ -10,11 +10,11 @@ from .checkpoint import CheckpointError, load_model, save_checkpoint
 from .clicks import Click
 from .config import CONFIGS, ModelConfig, PreprocessConfig, get_config
 from .features import ImageFeatures, ImageGeometry
-from .predictor import ClickResult, InteractiveSession, InvalidClickError, Predictor
+from .predictor import ClickResult, InteractiveSession, InvalidClickError, InvalidMaskError, Predictor, SessionStart
 from .preprocess import InvalidImageError
 
 __all__ = [
     "CONFIGS", "CheckpointError", "Click", "ClickResult", "ImageFeatures", "ImageGeometry", "InteractiveSession",
-    "InvalidClickError", "InvalidImageError", "ModelConfig", "Predictor", "PreprocessConfig", "get_config",
-    "load_model", "save_checkpoint",
+    "InvalidClickError", "InvalidImageError", "InvalidMaskError", "ModelConfig", "Predictor", "PreprocessConfig",
+    "SessionStart", "get_config", "load_model", "save_checkpoint",
 ]

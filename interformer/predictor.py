@@ -11,18 +11,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clicks import Click, Roi, add_click_disk, initial_ref_label, update_by_prediction, zoom_in_roi
+from .clicks import DEF_FG, Click, Roi, add_click_disk, initial_ref_label, update_by_prediction, zoom_in_roi
 from .config import PreprocessConfig
 from .features import ImageFeatures, ImageGeometry
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache
 from .preprocess import preprocess
 
-__all__ = ["Click", "ClickResult", "InteractiveSession", "Predictor", "default_device", "set_cpu_threads"]
+__all__ = ["Click", "ClickResult", "InteractiveSession", "InvalidMaskError", "Predictor", "SessionStart",
+           "default_device", "mask_to_canvas", "set_cpu_threads"]
 
 
 def default_device() -> torch.device:
@@ -36,6 +38,74 @@ def set_cpu_threads(n: int) -> None:
 
 class InvalidClickError(ValueError):
     """A click outside the image."""
+
+
+class InvalidMaskError(ValueError):
+    """A mask or reference-label map that does not fit the session's image (shape, dtype, values)."""
+
+
+def mask_to_canvas(mask: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
+    """A bool mask at the original image size -> the padded network canvas (nearest resize, zero pad)."""
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+        kind = f"dtype {mask.dtype}" if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise InvalidMaskError(f"expected a bool numpy mask, got {kind} (convert with `mask > 0`)")
+    if tuple(mask.shape) != tuple(geometry.original_size):
+        raise InvalidMaskError(f"mask shape {tuple(mask.shape)} differs from the image size "
+                               f"{tuple(geometry.original_size)}")
+    h, w = geometry.resized_size
+    if geometry.resized:
+        mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    out = np.zeros(geometry.padded_size, dtype=bool)
+    out[:h, :w] = mask
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class SessionStart:
+    """The state a session starts from (and returns to on `reset`, `replay`, undo of every click).
+
+    ref_label: uint8 reference-label map on the padded canvas (values 0-4, spec §4.1).
+    prev_pred: bool previous prediction on the padded canvas, as the zoom-in ROI sees it.
+    mask: the mask shown before any click at the original size (None for a blank start).
+    """
+
+    ref_label: np.ndarray
+    prev_pred: np.ndarray
+    mask: np.ndarray | None = None
+
+    @classmethod
+    def blank(cls, geometry: ImageGeometry) -> "SessionStart":
+        """No prior: UNKNOWN everywhere, an empty previous prediction."""
+        return cls(initial_ref_label(geometry.padded_size), np.zeros(geometry.padded_size, dtype=bool))
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, geometry: ImageGeometry) -> "SessionStart":
+        """A loaded mask (bool, original size) taken as if the model had predicted it: the blank map gets
+        the prediction update (UNKNOWN -> maybe-fg inside, maybe-bg outside) and zoom-in sees it as the
+        previous prediction."""
+        canvas = mask_to_canvas(mask, geometry)
+        return cls(update_by_prediction(initial_ref_label(geometry.padded_size), canvas), canvas, mask.copy())
+
+    @classmethod
+    def from_ref_label(cls, ref_label: np.ndarray, geometry: ImageGeometry,
+                       prev_pred: np.ndarray | None = None) -> "SessionStart":
+        """A given reference-label map (padded canvas, integer values 0-4) and optional previous prediction
+        (bool, padded canvas; empty when omitted)."""
+        padded = tuple(geometry.padded_size)
+        if not isinstance(ref_label, np.ndarray) or not np.issubdtype(ref_label.dtype, np.integer):
+            kind = f"dtype {ref_label.dtype}" if isinstance(ref_label, np.ndarray) else type(ref_label).__name__
+            raise InvalidMaskError(f"expected an integer numpy reference-label map, got {kind}")
+        if tuple(ref_label.shape) != padded:
+            raise InvalidMaskError(f"reference-label map shape {tuple(ref_label.shape)} differs from the padded "
+                                   f"canvas {padded}")
+        if ref_label.size and (ref_label.min() < 0 or ref_label.max() > DEF_FG):
+            raise InvalidMaskError(f"reference-label values must lie in 0..{DEF_FG}, got "
+                                   f"{int(ref_label.min())}..{int(ref_label.max())}")
+        if prev_pred is None:
+            prev_pred = np.zeros(padded, dtype=bool)
+        elif not isinstance(prev_pred, np.ndarray) or prev_pred.dtype != np.bool_ or tuple(prev_pred.shape) != padded:
+            raise InvalidMaskError(f"prev_pred must be a bool array of the padded canvas shape {padded}")
+        return cls(ref_label.astype(np.uint8), prev_pred.copy())
 
 
 @dataclass
@@ -128,10 +198,20 @@ class Predictor:
             feats.cache[key] = cache
         return cache
 
-    def session(self, feats: ImageFeatures, box: Roi | None = None) -> "InteractiveSession":
-        """A new interactive session (one object) over encoded features; `box` (left, up, right, bottom,
-        original pixels) fixes the zoom-in region of the refine stages instead of deriving it per click."""
-        return InteractiveSession(self, feats, box)
+    def session(self, feats: ImageFeatures, box: Roi | None = None, initial_mask: np.ndarray | None = None,
+                start: SessionStart | None = None) -> "InteractiveSession":
+        """A new interactive session (one object) over encoded features.
+
+        `box` (left, up, right, bottom, original pixels) fixes the zoom-in region of the refine stages
+        instead of deriving it per click. `initial_mask` (bool, original image size) starts from an
+        existing mask, e.g. a pre-annotation to correct (`SessionStart.from_mask`); `start` starts from
+        any `SessionStart`, e.g. a given reference-label map (`SessionStart.from_ref_label`).
+        """
+        if initial_mask is not None and start is not None:
+            raise ValueError("give either initial_mask or start, not both")
+        if initial_mask is not None:
+            start = SessionStart.from_mask(initial_mask, feats.geometry)
+        return InteractiveSession(self, feats, box, start)
 
     @torch.inference_mode()
     def predict_margin(self, feats: ImageFeatures, ref_label: np.ndarray, roi: Roi | None) -> np.ndarray:
@@ -144,14 +224,30 @@ class Predictor:
         return margin[0, 0].float().cpu().numpy()
 
 
+def _mask_result(start: SessionStart, geometry: ImageGeometry) -> ClickResult:
+    """A ClickResult that shows the start mask: margin +-1 on the canvas, mask/prob exactly the given mask."""
+    result = ClickResult(np.where(start.prev_pred, 1.0, -1.0).astype(np.float32), geometry, ())
+    result.__dict__["mask"] = start.mask.copy()  # cached_property slot: exact at the original size
+    result.__dict__["prob"] = start.mask.astype(np.float32)
+    return result
+
+
 class InteractiveSession:
     """Click-by-click segmentation of one object. State: reference-label map, clicks, last prediction."""
 
-    def __init__(self, predictor: Predictor, feats: ImageFeatures, box: Roi | None = None) -> None:
+    def __init__(self, predictor: Predictor, feats: ImageFeatures, box: Roi | None = None,
+                 start: SessionStart | None = None) -> None:
         self.predictor = predictor
         self.feats = feats
         self.geometry = feats.geometry
         self.box = box
+        if start is None:
+            start = SessionStart.blank(self.geometry)
+        elif tuple(start.ref_label.shape) != tuple(self.geometry.padded_size):
+            raise InvalidMaskError(f"the start state's canvas {tuple(start.ref_label.shape)} differs from the "
+                                   f"image's padded canvas {tuple(self.geometry.padded_size)}")
+        self.start = start
+        self._start_result = None if start.mask is None else _mask_result(start, self.geometry)
         self.reset()
 
     @property
@@ -167,9 +263,9 @@ class InteractiveSession:
         return self._states[-1].result
 
     def reset(self) -> None:
-        padded = self.geometry.padded_size
+        """Back to the start state (blank, or the initial mask / reference-label map the session began with)."""
         self._clicks: list[Click] = []
-        self._states = [_State(initial_ref_label(padded), np.zeros(padded, dtype=bool), None)]
+        self._states = [_State(self.start.ref_label.copy(), self.start.prev_pred.copy(), self._start_result)]
 
     def to_network(self, row: int, col: int) -> tuple[int, int]:
         """Original-image pixel -> pixel of the (resized) network canvas; raises for clicks outside."""
@@ -211,9 +307,10 @@ class InteractiveSession:
         return result
 
     def undo(self) -> ClickResult | None:
-        """Remove the last click; returns the prediction before it (None when no click is left)."""
+        """Remove the last click; returns the prediction before it (with no click left: the initial mask's
+        result for a session started from a mask, else None)."""
         if not self._clicks:
-            return None
+            return self._states[-1].result
         self._clicks.pop()
         self._states.pop()
         return self._states[-1].result

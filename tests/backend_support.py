@@ -94,13 +94,14 @@ def _predictor(checkpoint: str | None, variant: str | None) -> Predictor:
 
 
 def reference_mask(checkpoint: Path | None, db: Path, table: str, image_id: str, clicks: list[Click], box=None,
-                   variant: str | None = None) -> np.ndarray:
-    """The model's mask for `clicks`, computed in this process from the image's stored features."""
+                   variant: str | None = None, initial_mask: np.ndarray | None = None) -> np.ndarray:
+    """The model's mask for `clicks` (from `initial_mask` when given), computed in this process from the
+    image's stored features."""
     from pipeline.feature_store import FeatureReader
 
     predictor = _predictor(str(checkpoint) if checkpoint else None, variant)
     feats = FeatureReader(str(db), predictor.fingerprint, table=table).get(image_id)
-    mask = predictor.session(feats, box=box).replay(clicks).mask.copy()
+    mask = predictor.session(feats, box=box, initial_mask=initial_mask).replay(clicks).mask.copy()
     if box is not None:
         left, up, right, bottom = box
         bounded = np.zeros_like(mask)

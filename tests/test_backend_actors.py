@@ -11,7 +11,7 @@ import pytest
 import ray
 from backend_support import encode_into_store, grabcut_images, make_checkpoint, pixel, reference_mask, write_png
 
-from connectors.actors import ActorPool, StickyRouter, route
+from connectors.actors import ActorPool
 from connectors.engine import EngineConfig
 from pipeline.image_access import ImageAccess
 from connectors.rle import rle_to_mask
@@ -47,27 +47,6 @@ def run(pool, req):
 
 def ref(env, image_id, clicks):
     return reference_mask(env["ckpt"], env["tmp"] / "db", "features", image_id, clicks)
-
-
-def test_routing_keeps_an_image_on_one_actor_and_spreads_new_images():
-    assert route("img-0", 4) == route("img-0", 4)
-    assert len({route(f"img-{i}", 4) for i in range(40)}) == 4
-    router = StickyRouter(2)
-    assert [route(f"bench-{i}", 2) for i in range(4)] == [1, 1, 1, 1]  # plain hashing piles these up
-    first = []
-    for i in range(4):  # four annotators start at once: each first request is still in flight
-        index = router.pick(f"bench-{i}")
-        router.inflight[index] += 1
-        first.append(index)
-    assert sorted(first) == [0, 0, 1, 1]
-    router.inflight = [0, 0]
-    assert [router.pick(f"bench-{i}") for i in range(4)] == first  # later requests: same actor as before
-    router.inflight = [5, 0]  # a busy actor does not take over images it already serves elsewhere
-    assert router.pick("bench-0") == first[0]
-    small = StickyRouter(2, capacity=2)
-    for key in ("a", "b", "c"):
-        small.pick(key)
-    assert sum(small.images) == 2 and "a" not in small._assigned
 
 
 def test_actor_answers_the_models_mask_and_keeps_the_session(pool):

@@ -30,11 +30,13 @@ from backend_support import (
     keypoint,
     make_checkpoint,
     pixel,
+    rectangle,
     reference_mask,
     write_png,
 )
 
 from connectors.rle import rle_to_mask
+from pipeline.polygons import mask_to_polygons
 
 pytestmark = pytest.mark.slow
 
@@ -227,3 +229,60 @@ def test_batch_predictions_from_stored_keypoints_and_the_webhook(stack, project)
     hook = stack["log"].wait_for(lambda r: r.get("path") == "/webhook" and r.get("action") == "ANNOTATION_CREATED",
                                  "the ANNOTATION_CREATED webhook")
     assert hook["status"] == 200
+
+
+def test_a_click_on_a_pre_annotated_object_refines_the_prediction(stack, project):
+    """Pre-annotate a task with jobs/preannotate.py --push (a box drawn in Label Studio), then click on that
+    object through Label Studio: the answer is the API's initial_mask session on the prediction's mask."""
+    client, name = project["client"], stack["images"][0][0]
+    image_id = f"{name}.png"
+    p = client.projects.create(title="refine e2e", label_config=LABEL_CONFIG)
+    (tid,) = client.projects.import_tasks(id=p.id, return_task_ids=True, request=[{"data": {
+        "image": f"/data/local-files/?d={stack['storage'].name}/encoded/{image_id}", "image_id": image_id}}]).task_ids
+    client.annotations.create(id=tid, result=[rectangle(20, 15, 55, 70, SIZE, item_id="box")])
+    env = {**os.environ, **stack["ls"].env()}
+    log = stack["tmp"] / "preannotate.log"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, str(ROOT / "jobs" / "preannotate.py"), "--ls-project", str(p.id),
+                               "--push", "--db", str(stack["tmp"] / "db"), "--checkpoint", str(stack["ckpt"]),
+                               "--workers", "0", "--run-dir", str(stack["tmp"] / "refine-run")],
+                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+    assert done.returncode == 0, log.read_text()[-4000:]
+    (pred,) = list(client.predictions.list(task=tid))
+    prior = decode({"result": [dict(r) for r in pred.result]})
+    assert 0 < prior.sum() < prior.size
+    ml = client.ml.create(project=p.id, url=stack["backend_url"], title="InterFormer", is_interactive=True,
+                          auth_method="BASIC_AUTH", basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1])
+    inside = np.argwhere(prior)
+    row, col = inside[len(inside) // 2]
+    x, y = (col + 0.5) * 100.0 / SIZE[1], (row + 0.5) * 100.0 / SIZE[0]
+    clicks, items = [pixel(x, y, SIZE)], [keypoint(x, y, SIZE, item_id="fix1")]
+    raw = client.ml.with_raw_response.predict_interactive(id=ml.id, task=tid, context={"result": items})
+    answer = decode(raw.response.json()["data"])
+    db = stack["tmp"] / "db"
+    refined = reference_mask(stack["ckpt"], db, "features", image_id, clicks, initial_mask=prior)
+    np.testing.assert_array_equal(answer, refined)
+    assert not np.array_equal(answer, reference_mask(stack["ckpt"], db, "features", image_id, clicks))
+    stack["log"].wait_for(lambda r: r.get("start") == f"prediction:{pred.id}", f"a session started from prediction {pred.id}")
+
+
+POLYGON_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <PolygonLabels name="poly" toName="image"><Label value="object" background="#00FF00"/></PolygonLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object" smart="true"/></KeyPointLabels>
+</View>"""
+
+
+def test_a_polygon_project_gets_polygons_through_label_studio(stack, project):
+    client, image_id = project["client"], f"{stack['images'][1][0]}.png"
+    p = client.projects.create(title="polygon e2e", label_config=POLYGON_CONFIG)
+    (tid,) = client.projects.import_tasks(id=p.id, return_task_ids=True, request=[{"data": {
+        "image": f"/data/local-files/?d={stack['storage'].name}/encoded/{image_id}", "image_id": image_id}}]).task_ids
+    ml = client.ml.create(project=p.id, url=stack["backend_url"], title="InterFormer", is_interactive=True,
+                          auth_method="BASIC_AUTH", basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1])
+    raw = client.ml.with_raw_response.predict_interactive(id=ml.id, task=tid,
+                                                          context={"result": [keypoint(50, 50, SIZE, item_id="pg")]})
+    regions = raw.response.json()["data"]["result"]
+    mask = reference_mask(stack["ckpt"], stack["tmp"] / "db", "features", image_id, [pixel(50, 50, SIZE)])
+    assert regions and all(r["type"] == "polygonlabels" and r["value"]["polygonlabels"] == ["object"] for r in regions)
+    assert [r["value"]["points"] for r in regions] == mask_to_polygons(mask).label_studio_points()

@@ -1,0 +1,223 @@
+"""The backend refines the mask on screen (connectors/onscreen.py): which mask wins, and that a region's
+session starts from it, keeps it while clicks are added, and answers what the API's `initial_mask`
+session answers. Real model, real feature table, the in-process engine behind the FastAPI app."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from backend_support import (LABEL_CONFIG, encode_into_store, grabcut_images, keypoint, make_checkpoint, pixel,
+                             reference_mask, write_png)
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.engine import EngineConfig, InProcessSegmenter
+from connectors.onscreen import INTERACTIVE_ID_PREFIX, StartCandidates, onscreen_candidates, start_mask
+from connectors.protocol import ContextItem, ProtocolError, Task, parse_label_config, prompt_from_items
+from connectors.rle import mask_to_rle, rle_to_mask
+from connectors.server import ServerSettings, create_app
+from interformer.clicks import Click
+from pipeline.polygons import mask_to_polygons
+
+SIZE = (64, 96)
+CONFIG = parse_label_config(LABEL_CONFIG)
+
+
+def blob(top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    m = np.zeros(SIZE, dtype=bool)
+    m[top:bottom, left:right] = True
+    return m
+
+
+def region(mask: np.ndarray, label: str = "object", rid: str = "r1", **extra) -> dict:
+    return {"id": rid, "type": "brushlabels", "from_name": "tag", "to_name": "image", "original_height": SIZE[0],
+            "original_width": SIZE[1], "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+            **extra}
+
+
+def polygon_region(points, label: str = "object", rid: str = "p1") -> dict:
+    return {"id": rid, "type": "polygonlabels", "from_name": "poly", "to_name": "image", "original_height": SIZE[0],
+            "original_width": SIZE[1], "value": {"points": points, "polygonlabels": [label], "closed": True}}
+
+
+def prompt(x: float, y: float):
+    return prompt_from_items([ContextItem.model_validate(keypoint(x, y, SIZE))], CONFIG)
+
+
+LEFT, RIGHT = blob(10, 5, 50, 40), blob(10, 50, 50, 90)
+ON_LEFT, ON_RIGHT = (20.0, 50.0), (75.0, 50.0)  # percent (x, y): inside LEFT / inside RIGHT
+
+
+def chosen(task: Task, xy=ON_LEFT) -> tuple[str | None, np.ndarray | None]:
+    p = prompt(*xy)
+    cands = onscreen_candidates(task, p)
+    return (cands.source if cands else None), start_mask(cands, p.clicks)
+
+
+def test_saved_annotation_or_draft_wins_over_predictions_newest_first():
+    pred = {"id": 1, "created_at": "2026-11-26T10:00:00Z", "result": [region(LEFT)]}
+    older = {"id": 2, "updated_at": "2026-11-26T10:05:00Z", "result": [region(RIGHT), region(LEFT, rid="x")]}
+    newer = {"id": 3, "updated_at": "2026-11-26T10:09:00Z", "result": [region(LEFT | RIGHT)]}
+    source, mask = chosen(Task(id=1, data={}, predictions=[pred]))
+    assert source == "prediction:1" and np.array_equal(mask, LEFT)
+    source, mask = chosen(Task(id=1, data={}, predictions=[pred], annotations=[older]))
+    assert source == "annotation:2" and np.array_equal(mask, LEFT)  # the region under the click
+    source, mask = chosen(Task(id=1, data={}, predictions=[pred], annotations=[older], drafts=[newer]))
+    assert source == "draft:3" and np.array_equal(mask, LEFT | RIGHT)
+    cancelled = {**newer, "was_cancelled": True}
+    assert chosen(Task(id=1, data={}, annotations=[older, cancelled]))[0] == "annotation:2"
+
+
+def test_polygon_regions_are_start_masks_too():
+    (points,) = mask_to_polygons(LEFT).label_studio_points()
+    source, mask = chosen(Task(id=1, data={}, predictions=[{"id": 8, "result": [polygon_region(points)]}]))
+    assert source == "prediction:8" and np.array_equal(mask, LEFT)
+    huge = polygon_region([[-1e12, -1e12], [1e12, -1e12], [1e12, 1e12], [-1e12, 1e12]])  # clipped to the image
+    assert chosen(Task(id=1, data={}, drafts=[{"id": 9, "result": [huge]}]))[1].all()
+
+
+def test_saved_work_without_the_object_does_not_resurrect_the_prediction():
+    pred = {"id": 1, "result": [region(LEFT)]}
+    ann = {"id": 2, "updated_at": "2026-11-26T10:05:00Z", "result": [region(RIGHT)]}
+    source, mask = chosen(Task(id=1, data={}, predictions=[pred], annotations=[ann]))
+    assert source == "annotation:2" and mask is None  # a blank start: the annotator removed that object
+
+
+def test_regions_of_other_labels_tags_sizes_ours_and_corrupt_ones_are_ignored():
+    bad_rle = region(LEFT)
+    bad_rle["value"]["rle"] = [300, -1]
+    wrong_size = region(LEFT)
+    wrong_size["original_width"] = 95
+    others = [region(LEFT, label="dog"), {**region(LEFT), "to_name": "other"}, wrong_size, bad_rle,
+              region(LEFT, rid=INTERACTIVE_ID_PREFIX + "abc"), {**region(LEFT), "type": "polygonlabels"},
+              polygon_region([[10, 10], [20, 10]]), polygon_region([[10, 10], [20, "x"], [5, 5]])]
+    assert onscreen_candidates(Task(id=1, data={}, drafts=[{"id": 4, "result": others}]), prompt(*ON_LEFT)) is None
+    truncated = StartCandidates("prediction:9", (("rle", np.asarray(mask_to_rle(LEFT)[:8], dtype=np.uint8)),), SIZE)
+    assert start_mask(truncated, prompt(*ON_LEFT).clicks) is None
+    assert start_mask(None, prompt(*ON_LEFT).clicks) is None
+    negative_only = (Click(30, 20, False),)
+    cands = onscreen_candidates(Task(id=1, data={}, predictions=[{"id": 1, "result": [region(LEFT)]}]),
+                                prompt(*ON_LEFT))
+    assert start_mask(cands, negative_only) is None
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("refine")
+    ckpt = make_checkpoint(tmp / "small.pth")
+    (name, img), = grabcut_images(1, SIZE)
+    encode_into_store(ckpt, tmp / "db", "features", [("img-0", str(write_png(img, tmp / f"{name}.png")), img)])
+    cfg = EngineConfig(db=str(tmp / "db"), table="features", checkpoint=str(ckpt), variant="small", threads=2)
+    with TestClient(create_app(ServerSettings(model_version="mv"), InProcessSegmenter(cfg, False))) as client:
+        yield {"tmp": tmp, "ckpt": ckpt, "client": client}
+
+
+def ask(env, items: list[dict], predictions=(), drafts=()) -> tuple[np.ndarray, dict, str]:
+    task = {"id": 7, "data": {"image_id": "img-0"}, "annotations": [], "drafts": list(drafts),
+            "predictions": list(predictions)}
+    r = env["client"].post("/predict", json={"tasks": [task], "label_config": LABEL_CONFIG, "project": "1.1",
+                                             "params": {"context": {"result": items}}})
+    assert r.status_code == 200, r.text
+    (reg,) = r.json()["results"][0]["result"]
+    return rle_to_mask(reg["value"]["rle"], *SIZE), reg, r.headers["server-timing"]
+
+
+def expected(env, clicks, initial=None) -> np.ndarray:
+    return reference_mask(env["ckpt"], env["tmp"] / "db", "features", "img-0", clicks, initial_mask=initial)
+
+
+def test_a_click_on_a_predicted_object_refines_that_mask_and_keeps_it_for_the_session(env):
+    pred = {"id": 11, "created_at": "2026-11-26T10:00:00Z", "result": [region(LEFT)]}
+    first = [keypoint(*ON_LEFT, SIZE, item_id="a1")]
+    clicks = [pixel(*ON_LEFT, SIZE)]
+    mask, reg, timing = ask(env, first, predictions=[pred])
+    refined = expected(env, clicks, LEFT)
+    np.testing.assert_array_equal(mask, refined)
+    assert not np.array_equal(refined, expected(env, clicks))  # a fresh session answers otherwise
+    assert reg["id"].startswith(INTERACTIVE_ID_PREFIX) and "start_mask" in timing
+    # The annotator's draft now holds our answer; the next click still refines the prediction's session,
+    # decodes nothing, and the draft's region (ours) is never taken as a start mask.
+    second = first + [keypoint(60, 20, SIZE, positive=False, item_id="a2")]
+    clicks.append(pixel(60, 20, SIZE, positive=False))
+    draft = {"id": 5, "updated_at": "2026-11-26T10:01:00Z", "result": [reg]}
+    mask, _, timing = ask(env, second, predictions=[pred], drafts=[draft])
+    np.testing.assert_array_equal(mask, expected(env, clicks, LEFT))
+    assert "start_mask" not in timing
+
+
+def test_a_click_off_every_mask_starts_blank(env):
+    pred = {"id": 12, "result": [region(LEFT)]}
+    mask, _, _ = ask(env, [keypoint(*ON_RIGHT, SIZE, item_id="b1")], predictions=[pred])
+    np.testing.assert_array_equal(mask, expected(env, [pixel(*ON_RIGHT, SIZE)]))
+
+
+POLYGON_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="kp" toName="image" smart="true">
+    <Label value="object" smart="true"/><Label value="thing" smart="true"/>
+  </KeyPointLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="object"/></PolygonLabels>
+  <BrushLabels name="tag" toName="image"><Label value="thing"/></BrushLabels>
+</View>"""
+
+
+def test_polygon_labels_answer_with_polygons_brush_labels_with_brush(env):
+    config = parse_label_config(POLYGON_CONFIG)
+    assert config.polygons["image"].name == "poly" and config.brushes["image"].name == "tag"
+    assert prompt_from_items([ContextItem.model_validate(keypoint(*ON_LEFT, SIZE))], config).output_type == "polygonlabels"
+    items = [keypoint(*ON_RIGHT, SIZE, item_id="p1")]
+    task = {"id": 9, "data": {"image_id": "img-0"}, "annotations": [], "drafts": [], "predictions": []}
+    r = env["client"].post("/predict", json={"tasks": [task], "label_config": POLYGON_CONFIG, "project": "2.1",
+                                             "params": {"context": {"result": items}}})
+    assert r.status_code == 200, r.text
+    regions = r.json()["results"][0]["result"]
+    want = mask_to_polygons(expected(env, [pixel(*ON_RIGHT, SIZE)]))
+    assert [g["value"]["points"] for g in regions] == want.label_studio_points() and regions
+    assert all(g["type"] == "polygonlabels" and g["from_name"] == "poly" and g["value"]["polygonlabels"] == ["object"]
+               and g["id"].startswith(INTERACTIVE_ID_PREFIX) for g in regions)
+    thing = [keypoint(*ON_RIGHT, SIZE, label="thing", item_id="t1")]
+    r = env["client"].post("/predict", json={"tasks": [task], "label_config": POLYGON_CONFIG, "project": "2.1",
+                                             "params": {"context": {"result": thing}}})
+    (brush,) = r.json()["results"][0]["result"]
+    assert brush["type"] == "brushlabels" and brush["from_name"] == "tag"
+    bad = [keypoint(*ON_RIGHT, SIZE, label="dog", item_id="d1")]
+    r = env["client"].post("/predict", json={"tasks": [task], "label_config": POLYGON_CONFIG, "project": "2.1",
+                                             "params": {"context": {"result": bad}}})
+    assert r.status_code == 422 and "'dog'" in r.json()["error"]
+    only_polygons = POLYGON_CONFIG.replace('<BrushLabels name="tag" toName="image"><Label value="thing"/></BrushLabels>', "")
+    assert parse_label_config(only_polygons).brushes == {}
+    with pytest.raises(ProtocolError, match="PolygonLabels toName='elsewhere'"):
+        parse_label_config(only_polygons.replace('toName="image"><Label value="object"/>',
+                                                 'toName="elsewhere"><Label value="object"/>'))
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-300, 300) | st.floats(allow_nan=True) | st.text(max_size=5),
+                     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children,
+                                                                                       max_size=4), max_leaves=20)
+_value = st.fixed_dictionaries({}, optional={"format": st.sampled_from(["rle", "x"]), "rle": _json,
+                                             "points": _json, "brushlabels": st.just(["object"]) | _json,
+                                             "polygonlabels": st.just(["object"]) | _json})
+_region = st.fixed_dictionaries({"type": st.sampled_from(["brushlabels", "polygonlabels", "keypointlabels"]) | _json},
+                                optional={"id": _json, "to_name": st.just("image") | _json, "value": _value | _json,
+                                          "original_height": st.just(SIZE[0]) | _json,
+                                          "original_width": st.just(SIZE[1]) | _json})
+_item = st.fixed_dictionaries({}, optional={"id": _json, "result": st.lists(_region, max_size=3) | _json,
+                                            "updated_at": _json, "created_at": _json, "was_cancelled": _json})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_item, max_size=2), st.lists(_item, max_size=2), st.lists(_item, max_size=2))
+def test_hostile_task_contents_never_break_a_click(annotations, drafts, predictions):
+    task = Task(id=1, data={}, annotations=annotations, drafts=drafts, predictions=predictions)
+    p = prompt(*ON_LEFT)
+    mask = start_mask(onscreen_candidates(task, p), p.clicks)
+    assert mask is None or (mask.shape == SIZE and mask.dtype == bool)
+
+
+def test_an_rle_claiming_another_size_is_refused_before_decoding():
+    rle = mask_to_rle(LEFT)
+    with pytest.raises(ValueError, match="pixels"):
+        rle_to_mask([255, 255, 255, 252] + rle[4:], *SIZE)  # ~1e9 pixels claimed: never allocated
+    with pytest.raises(ValueError, match="header"):
+        rle_to_mask([1, 2], *SIZE)
+    assert np.array_equal(rle_to_mask(rle, *SIZE), LEFT)
