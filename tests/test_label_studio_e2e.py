@@ -205,7 +205,7 @@ def test_an_image_without_features_is_fetched_from_label_studio_and_encoded(stac
     assert request["status"] == 200
     # The encoder actor's own line reaches the backend's log through Ray's log forwarding, a moment later.
     event = log.wait_for(lambda r: r.get("msg") == "encoded on demand", "the encoder actor's 'encoded on demand' line")
-    assert event["encode_ms"] >= 0
+    assert event["image_id"] == request["image_id"]  # the encoded image is the one the request asked for
 
 
 def test_errors_reach_label_studio_instead_of_masks(project):
