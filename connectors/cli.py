@@ -11,6 +11,7 @@ from interformer.checkpoint import model_version
 from interformer.config import CONFIGS, PreprocessConfig
 
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
+from pipeline.ray_runtime import LOCAL, RayStartError, init_ray
 
 from .logs import get_logger, log_event, setup_logging
 
@@ -112,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     # starts them at 0. (On an existing cluster the actors try to lower their niceness themselves.)
     os.environ.setdefault("RAY_worker_niceness", "0")
     # Ray forks its processes in ray.init: start it before lancedb (imported by the engine) starts threads.
-    if args.address:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=True)
+    try:
+        init_ray(args.address or LOCAL, num_cpus=args.ray_cpus, job="backend")
+    except RayStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         return _serve(args, password)
     finally:
