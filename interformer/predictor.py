@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .click_engine import ClickEngine, ClickEngineConfig, build_engine
 from .clicks import Click, Roi, add_click_disk, initial_ref_label, update_by_prediction, zoom_in_roi
 from .config import PreprocessConfig
 from .features import ImageFeatures, ImageGeometry
@@ -81,13 +82,27 @@ class _State:
 
 
 class Predictor:
-    """Holds a model on a device; `encode` images once and open sessions over their features."""
+    """Holds a model on a device; `encode` images once and open sessions over their features.
+
+    `engine` picks what runs the per-click network (interformer.click_engine): "torch" (the fp32
+    reference, default), "openvino-f32", "openvino-bf16" or "fast"; a name or a ClickEngineConfig.
+    """
 
     def __init__(self, model: InterFormer, preprocess: PreprocessConfig = PreprocessConfig(),
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None,
+                 engine: str | ClickEngineConfig = ClickEngineConfig()) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval().fuse_for_inference()
         self.preprocess = preprocess
+        self.engine_config = ClickEngineConfig(engine) if isinstance(engine, str) else engine
+        self._engine: ClickEngine | None = None
+
+    @property
+    def engine(self) -> ClickEngine:
+        """The click engine, built on first use (a fallback is logged once, when it is built)."""
+        if self._engine is None:
+            self._engine = build_engine(self.engine_config, self.model, self.device)
+        return self._engine
 
     @property
     def fingerprint(self) -> str:
@@ -138,10 +153,7 @@ class Predictor:
         """One interact step: logit1 - logit0 at the padded resolution, as float32 numpy."""
         cache = self._ensure_cache(feats)
         rl = torch.from_numpy(ref_label).to(self.device)[None, None]
-        logits = self.model.decode(list(feats.pyramid), rl, roi=roi, cache=cache)
-        margin = logits[:, 1:2] - logits[:, 0:1]
-        margin = F.interpolate(margin, size=ref_label.shape, mode="bilinear", align_corners=False)
-        return margin[0, 0].float().cpu().numpy()
+        return self.engine.margin(feats.pyramid[0], rl, cache, roi)
 
 
 class InteractiveSession:
