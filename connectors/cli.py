@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from interformer.click_engine import add_click_engine_arguments, click_engine_config
 from interformer.config import CONFIGS, PreprocessConfig
 
 from .logs import get_logger, log_event, setup_logging
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted, in MiB (default: %(default)s)")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="times Ray restarts a serving actor that died (default: %(default)s)")
+    add_click_engine_arguments(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="level of the JSON logs on stderr; debug also logs /health calls (default: %(default)s)")
     return p
@@ -142,6 +144,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         sessions=args.sessions,
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.actors),
         access=ImageAccess.from_env(tuple(args.allowed_root), args.image_cache),
+        click_engine=click_engine_config(args),
     )
     settings = ServerSettings(
         model_version=model_version(checkpoint, variant, args.seed),
@@ -160,6 +163,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         app = create_app(settings, pool)
         log_event(log, "serving", url=f"http://{args.host}:{args.port}", model_version=settings.model_version,
                   table=f"{cfg.db}/{cfg.table}", actors=args.actors, actor_cpus=actor_cpus, threads=cfg.threads,
+                  click_engine=cfg.click_engine.engine,
                   auth=bool(args.basic_auth_user), label_studio_url=cfg.access.label_studio_url)
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
                     timeout_graceful_shutdown=5)

@@ -272,6 +272,22 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def add_click_engine_arguments(parser) -> None:
+    """The click-engine options, the same in the backend CLI and the jobs (see `click_engine_config`)."""
+    parser.add_argument("--click-engine", choices=ENGINES, default="torch",
+                        help="what runs each click: torch (exact fp32 reference), openvino-f32 (same masks, faster), "
+                        "openvino-bf16 (fastest, on CPUs with AMX / AVX512-BF16), fast (bf16 where native, else "
+                        "f32); falls back with a logged reason (default: %(default)s)")
+    parser.add_argument("--engine-cache", default=None, metavar="DIR",
+                        help=f"folder for the runtime's converted click networks (default: ${CACHE_ENV}, else "
+                        "~/.cache/interformer/click-engine)")
+
+
+def click_engine_config(args) -> ClickEngineConfig:
+    """The ClickEngineConfig of parsed `add_click_engine_arguments` options."""
+    return ClickEngineConfig(args.click_engine, cache_dir=args.engine_cache)
+
+
 def build_engine(config: ClickEngineConfig, model: InterFormer, device: torch.device,
                  flags: set[str] | None = None) -> ClickEngine:
     """The engine for `config` on this model and device, falling back (with one logged line) where needed."""

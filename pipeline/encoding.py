@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from interformer.checkpoint import load_model
+from interformer.click_engine import ClickEngineConfig
 from interformer.config import PreprocessConfig
 from interformer.features import ImageFeatures, ImageGeometry
 from interformer.predictor import Predictor, set_cpu_threads
@@ -73,9 +74,10 @@ class EncoderSpec:
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
 
 
-def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None) -> Predictor:
-    """Load the model of `spec` into a Predictor. Random weights are drawn from a fixed seed so that every
-    actor of a job (and every later run) builds the same "random-init" encoder."""
+def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None,
+                    engine: ClickEngineConfig = ClickEngineConfig()) -> Predictor:
+    """Load the model of `spec` into a Predictor (clicks run on `engine`). Random weights are drawn from a
+    fixed seed so that every actor of a job (and every later run) builds the same "random-init" encoder."""
     if spec.checkpoint is None:
         if spec.variant is None:
             raise ValueError("with no checkpoint, name the variant to initialise randomly")
@@ -84,7 +86,7 @@ def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None)
             model = load_model(None, variant=spec.variant)
     else:
         model = load_model(spec.checkpoint, variant=spec.variant)
-    return Predictor(model, preprocess=spec.preprocess, device=device)
+    return Predictor(model, preprocess=spec.preprocess, device=device, engine=engine)
 
 
 def decode_stage(batch: pa.Table, preprocess: PreprocessConfig) -> pa.Table:
