@@ -1,4 +1,5 @@
-"""Quality gate of a fast click engine against the exact fp32 path (not a test): NoC and mIoU@k side by side.
+"""Quality gate of a fast click engine (and/or a compact feature dtype) against the exact fp32 path (not a
+test): NoC and mIoU@k side by side.
 
 Every sample is encoded once; the exact engine (torch fp32) and the candidate engine then each run the whole
 simulated-click evaluation (pipeline.evaluation, the same protocol as jobs/evaluate.py) on those features,
@@ -25,8 +26,9 @@ import numpy as np  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # the checkout
 
-from interformer import Predictor, load_model  # noqa: E402
+from interformer import ImageFeatures, Predictor, load_model  # noqa: E402
 from interformer.click_engine import ENGINES, ClickEngineConfig  # noqa: E402
+from interformer.features import STORAGE_DTYPES  # noqa: E402
 from interformer.predictor import set_cpu_threads  # noqa: E402
 from pipeline.datasets import resolve  # noqa: E402
 from pipeline.evaluation import EvalConfig, evaluate_sample  # noqa: E402
@@ -37,7 +39,7 @@ K_VALUES = (1, 2, 3, 5, 10, 20)
 
 
 class _Features:
-    """A one-image feature 'reader' so that both engines' segmenters use the same encoded features."""
+    """A one-image feature 'reader' so that both segmenters use the same encoded features."""
 
     def __init__(self) -> None:
         self.feats = None
@@ -46,14 +48,22 @@ class _Features:
         return self.feats
 
 
+def stored(feats: ImageFeatures, dtype: str) -> ImageFeatures:
+    """The features as a feature-table row of `dtype` gives them back."""
+    if dtype == "float32":
+        return feats
+    flat, shapes = feats.to_flat(dtype)
+    return ImageFeatures.from_flat(flat, shapes, feats.geometry, dtype=dtype)
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = int((a | b).sum())
     return 1.0 if union == 0 else int((a & b).sum()) / union
 
 
-def replay_agreement(exact: Predictor, fast: Predictor, feats, clicks: list) -> list[float]:
+def replay_agreement(exact: Predictor, fast: Predictor, feats, fast_feats, clicks: list) -> list[float]:
     """IoU of the candidate's mask with the exact mask after each click of the same click list."""
-    a, b = exact.session(feats), fast.session(feats)
+    a, b = exact.session(feats), fast.session(fast_feats)
     out = []
     for click in clicks:
         if click is None:
@@ -75,8 +85,10 @@ def summarize(results: list, max_clicks: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
-    ap.add_argument("--engine", default="fast", choices=[e for e in ENGINES if e != "torch"],
-                    help="the candidate click engine (default: %(default)s)")
+    ap.add_argument("--engine", default="fast", choices=ENGINES, help="the candidate click engine (default: %(default)s)")
+    ap.add_argument("--storage-dtype", default="float32", choices=sorted(STORAGE_DTYPES),
+                    help="the candidate reads features round-tripped through this feature-table dtype "
+                    "(the exact path reads fp32; default: %(default)s)")
     ap.add_argument("--datasets", nargs="+", default=["GrabCut", "Berkeley"], help="dataset specs as jobs/evaluate.py")
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--limit", type=int, default=None, help="first N samples per dataset (default: all)")
@@ -90,10 +102,11 @@ def main() -> None:
     model = load_model(args.checkpoint, device="cpu")
     exact = Predictor(model, device="cpu")
     fast = Predictor(model, device="cpu", engine=ClickEngineConfig(args.engine, cache_dir=args.engine_cache))
-    shared = _Features()
-    segmenters = {"exact": ModelSegmenter(exact, shared), "fast": ModelSegmenter(fast, shared)}
+    shared, candidate = _Features(), _Features()
+    segmenters = {"exact": ModelSegmenter(exact, shared), "fast": ModelSegmenter(fast, candidate)}
     config = EvalConfig(protocol=args.protocol, max_clicks=args.max_clicks)
-    report = {"checkpoint": args.checkpoint, "engine": fast.engine.name, "protocol": args.protocol,
+    report = {"checkpoint": args.checkpoint, "engine": fast.engine.name, "storage_dtype": args.storage_dtype,
+              "protocol": args.protocol,
               "max_clicks": args.max_clicks, "limit": args.limit, "threads": args.threads,
               "load_average_before": [round(v, 2) for v in os.getloadavg()], "datasets": {}}
     t_start = time.time()
@@ -104,9 +117,10 @@ def main() -> None:
         for i, ref in enumerate(refs):
             sample = ref.load()
             shared.feats = exact.encode(sample.image)
+            candidate.feats = stored(shared.feats, args.storage_dtype)
             for name, seg in segmenters.items():
                 runs[name].append(evaluate_sample(seg, sample, config))
-            agreement += replay_agreement(exact, fast, shared.feats, runs["exact"][-1].clicks)
+            agreement += replay_agreement(exact, fast, shared.feats, candidate.feats, runs["exact"][-1].clicks)
             print(f"{sample.dataset} {i + 1}/{len(refs)} {time.time() - t_start:.0f}s: exact NoC90 "
                   f"{mean_noc([runs['exact'][-1].ious], 0.9, args.max_clicks):.0f} fast "
                   f"{mean_noc([runs['fast'][-1].ious], 0.9, args.max_clicks):.0f}, min IoU vs fp32 so far "
@@ -128,7 +142,7 @@ def main() -> None:
     for name, rows in report["datasets"].items():
         for eng in ("exact", "fast"):
             r = rows[eng]
-            label = "torch fp32" if eng == "exact" else report["engine"]
+            label = "torch fp32" if eng == "exact" else f"{report['engine']}, {args.storage_dtype} features"
             print(f"| {name} | {label} | {r['noc85']} | {r['noc90']} | "
                   + " | ".join(str(r[f'miou@{k}']) for k in K_VALUES if k <= args.max_clicks)
                   + f" | {r['click_ms_median']} |")

@@ -159,8 +159,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                    "size, as in the paper); part of the encoder fingerprint")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images with more pixels than this are refused and recorded as errors")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="storage dtype of the features (float16 halves the table; the model computes in float32)")
+    p.add_argument("--dtype", choices=("float16", "float32", "bfloat16", "int8"), default="float16",
+                   help="storage dtype of the features: float16 halves the table, int8 (per-channel scale and "
+                   "offset) halves it again; the model computes in float32 (see interformer/features.py)")
     p.add_argument("--batch-size", type=int, default=4, help="images per encoder forward pass")
     p.add_argument("--write-batch", type=int, default=32, help="feature rows per written Lance fragment")
     p.add_argument("--num-encoders", type=int, default=None,
