@@ -23,6 +23,8 @@ from .modeling import InterFormer
 from .modeling.imsa import IMSACache
 from .preprocess import preprocess
 
+ENCODE_PRECISIONS = ("fp32", "bf16")
+
 __all__ = ["Click", "ClickResult", "InteractiveSession", "Predictor", "default_device", "set_cpu_threads"]
 
 
@@ -86,16 +88,21 @@ class Predictor:
 
     `engine` picks what runs the per-click network (interformer.click_engine): "torch" (the fp32
     reference, default), "openvino-f32", "openvino-bf16" or "fast"; a name or a ClickEngineConfig.
+    `encode_precision` "bf16" runs the image encoder under bfloat16 autocast (CPU with AMX / AVX512-BF16, or
+    CUDA); the pyramid is returned in fp32 either way. "fp32" (default) is the reference.
     """
 
     def __init__(self, model: InterFormer, preprocess: PreprocessConfig = PreprocessConfig(),
                  device: str | torch.device | None = None,
-                 engine: str | ClickEngineConfig = ClickEngineConfig()) -> None:
+                 engine: str | ClickEngineConfig = ClickEngineConfig(), encode_precision: str = "fp32") -> None:
+        if encode_precision not in ENCODE_PRECISIONS:
+            raise ValueError(f"encode precision must be one of {ENCODE_PRECISIONS}, got {encode_precision!r}")
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval().fuse_for_inference()
         self.preprocess = preprocess
         self.engine_config = ClickEngineConfig(engine) if isinstance(engine, str) else engine
         self._engine: ClickEngine | None = None
+        self.encode_precision = encode_precision
 
     @property
     def engine(self) -> ClickEngine:
@@ -125,12 +132,21 @@ class Predictor:
             for start in range(0, len(idxs), max_batch):
                 chunk = idxs[start : start + max_batch]
                 batch = torch.cat([prepared[i][0] for i in chunk]).to(self.device)
-                pyramid = self.model.encode(batch)
+                pyramid = self.encode_pyramid(batch)
                 for j, i in enumerate(chunk):
                     feats = ImageFeatures(tuple(p[j : j + 1].float() for p in pyramid), prepared[i][1])
                     self._ensure_cache(feats)
                     out[i] = feats
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def encode_pyramid(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised, padded images [B, 3, H, W] on the device -> the pyramid in fp32, at `encode_precision`."""
+        if self.encode_precision == "fp32":
+            return self.model.encode(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            pyramid = self.model.encode(batch)
+        return [p.float() for p in pyramid]
 
     def _ensure_cache(self, feats: ImageFeatures) -> IMSACache:
         key = ("imsa", id(self.model))
