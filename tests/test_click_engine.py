@@ -183,3 +183,25 @@ def test_update_by_prediction_table_equals_masked_writes(h, w, seed):
     ref = rng.choice(np.array([DEF_BG, MAYBE_BG, UNKNOWN, MAYBE_FG, DEF_FG], np.uint8), size=(h, w))
     pred = rng.random((h, w)) < 0.5
     assert np.array_equal(update_by_prediction(ref, pred), _update_reference(ref, pred))
+
+
+def test_one_engine_option_reaches_the_cli_evaluation_and_preannotation(small_model, tmp_path):
+    from connectors.cli import build_parser
+    from interformer.click_engine import click_engine_config
+    from pipeline.encoding import EncoderSpec, build_predictor
+    from pipeline.preannotation import WorkerSpec
+    from pipeline.segmenters import SegmenterSpec
+
+    args = build_parser().parse_args(["--variant", "small", "--click-engine", "fast", "--engine-cache", str(tmp_path)])
+    cfg = click_engine_config(args)
+    assert cfg == ClickEngineConfig("fast", cache_dir=str(tmp_path))
+    assert build_parser().parse_args(["--variant", "small"]).click_engine == "torch"  # exact fp32 by default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--variant", "small", "--click-engine", "gpu"])
+    spec = SegmenterSpec("random", variant="small", engine="openvino-f32", engine_cache=str(tmp_path))
+    assert spec.build().predictor.engine.name == "openvino-f32"
+    with pytest.raises(ValueError, match="unknown click engine"):
+        SegmenterSpec("random", variant="small", engine="gpu")
+    assert WorkerSpec(encoder=None, db="db", table="t").engine == ClickEngineConfig()
+    predictor = build_predictor(EncoderSpec(variant="small"), device="cpu", engine=cfg)
+    assert predictor.engine_config == cfg
