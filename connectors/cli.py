@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted, in MiB (default: %(default)s)")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="times Ray restarts a serving actor that died (default: %(default)s)")
-    add_click_engine_arguments(p)
+    add_click_engine_arguments(p, compile_default="background")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="level of the JSON logs on stderr; debug also logs /health calls (default: %(default)s)")
     return p

@@ -40,17 +40,25 @@ ENGINES = ("torch", "openvino-f32", "openvino-bf16", "fast")
 CACHE_ENV = "INTERFORMER_ENGINE_CACHE"
 
 
+COMPILE_MODES = ("blocking", "background")
+
+
 @dataclass(frozen=True)
 class ClickEngineConfig:
     """engine: one of ENGINES; cache_dir: where converted models are kept (None: $INTERFORMER_ENGINE_CACHE,
-    else ~/.cache/interformer/click-engine)."""
+    else ~/.cache/interformer/click-engine); compile: "blocking" (the first click at a new padded size waits
+    for its conversion, so every click runs on the engine asked for) or "background" (the runtime converts
+    in a thread and torch answers that size's clicks until it is ready: no click waits seconds; serving)."""
 
     engine: str = "torch"
     cache_dir: str | None = None
+    compile: str = "blocking"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"unknown click engine {self.engine!r}; choose one of {ENGINES}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}; choose one of {COMPILE_MODES}")
 
     @property
     def cache_path(self) -> Path:
@@ -171,7 +179,7 @@ class OpenVINOEngine:
     """The click network compiled by OpenVINO, one static model per padded size, converted on first use."""
 
     def __init__(self, model: InterFormer, precision: str, cache_dir: Path,
-                 threads: Callable[[], int] = torch.get_num_threads) -> None:
+                 threads: Callable[[], int] = torch.get_num_threads, background: bool = False) -> None:
         import openvino as ov
 
         if precision not in ("f32", "bf16"):
@@ -186,6 +194,8 @@ class OpenVINOEngine:
         self._lock = threading.Lock()
         self._digest: str | None = None
         self._fallback = TorchEngine(model)
+        self.background = background
+        self._pending: dict[tuple[tuple[int, ...], ...], threading.Thread] = {}
 
     def _signature(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache) -> tuple[tuple[int, ...], ...]:
         return (tuple(x0.shape), tuple(ref_label.shape),
@@ -225,36 +235,60 @@ class OpenVINOEngine:
         shapes = [tuple(int(d) for d in p.get_shape()) for p in compiled.inputs]
         if shapes != list(signature):
             raise EngineShapeError(f"compiled click network takes {shapes}, expected {list(signature)}")
-        return compiled, compiled.create_infer_request()
+        return compiled, compiled.create_infer_request(), threading.Lock()
 
-    def warm(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache) -> None:
-        """Convert/compile the model for these shapes now (a serving actor warms the sizes it sees)."""
-        self._request(x0, ref_label, cache)
+    def _build_or_fallback(self, signature, inputs: list[torch.Tensor]) -> tuple:
+        try:
+            return self._build(signature, inputs)
+        except EngineShapeError:
+            raise
+        except Exception as e:  # the runtime could not take this graph: the reference answers
+            log.warning("click engine fallback: %s cannot compile the click network for %s (%s: %s); using torch "
+                        "for this size", self.name, signature[1], type(e).__name__, e)
+            return (None, None, None)
+
+    def _build_in_background(self, signature, inputs: list[torch.Tensor]) -> None:
+        try:
+            entry = self._build_or_fallback(signature, inputs)
+        except EngineShapeError as e:
+            log.error("click engine: %s; using torch for this size", e)
+            entry = (None, None, None)
+        with self._lock:
+            self._compiled[signature] = entry
+            self._pending.pop(signature, None)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for background conversions under way; True when none is left."""
+        for thread in list(self._pending.values()):
+            thread.join(timeout)
+        return not self._pending
 
     def _request(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache):
         signature = self._signature(x0, ref_label, cache)
         entry = self._compiled.get(signature)
-        if entry is None:
-            with self._lock:
-                entry = self._compiled.get(signature)
-                if entry is None:
-                    inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
-                    try:
-                        entry = self._build(signature, inputs)
-                    except EngineShapeError:
-                        raise
-                    except Exception as e:  # the runtime could not take this graph: the reference answers
-                        log.warning("click engine fallback: %s cannot compile the click network for %s "
-                                    "(%s: %s); using torch for this size", self.name, signature[1],
-                                    type(e).__name__, e)
-                        entry = (None, None)
-                    self._compiled[signature] = entry
+        if entry is not None:
+            return entry
+        inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
+        with self._lock:
+            entry = self._compiled.get(signature)
+            if entry is not None:
+                return entry
+            if self.background:
+                if signature not in self._pending:
+                    log.info("%s: converting the click network for %s in the background; torch answers this size "
+                             "until it is ready", self.name, signature[1])
+                    thread = threading.Thread(target=self._build_in_background, name="click-engine-convert",
+                                              args=(signature, [t.clone() for t in inputs]), daemon=True)
+                    self._pending[signature] = thread
+                    thread.start()
+                return (None, None, None)
+            entry = self._compiled[signature] = self._build_or_fallback(signature, inputs)
         return entry
 
     def margin(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache, roi: Roi | None) -> np.ndarray:
         if roi is not None:
             raise ValueError(f"{self.name} has no zoom-in refine stages to crop (roi {roi})")
-        compiled, request = self._request(x0, ref_label, cache)
+        compiled, request, lock = self._request(x0, ref_label, cache)
         if compiled is None:
             return self._fallback.margin(x0, ref_label, cache, roi)
         inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
@@ -262,7 +296,8 @@ class OpenVINOEngine:
             if tuple(t.shape) != tuple(port.get_shape()):  # the compiled graph is static: never guess
                 raise EngineShapeError(f"input {port.get_any_name()} has shape {tuple(t.shape)}, the compiled "
                                        f"model takes {tuple(port.get_shape())}")
-        out = request.infer([_as_numpy(t) for t in inputs], share_inputs=True, share_outputs=False)
+        with lock:  # an infer request serves one call at a time
+            out = request.infer([_as_numpy(t) for t in inputs], share_inputs=True, share_outputs=False)
         return out[0][0, 0]
 
 
@@ -272,8 +307,9 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def add_click_engine_arguments(parser) -> None:
-    """The click-engine options, the same in the backend CLI and the jobs (see `click_engine_config`)."""
+def add_click_engine_arguments(parser, compile_default: str = "blocking") -> None:
+    """The click-engine options, the same in the backend CLI and the jobs (see `click_engine_config`); a
+    server passes compile_default="background" so that no annotator's click waits for a conversion."""
     parser.add_argument("--click-engine", choices=ENGINES, default="torch",
                         help="what runs each click: torch (exact fp32 reference), openvino-f32 (same masks, faster), "
                         "openvino-bf16 (fastest, on CPUs with AMX / AVX512-BF16), fast (bf16 where native, else "
@@ -281,11 +317,14 @@ def add_click_engine_arguments(parser) -> None:
     parser.add_argument("--engine-cache", default=None, metavar="DIR",
                         help=f"folder for the runtime's converted click networks (default: ${CACHE_ENV}, else "
                         "~/.cache/interformer/click-engine)")
+    parser.add_argument("--engine-compile", choices=COMPILE_MODES, default=compile_default,
+                        help="a new padded size: wait for its conversion (blocking: every click on the engine "
+                        "asked for) or convert in the background while torch answers (default: %(default)s)")
 
 
 def click_engine_config(args) -> ClickEngineConfig:
     """The ClickEngineConfig of parsed `add_click_engine_arguments` options."""
-    return ClickEngineConfig(args.click_engine, cache_dir=args.engine_cache)
+    return ClickEngineConfig(args.click_engine, cache_dir=args.engine_cache, compile=args.engine_compile)
 
 
 def build_engine(config: ClickEngineConfig, model: InterFormer, device: torch.device,
@@ -296,7 +335,7 @@ def build_engine(config: ClickEngineConfig, model: InterFormer, device: torch.de
         log.warning("click engine fallback: %s", reason)
     if name == "torch":
         return TorchEngine(model)
-    return OpenVINOEngine(model, name.split("-", 1)[1], config.cache_path)
+    return OpenVINOEngine(model, name.split("-", 1)[1], config.cache_path, background=config.compile == "background")
 
 
 def upsample_margin(low: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

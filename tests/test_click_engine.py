@@ -194,7 +194,7 @@ def test_one_engine_option_reaches_the_cli_evaluation_and_preannotation(small_mo
 
     args = build_parser().parse_args(["--variant", "small", "--click-engine", "fast", "--engine-cache", str(tmp_path)])
     cfg = click_engine_config(args)
-    assert cfg == ClickEngineConfig("fast", cache_dir=str(tmp_path))
+    assert cfg == ClickEngineConfig("fast", cache_dir=str(tmp_path), compile="background")
     assert build_parser().parse_args(["--variant", "small"]).click_engine == "torch"  # exact fp32 by default
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--variant", "small", "--click-engine", "gpu"])
@@ -205,3 +205,19 @@ def test_one_engine_option_reaches_the_cli_evaluation_and_preannotation(small_mo
     assert WorkerSpec(encoder=None, db="db", table="t").engine == ClickEngineConfig()
     predictor = build_predictor(EncoderSpec(variant="small"), device="cpu", engine=cfg)
     assert predictor.engine_config == cfg
+
+
+def test_background_compile_answers_with_torch_until_the_size_is_ready(small_model, tmp_path):
+    exact = Predictor(small_model, device="cpu")
+    cfg = ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path), compile="background")
+    fast = Predictor(small_model, device="cpu", engine=cfg)
+    feats = exact.encode(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    ref = np.full(feats.geometry.padded_size, UNKNOWN, np.uint8)
+    ref[20:30, 20:30] = DEF_FG
+    want = exact.predict_margin(feats, ref, None)
+    assert np.array_equal(fast.predict_margin(feats, ref, None), want)  # torch answered: bit-identical
+    assert fast.engine.wait_ready(timeout=300)
+    assert len(fast.engine._compiled) == 1 and next(iter(fast.engine._compiled.values()))[0] is not None
+    np.testing.assert_allclose(fast.predict_margin(feats, ref, None), want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="compile mode"):
+        ClickEngineConfig("fast", compile="lazy")
