@@ -182,13 +182,14 @@ def flat_to_float32(flat: torch.Tensor, dtype: str, shapes: list[list[int]] | li
     channels = sum(int(s[0]) for s in shapes)
     header = flat[: 8 * channels].view(torch.float32)
     scales, offsets = header[:channels], header[channels:]
-    values = flat[8 * channels :].to(torch.float32)
+    codes = flat[8 * channels :]
+    values = torch.empty(codes.numel(), dtype=torch.float32)
     offset, channel = 0, 0
-    for c, h, w in shapes:
-        n = int(c) * int(h) * int(w)
-        level = values[offset : offset + n].view(int(c), -1)
-        level.mul_(scales[channel : channel + c, None]).add_(offsets[channel : channel + c, None])
-        offset, channel = offset + n, channel + int(c)
+    for c, h, w in shapes:  # one pass per level: offset + code * scale, read straight from the uint8 codes
+        c, n = int(c), int(c) * int(h) * int(w)
+        torch.addcmul(offsets[channel : channel + c, None], codes[offset : offset + n].view(c, -1),
+                      scales[channel : channel + c, None], out=values[offset : offset + n].view(c, -1))
+        offset, channel = offset + n, channel + c
     return values
 
 
