@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from interformer import Predictor, load_model
+from interformer import Predictor
 from interformer.clicks import add_click_disk
 
 TOL = 1e-4  # max abs difference allowed for every tensor
