@@ -13,8 +13,10 @@ the next engine, and the reason is logged once per engine instance.
 One compiled model per padded size: the pooled sizes of the attention are baked into the graph, so a
 compiled model checks every input shape and refuses a different one (`EngineShapeError`) instead of
 answering with a wrong mask. Converted models are saved as OpenVINO IR under the cache folder (keyed by a
-hash of the weights and the size) and compiled blobs go to OpenVINO's CACHE_DIR there, so the next process
-loads a size in about 0.1 s instead of converting it again (3-4 s).
+hash of the weights and the size), so the next process reads and compiles a size in about 0.2 s instead of
+converting it again (3-4 s). OpenVINO's own compiled-blob cache (CACHE_DIR) is deliberately not used: with
+openvino 2026.4 a blob reloaded for this graph crashed the process (a segfault in infer) where the same IR
+compiled afresh ran correctly.
 """
 from __future__ import annotations
 
@@ -228,7 +230,6 @@ class OpenVINOEngine:
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
             "INFERENCE_NUM_THREADS": str(max(1, int(self._threads()))),
-            "CACHE_DIR": str(self.cache_dir / "compiled"),
         }
         compiled = self._core.compile_model(ov_model, "CPU", config)
         shapes = [tuple(int(d) for d in p.get_shape()) for p in compiled.inputs]
@@ -296,7 +297,9 @@ class OpenVINOEngine:
                 raise EngineShapeError(f"input {port.get_any_name()} has shape {tuple(t.shape)}, the compiled "
                                        f"model takes {tuple(port.get_shape())}")
         with lock:  # an infer request serves one call at a time
-            low = request.infer([_as_numpy(t) for t in inputs], share_inputs=True, share_outputs=True)[0][0, 0]
+            # Inputs are copied into the runtime's own (aligned, padded) buffers: its vector kernels may read
+            # past the end of a tensor, which over a shared numpy buffer can touch an unmapped page.
+            low = request.infer([_as_numpy(t) for t in inputs], share_inputs=False, share_outputs=False)[0][0, 0]
             h, w = ref_label.shape[-2:]
             # Bilinear with half-pixel centres: the same function as F.interpolate(align_corners=False),
             # within float rounding (measured <= 2e-6).
