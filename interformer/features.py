@@ -180,17 +180,21 @@ def flat_to_float32(flat: torch.Tensor, dtype: str, shapes: list[list[int]] | li
     if dtype != "int8":
         return flat.to(torch.float32, copy=True)
     channels = sum(int(s[0]) for s in shapes)
-    header = flat[: 8 * channels].view(torch.float32)
-    scales, offsets = header[:channels], header[channels:]
-    codes = flat[8 * channels :]
-    values = torch.empty(codes.numel(), dtype=torch.float32)
+    raw = flat.numpy()
+    header = raw[: 8 * channels].view(np.float32)
+    scales, offsets = header[:channels, None], header[channels:, None]
+    codes = raw[8 * channels :]
+    values = np.empty(codes.size, dtype=np.float32)
     offset, channel = 0, 0
-    for c, h, w in shapes:  # one pass per level: offset + code * scale, read straight from the uint8 codes
+    # numpy, one thread: two passes per level without the thread hand-offs of small parallel torch ops,
+    # which on a loaded machine cost more than the arithmetic.
+    for c, h, w in shapes:
         c, n = int(c), int(c) * int(h) * int(w)
-        torch.addcmul(offsets[channel : channel + c, None], codes[offset : offset + n].view(c, -1),
-                      scales[channel : channel + c, None], out=values[offset : offset + n].view(c, -1))
+        out = values[offset : offset + n].reshape(c, -1)
+        np.multiply(codes[offset : offset + n].reshape(c, -1), scales[channel : channel + c], out=out)
+        out += offsets[channel : channel + c]
         offset, channel = offset + n, channel + c
-    return values
+    return torch.from_numpy(values)
 
 
 def levels_of(values: torch.Tensor, shapes: list[list[int]] | list[tuple[int, int, int]]) -> list[torch.Tensor]:
