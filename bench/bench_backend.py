@@ -11,6 +11,10 @@ machine load, never overlapping the request). Shared machines are noisy: read th
 
     python bench/bench_backend.py                      # 480x640, 2 actors x 1 thread, 1/4/16 annotators
     python bench/bench_backend.py --size 240 320 --actors 1 --threads 2 --levels 1 4
+    python bench/bench_backend.py --think-s 1 --per-annotator 16 --levels 8 16 24 32 --click-engine fast
+
+With --think-s each annotator waits that long after every answer (a person looking at the mask), and the
+summary names the most annotators whose p99 stays within --p99-target-ms (the serving capacity).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from connectors.rle import mask_to_rle  # noqa: E402
 from interformer.checkpoint import load_model, save_checkpoint  # noqa: E402
+from interformer.click_engine import add_click_engine_arguments, click_engine_config  # noqa: E402
 from interformer.predictor import Predictor, set_cpu_threads  # noqa: E402
 from pipeline.feature_store import EncodedImage, FeatureReader, FeatureStore, feature_rows  # noqa: E402
 
@@ -72,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads per actor and for the bare step (default: cores / actors)")
     p.add_argument("--variant", default="small",
                    help="model variant, random init (small/light share the click step) (default: small)")
+    p.add_argument("--think-s", type=float, default=0.0,
+                   help="seconds an annotator waits after each answer before the next click (default: 0)")
+    p.add_argument("--per-annotator", type=int, default=None,
+                   help="requests per annotator (default: --requests split evenly over the level's annotators)")
+    p.add_argument("--p99-target-ms", type=float, default=300.0,
+                   help="the p99 latency that defines serving capacity (default: %(default)s)")
+    add_click_engine_arguments(p)
     p.add_argument("--out", default="outputs/bench_backend", help="folder for results.json and the plot")
     p.add_argument("--keep", action="store_true", help="keep the temporary table and server log")
     return p.parse_args(argv)
@@ -124,9 +136,9 @@ class BareSteps:
     """The bare interact step in this process (add_click + mask, then RLE timed apart), on the same stored
     features and click lists as the simulated annotator, run right before each of its requests."""
 
-    def __init__(self, ckpt: Path, db: Path, fingerprint: str, threads: int) -> None:
+    def __init__(self, ckpt: Path, db: Path, fingerprint: str, threads: int, engine) -> None:
         set_cpu_threads(threads)
-        self.predictor = Predictor(load_model(ckpt), device="cpu")
+        self.predictor = Predictor(load_model(ckpt), device="cpu", engine=engine)
         self.reader = FeatureReader(str(db), fingerprint)
         self.sessions: dict[str, object] = {}
 
@@ -160,7 +172,7 @@ def server_timing(header: str) -> dict[str, float]:
 
 async def annotator(client: httpx.AsyncClient, url: str, index: int, level: int, n_requests: int,
                     region_clicks: int, size: tuple[int, int], records: list[dict], bar: tqdm,
-                    bare: BareSteps | None) -> None:
+                    bare: BareSteps | None, think_s: float = 0.0) -> None:
     image_id = f"bench-{index % 16}"
     sent = 0
     region = 0
@@ -186,6 +198,8 @@ async def annotator(client: httpx.AsyncClient, url: str, index: int, level: int,
                             **server_timing(resp.headers.get("server-timing", ""))})
             sent += 1
             bar.update(1)
+            if think_s > 0:
+                await asyncio.sleep(think_s)
         region += 1
 
 
@@ -199,17 +213,18 @@ async def probe_health(client: httpx.AsyncClient, url: str, stop: asyncio.Event,
 
 
 async def run_level(url: str, level: int, n_requests: int, region_clicks: int, size: tuple[int, int],
-                    bare: BareSteps | None) -> tuple[list[dict], list[float]]:
+                    bare: BareSteps | None, think_s: float = 0.0,
+                    per_annotator: int | None = None) -> tuple[list[dict], list[float]]:
     records: list[dict] = []
     health: list[float] = []
-    per = max(1, n_requests // level)
+    per = per_annotator or max(1, n_requests // level)
     limits = httpx.Limits(max_connections=level + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         stop = asyncio.Event()
         prober = asyncio.create_task(probe_health(client, url, stop, health))
         with tqdm(total=per * level, desc=f"{level} annotator(s)", unit="req") as bar:
-            await asyncio.gather(*(annotator(client, url, i, level, per, region_clicks, size, records, bar, bare)
-                                   for i in range(level)))
+            await asyncio.gather(*(annotator(client, url, i, level, per, region_clicks, size, records, bar, bare,
+                                             think_s) for i in range(level)))
         stop.set()
         await prober
     return records, health
@@ -293,12 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = load_images(16, size)
         ckpt, fingerprint = build_table(work, args.variant, images)
-        bare = BareSteps(ckpt, work / "db", fingerprint, threads)
+        bare = BareSteps(ckpt, work / "db", fingerprint, threads, click_engine_config(args))
         port = free_port()
         log = open(work / "server.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "connectors", "--db", str(work / "db"), "--checkpoint", str(ckpt),
-             "--port", str(port), "--actors", str(args.actors), "--threads", str(threads), "--log-level", "warning"],
+             "--port", str(port), "--actors", str(args.actors), "--threads", str(threads), "--log-level", "warning",
+             "--click-engine", args.click_engine, *(["--engine-cache", args.engine_cache] if args.engine_cache else [])],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
@@ -317,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         health: dict[int, list[float]] = {}
         for level in args.levels:
             level_records, health[level] = asyncio.run(
-                run_level(url, level, args.requests, args.region_clicks, size, bare if level == 1 else None))
+                run_level(url, level, args.requests, args.region_clicks, size, bare if level == 1 else None,
+                          args.think_s, args.per_annotator))
             records += level_records
         bench_s = time.perf_counter() - t0
         server.send_signal(signal.SIGINT)
@@ -328,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                        cpu_count=os.cpu_count(),
                        health_under_load_ms={lv: {"median": float(np.median(v)), "max": float(max(v)), "n": len(v)}
                                              for lv, v in health.items()},
-                       loadavg_1min=os.getloadavg()[0], bench_s=bench_s)
+                       loadavg_1min=os.getloadavg()[0], bench_s=bench_s, think_s=args.think_s,
+                       click_engine=args.click_engine, p99_target_ms=args.p99_target_ms,
+                       capacity_annotators=max((lv for lv in args.levels
+                                                if summary["levels"][lv]["p99_ms"] <= args.p99_target_ms), default=0))
         (out / "results.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
         plot(summary, records, args.levels, out / "latency.png")
         print_table(summary, args.levels)
@@ -355,6 +375,8 @@ def print_table(summary: dict, levels: list[int]) -> None:
     print(f"bare interact step (paired with the 1-annotator requests): median {b['step_median_ms']:.1f} ms, "
           f"p99 {b['step_p99_ms']:.1f} ms; RLE {b['rle_median_ms']:.1f} ms; median of per-request "
           f"HTTP latency / bare step: {b['paired_ratio_median']:.2f}")
+    print(f"click engine {summary['click_engine']}, think time {summary['think_s']} s: the most annotators with "
+          f"p99 <= {summary['p99_target_ms']:.0f} ms among the levels run: {summary['capacity_annotators']}")
     health = summary["health_under_load_ms"]
     print("/health while clicking: " + ", ".join(
         f"{lv} annotator(s) median {h['median']:.1f} ms, max {h['max']:.1f} ms" for lv, h in health.items()))

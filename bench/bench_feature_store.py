@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from interformer.features import ImageFeatures, ImageGeometry, pyramid_shapes  # noqa: E402
+from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry, pyramid_shapes  # noqa: E402
 from pipeline.feature_store import EncodedImage, FeatureStore, feature_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                    "removed at the end); an existing table there is reused")
     p.add_argument("--rows", type=int, default=1000, help="rows in the table")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (square images)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
+    p.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float16", help="storage dtype")
     p.add_argument("--batch", type=int, default=50, help="rows per append while building (one fragment each)")
     p.add_argument("--fetches", type=int, default=300, help="random fetches timed")
     p.add_argument("--compare-layouts", action="store_true",

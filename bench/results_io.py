@@ -23,7 +23,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "numpy", "pyarrow", "pylance", "lancedb", "ray", "opencv-python-headless", "label-studio-sdk",
-            "fastapi", "uvicorn", "pycocotools")
+            "fastapi", "uvicorn", "pycocotools", "openvino")
 
 
 def _lscpu() -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from interformer.checkpoint import model_version
+from interformer.click_engine import add_click_engine_arguments, click_engine_config
 from interformer.config import CONFIGS, PreprocessConfig
 
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted, in MiB (default: %(default)s)")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="times Ray restarts a serving actor that died (default: %(default)s)")
+    add_click_engine_arguments(p, compile_default="background")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="level of the JSON logs on stderr; debug also logs /health calls (default: %(default)s)")
     return p
@@ -152,6 +154,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         session_cache_bytes=_mib(args.session_cache_mb),
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.actors),
         access=access,
+        click_engine=click_engine_config(args),
     )
     settings = ServerSettings(
         model_version=model_version(checkpoint, variant, args.seed),
@@ -171,6 +174,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         app = create_app(settings, pool)
         log_event(log, "serving", url=f"http://{args.host}:{args.port}", model_version=settings.model_version,
                   table=f"{cfg.db}/{cfg.table}", actors=args.actors, actor_cpus=actor_cpus, threads=cfg.threads,
+                  click_engine=cfg.click_engine.engine,
                   auth=bool(args.basic_auth_user), label_studio_url=cfg.access.label_studio_url)
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
                     timeout_graceful_shutdown=5)

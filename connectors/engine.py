@@ -22,6 +22,7 @@ from typing import Callable
 import lance
 import numpy as np
 
+from interformer.click_engine import ClickEngineConfig
 from interformer.config import PreprocessConfig
 from interformer.features import ImageFeatures
 from interformer.predictor import InteractiveSession, Predictor, set_cpu_threads
@@ -65,6 +66,7 @@ class EngineConfig:
     session_cache_bytes: int = 512 * MIB  # interactive sessions an actor keeps, each with its click states
     threads: int = 1  # torch intra-op threads per actor
     access: ImageAccess = field(default_factory=ImageAccess)  # where on-demand encoding may read images
+    click_engine: ClickEngineConfig = field(default_factory=ClickEngineConfig)  # what runs each click
 
 
 def _load_predictor(cfg: EngineConfig, interact_only: bool) -> Predictor:
@@ -72,7 +74,7 @@ def _load_predictor(cfg: EngineConfig, interact_only: bool) -> Predictor:
     spec = EncoderSpec(checkpoint=cfg.checkpoint, variant=cfg.variant, preprocess=cfg.preprocess, seed=cfg.seed,
                        threads=cfg.threads)
     set_cpu_threads(cfg.threads)
-    predictor = build_predictor(spec, device="cpu")
+    predictor = build_predictor(spec, device="cpu", engine=cfg.click_engine)
     if interact_only:
         # A serving actor never encodes: free the ViT and the training-only auxiliary head.
         predictor.model.backbone = None

@@ -1,8 +1,14 @@
 """`ImageFeatures`: the click-independent result of `encode`, and its flat serialisation.
 
 The feature store (LanceDB) holds one image's pyramid as one flat array plus the level shapes and
-the geometry needed to map masks back to the original image. fp32 round-trips bit-exactly; fp16
-round-trips within fp16 rounding (the model always computes in fp32).
+the geometry needed to map masks back to the original image. Storage dtypes (the model always computes
+from fp32 tensors):
+  float32   bit-exact.
+  float16   2 bytes per value, within fp16 rounding.
+  bfloat16  2 bytes per value, fp32's range with 8 significant bits (rounded to nearest even).
+  int8      1 byte per value: per channel of each level, 8-bit codes with an fp32 scale and offset
+            (x = code * scale + offset, codes spanning the channel's min..max), stored as a header of
+            all scales, then all offsets (fp32), then the codes; half the bytes of fp16.
 """
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ import torch
 
 from .config import PYRAMID_CHANNELS, PYRAMID_STRIDES
 
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Storage dtype -> the numpy element type of the flat array `to_flat` returns.
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.uint8}
 
 
 @dataclass(frozen=True)
@@ -93,14 +100,22 @@ class ImageFeatures:
 
     def nbytes(self, dtype: str = "float16") -> int:
         """Bytes of the stored pyramid in the given storage dtype."""
-        return self.num_floats * np.dtype(STORAGE_DTYPES[dtype]).itemsize
+        shapes = [list(p.shape[1:]) for p in self.pyramid]
+        return flat_size(shapes, dtype) * np.dtype(_storage_dtype(dtype)).itemsize
 
     def to_flat(self, dtype: str = "float16") -> tuple[np.ndarray, list[list[int]]]:
-        """All levels concatenated into one 1-D array of `dtype`, and the [C, h, w] shape of each level."""
+        """All levels concatenated into one 1-D array (its bytes are what is stored), and the [C, h, w] shape
+        of each level."""
         np_dtype = _storage_dtype(dtype)
-        parts = [p.detach().to("cpu", torch.float32).contiguous().numpy().ravel() for p in self.pyramid]
-        flat = np.concatenate(parts).astype(np_dtype, copy=False)
-        return flat, [list(p.shape[1:]) for p in self.pyramid]
+        shapes = [list(p.shape[1:]) for p in self.pyramid]
+        levels = [p.detach().to("cpu", torch.float32).contiguous() for p in self.pyramid]
+        if dtype == "int8":
+            return _quantize(levels), shapes
+        if dtype == "bfloat16":
+            flat = torch.cat([t.ravel() for t in levels]).to(torch.bfloat16).view(torch.int16).numpy()
+            return flat.view(np.uint16), shapes
+        parts = [t.numpy().ravel() for t in levels]
+        return np.concatenate(parts).astype(np_dtype, copy=False), shapes
 
     @classmethod
     def from_flat(
@@ -109,21 +124,19 @@ class ImageFeatures:
         shapes: list[list[int]] | list[tuple[int, int, int]],
         geometry: ImageGeometry,
         device: torch.device | str = "cpu",
+        dtype: str | None = None,
     ) -> "ImageFeatures":
-        """Inverse of `to_flat`: rebuild fp32 tensors from a flat fp16/fp32 array."""
+        """Inverse of `to_flat`: rebuild fp32 tensors from a flat array (float16/float32 by its numpy dtype;
+        bfloat16 and int8 payloads are uint16 / uint8 arrays and need `dtype`)."""
         flat = np.asarray(flat)
-        if flat.dtype not in (np.float16, np.float32):
-            raise ValueError(f"feature array must be float16 or float32, got {flat.dtype}")
-        sizes = [int(np.prod(s)) for s in shapes]
-        if sum(sizes) != flat.size:
-            raise ValueError(f"feature array has {flat.size} values, shapes {shapes} need {sum(sizes)}")
-        levels = []
-        offset = 0
-        for shp, n in zip(shapes, sizes):
-            arr = flat[offset : offset + n].reshape(1, *[int(v) for v in shp])
-            offset += n
-            levels.append(torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=torch.float32))
-        return cls(tuple(levels), geometry)
+        if dtype is None:
+            dtype = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}.get(flat.dtype)
+            if dtype is None:
+                raise ValueError(f"feature array must be float16 or float32 (else name its dtype), got {flat.dtype}")
+        if flat.dtype != np.dtype(_storage_dtype(dtype)):
+            raise ValueError(f"a {dtype} feature array holds {np.dtype(_storage_dtype(dtype))}, got {flat.dtype}")
+        values = flat_to_float32(torch.from_numpy(np.ascontiguousarray(flat)), dtype, shapes).to(device)
+        return cls(tuple(levels_of(values, shapes)), geometry)
 
 
 def _storage_dtype(dtype: str) -> type:
@@ -131,3 +144,64 @@ def _storage_dtype(dtype: str) -> type:
         return STORAGE_DTYPES[dtype]
     except KeyError:
         raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}") from None
+
+
+def flat_size(shapes: list[list[int]] | list[tuple[int, int, int]], dtype: str) -> int:
+    """Elements of the flat stored array for these level shapes (int8 adds a scale and an offset per channel)."""
+    values = sum(int(np.prod(s)) for s in shapes)
+    if dtype == "int8":
+        return values + 8 * sum(int(s[0]) for s in shapes)  # two fp32 per channel, as bytes
+    return values
+
+
+def _quantize(levels: list[torch.Tensor]) -> np.ndarray:
+    """Per-channel 8-bit codes of fp32 levels [1, C, h, w]: header (scales, offsets as fp32), then codes."""
+    scales, offsets, codes = [], [], []
+    for t in levels:
+        x = t.reshape(t.shape[1], -1)
+        lo, hi = x.amin(dim=1), x.amax(dim=1)
+        scale = (hi - lo) / 255.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant channel: code 0 is exact
+        codes.append(((x - lo[:, None]) / scale[:, None]).round_().clamp_(0, 255).to(torch.uint8).ravel())
+        scales.append(scale)
+        offsets.append(lo)
+    header = torch.cat([torch.cat(scales), torch.cat(offsets)]).numpy().view(np.uint8)
+    return np.concatenate([header, torch.cat(codes).numpy()])
+
+
+def flat_to_float32(flat: torch.Tensor, dtype: str, shapes: list[list[int]] | list[tuple[int, int, int]]) -> torch.Tensor:
+    """A stored flat array (as a CPU tensor of its storage element type) -> one fresh 1-D fp32 tensor of all
+    levels' values; raises ValueError when its size does not match the level shapes."""
+    need = flat_size(shapes, dtype)
+    if flat.numel() != need:
+        raise ValueError(f"stored features have {flat.numel()} elements, {dtype} level shapes {shapes} need {need}")
+    if dtype == "bfloat16":
+        return flat.view(torch.bfloat16).to(torch.float32)
+    if dtype != "int8":
+        return flat.to(torch.float32, copy=True)
+    channels = sum(int(s[0]) for s in shapes)
+    raw = flat.numpy()
+    header = raw[: 8 * channels].view(np.float32)
+    scales, offsets = header[:channels, None], header[channels:, None]
+    codes = raw[8 * channels :]
+    values = np.empty(codes.size, dtype=np.float32)
+    offset, channel = 0, 0
+    # numpy, one thread: two passes per level without the thread hand-offs of small parallel torch ops,
+    # which on a loaded machine cost more than the arithmetic.
+    for c, h, w in shapes:
+        c, n = int(c), int(c) * int(h) * int(w)
+        out = values[offset : offset + n].reshape(c, -1)
+        np.multiply(codes[offset : offset + n].reshape(c, -1), scales[channel : channel + c], out=out)
+        out += offsets[channel : channel + c]
+        offset, channel = offset + n, channel + c
+    return torch.from_numpy(values)
+
+
+def levels_of(values: torch.Tensor, shapes: list[list[int]] | list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Split a 1-D fp32 tensor of all levels' values into [1, C, h, w] views."""
+    levels, offset = [], 0
+    for shp in shapes:
+        n = int(np.prod(shp))
+        levels.append(values[offset : offset + n].view(1, *[int(v) for v in shp]))
+        offset += n
+    return levels

@@ -7,7 +7,7 @@ prediction) is explicit, and `replay` rebuilds it from a click list with identic
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
 
@@ -16,12 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .click_engine import ClickEngine, ClickEngineConfig, build_engine
 from .clicks import DEF_FG, Click, Roi, add_click_disk, initial_ref_label, update_by_prediction, zoom_in_roi
 from .config import PreprocessConfig
 from .features import ImageFeatures, ImageGeometry
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache
 from .preprocess import preprocess
+
+ENCODE_PRECISIONS = ("fp32", "bf16")
 
 __all__ = ["Click", "ClickResult", "InteractiveSession", "InvalidMaskError", "Predictor", "SessionStart",
            "default_device", "mask_to_canvas", "set_cpu_threads"]
@@ -151,13 +154,32 @@ class _State:
 
 
 class Predictor:
-    """Holds a model on a device; `encode` images once and open sessions over their features."""
+    """Holds a model on a device; `encode` images once and open sessions over their features.
+
+    `engine` picks what runs the per-click network (interformer.click_engine): "torch" (the fp32
+    reference, default), "openvino-f32", "openvino-bf16" or "fast"; a name or a ClickEngineConfig.
+    `encode_precision` "bf16" runs the image encoder under bfloat16 autocast (CPU with AMX / AVX512-BF16, or
+    CUDA); the pyramid is returned in fp32 either way. "fp32" (default) is the reference.
+    """
 
     def __init__(self, model: InterFormer, preprocess: PreprocessConfig = PreprocessConfig(),
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None,
+                 engine: str | ClickEngineConfig = ClickEngineConfig(), encode_precision: str = "fp32") -> None:
+        if encode_precision not in ENCODE_PRECISIONS:
+            raise ValueError(f"encode precision must be one of {ENCODE_PRECISIONS}, got {encode_precision!r}")
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval().fuse_for_inference()
         self.preprocess = preprocess
+        self.engine_config = ClickEngineConfig(engine) if isinstance(engine, str) else engine
+        self._engine: ClickEngine | None = None
+        self.encode_precision = encode_precision
+
+    @property
+    def engine(self) -> ClickEngine:
+        """The click engine, built on first use (a fallback is logged once, when it is built)."""
+        if self._engine is None:
+            self._engine = build_engine(self.engine_config, self.model, self.device)
+        return self._engine
 
     @property
     def fingerprint(self) -> str:
@@ -180,12 +202,21 @@ class Predictor:
             for start in range(0, len(idxs), max_batch):
                 chunk = idxs[start : start + max_batch]
                 batch = torch.cat([prepared[i][0] for i in chunk]).to(self.device)
-                pyramid = self.model.encode(batch)
+                pyramid = self.encode_pyramid(batch)
                 for j, i in enumerate(chunk):
                     feats = ImageFeatures(tuple(p[j : j + 1].float() for p in pyramid), prepared[i][1])
                     self._ensure_cache(feats)
                     out[i] = feats
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def encode_pyramid(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised, padded images [B, 3, H, W] on the device -> the pyramid in fp32, at `encode_precision`."""
+        if self.encode_precision == "fp32":
+            return self.model.encode(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            pyramid = self.model.encode(batch)
+        return [p.float() for p in pyramid]
 
     def _ensure_cache(self, feats: ImageFeatures) -> IMSACache:
         key = ("imsa", id(self.model))
@@ -218,10 +249,7 @@ class Predictor:
         """One interact step: logit1 - logit0 at the padded resolution, as float32 numpy."""
         cache = self._ensure_cache(feats)
         rl = torch.from_numpy(ref_label).to(self.device)[None, None]
-        logits = self.model.decode(list(feats.pyramid), rl, roi=roi, cache=cache)
-        margin = logits[:, 1:2] - logits[:, 0:1]
-        margin = F.interpolate(margin, size=ref_label.shape, mode="bilinear", align_corners=False)
-        return margin[0, 0].float().cpu().numpy()
+        return self.engine.margin(feats.pyramid[0], rl, cache, roi)
 
 
 def _mask_result(start: SessionStart, geometry: ImageGeometry) -> ClickResult:

@@ -159,8 +159,12 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                    "size, as in the paper); part of the encoder fingerprint")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images with more pixels than this are refused and recorded as errors")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="storage dtype of the features (float16 halves the table; the model computes in float32)")
+    p.add_argument("--dtype", choices=("float16", "float32", "bfloat16", "int8"), default="float16",
+                   help="storage dtype of the features: float16 halves the table, int8 (per-channel scale and "
+                   "offset) halves it again; the model computes in float32 (see interformer/features.py)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="encoder arithmetic: bf16 autocast (CPUs with AMX / AVX512-BF16, or CUDA) is faster with "
+                   "a pyramid within ~1%% RMS of fp32 (bench/bench_feature_precision.py) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="images per encoder forward pass")
     p.add_argument("--write-batch", type=int, default=32, help="feature rows per written Lance fragment")
     p.add_argument("--num-encoders", type=int, default=None,
@@ -197,7 +201,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error(f"--checkpoint {a.checkpoint!r} is not a file")
     variant = a.variant or (None if a.checkpoint else "light")
     preprocess = PreprocessConfig(max_side=a.max_side, max_pixels=a.max_pixels)
-    encoder = EncoderSpec(checkpoint=a.checkpoint, variant=variant, preprocess=preprocess, dtype=a.dtype, seed=a.seed)
+    encoder = EncoderSpec(checkpoint=a.checkpoint, variant=variant, preprocess=preprocess, dtype=a.dtype, seed=a.seed,
+                          precision=a.precision)
     return JobConfig(
         input=a.input, image_root=a.image_root, coco_id=a.coco_id, db=a.db, table=a.table,
         storage_options=options, encoder=encoder, batch_size=a.batch_size, write_batch=a.write_batch,

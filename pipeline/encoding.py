@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from interformer.checkpoint import load_model
+from interformer.click_engine import ClickEngineConfig
 from interformer.config import PreprocessConfig
 from interformer.features import ImageFeatures, ImageGeometry
 from interformer.predictor import Predictor, set_cpu_threads
@@ -71,11 +72,13 @@ class EncoderSpec:
     dtype: str = "float16"
     seed: int = 0
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    precision: str = "fp32"  # "bf16": the ViT under bfloat16 autocast (Predictor.encode_precision)
 
 
-def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None) -> Predictor:
-    """Load the model of `spec` into a Predictor. Random weights are drawn from a fixed seed so that every
-    actor of a job (and every later run) builds the same "random-init" encoder."""
+def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None,
+                    engine: ClickEngineConfig = ClickEngineConfig()) -> Predictor:
+    """Load the model of `spec` into a Predictor (clicks run on `engine`). Random weights are drawn from a
+    fixed seed so that every actor of a job (and every later run) builds the same "random-init" encoder."""
     if spec.checkpoint is None:
         if spec.variant is None:
             raise ValueError("with no checkpoint, name the variant to initialise randomly")
@@ -84,7 +87,8 @@ def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None)
             model = load_model(None, variant=spec.variant)
     else:
         model = load_model(spec.checkpoint, variant=spec.variant)
-    return Predictor(model, preprocess=spec.preprocess, device=device)
+    return Predictor(model, preprocess=spec.preprocess, device=device, engine=engine,
+                     encode_precision=spec.precision)
 
 
 def decode_stage(batch: pa.Table, preprocess: PreprocessConfig) -> pa.Table:
@@ -177,7 +181,7 @@ class EncoderStage:
                 h, w = geometries[i].resized_size
                 image = np.frombuffer(rows[i]["pixels"], dtype=np.uint8).reshape(h, w, 3)
                 tensors.append(normalize_and_pad(image, padded))
-            pyramid = self.predictor.model.encode(torch.cat(tensors).to(device))
+            pyramid = self.predictor.encode_pyramid(torch.cat(tensors).to(device))
             for j, i in enumerate(idxs):
                 out[i] = ImageFeatures(tuple(p[j : j + 1].float().cpu() for p in pyramid), geometries[i])
         return out  # type: ignore[return-value]

@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 from lance.fragment import FragmentMetadata, write_fragments
 
-from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry
+from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry, flat_to_float32, levels_of
 
 DEFAULT_ROOT = "lancedb"
 DEFAULT_TABLE = "features"
@@ -189,18 +189,14 @@ def _unflatten(data, dtype: str, shapes: list[list[int]], geometry: ImageGeometr
     """`ImageFeatures.from_flat` for bytes or an Arrow buffer, converted with torch: one fp32 copy split
     into per-level views. About 40x faster than numpy's astype here, which makes up most of a fetch."""
     flat = np.frombuffer(data, dtype=STORAGE_DTYPES[dtype])
-    sizes = [int(np.prod(shp)) for shp in shapes]
-    if sum(sizes) != flat.size:
-        raise FeatureStoreError(f"stored features have {flat.size} values, level shapes {shapes} need {sum(sizes)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only Arrow memory: only read, then copied
         source = torch.from_numpy(flat)
-    values = source.to(torch.float32, copy=True)
-    levels, offset = [], 0
-    for shp, n in zip(shapes, sizes):
-        levels.append(values[offset : offset + n].view(1, *shp))
-        offset += n
-    return ImageFeatures(tuple(levels), geometry)
+    try:
+        values = flat_to_float32(source, dtype, shapes)
+    except ValueError as e:
+        raise FeatureStoreError(str(e)) from None
+    return ImageFeatures(tuple(levels_of(values, shapes)), geometry)
 
 
 def write_feature_fragments(uri: str, rows: pa.Table, storage_options: dict | None = None) -> list[str]:

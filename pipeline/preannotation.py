@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from interformer.clicks import Click
+from interformer.click_engine import ClickEngineConfig
 from interformer.predictor import ClickResult, InteractiveSession, InvalidClickError, Predictor, set_cpu_threads
 
 from .clicker import mark_clicked, new_not_clicked, ritm_next_click
@@ -193,6 +194,7 @@ class WorkerSpec:
     encode_missing: encode images without stored features (on this worker's CPU) and store them;
     otherwise their objects fail with NO_FEATURES. image_access: where Label Studio image references may
     be fetched from (pipeline.image_access.ImageAccess), for encoding images of Label Studio tasks.
+    engine: what runs the clicks (interformer.click_engine.ClickEngineConfig; torch is the exact reference).
     """
 
     encoder: Any  # pipeline.encoding.EncoderSpec: weights, variant, seed, preprocessing, as jobs/encode.py
@@ -203,6 +205,7 @@ class WorkerSpec:
     threads: int = 1
     image_access: Any = None
     storage_options: dict | None = None
+    engine: ClickEngineConfig = ClickEngineConfig()
 
 
 def _elapsed(t0: float, c0: float) -> tuple[float, float]:
@@ -230,7 +233,7 @@ class PreannotateWorker:
         set_cpu_threads(spec.threads)
         cv2.setNumThreads(spec.threads)
         self.spec = spec
-        self.predictor = build_predictor(spec.encoder, device="cpu")
+        self.predictor = build_predictor(spec.encoder, device="cpu", engine=spec.engine)
         if not spec.encode_missing:  # interact only: free the ViT and the training-only head
             self.predictor.model.backbone = None
             self.predictor.model.auxiliary_head = None

@@ -25,7 +25,8 @@ class SegmenterSpec:
     for random weights; max_side: the predictor's longest-side resize (None: native size, as in the papers);
     feature_db / feature_table: LanceDB root and table of stored features to read instead of encoding
     (models only); feature_id_prefix: prepended to a sample's image id to find its row; grabcut: baseline
-    settings."""
+    settings; engine / engine_cache: the click engine (interformer.click_engine.ENGINES; torch is the exact
+    fp32 reference) and its cache folder."""
 
     kind: str
     checkpoint: str | None = None
@@ -37,6 +38,8 @@ class SegmenterSpec:
     feature_table: str = "features"
     feature_id_prefix: str = ""
     grabcut: GrabCutConfig = field(default_factory=GrabCutConfig)
+    engine: str = "torch"
+    engine_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -49,6 +52,7 @@ class SegmenterSpec:
             raise ValueError("a model variant is required for random initialisation")
         if self.kind == "grabcut" and self.feature_db:
             raise ValueError("the GrabCut baseline does not use stored features")
+        self.engine_config  # an unknown engine name fails here, in the driver, not in every worker
 
     @property
     def default_name(self) -> str:
@@ -57,6 +61,12 @@ class SegmenterSpec:
         if self.kind == "random":
             return f"random-{self.variant}"
         return Path(self.checkpoint).stem
+
+    @property
+    def engine_config(self) -> Any:
+        from interformer.click_engine import ClickEngineConfig
+
+        return ClickEngineConfig(self.engine, cache_dir=self.engine_cache)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +83,8 @@ class SegmenterSpec:
 
         torch.manual_seed(self.seed)
         model = load_model(self.checkpoint if self.kind == "checkpoint" else None, variant=self.variant, device=self.device)
-        predictor = Predictor(model, PreprocessConfig(max_side=self.max_side), device=self.device)
+        predictor = Predictor(model, PreprocessConfig(max_side=self.max_side), device=self.device,
+                              engine=self.engine_config)
         reader = None
         if self.feature_db:
             from .feature_store import FeatureReader

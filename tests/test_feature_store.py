@@ -194,4 +194,4 @@ def test_feature_rows_schema_and_dtype_check():
     assert flat.size == _item("a").features.num_floats
     assert rows.column("level_shapes")[0].as_py() == [v for s in pyramid_shapes((64, 96)) for v in s]
     with pytest.raises(ValueError):
-        feature_rows([_item("a")], FP, "bfloat16")
+        feature_rows([_item("a")], FP, "int4")

@@ -3,29 +3,15 @@ seeded random weights (../shared/fixtures/official_interformer). The weights are
 their init recipe and loaded through our official-checkpoint loader."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
 
-from interformer import Predictor, load_model
+from interformer import Predictor
 from interformer.clicks import add_click_disk
 
 TOL = 1e-4  # max abs difference allowed for every tensor
 MARGIN_EPS = 1e-4  # argmax may legitimately differ only where the official |logit1 - logit0| is this small
-
-
-@pytest.fixture(scope="module")
-def official_light(shared_dir, tmp_path_factory):
-    fixtures = shared_dir / "fixtures" / "official_interformer"
-    spec = importlib.util.spec_from_file_location("rebuild_weights", fixtures / "rebuild_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    path = tmp_path_factory.mktemp("ckpt") / "light_random.pth"
-    module.save_official(str(fixtures / "light_init_spec.json"), str(path))
-    torch.set_num_threads(2)
-    return load_model(path), fixtures
 
 
 @pytest.mark.parametrize("case", ["light_reference.npz", "light_reference_flex.npz"])

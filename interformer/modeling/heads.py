@@ -60,6 +60,10 @@ class UPerHead(nn.Module):
         return self.bottleneck(torch.cat(outs, dim=1))
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv_seg(self.dropout(self.features(inputs)))
+
+    def features(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The fused FPN features at stride 4, before the classifier (`conv_seg`)."""
         laterals = [conv(inputs[i]) for i, conv in enumerate(self.lateral_convs)]
         laterals.append(self.psp_forward(inputs[-1]))
         for i in range(len(laterals) - 1, 0, -1):
@@ -68,7 +72,7 @@ class UPerHead(nn.Module):
         outs.append(laterals[-1])
         size = outs[0].shape[2:]
         outs = [outs[0]] + [_up(o, size) for o in outs[1:]]
-        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))
+        return self.fpn_bottleneck(torch.cat(outs, dim=1))
 
 
 class FCNHead(nn.Module):

@@ -64,8 +64,10 @@ class PoolingAttention(nn.Module):
         self.dconvs = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in pool_ratios)
 
     def pooled_tokens(self, kv: torch.Tensor) -> torch.Tensor:
-        """[B, E, h, w] (already normalised) -> [B, L, E] pooled key/value tokens after LayerNorm."""
-        h, w = kv.shape[-2:]
+        """[B, E, h, w] (already normalised) -> [B, L, E] pooled key/value tokens after LayerNorm.
+
+        The pooled sizes come from Python ints, so a traced graph (click_engine) bakes them in as constants."""
+        h, w = int(kv.shape[-2]), int(kv.shape[-1])
         parts = []
         for ratio, dconv in zip(self.pool_ratios, self.dconvs):
             size = (pooled_size(h, self.target, ratio), pooled_size(w, self.target, ratio))
@@ -215,14 +217,17 @@ class IMSA(nn.Module):
         for H divisible by 4 that resize averages rows {4i+1, 4i+2} x cols {4j+1, 4j+2}, so only those
         pixels are looked up and the full-resolution embedding is never built.
         """
-        lab = ref_label[:, 0].long()
+        lab = ref_label[:, 0]
         n = self.cfg.num_ref_values
         e = self.patch_embed
         # The average of the four looked-up embeddings, for all n^4 label combinations, in the same
         # arithmetic as the bilinear kernel (0.5-weighted pairs per row, then rows).
         ab = (0.5 * e[:, None, :] + 0.5 * e[None, :, :]).reshape(n * n, -1)
         table = (ab[:, None, :] * 0.5 + ab[None, :, :] * 0.5).reshape(n ** 4, -1)
-        code = ((lab[:, 1::4, 1::4] * n + lab[:, 1::4, 2::4]) * n + lab[:, 2::4, 1::4]) * n + lab[:, 2::4, 2::4]
+        def at(r: int, c: int) -> torch.Tensor:  # only the sampled pixels are widened to int64
+            return lab[:, r::4, c::4].long()
+
+        code = ((at(1, 1) * n + at(1, 2)) * n + at(2, 1)) * n + at(2, 2)
         emb = table[code]
         return emb.permute(0, 3, 1, 2)
 

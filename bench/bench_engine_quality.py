@@ -1,0 +1,157 @@
+"""Quality gate of a fast click engine (and/or a compact feature dtype) against the exact fp32 path (not a
+test): NoC and mIoU@k side by side.
+
+Every sample is encoded once; the exact engine (torch fp32) and the candidate engine then each run the whole
+simulated-click evaluation (pipeline.evaluation, the same protocol as jobs/evaluate.py) on those features,
+so each reacts to its own masks. Then the exact run's clicks are replayed through the candidate and the
+masks compared click by click (IoU vs fp32). Gate (issue 11): |dNoC@85|, |dNoC@90| <= 0.05 and mean
+per-click IoU vs fp32 >= 0.995 on every dataset.
+
+    python bench/bench_engine_quality.py --checkpoint run/checkpoints/iter_0002500.pth --engine fast \
+        --datasets GrabCut Berkeley --out bench/results/engine_quality.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
+
+import numpy as np  # noqa: E402
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # the checkout
+
+from interformer import ImageFeatures, Predictor, load_model  # noqa: E402
+from interformer.click_engine import ENGINES, ClickEngineConfig  # noqa: E402
+from interformer.features import STORAGE_DTYPES  # noqa: E402
+from interformer.predictor import set_cpu_threads  # noqa: E402
+from pipeline.datasets import resolve  # noqa: E402
+from pipeline.evaluation import EvalConfig, evaluate_sample  # noqa: E402
+from pipeline.metrics import mean_noc, miou_at  # noqa: E402
+from pipeline.segmenters import ModelSegmenter  # noqa: E402
+
+K_VALUES = (1, 2, 3, 5, 10, 20)
+
+
+class _Features:
+    """A one-image feature 'reader' so that both segmenters use the same encoded features."""
+
+    def __init__(self) -> None:
+        self.feats = None
+
+    def get(self, image_id: str):
+        return self.feats
+
+
+def stored(feats: ImageFeatures, dtype: str) -> ImageFeatures:
+    """The features as a feature-table row of `dtype` gives them back."""
+    if dtype == "float32":
+        return feats
+    flat, shapes = feats.to_flat(dtype)
+    return ImageFeatures.from_flat(flat, shapes, feats.geometry, dtype=dtype)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int((a | b).sum())
+    return 1.0 if union == 0 else int((a & b).sum()) / union
+
+
+def replay_agreement(exact: Predictor, fast: Predictor, feats, fast_feats, clicks: list) -> list[float]:
+    """IoU of the candidate's mask with the exact mask after each click of the same click list."""
+    a, b = exact.session(feats), fast.session(fast_feats)
+    out = []
+    for click in clicks:
+        if click is None:
+            break
+        row, col, positive = click
+        out.append(_iou(a.add_click(row, col, positive).mask, b.add_click(row, col, positive).mask))
+    return out
+
+
+def summarize(results: list, max_clicks: int) -> dict:
+    ious = [r.ious for r in results]
+    clicks = [s for r in results for s in r.click_s if s is not None]
+    return {"samples": len(results), "noc85": round(mean_noc(ious, 0.85, max_clicks), 4),
+            "noc90": round(mean_noc(ious, 0.90, max_clicks), 4),
+            **{f"miou@{k}": round(miou_at(ious, k), 4) for k in K_VALUES if k <= max_clicks},
+            "click_ms_median": round(1000 * statistics.median(clicks), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
+    ap.add_argument("--engine", default="fast", choices=ENGINES, help="the candidate click engine (default: %(default)s)")
+    ap.add_argument("--storage-dtype", default="float32", choices=sorted(STORAGE_DTYPES),
+                    help="the candidate reads features round-tripped through this feature-table dtype "
+                    "(the exact path reads fp32; default: %(default)s)")
+    ap.add_argument("--datasets", nargs="+", default=["GrabCut", "Berkeley"], help="dataset specs as jobs/evaluate.py")
+    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--limit", type=int, default=None, help="first N samples per dataset (default: all)")
+    ap.add_argument("--max-clicks", type=int, default=20)
+    ap.add_argument("--protocol", default="ritm", choices=["ritm", "interformer"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine-cache", default=None)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    set_cpu_threads(args.threads)
+    model = load_model(args.checkpoint, device="cpu")
+    exact = Predictor(model, device="cpu")
+    fast = Predictor(model, device="cpu", engine=ClickEngineConfig(args.engine, cache_dir=args.engine_cache))
+    shared, candidate = _Features(), _Features()
+    segmenters = {"exact": ModelSegmenter(exact, shared), "fast": ModelSegmenter(fast, candidate)}
+    config = EvalConfig(protocol=args.protocol, max_clicks=args.max_clicks)
+    report = {"checkpoint": args.checkpoint, "engine": fast.engine.name, "storage_dtype": args.storage_dtype,
+              "protocol": args.protocol,
+              "max_clicks": args.max_clicks, "limit": args.limit, "threads": args.threads,
+              "load_average_before": [round(v, 2) for v in os.getloadavg()], "datasets": {}}
+    t_start = time.time()
+    for spec in args.datasets:
+        refs = resolve(spec, args.data_root)[: args.limit]
+        runs: dict[str, list] = {"exact": [], "fast": []}
+        agreement: list[float] = []
+        for i, ref in enumerate(refs):
+            sample = ref.load()
+            shared.feats = exact.encode(sample.image)
+            candidate.feats = stored(shared.feats, args.storage_dtype)
+            for name, seg in segmenters.items():
+                runs[name].append(evaluate_sample(seg, sample, config))
+            agreement += replay_agreement(exact, fast, shared.feats, candidate.feats, runs["exact"][-1].clicks)
+            print(f"{sample.dataset} {i + 1}/{len(refs)} {time.time() - t_start:.0f}s: exact NoC90 "
+                  f"{mean_noc([runs['exact'][-1].ious], 0.9, args.max_clicks):.0f} fast "
+                  f"{mean_noc([runs['fast'][-1].ious], 0.9, args.max_clicks):.0f}, min IoU vs fp32 so far "
+                  f"{min(agreement):.4f}", flush=True)
+        rows = {name: summarize(res, args.max_clicks) for name, res in runs.items()}
+        name = refs[0].load().dataset if refs else spec
+        rows["delta_noc85"] = round(rows["fast"]["noc85"] - rows["exact"]["noc85"], 4)
+        rows["delta_noc90"] = round(rows["fast"]["noc90"] - rows["exact"]["noc90"], 4)
+        rows["per_click_iou_vs_fp32"] = {"mean": round(float(np.mean(agreement)), 5),
+                                         "min": round(float(np.min(agreement)), 5), "clicks": len(agreement)}
+        rows["gate_passed"] = bool(abs(rows["delta_noc85"]) <= 0.05 and abs(rows["delta_noc90"]) <= 0.05
+                                   and rows["per_click_iou_vs_fp32"]["mean"] >= 0.995)
+        report["datasets"][name] = rows
+        print(json.dumps({name: rows}), flush=True)
+    report["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    print(f"\n| dataset | engine | NoC@85 | NoC@90 | " + " | ".join(f"mIoU@{k}" for k in K_VALUES if k <= args.max_clicks)
+          + " | click ms |")
+    print("|---|---|---|---|" + "---|" * len([k for k in K_VALUES if k <= args.max_clicks]) + "---|")
+    for name, rows in report["datasets"].items():
+        for eng in ("exact", "fast"):
+            r = rows[eng]
+            label = "torch fp32" if eng == "exact" else f"{report['engine']}, {args.storage_dtype} features"
+            print(f"| {name} | {label} | {r['noc85']} | {r['noc90']} | "
+                  + " | ".join(str(r[f'miou@{k}']) for k in K_VALUES if k <= args.max_clicks)
+                  + f" | {r['click_ms_median']} |")
+        print(f"| {name} | difference / agreement | {rows['delta_noc85']:+} | {rows['delta_noc90']:+} | per-click IoU "
+              f"vs fp32 mean {rows['per_click_iou_vs_fp32']['mean']}, min {rows['per_click_iou_vs_fp32']['min']} "
+              f"| gate {'passed' if rows['gate_passed'] else 'FAILED'} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

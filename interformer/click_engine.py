@@ -1,0 +1,348 @@
+"""Click engines: what runs the per-click network (I-MSA with cached keys/values + UPerHead).
+
+  torch          PyTorch fp32, the reference path (bit-for-bit the model's `decode`).
+  openvino-f32   the same network compiled by OpenVINO in f32 (passes the official parity fixtures).
+  openvino-bf16  compiled in bf16 (AMX / AVX512-BF16); masks close to fp32, several times faster.
+  fast           openvino-bf16 where the CPU has native bf16, openvino-f32 elsewhere.
+
+`ClickEngineConfig` is the one way to choose: the API (`Predictor(model, engine=...)`), the backend CLI,
+pre-annotation and evaluation all pass it down. Whatever the runtime cannot take (OpenVINO not installed, a
+model whose zoom-in refine stages need per-click crop shapes, a CUDA predictor, no native bf16) falls back to
+the next engine, and the reason is logged once per engine instance.
+
+One compiled model per padded size: the pooled sizes of the attention are baked into the graph, so a
+compiled model checks every input shape and refuses a different one (`EngineShapeError`) instead of
+answering with a wrong mask. Converted models are saved as OpenVINO IR under the cache folder (keyed by a
+hash of the weights and the size), so the next process reads and compiles a size in about 0.2 s instead of
+converting it again (3-4 s). OpenVINO's own compiled-blob cache (CACHE_DIR) is deliberately not used: with
+openvino 2026.4 a blob reloaded for this graph crashed the process (a segfault in infer) where the same IR
+compiled afresh ran correctly.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling import InterFormer
+from .modeling.imsa import IMSACache, Roi
+
+log = logging.getLogger("interformer.click_engine")
+
+ENGINES = ("torch", "openvino-f32", "openvino-bf16", "fast")
+CACHE_ENV = "INTERFORMER_ENGINE_CACHE"
+
+
+COMPILE_MODES = ("blocking", "background")
+
+
+@dataclass(frozen=True)
+class ClickEngineConfig:
+    """engine: one of ENGINES; cache_dir: where converted models are kept (None: $INTERFORMER_ENGINE_CACHE,
+    else ~/.cache/interformer/click-engine); compile: "blocking" (the first click at a new padded size waits
+    for its conversion, so every click runs on the engine asked for) or "background" (the runtime converts
+    in a thread and torch answers that size's clicks until it is ready: no click waits seconds; serving)."""
+
+    engine: str = "torch"
+    cache_dir: str | None = None
+    compile: str = "blocking"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown click engine {self.engine!r}; choose one of {ENGINES}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}; choose one of {COMPILE_MODES}")
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get(CACHE_ENV)
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "interformer" / "click-engine"
+
+
+class EngineShapeError(ValueError):
+    """An input whose shape differs from the one the compiled model was built for."""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(flags: set[str] | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def openvino_available() -> str | None:
+    """None when OpenVINO can be imported, else the reason it cannot."""
+    try:
+        import openvino  # noqa: F401
+    except Exception as e:  # an ImportError, or a broken native library
+        return f"OpenVINO is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def resolve_engine(requested: str, model: InterFormer, device: torch.device,
+                   flags: set[str] | None = None) -> tuple[str, list[str]]:
+    """The engine that will run for `requested` on this model, device and CPU, and why each step fell back."""
+    reasons: list[str] = []
+    engine = requested
+    if engine == "fast":
+        engine = "openvino-bf16" if native_bf16(flags) else "openvino-f32"
+        if engine == "openvino-f32":
+            reasons.append("fast: this CPU has no native bf16 (amx_bf16 / avx512_bf16), using openvino-f32")
+    if engine == "openvino-bf16" and not native_bf16(flags):
+        reasons.append("openvino-bf16: this CPU has no native bf16 (amx_bf16 / avx512_bf16), using openvino-f32")
+        engine = "openvino-f32"
+    if engine.startswith("openvino"):
+        why = None
+        if device.type != "cpu":
+            why = f"the predictor runs on {device.type}, OpenVINO runs on the CPU"
+        elif model.neck.has_refine and model.config.zoom_in.enabled:
+            why = "this model's zoom-in refine stages crop a different shape per click; compiled graphs are static"
+        else:
+            why = openvino_available()
+        if why is not None:
+            reasons.append(f"{engine}: {why}; using torch")
+            engine = "torch"
+    return engine, reasons
+
+
+class ClickEngine(Protocol):
+    name: str
+
+    def margin(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache, roi: Roi | None) -> np.ndarray:
+        """logit1 - logit0 on the padded canvas (the size of ref_label [1, 1, H, W]), float32 numpy."""
+
+
+class TorchEngine:
+    """The reference: the model's own `decode` in PyTorch fp32."""
+
+    name = "torch"
+
+    def __init__(self, model: InterFormer) -> None:
+        self.model = model
+
+    def margin(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache, roi: Roi | None) -> np.ndarray:
+        pyramid = [x0, None, None, None]  # with cached keys/values only level 0 is read
+        logits = self.model.decode(pyramid, ref_label, roi=roi, cache=cache)  # type: ignore[arg-type]
+        return upsample_margin(logits[:, 1:2] - logits[:, 0:1], tuple(ref_label.shape[-2:]))
+
+
+class _ClickNetwork(nn.Module):
+    """The per-click network with flat tensor inputs, as the runtime converts it: the stride-4 margin out
+    (upsampled outside: OpenCV's bilinear resize of one channel is ~10x faster than the runtime's)."""
+
+    def __init__(self, model: InterFormer) -> None:
+        super().__init__()
+        self.neck = model.neck
+        self.head = model.decode_head
+
+    def forward(self, x0: torch.Tensor, ref_label: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        cache = IMSACache([(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)])
+        features = self.head.features(self.neck([x0, None, None, None], ref_label, cache=cache))  # type: ignore[list-item]
+        # logit1 - logit0 as one classifier row (w1 - w0, b1 - b0): no cancellation of two rounded logits.
+        w, b = self.head.conv_seg.weight, self.head.conv_seg.bias
+        return F.conv2d(features, w[1:2] - w[0:1], b[1:2] - b[0:1])
+
+
+def weights_digest(model: InterFormer) -> str:
+    """sha256 (16 hex) of the click network's weights and config: the key of its converted models."""
+    h = hashlib.sha256(repr(model.config).encode())
+    for module in (model.neck, model.decode_head):
+        for name, t in module.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class OpenVINOEngine:
+    """The click network compiled by OpenVINO, one static model per padded size, converted on first use."""
+
+    def __init__(self, model: InterFormer, precision: str, cache_dir: Path,
+                 threads: Callable[[], int] = torch.get_num_threads, background: bool = False) -> None:
+        import openvino as ov
+
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"precision must be f32 or bf16, got {precision!r}")
+        self.name = f"openvino-{precision}"
+        self.precision = precision
+        self.model = model
+        self.cache_dir = cache_dir
+        self._threads = threads
+        self._core = ov.Core()
+        self._compiled: dict[tuple[tuple[int, ...], ...], tuple] = {}
+        self._lock = threading.Lock()
+        self._digest: str | None = None
+        self._fallback = TorchEngine(model)
+        self.background = background
+        self._pending: dict[tuple[tuple[int, ...], ...], threading.Thread] = {}
+
+    def _signature(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache) -> tuple[tuple[int, ...], ...]:
+        return (tuple(x0.shape), tuple(ref_label.shape),
+                *(tuple(t.shape) for kv in cache.keys_values for t in kv))
+
+    def _ir_path(self, signature: tuple[tuple[int, ...], ...]) -> Path:
+        if self._digest is None:
+            self._digest = weights_digest(self.model)
+        size = "x".join(str(v) for v in signature[1][-2:])
+        shape_key = hashlib.sha256(repr(signature).encode()).hexdigest()[:12]
+        return self.cache_dir / self._digest / f"click_v4_{size}_{shape_key}.xml"
+
+    def _build(self, signature, inputs: list[torch.Tensor]):
+        import openvino as ov
+
+        path = self._ir_path(signature)
+        if path.is_file():
+            ov_model = self._core.read_model(str(path))
+        else:
+            log.info("converting the click network for input %s with OpenVINO (once per size)", signature[1])
+            with torch.no_grad():
+                ov_model = ov.convert_model(_ClickNetwork(self.model).eval(), example_input=tuple(inputs),
+                                            input=[(list(t.shape), t.dtype) for t in inputs])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.xml")
+            ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+            os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+            os.replace(tmp, path)
+        config = {
+            "INFERENCE_PRECISION_HINT": self.precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(max(1, int(self._threads()))),
+        }
+        compiled = self._core.compile_model(ov_model, "CPU", config)
+        shapes = [tuple(int(d) for d in p.get_shape()) for p in compiled.inputs]
+        if shapes != list(signature):
+            raise EngineShapeError(f"compiled click network takes {shapes}, expected {list(signature)}")
+        return compiled, compiled.create_infer_request(), threading.Lock()
+
+    def _build_or_fallback(self, signature, inputs: list[torch.Tensor]) -> tuple:
+        try:
+            return self._build(signature, inputs)
+        except EngineShapeError:
+            raise
+        except Exception as e:  # the runtime could not take this graph: the reference answers
+            log.warning("click engine fallback: %s cannot compile the click network for %s (%s: %s); using torch "
+                        "for this size", self.name, signature[1], type(e).__name__, e)
+            return (None, None, None)
+
+    def _build_in_background(self, signature, inputs: list[torch.Tensor]) -> None:
+        try:
+            entry = self._build_or_fallback(signature, inputs)
+        except EngineShapeError as e:
+            log.error("click engine: %s; using torch for this size", e)
+            entry = (None, None, None)
+        with self._lock:
+            self._compiled[signature] = entry
+            self._pending.pop(signature, None)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for background conversions under way; True when none is left."""
+        for thread in list(self._pending.values()):
+            thread.join(timeout)
+        return not self._pending
+
+    def _request(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache):
+        signature = self._signature(x0, ref_label, cache)
+        entry = self._compiled.get(signature)
+        if entry is not None:
+            return entry
+        inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
+        with self._lock:
+            entry = self._compiled.get(signature)
+            if entry is not None:
+                return entry
+            if self.background:
+                if signature not in self._pending:
+                    log.info("%s: converting the click network for %s in the background; torch answers this size "
+                             "until it is ready", self.name, signature[1])
+                    thread = threading.Thread(target=self._build_in_background, name="click-engine-convert",
+                                              args=(signature, [t.clone() for t in inputs]), daemon=True)
+                    self._pending[signature] = thread
+                    thread.start()
+                return (None, None, None)
+            entry = self._compiled[signature] = self._build_or_fallback(signature, inputs)
+        return entry
+
+    def margin(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache, roi: Roi | None) -> np.ndarray:
+        if roi is not None:
+            raise ValueError(f"{self.name} has no zoom-in refine stages to crop (roi {roi})")
+        compiled, request, lock = self._request(x0, ref_label, cache)
+        if compiled is None:
+            return self._fallback.margin(x0, ref_label, cache, roi)
+        inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
+        for port, t in zip(compiled.inputs, inputs):
+            if tuple(t.shape) != tuple(port.get_shape()):  # the compiled graph is static: never guess
+                raise EngineShapeError(f"input {port.get_any_name()} has shape {tuple(t.shape)}, the compiled "
+                                       f"model takes {tuple(port.get_shape())}")
+        with lock:  # an infer request serves one call at a time
+            # Inputs are copied into the runtime's own (aligned, padded) buffers: its vector kernels may read
+            # past the end of a tensor, which over a shared numpy buffer can touch an unmapped page.
+            low = request.infer([_as_numpy(t) for t in inputs], share_inputs=False, share_outputs=False)[0][0, 0]
+            h, w = ref_label.shape[-2:]
+            # Bilinear with half-pixel centres: the same function as F.interpolate(align_corners=False),
+            # within float rounding (measured <= 2e-6).
+            return cv2.resize(low, (int(w), int(h)), interpolation=cv2.INTER_LINEAR)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+def add_click_engine_arguments(parser, compile_default: str = "blocking") -> None:
+    """The click-engine options, the same in the backend CLI and the jobs (see `click_engine_config`); a
+    server passes compile_default="background" so that no annotator's click waits for a conversion."""
+    parser.add_argument("--click-engine", choices=ENGINES, default="torch",
+                        help="what runs each click: torch (exact fp32 reference), openvino-f32 (same masks, faster), "
+                        "openvino-bf16 (fastest, on CPUs with AMX / AVX512-BF16), fast (bf16 where native, else "
+                        "f32); falls back with a logged reason (default: %(default)s)")
+    parser.add_argument("--engine-cache", default=None, metavar="DIR",
+                        help=f"folder for the runtime's converted click networks (default: ${CACHE_ENV}, else "
+                        "~/.cache/interformer/click-engine)")
+    parser.add_argument("--engine-compile", choices=COMPILE_MODES, default=compile_default,
+                        help="a new padded size: wait for its conversion (blocking: every click on the engine "
+                        "asked for) or convert in the background while torch answers (default: %(default)s)")
+
+
+def click_engine_config(args) -> ClickEngineConfig:
+    """The ClickEngineConfig of parsed `add_click_engine_arguments` options."""
+    return ClickEngineConfig(args.click_engine, cache_dir=args.engine_cache, compile=args.engine_compile)
+
+
+def build_engine(config: ClickEngineConfig, model: InterFormer, device: torch.device,
+                 flags: set[str] | None = None) -> ClickEngine:
+    """The engine for `config` on this model and device, falling back (with one logged line) where needed."""
+    name, reasons = resolve_engine(config.engine, model, device, flags)
+    for reason in reasons:
+        log.warning("click engine fallback: %s", reason)
+    if name == "torch":
+        return TorchEngine(model)
+    return OpenVINOEngine(model, name.split("-", 1)[1], config.cache_path, background=config.compile == "background")
+
+
+def upsample_margin(low: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (align_corners=False) upsample of a [1, 1, h, w] margin to the padded canvas, float32 numpy."""
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False)[0, 0].float().cpu().numpy()

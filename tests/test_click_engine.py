@@ -1,0 +1,223 @@
+"""Click engines (interformer.click_engine): the OpenVINO f32 engine passes the official parity fixtures, the
+bf16 engine stays close to fp32, the torch engine is the unchanged reference, and every fallback is taken
+with a logged reason. No timings are asserted (benchmarks live in bench/bench_model.py)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from interformer import Predictor, load_model
+from interformer import click_engine
+from interformer.click_engine import ClickEngineConfig, EngineShapeError, OpenVINOEngine, build_engine, resolve_engine
+from interformer.clicks import DEF_BG, DEF_FG, MAYBE_BG, MAYBE_FG, UNKNOWN, update_by_prediction
+
+TOL = 1e-4  # the parity fixtures' tolerance (tests/test_model_parity.py)
+MARGIN_EPS = 1e-4
+AMX = {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f"}
+NO_BF16 = {"avx2", "avx512f", "fma"}
+
+
+def _official_cases(fixtures):
+    for case in ("light_reference.npz", "light_reference_flex.npz"):
+        ref = np.load(fixtures / case)
+        yield case, ref, len(ref["clicks_row_col_ispos"])
+
+
+@pytest.fixture(scope="module")
+def light_engines(official_light, tmp_path_factory):
+    model, fixtures = official_light
+    cache = str(tmp_path_factory.mktemp("engine-cache"))
+    torch_pred = Predictor(model, device="cpu")
+    f32 = Predictor(model, device="cpu", engine=ClickEngineConfig("openvino-f32", cache_dir=cache))
+    return torch_pred, f32, fixtures, cache
+
+
+def test_openvino_f32_passes_the_official_parity_fixtures(light_engines):
+    torch_pred, f32, fixtures, _ = light_engines
+    assert f32.engine.name == "openvino-f32"
+    for case, ref, n in _official_cases(fixtures):
+        feats = torch_pred.encode(ref["image_rgb_uint8"])
+        for k in range(1, n + 1):
+            ref_in = ref[f"click{k}_ref_label_in"][0, 0]
+            margin = f32.predict_margin(feats, ref_in, None)
+            official = ref[f"click{k}_logits"][0, 1] - ref[f"click{k}_logits"][0, 0]
+            np.testing.assert_allclose(margin, official, rtol=0, atol=2 * TOL, err_msg=f"{case} click {k}")
+            differ = (margin > 0) != ref[f"click{k}_pred"][0, 0].astype(bool)
+            assert np.all(np.abs(official[differ]) < MARGIN_EPS), f"{case} click {k}: mask differs at a large margin"
+
+
+def test_openvino_bf16_masks_stay_close_to_fp32(light_engines):
+    """bf16 keeps 8 significant bits: each rounding is <= 2^-9 relative and AMX accumulates in f32, so through
+    the ~30 layers of the click network the margin moves by about 1 % of its scale (measured max error 0.020
+    on margins up to 1.7, i.e. 1.3 %). The tolerance is 3 % of max|margin|: the margin may move that much, and
+    a pixel may change side only where the fp32 margin lies within that band of 0. These random official-init
+    weights put half the pixels of the first click within 0.06 of 0 (a worst case; trained weights are
+    measured by bench/bench_engine_quality.py), so the IoU bound is 0.9 (measured 0.925 to 0.996)."""
+    torch_pred, _, fixtures, cache = light_engines
+    engine = OpenVINOEngine(torch_pred.model, "bf16", click_engine.ClickEngineConfig(cache_dir=cache).cache_path)
+    for case, ref, n in _official_cases(fixtures):
+        feats = torch_pred.encode(ref["image_rgb_uint8"])
+        cache_kv = torch_pred._ensure_cache(feats)
+        for k in range(1, n + 1):
+            ref_in = ref[f"click{k}_ref_label_in"][0, 0]
+            exact = torch_pred.predict_margin(feats, ref_in, None)
+            rl = torch.from_numpy(ref_in)[None, None]
+            fast = engine.margin(feats.pyramid[0], rl, cache_kv, None)
+            band = 0.03 * float(np.abs(exact).max())
+            assert np.abs(fast - exact).max() <= band, f"{case} click {k}"
+            differ = (fast > 0) != (exact > 0)
+            assert np.all(np.abs(exact[differ]) <= band)
+            union = ((fast > 0) | (exact > 0)).sum()
+            assert union == 0 or ((fast > 0) & (exact > 0)).sum() / union >= 0.9
+
+
+def test_torch_engine_is_the_model_decode_bit_for_bit(small_model):
+    predictor = Predictor(small_model, device="cpu")
+    assert predictor.engine.name == "torch"
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    feats = predictor.encode(image)
+    ref = np.full(feats.geometry.padded_size, UNKNOWN, np.uint8)
+    ref[40:50, 60:70] = DEF_FG
+    with torch.inference_mode():
+        logits = small_model.decode(list(feats.pyramid), torch.from_numpy(ref)[None, None],
+                                    cache=predictor._ensure_cache(feats))
+        want = torch.nn.functional.interpolate(logits[:, 1:2] - logits[:, 0:1], size=ref.shape, mode="bilinear",
+                                               align_corners=False)[0, 0].numpy()
+    assert np.array_equal(predictor.predict_margin(feats, ref, None), want)
+
+
+def test_fallback_without_native_bf16_is_f32_with_a_logged_reason(small_model, monkeypatch, caplog, tmp_path):
+    engine, reasons = resolve_engine("openvino-bf16", small_model, torch.device("cpu"), flags=NO_BF16)
+    assert engine == "openvino-f32" and "no native bf16" in reasons[0]
+    assert resolve_engine("fast", small_model, torch.device("cpu"), flags=NO_BF16)[0] == "openvino-f32"
+    assert resolve_engine("fast", small_model, torch.device("cpu"), flags=AMX) == ("openvino-bf16", [])
+    monkeypatch.setattr(click_engine, "cpu_flags", lambda: set(NO_BF16))
+    with caplog.at_level(logging.WARNING, logger="interformer.click_engine"):
+        predictor = Predictor(small_model, device="cpu",
+                              engine=ClickEngineConfig("openvino-bf16", cache_dir=str(tmp_path)))
+        assert predictor.engine.name == "openvino-f32"
+        assert predictor.engine.name == "openvino-f32"  # built once: one log line
+    assert len([r for r in caplog.records if "no native bf16" in r.getMessage()]) == 1
+
+
+def test_fallback_to_torch_where_the_runtime_cannot_run(small_model, monkeypatch, caplog):
+    refine = load_model(None, variant="small_refine", device="cpu")
+    engine, reasons = resolve_engine("openvino-f32", refine, torch.device("cpu"), flags=AMX)
+    assert engine == "torch" and "refine" in reasons[0]
+    engine, reasons = resolve_engine("fast", small_model, torch.device("cuda"), flags=AMX)
+    assert engine == "torch" and "cuda" in reasons[0]
+    monkeypatch.setattr(click_engine, "openvino_available", lambda: "OpenVINO is not importable (test)")
+    with caplog.at_level(logging.WARNING, logger="interformer.click_engine"):
+        built = build_engine(ClickEngineConfig("fast"), small_model, torch.device("cpu"), flags=AMX)
+    assert built.name == "torch"
+    assert any("not importable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_size_the_runtime_cannot_compile_falls_back_to_torch(small_model, monkeypatch, caplog, tmp_path):
+    import openvino
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("conversion failed (test)")
+
+    monkeypatch.setattr(openvino, "convert_model", broken)
+    exact = Predictor(small_model, device="cpu")
+    fast = Predictor(small_model, device="cpu", engine=ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path)))
+    feats = exact.encode(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    ref = np.full(feats.geometry.padded_size, UNKNOWN, np.uint8)
+    with caplog.at_level(logging.WARNING, logger="interformer.click_engine"):
+        for _ in range(2):
+            assert np.array_equal(fast.predict_margin(feats, ref, None), exact.predict_margin(feats, ref, None))
+    assert len([r for r in caplog.records if "conversion failed" in r.getMessage()]) == 1
+
+
+def test_converted_models_are_reused_from_disk_and_wrong_shapes_fail_loudly(small_model, monkeypatch, tmp_path):
+    cfg = ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path))
+    first = Predictor(small_model, device="cpu", engine=cfg)
+    feats_a = first.encode(np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    feats_b = first.encode(np.random.default_rng(3).integers(0, 256, (96, 64, 3), dtype=np.uint8))
+    ref_a = np.full(feats_a.geometry.padded_size, UNKNOWN, np.uint8)
+    ref_a[10:20, 30:40] = DEF_FG
+    want = first.predict_margin(feats_a, ref_a, None)
+    assert list(tmp_path.rglob("*.xml")), "the converted model is saved under the cache folder"
+
+    import openvino
+
+    monkeypatch.setattr(openvino, "convert_model", lambda *a, **k: pytest.fail("converted again"))
+    second = Predictor(small_model, device="cpu", engine=cfg)
+    assert np.array_equal(second.predict_margin(feats_a, ref_a, None), want)
+
+    engine = second.engine
+    cache_a, cache_b = second._ensure_cache(feats_a), second._ensure_cache(feats_b)
+    rl_b = torch.from_numpy(np.full(feats_b.geometry.padded_size, UNKNOWN, np.uint8))[None, None]
+    # A compiled model handed inputs of another size (as a mixed-up cache key would) refuses them.
+    wrong = engine._signature(feats_b.pyramid[0], rl_b, cache_b)
+    engine._compiled[wrong] = engine._compiled[engine._signature(feats_a.pyramid[0],
+                                                                 torch.from_numpy(ref_a)[None, None], cache_a)]
+    with pytest.raises(EngineShapeError):
+        engine.margin(feats_b.pyramid[0], rl_b, cache_b, None)
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(ValueError, match="unknown click engine"):
+        ClickEngineConfig("tensorrt")
+
+
+def _update_reference(ref_label: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    out = ref_label.copy()
+    out[pred & (ref_label == UNKNOWN)] = MAYBE_FG
+    out[pred & (ref_label == MAYBE_BG)] = UNKNOWN
+    out[~pred & (ref_label == UNKNOWN)] = MAYBE_BG
+    out[~pred & (ref_label == MAYBE_FG)] = UNKNOWN
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**32 - 1))
+def test_update_by_prediction_table_equals_masked_writes(h, w, seed):
+    rng = np.random.default_rng(seed)
+    ref = rng.choice(np.array([DEF_BG, MAYBE_BG, UNKNOWN, MAYBE_FG, DEF_FG], np.uint8), size=(h, w))
+    pred = rng.random((h, w)) < 0.5
+    assert np.array_equal(update_by_prediction(ref, pred), _update_reference(ref, pred))
+
+
+def test_one_engine_option_reaches_the_cli_evaluation_and_preannotation(small_model, tmp_path):
+    from connectors.cli import build_parser
+    from interformer.click_engine import click_engine_config
+    from pipeline.encoding import EncoderSpec, build_predictor
+    from pipeline.preannotation import WorkerSpec
+    from pipeline.segmenters import SegmenterSpec
+
+    args = build_parser().parse_args(["--variant", "small", "--click-engine", "fast", "--engine-cache", str(tmp_path)])
+    cfg = click_engine_config(args)
+    assert cfg == ClickEngineConfig("fast", cache_dir=str(tmp_path), compile="background")
+    assert build_parser().parse_args(["--variant", "small"]).click_engine == "torch"  # exact fp32 by default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--variant", "small", "--click-engine", "gpu"])
+    spec = SegmenterSpec("random", variant="small", engine="openvino-f32", engine_cache=str(tmp_path))
+    assert spec.build().predictor.engine.name == "openvino-f32"
+    with pytest.raises(ValueError, match="unknown click engine"):
+        SegmenterSpec("random", variant="small", engine="gpu")
+    assert WorkerSpec(encoder=None, db="db", table="t").engine == ClickEngineConfig()
+    predictor = build_predictor(EncoderSpec(variant="small"), device="cpu", engine=cfg)
+    assert predictor.engine_config == cfg
+
+
+def test_background_compile_answers_with_torch_until_the_size_is_ready(small_model, tmp_path):
+    exact = Predictor(small_model, device="cpu")
+    cfg = ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path), compile="background")
+    fast = Predictor(small_model, device="cpu", engine=cfg)
+    feats = exact.encode(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    ref = np.full(feats.geometry.padded_size, UNKNOWN, np.uint8)
+    ref[20:30, 20:30] = DEF_FG
+    want = exact.predict_margin(feats, ref, None)
+    assert np.array_equal(fast.predict_margin(feats, ref, None), want)  # torch answered: bit-identical
+    assert fast.engine.wait_ready(timeout=300)
+    assert len(fast.engine._compiled) == 1 and next(iter(fast.engine._compiled.values()))[0] is not None
+    np.testing.assert_allclose(fast.predict_margin(feats, ref, None), want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="compile mode"):
+        ClickEngineConfig("fast", compile="lazy")
