@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from interformer.click_engine import add_click_engine_arguments, click_engine_config
 from interformer.config import CONFIGS, PreprocessConfig
 from pipeline.coco_output import FORMATS
 from pipeline.encoding import EncoderSpec
@@ -83,6 +84,7 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                        "without it their objects are reported as no_features")
     add_image_access_arguments(p.add_argument_group(
         "image access (--encode-missing on Label Studio tasks: where their images may be read from)"))
+    add_click_engine_arguments(p.add_argument_group("click engine"))
     sim = p.add_argument_group("click simulation (coarse masks and polygons)")
     sim.add_argument("--target-iou", type=float, default=0.9,
                      help="stop clicking when the mask reaches this IoU against the coarse label (default: %(default)s)")
@@ -134,7 +136,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
             coco_format=a.coco_format, db=a.db if "://" in a.db else os.path.abspath(a.db), table=a.table,
             storage_options=options, encoder=encoder, model_version=a.model_version,
             policy=ClickPolicy(a.target_iou, a.max_clicks), encode_missing=a.encode_missing,
-            image_access=access, run_dir=a.run_dir, fresh=a.fresh, workers=a.workers,
+            image_access=access, engine=click_engine_config(a), run_dir=a.run_dir, fresh=a.fresh, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker, address=a.address, num_cpus=a.num_cpus, limit=a.limit,
         )
     except ValueError as e:

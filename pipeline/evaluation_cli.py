@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from interformer.click_engine import add_click_engine_arguments
+
 from .baselines import GrabCutConfig
 from .datasets import default_data_root
 from .evaluation import PROTOCOLS, EvalConfig
@@ -70,6 +72,7 @@ def parse_args(prog: str, doc: str, argv: list[str] | None = None) -> argparse.N
                    help="Ray cluster to join ('auto', HOST:PORT); default: the cluster of a `ray job submit` "
                         "(RAY_ADDRESS), else a private local Ray ('local' forces one)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the private local cluster (default: all)")
+    add_click_engine_arguments(p.add_argument_group("click engine (model runs)"))
     args = p.parse_args(argv)
     has_model = args.checkpoint or args.baseline or args.random_init
     if not has_model and not args.compare:
@@ -93,7 +96,8 @@ def build_spec(args: argparse.Namespace) -> SegmenterSpec:
     if args.baseline:
         return SegmenterSpec("grabcut", grabcut=GrabCutConfig())
     common = dict(device=args.device, max_side=args.max_side, feature_db=args.feature_db,
-                  feature_table=args.feature_table, feature_id_prefix=args.feature_id_prefix)
+                  feature_table=args.feature_table, feature_id_prefix=args.feature_id_prefix,
+                  engine=args.click_engine, engine_cache=args.engine_cache)
     if args.random_init:
         return SegmenterSpec("random", variant=args.random_init, seed=args.init_seed, **common)
     return SegmenterSpec("checkpoint", checkpoint=str(args.checkpoint), variant=args.variant, **common)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 from interformer.checkpoint import model_version as weights_version
+from interformer.click_engine import ClickEngineConfig
 
 from .coco_output import FORMATS, coco_annotations, coco_results, write_json_atomic
 from .encoding import EncoderSpec, build_predictor
@@ -63,6 +64,7 @@ class PreannotateConfig:
     policy: ClickPolicy = field(default_factory=ClickPolicy)
     encode_missing: bool = False
     image_access: Any = None  # pipeline.image_access.ImageAccess: where task images may be read from
+    engine: ClickEngineConfig = field(default_factory=ClickEngineConfig)  # what runs the clicks
     run_dir: str | None = None
     fresh: bool = False
     workers: int | None = None
@@ -257,7 +259,8 @@ def run_info(cfg: PreannotateConfig, source: str, fingerprint: str, model_versio
     """What decides the masks of a run; a run folder holds the results of one such setting only."""
     return {"source": source, "fingerprint": fingerprint, "model_version": model_version, "use": cfg.use,
             "coco_id": cfg.coco_id, "ls_prompts": cfg.ls_prompts, "ls_prompt_model_version": cfg.ls_prompt_model_version,
-            "policy": asdict(cfg.policy)}
+            "policy": asdict(cfg.policy),
+            **({"click_engine": cfg.engine.engine} if cfg.engine.engine != "torch" else {})}
 
 
 def _slug(text: str) -> str:
@@ -298,7 +301,7 @@ def latest_results(ledger: Ledger) -> dict[str, ImageResult]:
 def worker_spec(cfg: PreannotateConfig, threads: int, image_access: Any) -> WorkerSpec:
     return WorkerSpec(encoder=cfg.encoder, db=cfg.db, table=cfg.table, policy=cfg.policy,
                       encode_missing=cfg.encode_missing, threads=threads, image_access=image_access,
-                      storage_options=cfg.storage_options or None)
+                      storage_options=cfg.storage_options or None, engine=cfg.engine)
 
 
 def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: PreannotateSummary,

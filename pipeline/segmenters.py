@@ -69,7 +69,13 @@ class SegmenterSpec:
         return ClickEngineConfig(self.engine, cache_dir=self.engine_cache)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What decides the results: the cache folder does not, and the default torch engine is left out so
+        that runs recorded before engines existed still match."""
+        d = asdict(self)
+        d.pop("engine_cache")
+        if d["engine"] == "torch":
+            d.pop("engine")
+        return d
 
     def build(self) -> Any:
         """The segmenter object (`start(image, image_id)`): call once per worker."""
