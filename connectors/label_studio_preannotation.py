@@ -1,8 +1,8 @@
 """The Label Studio side of a bulk pre-annotation run (`pipeline.preannotation_run.LabelStudioLink`).
 
 `ProjectLink` reads prompt regions from a project's tasks, keeps the objects whose label the project's
-output tag knows (BrushLabels, or PolygonLabels with --mask-format polygon), gives every image its task (creating tasks for images that have none), and pushes the
-finished masks as predictions in batches. The project is opened on first use, so a run fails on a bad
+output tag knows (BrushLabels, or PolygonLabels with --mask-format polygon), gives every image its task
+(creating tasks for images that have none), and pushes the finished masks as predictions in batches. The project is opened on first use, so a run fails on a bad
 checkpoint before it contacts Label Studio.
 """
 from __future__ import annotations

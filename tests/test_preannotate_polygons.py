@@ -8,36 +8,22 @@ format: a rerun with another format or tolerance is refused, one with the same r
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from backend_support import encode_into_store, make_checkpoint
-from preannotate_support import SIZE, build_prompt_file
+from preannotate_support import SIZE, load_preannotate_job, prepare_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_job():
-    spec = importlib.util.spec_from_file_location("preannotate_job_polygons", ROOT / "jobs" / "preannotate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("preannotate_polygons")
-    fx = build_prompt_file(tmp)
-    ckpt = make_checkpoint(tmp / "small.pth")
-    encode_into_store(ckpt, tmp / "db", "features",
-                      [(i, str(fx.image_root / i), img) for i, img in fx.images.items() if i != fx.unencoded])
-    return {"tmp": tmp, "fx": fx, "ckpt": ckpt, "job": _load_job()}
+    store = prepare_store(tmp_path_factory.mktemp("preannotate_polygons"))
+    return {**store, "job": load_preannotate_job("preannotate_job_polygons")}
 
 
 def args(env, run_dir: str, *extra: str) -> list[str]:
