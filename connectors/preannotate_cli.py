@@ -58,7 +58,8 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                      "segmentations, see --mask-format)")
     out.add_argument("--coco-format", choices=FORMATS, default="annotations",
                      help="'annotations': a self-contained COCO dataset; 'results': a results list for "
-                     "COCO.loadRes against the --coco file (default: %(default)s)")
+                     "COCO.loadRes against the --coco file, RLE only: loadRes cannot read polygons "
+                     "(default: %(default)s)")
     out.add_argument("--mask-format", choices=MASK_FORMATS, default="rle",
                      help="'rle': COCO RLE and Label Studio brush (BrushLabels) regions; 'polygon': COCO polygon "
                      "segmentations and Label Studio polygonlabels regions (the project needs a PolygonLabels "
