@@ -27,15 +27,22 @@ class TaskRef:
     model_versions: frozenset[str]
 
 
+_TITLES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
+_FORMAT_OF = {"brushlabels": "rle", "polygonlabels": "polygon"}
+
+
 def _versions(text: str | None) -> frozenset[str]:
     return frozenset(v for v in (text or "").split(",") if v)
 
 
 class LabelStudioProject:
-    """One project: its BrushLabels output tag, its tasks, and prediction pushes."""
+    """One project: its output tag (BrushLabels, or PolygonLabels for polygons), its tasks, prediction pushes."""
 
     def __init__(self, url: str, api_key: str, project_id: int, brush_name: str | None = None,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, output: str = "brushlabels", read_only: bool = False) -> None:
+        """`output`: the kind of tag that receives the masks, "brushlabels" or "polygonlabels"; `brush_name`
+        names it when the config has several. A `read_only` project (prompts only, no pushes) may have the
+        other kind instead: the tag only tells which image the prompts are on."""
         from label_studio_sdk import LabelStudio
 
         if not url or not api_key:
@@ -50,21 +57,34 @@ class LabelStudioProject:
             self.config: LabelConfig = parse_label_config(project.label_config or "")
         except ProtocolError as e:
             raise LabelStudioError(f"project {project_id}'s labelling config cannot hold masks: {e.message}") from None
-        self.brush: ControlTag = self._pick_brush(brush_name)
+        if read_only and not (self.config.brushes if output == "brushlabels" else self.config.polygons):
+            output = None
+        self.brush: ControlTag = self._pick_output(output, brush_name)  # the output tag, brush or polygon
         self.image_key = self.config.image_key(self.brush.to_name)
 
-    def _pick_brush(self, name: str | None) -> ControlTag:
-        brushes = list(self.config.brushes.values())
+    def _pick_output(self, kind: str | None, name: str | None) -> ControlTag:
+        """The tag of `kind` named `name`, or the only one; a config without one is refused with what it has."""
+        tags = {"brushlabels": list(self.config.brushes.values()), "polygonlabels": list(self.config.polygons.values())}
+        candidates = tags[kind] if kind else tags["brushlabels"] + tags["polygonlabels"]
+        title = _TITLES.get(kind, "BrushLabels/PolygonLabels")
+        if not candidates:
+            other = "polygonlabels" if kind == "brushlabels" else "brushlabels"
+            has = ", ".join(repr(t.name) for t in tags[other])
+            raise LabelStudioError(
+                f"project {self.project_id}'s labelling config has no {title} tag for --mask-format "
+                f"{_FORMAT_OF[kind]} (it has {_TITLES[other]} {has}): use --mask-format {_FORMAT_OF[other]}, or "
+                f"add a <{title}> tag to the config")
         if name is not None:
-            for b in brushes:
-                if b.name == name:
-                    return b
-            raise LabelStudioError(f"project {self.project_id} has no BrushLabels named {name!r} "
-                                   f"(it has {[b.name for b in brushes]})")
-        if len(brushes) != 1:
-            raise LabelStudioError(f"project {self.project_id} has several BrushLabels {[b.name for b in brushes]}: "
-                                   "name the one to fill (--ls-brush)")
-        return brushes[0]
+            for t in candidates:
+                if t.name == name:
+                    return t
+            raise LabelStudioError(f"project {self.project_id} has no {title} named {name!r} "
+                                   f"(it has {[t.name for t in candidates]})")
+        if len(candidates) != 1:
+            option = "--ls-polygon" if kind == "polygonlabels" else "--ls-brush"
+            raise LabelStudioError(f"project {self.project_id} has several {title} {[t.name for t in candidates]}: "
+                                   f"name the one to fill ({option})")
+        return candidates[0]
 
     @property
     def labels(self) -> tuple[str, ...]:

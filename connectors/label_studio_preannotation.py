@@ -1,8 +1,8 @@
 """The Label Studio side of a bulk pre-annotation run (`pipeline.preannotation_run.LabelStudioLink`).
 
 `ProjectLink` reads prompt regions from a project's tasks, keeps the objects whose label the project's
-BrushLabels know, gives every image its task (creating tasks for images that have none), and pushes the
-finished masks as predictions in batches. The project is opened on first use, so a run fails on a bad
+output tag knows (BrushLabels, or PolygonLabels with --mask-format polygon), gives every image its task
+(creating tasks for images that have none), and pushes the finished masks as predictions in batches. The project is opened on first use, so a run fails on a bad
 checkpoint before it contacts Label Studio.
 """
 from __future__ import annotations
@@ -36,7 +36,9 @@ class ProjectLink:
     @cached_property
     def project(self) -> LabelStudioProject:
         key = os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN")
-        return LabelStudioProject(label_studio_url(self.cfg) or "", key or "", self.cfg.ls_project, self.cfg.ls_brush)
+        output = "polygonlabels" if self.cfg.output.kind == "polygon" else "brushlabels"
+        return LabelStudioProject(label_studio_url(self.cfg) or "", key or "", self.cfg.ls_project,
+                                  self.cfg.ls_polygon or self.cfg.ls_brush, output=output, read_only=not self.cfg.push)
 
     @cached_property
     def image_access(self) -> ImageAccess:
@@ -53,7 +55,8 @@ class ProjectLink:
 
     def keep_project_labels(self, jobs: list[ImageJob]) -> tuple[list[ImageJob], list[Problem]]:
         p = self.project
-        return filter_labels(jobs, p.labels, f"project {self.cfg.ls_project} BrushLabels {p.brush.name!r}")
+        title = "PolygonLabels" if p.brush.type == "polygonlabels" else "BrushLabels"
+        return filter_labels(jobs, p.labels, f"project {self.cfg.ls_project} {title} {p.brush.name!r}")
 
     def attach_tasks(self, jobs: list[ImageJob], model_version: str) -> TaskAttachment:
         """Give every job its task (creating tasks for images that have none); jobs read from tasks keep their

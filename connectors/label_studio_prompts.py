@@ -38,7 +38,7 @@ from .protocol import (
     Prompt,
     ProtocolError,
     box_to_click,
-    brush_result,
+    mask_results,
     parse_body,
     percent_to_pixel,
 )
@@ -183,16 +183,23 @@ def region_id(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def prediction_for(result: ImageResult, task_id: int, brush: ControlTag, model_version: str) -> dict | None:
-    """The task's prediction: one brush region per segmented object (None when no object was segmented)."""
+def prediction_for(result: ImageResult, task_id: int, output: ControlTag, model_version: str) -> dict | None:
+    """The task's prediction: per segmented object, one brush region or (an `output` PolygonLabels tag, masks
+    delivered as polygons) one polygon region per part; None when no object has a region."""
+    polygon = output.type == "polygonlabels"
     regions = []
     for o in result.objects:
         if not o.ok:
             continue
-        mask = decode_rle(o.rle)
-        prompt = Prompt(clicks=(), label=o.label, brush_name=brush.name, image_name=brush.to_name,
-                        original_size=(int(result.size[0]), int(result.size[1])))
-        regions.append(brush_result(mask_to_rle(mask), prompt, o.score or 0.0, region_id=region_id(o.key)))
+        size = (int(result.size[0]), int(result.size[1]))
+        prompt = Prompt(clicks=(), label=o.label, brush_name=output.name, image_name=output.to_name,
+                        original_size=size, output_type=output.type)
+        if polygon:
+            points = o.mask_polygons(size).label_studio_points()
+            regions.extend(mask_results(prompt, o.score or 0.0, polygons=points, region_id=region_id(o.key)))
+        else:
+            regions.extend(mask_results(prompt, o.score or 0.0, rle=mask_to_rle(decode_rle(o.rle)),
+                                        region_id=region_id(o.key)))
     if not regions:
         return None
     score = sum(r["score"] for r in regions) / len(regions)

@@ -14,7 +14,8 @@ from pipeline.coco_output import FORMATS
 from pipeline.encoding import EncoderSpec
 from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
-from pipeline.preannotation import ClickPolicy
+from pipeline.polygons import DEFAULT_MIN_IOU, DEFAULT_TOLERANCE
+from pipeline.preannotation import MASK_FORMATS, ClickPolicy, MaskFormat
 from pipeline.preannotation_run import DEFAULT_IMAGE_URL, PreannotateConfig
 from pipeline.prompts import USE_CHOICES
 
@@ -51,13 +52,26 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     src.add_argument("--ls-prompt-model-version", metavar="VERSION",
                      help="with --ls-prompts predictions: only predictions of this model version (e.g. a detector's)")
     src.add_argument("--ls-brush", metavar="NAME", help="BrushLabels tag to fill when the config has several")
+    src.add_argument("--ls-polygon", metavar="NAME",
+                     help="with --mask-format polygon: PolygonLabels tag to fill when the config has several")
     out = p.add_argument_group("outputs (at least one)")
-    out.add_argument("--coco-out", metavar="FILE", help="write the masks as a COCO file (RLE segmentations)")
+    out.add_argument("--coco-out", metavar="FILE", help="write the masks as a COCO file (RLE or polygon "
+                     "segmentations, see --mask-format)")
     out.add_argument("--coco-format", choices=FORMATS, default="annotations",
                      help="'annotations': a self-contained COCO dataset; 'results': a results list for "
-                     "COCO.loadRes against the --coco file (default: %(default)s)")
+                     "COCO.loadRes against the --coco file, RLE only: loadRes cannot read polygons "
+                     "(default: %(default)s)")
+    out.add_argument("--mask-format", choices=MASK_FORMATS, default="rle",
+                     help="'rle': COCO RLE and Label Studio brush (BrushLabels) regions; 'polygon': COCO polygon "
+                     "segmentations and Label Studio polygonlabels regions (the project needs a PolygonLabels "
+                     "tag); each object's polygon IoU against its mask is in the report (default: %(default)s)")
+    out.add_argument("--polygon-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="PX",
+                     help="with --mask-format polygon: simplify outlines by at most this many pixels "
+                     f"(Douglas-Peucker); halved for a mask whose polygons would fall below IoU {DEFAULT_MIN_IOU} "
+                     "(default: %(default)s)")
     out.add_argument("--push", action="store_true",
-                     help="push the masks as predictions (brush RLE, model_version, score) into --ls-project; "
+                     help="push the masks as predictions (brush RLE or polygons, model_version, score) into "
+                     "--ls-project; "
                      "tasks are created, with image_id in their data, for images that have none")
     out.add_argument("--push-batch", type=int, default=50, help="predictions per import call (default: %(default)s)")
     out.add_argument("--image-url", default=DEFAULT_IMAGE_URL,
@@ -125,6 +139,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         access = ImageAccess.from_args(a)
     except (ImageAccessError, ValueError) as e:
         parser.error(f"image access: {e}")
+    if a.polygon_tolerance != DEFAULT_TOLERANCE and a.mask_format != "polygon":
+        parser.error("--polygon-tolerance goes with --mask-format polygon")
     variant = a.variant or (None if a.checkpoint else "light")
     encoder = EncoderSpec(checkpoint=os.path.abspath(a.checkpoint) if a.checkpoint else None, variant=variant,
                           preprocess=PreprocessConfig(max_side=a.max_side), seed=a.seed)
@@ -132,10 +148,12 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         return PreannotateConfig(
             coco=a.coco, image_root=a.image_root, coco_id=a.coco_id, use=a.use, ls_project=a.ls_project,
             ls_url=a.ls_url, ls_prompts=a.ls_prompts, ls_prompt_model_version=a.ls_prompt_model_version,
-            ls_brush=a.ls_brush, push=a.push, push_batch=a.push_batch, image_url=a.image_url, coco_out=a.coco_out,
+            ls_brush=a.ls_brush, ls_polygon=a.ls_polygon, push=a.push, push_batch=a.push_batch,
+            image_url=a.image_url, coco_out=a.coco_out,
             coco_format=a.coco_format, db=a.db if "://" in a.db else os.path.abspath(a.db), table=a.table,
             storage_options=options, encoder=encoder, model_version=a.model_version,
-            policy=ClickPolicy(a.target_iou, a.max_clicks), encode_missing=a.encode_missing,
+            policy=ClickPolicy(a.target_iou, a.max_clicks),
+            output=MaskFormat(a.mask_format, a.polygon_tolerance), encode_missing=a.encode_missing,
             image_access=access, engine=click_engine_config(a), run_dir=a.run_dir, fresh=a.fresh, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker, address=a.address, num_cpus=a.num_cpus, limit=a.limit,
         )

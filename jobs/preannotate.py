@@ -11,12 +11,15 @@ Examples:
   # the boxes/keypoints annotators drew in project 3 -> brush predictions in the same project
   interformer-preannotate --ls-project 3 --push --checkpoint light.pth
 
+  # the same as polygons: polygonlabels predictions (the project's PolygonLabels tag), COCO polygons
+  interformer-preannotate --ls-project 3 --push --mask-format polygon --coco-out polygons.json --checkpoint light.pth
+
 Per object: a box becomes the backend's centre click + region; a coarse mask or polygon drives RITM's click
 simulator until --target-iou against it or --max-clicks; points are clicked as given. Images are spread
 over CPU Ray workers that read the stored features by image id. Every finished image is appended to
 RUN_DIR/ledger.jsonl, so a killed run resumes where it stopped; Label Studio tasks that already hold a
 prediction of this model version are never given a second one. RUN_DIR/report.csv lists every object
-(clicks, IoU against the coarse label, score, or why it was not segmented).
+(clicks, IoU against the coarse label, score, polygon IoU against the mask, or why it was not segmented).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""COCO files of pre-annotated masks (RLE from pycocotools' encoder).
+"""COCO files of pre-annotated masks: RLE (pycocotools' encoder) or polygons (`--mask-format polygon`).
 
 Two forms:
   annotations  a self-contained COCO dataset (images, categories, annotations with RLE segmentations):
@@ -6,7 +6,10 @@ Two forms:
   results      the detection-results list (`COCO.loadRes`) against the prompt file's own images and
                categories; needs a COCO prompt source (numeric image and category ids).
 Every annotation carries the mask's `score` and how it was made: `source_key` (the prompt object),
-`prompt` (box/mask/points), `clicks`, and `iou_prompt` (IoU against the coarse label, when there was one).
+`prompt` (box/mask/points), `clicks`, and `iou_prompt` (IoU against the coarse label, when there was one);
+polygons also carry `polygon_iou`, their IoU against the mask they came from. `area` and `bbox` are the
+mask's. An empty mask has no polygon (pycocotools cannot read an empty polygon list), so in polygon
+form it is left out, as it would have nothing to show.
 """
 from __future__ import annotations
 
@@ -22,8 +25,16 @@ FORMATS = ("annotations", "results")
 
 
 def _extras(o: ObjectResult, model_version: str) -> dict[str, Any]:
-    return {"score": o.score, "source_key": o.key, "prompt": o.kind, "clicks": len(o.clicks), "iou_prompt": o.iou,
-            "model_version": model_version}
+    extras = {"score": o.score, "source_key": o.key, "prompt": o.kind, "clicks": len(o.clicks), "iou_prompt": o.iou,
+              "model_version": model_version}
+    if o.polygons is not None:
+        extras["polygon_iou"] = o.polygon_iou
+    return extras
+
+
+def _written(o: ObjectResult) -> bool:
+    """A segmented object with a segmentation COCO readers can decode (polygons: at least one)."""
+    return o.ok and (o.polygons is None or len(o.polygons) > 0)
 
 
 def coco_results(results: Iterable[ImageResult], jobs: Mapping[str, ImageJob], model_version: str) -> list[dict]:
@@ -35,9 +46,10 @@ def coco_results(results: Iterable[ImageResult], jobs: Mapping[str, ImageJob], m
         if job.source_image_id is None:
             raise ValueError(f"image {r.image_id!r} has no COCO image id: write the 'annotations' form instead")
         for o in r.objects:
-            if o.ok and o.category_id is not None:
+            if _written(o) and o.category_id is not None:
                 # no bbox: with one, loadRes would take the box area as the object's area
-                out.append({"image_id": job.source_image_id, "category_id": o.category_id, "segmentation": o.rle,
+                out.append({"image_id": job.source_image_id, "category_id": o.category_id,
+                            "segmentation": o.segmentation,
                             **_extras(o, model_version)})
     return out
 
@@ -57,7 +69,7 @@ def coco_annotations(
     by_name = {name: cid for cid, name in cats.items()}
     for r in results:
         for o in r.objects:
-            if not o.ok:
+            if not _written(o):
                 continue
             if o.category_id is not None:
                 if o.category_id not in cats:
@@ -79,11 +91,11 @@ def coco_annotations(
                 entry["ls_task_id"] = job.task_id
         images.append(entry)
         for o in r.objects:
-            if not o.ok:
+            if not _written(o):
                 continue
             cid = o.category_id if o.category_id is not None else by_name[o.label]
             annotations.append({"id": len(annotations) + 1, "image_id": entry["id"], "category_id": cid,
-                                "segmentation": o.rle, "area": o.area, "bbox": o.bbox, "iscrowd": 0,
+                                "segmentation": o.segmentation, "area": o.area, "bbox": o.bbox, "iscrowd": 0,
                                 **_extras(o, model_version)})
     return {
         "info": {"description": "masks pre-annotated by InterFormer from prompts (jobs/preannotate.py)",

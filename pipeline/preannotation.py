@@ -5,7 +5,9 @@ the mask, as in the Label Studio backend); a coarse mask drives RITM's click sim
 (`pipeline.clicker.ritm_next_click`) until the mask reaches `target_iou` against it or `max_clicks`
 clicks were made, and the best mask seen is kept. `PreannotateWorker` holds the model (interact part
 only, unless it may encode), a feature reader opened once, and answers one `ImageJob` at a time with
-an `ImageResult`: masks as COCO compressed RLE, never feature tensors.
+an `ImageResult`: masks as COCO compressed RLE or, with `MaskFormat("polygon")`, as COCO polygons
+(`pipeline.polygons`, converted here so the mask never leaves the worker) with their IoU against the
+mask; never feature tensors.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from interformer.predictor import ClickResult, InteractiveSession, InvalidClickE
 
 from .clicker import mark_clicked, new_not_clicked, ritm_next_click
 from .metrics import iou
+from .polygons import DEFAULT_TOLERANCE, MaskPolygons, mask_to_polygons
 from .prompts import (
     BAD_POINTS,
     IMAGE_UNREADABLE,
@@ -51,12 +54,31 @@ class ClickPolicy:
             raise ValueError(f"max clicks must be at least 1, got {self.max_clicks}")
 
 
+MASK_FORMATS = ("rle", "polygon")
+
+
+@dataclass(frozen=True)
+class MaskFormat:
+    """How a worker delivers masks: "rle" (COCO compressed RLE) or "polygon" (COCO polygons, simplified to
+    within `tolerance` pixels, less where the IoU against the mask would fall below 0.98)."""
+
+    kind: str = "rle"
+    tolerance: float = DEFAULT_TOLERANCE
+
+    def __post_init__(self) -> None:
+        if self.kind not in MASK_FORMATS:
+            raise ValueError(f"mask format must be one of {MASK_FORMATS}, got {self.kind!r}")
+        if not np.isfinite(self.tolerance) or self.tolerance < 0:
+            raise ValueError(f"polygon tolerance must be a finite number of pixels >= 0, got {self.tolerance}")
+
+
 @dataclass
 class ObjectResult:
-    """One object's outcome. status "ok" carries the mask (COCO compressed RLE at the image size), the
-    clicks that made it ([row, col, positive]), the IoU against the coarse label when there is one, the
-    mean foreground probability over the mask (score) and `steps`, the interact steps run (the simulator
-    may click past the best mask); "failed" carries a reason code and detail."""
+    """One object's outcome. status "ok" carries the mask (COCO compressed RLE at the image size, or COCO
+    `polygons` in pixels with `polygon_iou`, their IoU against the mask, and no RLE), the clicks that made
+    it ([row, col, positive]), the IoU against the coarse label when there is one, the mean foreground
+    probability over the mask (score) and `steps`, the interact steps run (the simulator may click past
+    the best mask); "failed" carries a reason code and detail."""
 
     key: str
     image_id: str
@@ -75,10 +97,25 @@ class ObjectResult:
     rle: dict | None = None
     notes: list[str] = field(default_factory=list)
     ms: float = 0.0
+    polygons: list[list[float]] | None = None
+    polygon_iou: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def segmentation(self) -> dict | list[list[float]] | None:
+        """The COCO `segmentation` of the mask: its polygons when delivered as polygons, else its RLE."""
+        return self.polygons if self.polygons is not None else self.rle
+
+    def mask_polygons(self, size: tuple[int, int]) -> MaskPolygons:
+        """The delivered polygons as `pipeline.polygons.MaskPolygons` of an image of `size` (H, W), for their
+        other forms (Label Studio points); hole count and tolerance are not kept (0, NaN)."""
+        if self.polygons is None:
+            raise ValueError(f"object {self.key!r} was delivered as RLE, not as polygons")
+        rings = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in self.polygons]
+        return MaskPolygons(rings, (int(size[0]), int(size[1])), float(self.polygon_iou or 0.0), 0, float("nan"))
 
     @classmethod
     def failure(cls, prompt: ObjectPrompt, reason: str, detail: str) -> "ObjectResult":
@@ -151,8 +188,10 @@ def simulate_clicks(session: InteractiveSession, target: np.ndarray, policy: Cli
     return session.clicks[:n], result, score
 
 
-def segment_object(predictor: Predictor, feats: Any, prompt: ObjectPrompt, policy: ClickPolicy) -> ObjectResult:
-    """One object's mask from its prompt; a click outside the image is a BAD_POINTS failure."""
+def segment_object(predictor: Predictor, feats: Any, prompt: ObjectPrompt, policy: ClickPolicy,
+                   output: MaskFormat = MaskFormat()) -> ObjectResult:
+    """One object's mask from its prompt, delivered as `output` says; a click outside the image is a
+    BAD_POINTS failure."""
     from pycocotools import mask as mask_utils
 
     t0 = time.perf_counter()
@@ -172,6 +211,10 @@ def segment_object(predictor: Predictor, feats: Any, prompt: ObjectPrompt, polic
         mask = bound_to_box(mask, prompt.box)
     rle = encode_mask(mask)
     coco_rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    polygons = polygon_iou = None
+    if output.kind == "polygon":
+        polys = mask_to_polygons(mask, output.tolerance)
+        polygons, polygon_iou, rle = polys.coco(), round(float(polys.iou), 6), None
     return ObjectResult(
         key=prompt.key, image_id=prompt.image_id, label=prompt.label, kind=prompt.kind, status="ok",
         category_id=prompt.category_id,
@@ -184,6 +227,8 @@ def segment_object(predictor: Predictor, feats: Any, prompt: ObjectPrompt, polic
         rle=rle,
         notes=list(prompt.notes),
         ms=round((time.perf_counter() - t0) * 1e3, 3),
+        polygons=polygons,
+        polygon_iou=polygon_iou,
     )
 
 
@@ -206,6 +251,7 @@ class WorkerSpec:
     image_access: Any = None
     storage_options: dict | None = None
     engine: ClickEngineConfig = ClickEngineConfig()
+    output: MaskFormat = MaskFormat()
 
 
 def _elapsed(t0: float, c0: float) -> tuple[float, float]:
@@ -265,7 +311,7 @@ class PreannotateWorker:
         results = []
         for prompt in job.objects:
             try:
-                results.append(segment_object(self.predictor, feats, prompt, self.spec.policy))
+                results.append(segment_object(self.predictor, feats, prompt, self.spec.policy, self.spec.output))
             except Exception:
                 results.append(ObjectResult.failure(prompt, INTERNAL_ERROR, traceback.format_exc(limit=4)))
         return ImageResult(job.key, job.image_id, digest, list(job.size), results, encoded, *_elapsed(t0, c0))

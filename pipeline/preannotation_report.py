@@ -39,6 +39,9 @@ class PreannotateSummary:
     mean_clicks: dict = field(default_factory=dict)
     mean_iou: float | None = None
     reached_target: str = ""
+    mask_format: str = "rle"
+    polygon_iou_mean: float | None = None  # IoU of the delivered polygons against their masks
+    polygon_iou_min: float | None = None
     encoded_on_the_fly: int = 0
     tasks_created: int = 0
     pushed: int = 0
@@ -77,7 +80,7 @@ def tally(summary: PreannotateSummary, results: list[ImageResult], problems: lis
     """Per-object totals over this run's prompts (earlier runs' results included)."""
     reasons = Counter(p.reason for p in problems)
     clicks: dict[str, list[int]] = {}
-    ious = []
+    ious, polygon_ious = [], []
     for r in results:
         for o in r.objects:
             if o.ok:
@@ -85,6 +88,8 @@ def tally(summary: PreannotateSummary, results: list[ImageResult], problems: lis
                 clicks.setdefault(o.kind, []).append(len(o.clicks))
                 if o.iou is not None:
                     ious.append(o.iou)
+                if o.polygon_iou is not None:
+                    polygon_ious.append(o.polygon_iou)
             else:
                 reasons[o.reason] += 1
     summary.failed = sum(reasons.values())
@@ -93,10 +98,13 @@ def tally(summary: PreannotateSummary, results: list[ImageResult], problems: lis
     if ious:
         summary.mean_iou = round(sum(ious) / len(ious), 4)
         summary.reached_target = f"{sum(i >= policy.target_iou for i in ious)}/{len(ious)}"
+    if polygon_ious:
+        summary.polygon_iou_mean = round(sum(polygon_ious) / len(polygon_ious), 4)
+        summary.polygon_iou_min = round(min(polygon_ious), 4)
 
 
 REPORT_COLUMNS = ["image_id", "key", "label", "prompt", "status", "reason", "clicks", "steps", "iou_prompt", "score",
-                  "area", "ms", "notes", "detail"]
+                  "area", "polygon_iou", "ms", "notes", "detail"]
 
 
 def write_report(path: Path, problems: list[Problem], results: list[ImageResult]) -> None:
@@ -107,12 +115,13 @@ def write_report(path: Path, problems: list[Problem], results: list[ImageResult]
         w.writerow(REPORT_COLUMNS)
         for p in problems:
             w.writerow([p.image_id or "", p.key, p.label or "", "", "not_usable", p.reason, "", "", "", "", "", "", "",
-                        p.detail])
+                        "", p.detail])
         for r in sorted(results, key=lambda r: r.key):
             for o in r.objects:
                 w.writerow([o.image_id, o.key, o.label, o.kind, o.status, o.reason or "", len(o.clicks) if o.ok else "",
                             o.steps if o.ok else "", "" if o.iou is None else f"{o.iou:.4f}",
-                            "" if o.score is None else f"{o.score:.4f}", o.area if o.ok else "", f"{o.ms:.1f}",
+                            "" if o.score is None else f"{o.score:.4f}", o.area if o.ok else "",
+                            "" if o.polygon_iou is None else f"{o.polygon_iou:.4f}", f"{o.ms:.1f}",
                             "; ".join(o.notes), (o.detail or "").strip().splitlines()[-1] if o.detail else ""])
     os.replace(tmp, path)
 
@@ -133,6 +142,8 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
                  + (", ".join(f"{k} {v}" for k, v in s.mean_clicks.items()) or "-"))
     if s.mean_iou is not None:
         lines.append(f"  coarse IoU   mean {s.mean_iou:.3f}; target reached by {s.reached_target}")
+    if s.polygon_iou_mean is not None:
+        lines.append(f"  polygons     IoU against their masks: mean {s.polygon_iou_mean:.4f}, min {s.polygon_iou_min:.4f}")
     lines.append(f"  failed       {s.failed}" + (" (" + ", ".join(f"{k} {v}" for k, v in s.reasons.items()) + ")"
                                                  if s.reasons else ""))
     if s.tasks_created or s.pushed or s.push_failures or s.delivered_before:

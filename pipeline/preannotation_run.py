@@ -27,7 +27,7 @@ from .coco_output import FORMATS, coco_annotations, coco_results, write_json_ato
 from .encoding import EncoderSpec, build_predictor
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
 from .ledger import Ledger
-from .preannotation import ClickPolicy, ImageResult, PreannotateWorker, WorkerSpec
+from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec
 from .preannotation_report import REPORT, PreannotateSummary, tally, write_report
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptSet, coco_prompts, read_coco_file
 from .ray_runtime import init_ray
@@ -51,6 +51,7 @@ class PreannotateConfig:
     ls_prompts: str = "annotations"
     ls_prompt_model_version: str | None = None
     ls_brush: str | None = None
+    ls_polygon: str | None = None
     push: bool = False
     push_batch: int = 50
     image_url: str = DEFAULT_IMAGE_URL
@@ -62,6 +63,7 @@ class PreannotateConfig:
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     model_version: str | None = None
     policy: ClickPolicy = field(default_factory=ClickPolicy)
+    output: MaskFormat = field(default_factory=MaskFormat)
     encode_missing: bool = False
     image_access: Any = None  # pipeline.image_access.ImageAccess: where task images may be read from
     engine: ClickEngineConfig = field(default_factory=ClickEngineConfig)  # what runs the clicks
@@ -86,12 +88,21 @@ class PreannotateConfig:
             raise ValueError(f"--coco-format must be one of {FORMATS}")
         if self.coco_format == "results" and self.coco is None:
             raise ValueError("--coco-format results needs COCO prompts (--coco): Label Studio tasks have no COCO ids")
+        if self.coco_out and self.coco_format == "results" and self.output.kind == "polygon":
+            raise ValueError("--coco-format results holds RLE segmentations only (pycocotools' COCO.loadRes, which "
+                             "reads results files, cannot read polygons): write polygons with --coco-format "
+                             "annotations, or results with --mask-format rle")
         if self.coco_out and "://" in self.coco_out:
             raise ValueError("--coco-out must be a local file")
         if self.use not in USE_CHOICES:
             raise ValueError(f"--use must be one of {USE_CHOICES}")
         if self.ls_prompt_model_version and self.ls_prompts != "predictions":
             raise ValueError("--ls-prompt-model-version goes with --ls-prompts predictions")
+        if self.ls_polygon is not None and self.output.kind != "polygon":
+            raise ValueError("--ls-polygon names the PolygonLabels tag of --mask-format polygon")
+        if self.ls_brush is not None and self.output.kind != "rle":
+            raise ValueError("--ls-brush names the BrushLabels tag of --mask-format rle; with --mask-format polygon "
+                             "name the PolygonLabels tag with --ls-polygon")
         if self.push_batch < 1:
             raise ValueError("--push-batch must be at least 1")
         if self.workers is not None and self.workers < 0:
@@ -172,7 +183,7 @@ def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> 
     run_dir = prepare_run_dir(cfg, run_info(cfg, source, fingerprint, model_version))
     summary = PreannotateSummary(fingerprint, model_version, cfg.encoder.checkpoint is None, source, str(run_dir),
                                  images=len(jobs), objects=sum(len(j.objects) for j in jobs),
-                                 not_usable=len(problems))
+                                 not_usable=len(problems), mask_format=cfg.output.kind)
     ledger = Ledger(run_dir / LEDGER)
     done = latest_results(ledger)
 
@@ -256,11 +267,19 @@ def source_name(cfg: PreannotateConfig, label_studio: LabelStudioLink | None) ->
 
 
 def run_info(cfg: PreannotateConfig, source: str, fingerprint: str, model_version: str) -> dict:
-    """What decides the masks of a run; a run folder holds the results of one such setting only."""
-    return {"source": source, "fingerprint": fingerprint, "model_version": model_version, "use": cfg.use,
+    """What decides the masks of a run; a run folder holds the results of one such setting only.
+
+    The ledger holds masks in the run's format, so the format is part of the setting; RLE (the default)
+    (and the exact torch click engine) are recorded by the absence of `mask_format` (`click_engine`), as in the folders of runs made before they existed,
+    which therefore still resume."""
+    info = {"source": source, "fingerprint": fingerprint, "model_version": model_version, "use": cfg.use,
             "coco_id": cfg.coco_id, "ls_prompts": cfg.ls_prompts, "ls_prompt_model_version": cfg.ls_prompt_model_version,
-            "policy": asdict(cfg.policy),
-            **({"click_engine": cfg.engine.engine} if cfg.engine.engine != "torch" else {})}
+            "policy": asdict(cfg.policy)}
+    if cfg.output.kind != "rle":
+        info.update(mask_format=cfg.output.kind, polygon_tolerance=cfg.output.tolerance)
+    if cfg.engine.engine != "torch":
+        info.update(click_engine=cfg.engine.engine)
+    return info
 
 
 def _slug(text: str) -> str:
@@ -301,7 +320,7 @@ def latest_results(ledger: Ledger) -> dict[str, ImageResult]:
 def worker_spec(cfg: PreannotateConfig, threads: int, image_access: Any) -> WorkerSpec:
     return WorkerSpec(encoder=cfg.encoder, db=cfg.db, table=cfg.table, policy=cfg.policy,
                       encode_missing=cfg.encode_missing, threads=threads, image_access=image_access,
-                      storage_options=cfg.storage_options or None, engine=cfg.engine)
+                      storage_options=cfg.storage_options or None, engine=cfg.engine, output=cfg.output)
 
 
 def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: PreannotateSummary,

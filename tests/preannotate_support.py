@@ -132,3 +132,26 @@ def build_prompt_file(folder: Path, n_grabcut: int = 3, n_berkeley: int = 2) -> 
     doc = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     fx.coco_path.write_text(json.dumps(doc))
     return fx
+
+
+def load_preannotate_job(module_name: str):
+    """jobs/preannotate.py as a module of its own name (each test file loads its own copy)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "jobs" / "preannotate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def prepare_store(tmp: Path, n_grabcut: int = 3, n_berkeley: int = 2) -> dict:
+    """A prompt file, a small random-init checkpoint and a feature table of every image but the `unencoded` one."""
+    from backend_support import encode_into_store, make_checkpoint
+
+    fx = build_prompt_file(tmp, n_grabcut, n_berkeley)
+    ckpt = make_checkpoint(tmp / "small.pth")
+    encode_into_store(ckpt, tmp / "db", "features",
+                      [(i, str(fx.image_root / i), img) for i, img in fx.images.items() if i != fx.unencoded])
+    return {"tmp": tmp, "fx": fx, "ckpt": ckpt}

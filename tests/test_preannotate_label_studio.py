@@ -3,20 +3,22 @@
 COCO prompts -> tasks created with image_id -> brush predictions read back through Label Studio's API
 that decode to the same masks as the COCO output; a re-run adds nothing; a later run with
 --encode-missing adds exactly the missing image's prediction. Then the other direction: rectangles
-and keypoints drawn in a project become brush predictions in that project.
+and keypoints drawn in a project become brush predictions in that project. With --mask-format polygon,
+the project's PolygonLabels tag is filled with `polygonlabels` regions that Label Studio gives back
+unchanged and that rasterise to the run's COCO polygons; a project without the tag the format needs is
+refused before anything is created in it.
 """
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from backend_support import LABEL_CONFIG, encode_into_store, keypoint, make_checkpoint, rectangle
-from preannotate_support import SIZE, build_prompt_file
+from backend_support import LABEL_CONFIG, keypoint, rectangle
+from preannotate_support import SIZE, load_preannotate_job, prepare_store
 
 from connectors.label_studio_prompts import region_id
 from connectors.protocol import box_to_click
@@ -24,33 +26,43 @@ from connectors.rle import rle_to_mask
 from interformer.clicks import Click
 from pipeline.encoding import EncoderSpec, build_predictor
 from pipeline.feature_store import FeatureReader
+from pipeline.polygons import rasterize
 from pipeline.prompts import decode_rle
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load_job():
-    spec = importlib.util.spec_from_file_location("preannotate_job_ls", ROOT / "jobs" / "preannotate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+BOTH_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="object"/><Label value="background_thing"/>
+  </BrushLabels>
+  <PolygonLabels name="poly" toName="image">
+    <Label value="object"/><Label value="background_thing"/>
+  </PolygonLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="object"/></RectangleLabels>
+</View>"""
+BRUSH_ONLY = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels>
+</View>"""
+POLYGON_ONLY = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image"><Label value="object"/></PolygonLabels>
+</View>"""
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, label_studio):
     tmp = tmp_path_factory.mktemp("preannotate_ls")
-    fx = build_prompt_file(tmp)
-    ckpt = make_checkpoint(tmp / "small.pth")
-    encode_into_store(ckpt, tmp / "db", "features",
-                      [(i, str(fx.image_root / i), img) for i, img in fx.images.items() if i != fx.unencoded])
+    store = prepare_store(tmp)
+    shutil.copytree(tmp / "db", tmp / "db-as-built")  # for tests that need the table as no test left it
     client = label_studio.client()
     with pytest.MonkeyPatch.context() as mp:
         for k, v in label_studio.env().items():
             mp.setenv(k, v)
-        yield {"tmp": tmp, "fx": fx, "ckpt": ckpt, "client": client, "job": _load_job()}
+        yield {**store, "client": client, "job": load_preannotate_job("preannotate_job_ls")}
 
 
 def run(env, run_dir: str, *extra: str) -> dict:
@@ -65,6 +77,18 @@ def predictions(env, project_id: int) -> dict[int, list]:
     for p in env["client"].predictions.list(project=project_id):
         out.setdefault(p.task, []).append(p)
     return out
+
+
+def predicted_objects(env, project_id: int, tasks: dict):
+    """(prediction, keys of its image's objects) per task of an image with features; the others have none."""
+    fx = env["fx"]
+    preds = predictions(env, project_id)
+    for image_id, task in tasks.items():
+        if image_id in (fx.unencoded, fx.missing_file):
+            assert task.id not in preds
+            continue
+        (pred,) = preds[task.id]
+        yield pred, [f"coco:{k}" for k, img in fx.image_of.items() if img == image_id and k != fx.cat and k in fx.kinds]
 
 
 def brush_masks(prediction) -> dict[str, np.ndarray]:
@@ -101,14 +125,9 @@ def test_coco_prompts_become_predictions_once(env):
     assert len(preds) == 4 and all(len(v) == 1 for v in preds.values())
     mv = s["model_version"]
     seen = 0
-    for image_id, task in tasks.items():
-        if image_id in (fx.unencoded, fx.missing_file):
-            assert task.id not in preds
-            continue
-        (pred,) = preds[task.id]
+    for pred, keys in predicted_objects(env, project.id, tasks):
         assert pred.model_version == mv and 0 < pred.score <= 1
         masks = brush_masks(pred)
-        keys = [f"coco:{k}" for k, img in fx.image_of.items() if img == image_id and k != fx.cat and k in fx.kinds]
         assert sorted(masks) == sorted(region_id(k) for k in keys)
         for key in keys:
             seg = by_key[key]["segmentation"]
@@ -164,3 +183,77 @@ def test_boxes_and_keypoints_drawn_in_label_studio_become_masks(env):
     again = run(env, "from-ls", "--ls-project", str(project.id), "--push")
     assert again["pushed"] == 0 and again["computed_objects"] == 0
     assert sum(len(v) for v in predictions(env, project.id).values()) == 3
+
+
+def polygon_masks(prediction) -> dict[str, np.ndarray]:
+    """Region id prefix (the object's region id) -> the union of its polygons, rasterised by pycocotools."""
+    parts: dict[str, list[list[float]]] = {}
+    for r in prediction.result:
+        r = dict(r)
+        assert r["type"] == "polygonlabels" and r["from_name"] == "poly" and r["to_name"] == "image"
+        assert (r["original_height"], r["original_width"]) == SIZE and r["value"]["closed"]
+        h, w = SIZE
+        points = np.asarray(r["value"]["points"], dtype=np.float64) * [w / 100.0, h / 100.0]
+        parts.setdefault(r["id"].rsplit("-", 1)[0], []).append(points.reshape(-1).tolist())
+    return {k: rasterize(v, SIZE) for k, v in parts.items()}
+
+
+def test_coco_prompts_become_polygon_predictions_that_read_back(env):
+    fx, client = env["fx"], env["client"]
+    project = client.projects.create(title="polygons from COCO", label_config=BOTH_CONFIG)
+    coco_out = env["tmp"] / "poly.json"
+    db = env["tmp"] / "polygons-db"  # its own table: another test encodes the missing image into the shared one
+    shutil.copytree(env["tmp"] / "db-as-built", db)
+    common = ["--coco", str(fx.coco_path), "--image-root", str(fx.image_root), "--ls-project", str(project.id),
+              "--push", "--coco-out", str(coco_out), "--mask-format", "polygon", "--db", str(db)]
+    s = run(env, "polygons-to-ls", *common)
+    assert s["pushed"] == 4 and s["push_failures"] == [] and s["polygon_iou_min"] >= 0.98
+
+    by_key = {a["source_key"]: a for a in json.loads(coco_out.read_text())["annotations"]}
+    tasks = {t.data["image_id"]: t for t in client.tasks.list(project=project.id, include="id,data")}
+    assert sum(len(v) for v in predictions(env, project.id).values()) == 4
+    seen = 0
+    for pred, keys in predicted_objects(env, project.id, tasks):
+        assert pred.model_version == s["model_version"]
+        masks = polygon_masks(pred)
+        assert sorted(masks) == sorted(region_id(k) for k in keys if k in by_key)
+        for key in keys:
+            if key in by_key:
+                coco_mask = rasterize(by_key[key]["segmentation"], SIZE)
+                np.testing.assert_array_equal(masks[region_id(key)], coco_mask)
+                seen += 1
+    assert seen >= 6
+
+    assert run(env, "polygons-to-ls", *common)["pushed"] == 0  # resumed: nothing twice
+    assert sum(1 for _ in client.predictions.list(project=project.id)) == 4
+
+
+def test_boxes_drawn_in_label_studio_become_polygons(env):
+    fx, client = env["fx"], env["client"]
+    project = client.projects.create(title="polygons from boxes", label_config=BOTH_CONFIG)
+    name = sorted(i for i in fx.images if i != fx.unencoded)[0]
+    (tid,) = client.projects.import_tasks(id=project.id, return_task_ids=True, request=[
+        {"data": {"image": f"/data/local-files/?d={name}", "image_id": name}}]).task_ids
+    client.annotations.create(id=tid, result=[rectangle(10, 10, 60, 70, SIZE, item_id="b1")])
+    s = run(env, "polygons-from-ls", "--ls-project", str(project.id), "--push", "--mask-format", "polygon")
+    assert s["pushed"] == 1
+    (pred,) = client.predictions.list(task=tid)
+    masks = polygon_masks(pred)
+    assert list(masks) == [region_id(f"ls:{tid}:b1")] and masks[region_id(f"ls:{tid}:b1")].any()
+
+
+@pytest.mark.parametrize("config, extra, message", [
+    (BRUSH_ONLY, ["--mask-format", "polygon"], "no PolygonLabels tag for --mask-format polygon"),
+    (POLYGON_ONLY, [], "no BrushLabels tag for --mask-format rle"),
+])
+def test_a_project_without_the_formats_tag_is_refused_before_anything_is_created(env, capsys, config, extra, message):
+    fx, client = env["fx"], env["client"]
+    project = client.projects.create(title="wrong tag", label_config=config)
+    run_dir = env["tmp"] / f"refused-{project.id}"
+    rc = env["job"].main(["--db", str(env["tmp"] / "db"), "--checkpoint", str(env["ckpt"]), "--workers", "0",
+                          "--run-dir", str(run_dir), "--coco", str(fx.coco_path), "--image-root", str(fx.image_root),
+                          "--ls-project", str(project.id), "--push", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "--mask-format" in err
+    assert list(client.tasks.list(project=project.id)) == []
+    assert not (run_dir / "ledger.jsonl").exists()
