@@ -269,9 +269,9 @@ def source_name(cfg: PreannotateConfig, label_studio: LabelStudioLink | None) ->
 def run_info(cfg: PreannotateConfig, source: str, fingerprint: str, model_version: str) -> dict:
     """What decides the masks of a run; a run folder holds the results of one such setting only.
 
-    The ledger holds masks in the run's format, so the format is part of the setting; RLE (the default)
-    (and the exact torch click engine) are recorded by the absence of `mask_format` (`click_engine`), as in the folders of runs made before they existed,
-    which therefore still resume."""
+    The ledger holds masks in the run's format, so the format and the click engine are part of the setting;
+    the defaults (RLE, the exact torch engine) are recorded by the absence of `mask_format` / `click_engine`,
+    as in the folders of runs made before those options existed, which therefore still resume."""
     info = {"source": source, "fingerprint": fingerprint, "model_version": model_version, "use": cfg.use,
             "coco_id": cfg.coco_id, "ls_prompts": cfg.ls_prompts, "ls_prompt_model_version": cfg.ls_prompt_model_version,
             "policy": asdict(cfg.policy)}
