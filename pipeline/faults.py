@@ -1,0 +1,55 @@
+"""Deterministic fault injection at named steps of the commit protocol, for tests only.
+
+Production code calls `fault_point("step")` where a crash would matter. Nothing happens unless the
+environment variable INTERFORMER_FAULT names that step (only tests set it):
+
+    INTERFORMER_FAULT="committed:exit"      the process dies (os._exit) at the first pass through "committed"
+    INTERFORMER_FAULT="checked:raise:2"     KeyboardInterrupt (as a Ctrl-C or a SIGTERM would raise) at the 2nd pass
+
+The variable is read at each call, so a test may set it in-process, and it reaches Ray workers and
+subprocesses through their environment.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+FAULT_ENV = "INTERFORMER_FAULT"
+FAULT_EXIT_CODE = 97  # an exit status nothing else in the project uses: a test can tell its fault from a crash
+
+_passes: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+class InjectedFault(KeyboardInterrupt):
+    """Raised at the named step in "raise" mode; a KeyboardInterrupt so that it takes the path of a real stop."""
+
+
+def fault_point(step: str) -> None:
+    """Die or raise here when INTERFORMER_FAULT names `step` (and this is the pass it names)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    name, _, rest = spec.partition(":")
+    if name != step:
+        return
+    mode, _, nth = rest.partition(":")
+    with _lock:
+        _passes[step] = _passes.get(step, 0) + 1
+        hit = _passes[step] == int(nth or 1)
+    if not hit:
+        return
+    if mode == "exit":
+        sys.stderr.write(f"fault injection: exiting at {step!r}\n")
+        sys.stderr.flush()
+        os._exit(FAULT_EXIT_CODE)
+    if mode == "raise":
+        raise InjectedFault(f"fault injected at {step!r}")
+    raise ValueError(f"{FAULT_ENV}={spec!r}: the mode must be 'exit' or 'raise'")
+
+
+def reset_fault_counts() -> None:
+    """Forget how often each step was passed (tests that inject several faults in one process)."""
+    with _lock:
+        _passes.clear()
