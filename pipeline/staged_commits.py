@@ -116,18 +116,17 @@ class StagedCommitter:
             fault_point("staged")
             fragments = [f for _, r in records for f in r.fragments]
             outcome = self.store.commit_fragments(fragments)
-            if outcome.added:
-                self.tally.commits += 1
+            added = set(outcome.added)
+            self.tally.commits += bool(added)
+            self.tally.stored.update(added, outcome.recommitted)
+            self.tally.present.update(outcome.present)
+            self.tally.nbytes += sum(f.nbytes for f in fragments if any((i, f.fingerprint) in added for i in f.image_ids))
             self._record_errors([r for _, r in records], outcome.added)
             fault_point("errors_recorded")
             filesystem, _ = _filesystem(self.uri)
             for path, _ in records:
                 filesystem.delete_file(path)
             fault_point("unstaged")
-            self.tally.stored.update(outcome.added, outcome.recommitted)
-            self.tally.present.update(outcome.present)
-            added = set(outcome.added)
-            self.tally.nbytes += sum(f.nbytes for f in fragments if any((i, f.fingerprint) in added for i in f.image_ids))
             return len(records)
 
     def _record_errors(self, records: list[StagedRecord], added: list[tuple[str, str]]) -> None:
