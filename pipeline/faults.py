@@ -5,6 +5,9 @@ environment variable INTERFORMER_FAULT names that step (only tests set it):
 
     INTERFORMER_FAULT="committed:exit"      the process dies (os._exit) at the first pass through "committed"
     INTERFORMER_FAULT="checked:raise:2"     KeyboardInterrupt (as a Ctrl-C or a SIGTERM would raise) at the 2nd pass
+    INTERFORMER_FAULT="written:hold"        the process writes INTERFORMER_FAULT_DIR/held-<pid> and waits there until
+                                            INTERFORMER_FAULT_DIR/release exists: a test acts on that event (kills a
+                                            node, stops the job) while the run is provably in the middle
 
 The variable is read at each call, so a test may set it in-process, and it reaches Ray workers and
 subprocesses through their environment.
@@ -14,8 +17,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 FAULT_ENV = "INTERFORMER_FAULT"
+FAULT_DIR_ENV = "INTERFORMER_FAULT_DIR"
 FAULT_EXIT_CODE = 97  # an exit status nothing else in the project uses: a test can tell its fault from a crash
 
 _passes: dict[str, int] = {}
@@ -46,7 +51,18 @@ def fault_point(step: str) -> None:
         os._exit(FAULT_EXIT_CODE)
     if mode == "raise":
         raise InjectedFault(f"fault injected at {step!r}")
-    raise ValueError(f"{FAULT_ENV}={spec!r}: the mode must be 'exit' or 'raise'")
+    if mode == "hold":
+        _hold(os.environ[FAULT_DIR_ENV])
+        return
+    raise ValueError(f"{FAULT_ENV}={spec!r}: the mode must be 'exit', 'raise' or 'hold'")
+
+
+def _hold(folder: str) -> None:
+    with open(os.path.join(folder, f"held-{os.getpid()}"), "w"):
+        pass
+    release = os.path.join(folder, "release")
+    while not os.path.exists(release):
+        time.sleep(0.05)
 
 
 def reset_fault_counts() -> None:
