@@ -173,7 +173,7 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     summary = EncodeSummary(fingerprint=fingerprint, table=store.features_uri,
                             random_weights=cfg.encoder.checkpoint is None)
     listing = list_inputs(cfg)
-    _recover(store, fingerprint, summary)
+    recovered = _recover(store, fingerprint, summary)
     summary.listed = len(listing.sources)
     summary.ignored_files = len(listing.ignored)
     for first, other in listing.duplicates:
@@ -187,7 +187,9 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     }
     pending = []
     for source in listing.sources:
-        if source.image_id in done:
+        if source.image_id in recovered:
+            summary.recovered += 1
+        elif source.image_id in done:
             summary.skipped += 1
         elif source.image_id in known_bad:
             summary.known_failures += 1
@@ -214,17 +216,18 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     return summary
 
 
-def _recover(store: FeatureStore, fingerprint: str, summary: EncodeSummary) -> None:
-    """Commit what an earlier, killed run staged, and delete duplicate rows an older version left."""
+def _recover(store: FeatureStore, fingerprint: str, summary: EncodeSummary) -> set[str]:
+    """Commit what an earlier, killed run staged, and delete duplicate rows an older version left; returns the
+    ids of this encoder that the recovery stored."""
     committer = StagedCommitter(store)
     if read_staged(committer.uri):
         committer.commit_staged()
-        summary.recovered = sum(1 for _, fp in committer.tally.stored if fp == fingerprint)
         print(f"encode: committed {len(committer.tally.stored)} images that an interrupted run had written",
               flush=True)
     summary.repaired_duplicates = store.remove_duplicates(fingerprint)
     if summary.repaired_duplicates:
         print(f"encode: removed {summary.repaired_duplicates} duplicate rows (left by an older version)", flush=True)
+    return {i for i, fp in committer.tally.stored if fp == fingerprint}
 
 
 def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list,

@@ -5,11 +5,12 @@ environment variable INTERFORMER_FAULT names that step (only tests set it):
 
     INTERFORMER_FAULT="committed:exit"      the process dies (os._exit) at the first pass through "committed"
     INTERFORMER_FAULT="checked:raise:2"     KeyboardInterrupt (as a Ctrl-C or a SIGTERM would raise) at the 2nd pass
-    INTERFORMER_FAULT="written:hold"        the process writes INTERFORMER_FAULT_DIR/held-<pid> and waits there until
+    INTERFORMER_FAULT="written:hold:2"      the process writes INTERFORMER_FAULT_DIR/held-<pid> and waits there until
                                             INTERFORMER_FAULT_DIR/release exists: a test acts on that event (kills a
                                             node, stops the job) while the run is provably in the middle
 
-The variable is read at each call, so a test may set it in-process, and it reaches Ray workers and
+Passes are counted per process, or across all processes when INTERFORMER_FAULT_DIR names a folder they
+share. The variable is read at each call, so a test may set it in-process, and it reaches Ray workers and
 subprocesses through their environment.
 """
 from __future__ import annotations
@@ -40,9 +41,7 @@ def fault_point(step: str) -> None:
     if name != step:
         return
     mode, _, nth = rest.partition(":")
-    with _lock:
-        _passes[step] = _passes.get(step, 0) + 1
-        hit = _passes[step] == int(nth or 1)
+    hit = _count_pass(step) == int(nth or 1)
     if not hit:
         return
     if mode == "exit":
@@ -55,6 +54,23 @@ def fault_point(step: str) -> None:
         _hold(os.environ[FAULT_DIR_ENV])
         return
     raise ValueError(f"{FAULT_ENV}={spec!r}: the mode must be 'exit', 'raise' or 'hold'")
+
+
+def _count_pass(step: str) -> int:
+    """This pass's number: per process, or across processes when INTERFORMER_FAULT_DIR names a shared folder
+    (each pass claims the next free file name there)."""
+    folder = os.environ.get(FAULT_DIR_ENV)
+    if not folder:
+        with _lock:
+            _passes[step] = _passes.get(step, 0) + 1
+            return _passes[step]
+    n = 1
+    while True:
+        try:
+            os.close(os.open(os.path.join(folder, f"pass-{step}-{n}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return n
+        except FileExistsError:
+            n += 1
 
 
 def _hold(folder: str) -> None:
