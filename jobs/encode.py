@@ -15,6 +15,10 @@ from __future__ import annotations
 import sys
 
 try:
+    from pipeline.ray_auth import use_token_auth_when_available
+
+    use_token_auth_when_available()  # before anything imports ray
+
     import argparse
     import json
     import os

@@ -567,7 +567,8 @@ def segment_all(cfg: JobConfig, jobs: list[ImageJob], summary: Summary):
                 yield result
             return
         import ray
-        from ray.util import ActorPool
+
+        from pipeline.actor_pool import map_unordered_surviving
 
         start_ray(cfg)
         try:
@@ -581,10 +582,10 @@ def segment_all(cfg: JobConfig, jobs: list[ImageJob], summary: Summary):
             actors = [actor.remote(spec) for _ in range(n)]
             ray.get([a.ping.remote() for a in actors])  # model loaded, table opened: the rest is throughput
             summary.startup_s = time.monotonic() - t0
-            pool = ActorPool(actors)
             bar.set_description(f"preannotate ({n} workers)")
             try:
-                for result in pool.map_unordered(lambda a, job: a.run.remote(job), jobs):
+                for result in map_unordered_surviving(actors, lambda a, job: a.run.remote(job), jobs,
+                                                      lambda: actor.remote(spec)):
                     bar.update(len(result.objects))
                     yield result
             except ray.exceptions.RayActorError as e:  # a worker process died (out of memory, node lost)

@@ -98,7 +98,8 @@ def _ray_cli(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A private Ray head as a user starts one (`ray start --head`, no token authentication) on 127.0.0.1, with
+    """A private Ray head as a user starts one (`ray start --head` on a machine without a Ray token, so without
+    token authentication) on 127.0.0.1, with
     2 CPUs, free ports and its own temp dir, for this module's tests only. `ray job stop` waits up to 120 s for
     the driver's last commit before it kills it (RAY_JOB_STOP_WAIT_TIME_S; Ray's default is 3 s)."""
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
@@ -112,8 +113,10 @@ def ray_head():
                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
                    f"--temp-dir={temp_dir}", *[f"--{k}={v}" for k, v in ports.items()])
     log = open(os.path.join(temp_dir, "head.log"), "w")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    env.update(RAY_JOB_STOP_WAIT_TIME_S="120", PYTHONPATH=str(ROOT))
+    home = os.path.join(temp_dir, "home")  # a machine where no Ray token was ever made: no authentication
+    os.makedirs(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_JOB_STOP_WAIT_TIME_S="120", PYTHONPATH=str(ROOT), HOME=home)
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
 
@@ -154,7 +157,7 @@ def _stop_session(head: subprocess.Popen) -> None:
 
 def _client_env() -> dict:
     """The environment of a user's shell: no RAY_AUTH_MODE (the cluster has no token authentication)."""
-    return {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", FAULT_ENV)}
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", FAULT_ENV)}
 
 
 def _submit(url: str, args: list[str], runtime_env: dict | None = None) -> str:
