@@ -34,7 +34,6 @@ from .staged_commits import CommitTimer, StagedCommitter, read_staged
 
 _DECODE_BATCH = 8
 _DECODE_TASK_MEMORY = 512 * 1024**2
-_INDEX_INTERVAL_S = 300.0
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_STOPPED = 0, 1, 2, 3, 130
 
@@ -269,7 +268,7 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
     timer = CommitTimer(committer, cfg.commit_interval).start()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        logged = indexed = time.monotonic()
+        logged = time.monotonic()
         done = 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             done += block.num_rows
@@ -278,9 +277,6 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
             if not interactive and now - logged >= 30:
                 print(f"encode: {done}/{len(pending)} images processed, {done / (now - t0):.2f} images/s", flush=True)
                 logged = now
-            if now - indexed >= _INDEX_INTERVAL_S:  # keep fetches by id indexed on long runs
-                store.optimize_index()
-                indexed = now
     except KeyboardInterrupt:
         summary.interrupted = True
         print("\nencode: interrupted; committing the fragments already written", file=sys.stderr, flush=True)

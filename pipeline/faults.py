@@ -5,9 +5,10 @@ environment variable INTERFORMER_FAULT names that step (only tests set it):
 
     INTERFORMER_FAULT="committed:exit"      the process dies (os._exit) at the first pass through "committed"
     INTERFORMER_FAULT="checked:raise:2"     KeyboardInterrupt (as a Ctrl-C or a SIGTERM would raise) at the 2nd pass
-    INTERFORMER_FAULT="written:hold:2"      the process writes INTERFORMER_FAULT_DIR/held-<pid> and waits there until
-                                            INTERFORMER_FAULT_DIR/release exists: a test acts on that event (kills a
-                                            node, stops the job) while the run is provably in the middle
+    INTERFORMER_FAULT="written:hold:2"      from the 2nd pass on, each process writes INTERFORMER_FAULT_DIR/held-<pid>
+                                            and waits there until INTERFORMER_FAULT_DIR/release exists: a test acts
+                                            on that event (kills a node, stops the job) while the run is provably in
+                                            the middle, with exactly the work before the 2nd pass done
 
 Passes are counted per process, or across all processes when INTERFORMER_FAULT_DIR names a folder they
 share. The variable is read at each call, so a test may set it in-process, and it reaches Ray workers and
@@ -41,8 +42,8 @@ def fault_point(step: str) -> None:
     if name != step:
         return
     mode, _, nth = rest.partition(":")
-    hit = _count_pass(step) == int(nth or 1)
-    if not hit:
+    n = _count_pass(step)
+    if n < int(nth or 1) or (n > int(nth or 1) and mode != "hold"):
         return
     if mode == "exit":
         sys.stderr.write(f"fault injection: exiting at {step!r}\n")

@@ -24,6 +24,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyarrow import fs as pafs
 import torch
 from lance.commit import CommitConflictError
 from lance.file import LanceFileReader
@@ -359,7 +360,7 @@ class FeatureStore:
             for f in fragments:
                 if set(f.data_files()) & in_table:  # committed before: a repeated commit
                     outcome.recommitted.extend((i, f.fingerprint) for i in f.image_ids)
-                else:
+                elif self._data_files_exist(f):  # else lost (the table was deleted): its images stay to do
                     fresh.append(f)
             taken = self._stored_keys(ds, {(i, f.fingerprint) for f in fresh for i in f.image_ids})
             new: list[FragmentMetadata] = []
@@ -388,6 +389,14 @@ class FeatureStore:
         raise FeatureStoreError(
             f"could not commit to {self.features_uri}: {_COMMIT_ATTEMPTS} attempts met a concurrent commit"
         )
+
+    def _data_files_exist(self, fragment: WrittenFragment) -> bool:
+        if "://" in self.features_uri:
+            filesystem, base = pafs.FileSystem.from_uri(self.features_uri)
+        else:
+            filesystem, base = pafs.LocalFileSystem(), self.features_uri
+        infos = filesystem.get_file_info([f"{base}/data/{name}" for name in fragment.data_files()])
+        return all(i.type == pafs.FileType.File for i in infos)
 
     def _stored_keys(self, ds: lance.LanceDataset, keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of the (image_id, fingerprint) pairs the table version `ds` holds."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -101,10 +102,12 @@ class CommitTally:
 class StagedCommitter:
     """Commits the records staged for one feature table (steps 3-5 above); thread-safe."""
 
-    def __init__(self, store: FeatureStore, uri: str | None = None):
+    def __init__(self, store: FeatureStore, uri: str | None = None, index_interval_s: float = 300.0):
         self.store = store
         self.uri = uri or staging_uri(store)
         self.tally = CommitTally()
+        self.index_interval_s = index_interval_s
+        self._indexed_at = time.monotonic()
         self._lock = threading.Lock()
 
     def commit_staged(self) -> int:
@@ -127,6 +130,9 @@ class StagedCommitter:
             for path, _ in records:
                 filesystem.delete_file(path)
             fault_point("unstaged")
+            if time.monotonic() - self._indexed_at >= self.index_interval_s:  # keep fetches by id indexed
+                self.store.optimize_index()  # here, under the lock: never alongside a commit of this process
+                self._indexed_at = time.monotonic()
             return len(records)
 
     def _record_errors(self, records: list[StagedRecord], added: list[tuple[str, str]]) -> None:

@@ -232,3 +232,20 @@ def test_any_sequence_of_writes_and_interrupted_commits_is_exactly_once(tmp_path
             os.environ.pop(FAULT_ENV, None)
     StagedCommitter(store).commit_staged()
     assert _stored(db) == sorted(written)
+
+
+def test_a_staged_fragment_whose_files_are_gone_is_not_committed(tmp_path):
+    """A record left behind by a run whose data files were deleted since (a table removed by hand): committing it
+    would point the table at missing files. It is dropped; its images are simply not stored (a rerun encodes them)."""
+    db = tmp_path / "db"
+    store = FeatureStore(str(db))
+    _stage(store, ["lost"])
+    _stage(store, ["kept"])
+    (lost,) = [f for _, r in read_staged(StagedCommitter(store).uri) for f in r.fragments if f.image_ids == ("lost",)]
+    for data_file in lost.data_files():
+        (db / "features.lance" / "data" / data_file).unlink()
+    committer = StagedCommitter(store)
+    committer.commit_staged()
+    assert _stored(db) == ["kept"] and committer.tally.stored == {("kept", FP)}
+    assert read_staged(committer.uri) == []
+    assert store.reader(FP).get("kept").geometry.padded_size == (64, 64)

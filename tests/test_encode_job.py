@@ -3,7 +3,7 @@ as the README writes it, a real LanceDB folder, an image folder with bad files m
 link and a folder named like an image), runs stopped or killed at a moment chosen by an event, and re-run.
 Plus the in-process pieces (stages, resource plan, --help, exit codes) without a cluster.
 
-Faults land on events, never on time: the write stage holds (pipeline.faults "hold") at its second write
+Faults land on events, never on time: the write stage holds (pipeline.faults "hold") from its second write on,
 once some work is staged, the test stops or kills the driver there, then releases it."""
 from __future__ import annotations
 
