@@ -183,7 +183,8 @@ def write_stage(batch: pa.Table, uri: str, staging: str, fingerprint: str,
     progress only: what is committed is what was staged."""
     ok_mask = pc.is_null(batch.column("reason"))
     fragments = write_feature_fragments(uri, batch.filter(ok_mask).select(FEATURE_SCHEMA.names), storage_options)
-    fault_point("written")
+    if fragments:
+        fault_point("written")
     bad = batch.filter(pc.invert(ok_mask)).select(["image_id", "uri", "reason", "detail"]).to_pylist()
     errors = [(r["image_id"], r["uri"], r["reason"], r["detail"] or "") for r in bad]
     if fragments or errors:

@@ -210,10 +210,14 @@ def _staged_ids(db: Path) -> set[str]:
     return {i for _, r in read_staged(str(db / "features_staged")) for f in r.fragments for i in f.image_ids}
 
 
-def _hold_until_staged(faults: Path, db: Path, new_than: set[str]) -> set[str]:
+def _hold_until_staged(faults: Path, db: Path, new_than: set[str], url: str, submission_id: str) -> set[str]:
     """Wait until a write task holds and some work not yet stored is staged; returns the staged ids."""
-    return wait_for(lambda: list(faults.glob("held-*")) and (_staged_ids(db) - new_than), "a write task to hold "
-                    "with work staged") and _staged_ids(db)
+    try:
+        wait_for(lambda: list(faults.glob("held-*")) and (_staged_ids(db) - new_than), "a write task to hold with "
+                 "work staged", timeout=900)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the job says:\n{_job_logs(url, submission_id)[-4000:]}") from None
+    return _staged_ids(db)
 
 
 def _rearm(faults: Path) -> None:
@@ -221,8 +225,10 @@ def _rearm(faults: Path) -> None:
         f.unlink()
 
 
-def _driver_pids(session: int, db: Path) -> list[int]:
-    pids = subprocess.run(["pgrep", "-s", str(session), "-f", "jobs.encode"], capture_output=True, text=True)
+def _driver_pids(db: Path) -> list[int]:
+    """The job's driver: this python running jobs.encode on this test's own table (Ray starts it in a session of
+    its own)."""
+    pids = subprocess.run(["pgrep", "-f", "jobs.encode"], capture_output=True, text=True)
     found = []
     for pid in map(int, pids.stdout.split()):
         try:
@@ -262,7 +268,7 @@ def test_submitted_job_stopped_then_killed_then_rerun_is_exactly_once_and_bit_ex
     hold = {"env_vars": {FAULT_ENV: "written:hold:2", FAULT_DIR_ENV: str(faults)}}
 
     first = _submit(ray_head["url"], args, hold)
-    staged = _hold_until_staged(faults, db, set())
+    staged = _hold_until_staged(faults, db, set(), ray_head["url"], first)
     assert _stored(db) == [], "nothing is committed before the timer fires or the job stops"
     stop = subprocess.run(_ray_cli("job", "stop", "--address", ray_head["url"], first), env=_client_env(),
                           capture_output=True, text=True, timeout=300)
@@ -276,8 +282,8 @@ def test_submitted_job_stopped_then_killed_then_rerun_is_exactly_once_and_bit_ex
 
     _rearm(faults)
     second = _submit(ray_head["url"], args, hold)
-    _hold_until_staged(faults, db, set(after_stop))
-    drivers = _driver_pids(ray_head["sid"], db)
+    _hold_until_staged(faults, db, set(after_stop), ray_head["url"], second)
+    drivers = _driver_pids(db)
     assert drivers, "run 2's driver process not found"
     for pid in drivers:
         os.kill(pid, signal.SIGKILL)  # no chance to commit anything
