@@ -35,6 +35,15 @@ from .staged_commits import CommitTimer, StagedCommitter, read_staged
 _DECODE_BATCH = 8
 _DECODE_TASK_MEMORY = 512 * 1024**2
 
+PIPELINE_ATTEMPTS = 3
+# Failures of the cluster, not of our code: the pipeline is worth running again on what is left.
+_CLUSTER_FAILURES = tuple(
+    getattr(ray.exceptions, name)
+    for name in ("RayActorError", "ObjectLostError", "WorkerCrashedError", "NodeDiedError", "OwnerDiedError",
+                 "LocalRayletDiedError", "RaySystemError")
+    if hasattr(ray.exceptions, name)
+)
+
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_STOPPED = 0, 1, 2, 3, 130
 
 EXIT_CODES_HELP = """exit codes:
@@ -207,7 +216,7 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     if pending:
         start_ray(cfg)
         try:
-            _run_pipeline(cfg, store, fingerprint, pending, summary)
+            _encode(cfg, store, fingerprint, pending, summary)
         finally:
             ray.shutdown()
     stored = store.existing_ids(fingerprint)
@@ -229,8 +238,44 @@ def _recover(store: FeatureStore, fingerprint: str, summary: EncodeSummary) -> s
     return {i for i, fp in committer.tally.stored if fp == fingerprint}
 
 
+def _encode(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list, summary: EncodeSummary) -> None:
+    """Run the pipeline until every pending image is stored or recorded as bad. When the cluster loses part of
+    the pipeline in a way Ray Data does not recover from (an actor pool that cannot be rebuilt after a lost node),
+    the written work is committed and the pipeline runs again on what is left, up to PIPELINE_ATTEMPTS times."""
+    committer = StagedCommitter(store)
+    t0 = time.monotonic()
+    todo = pending
+    try:
+        for attempt in range(1, PIPELINE_ATTEMPTS + 1):
+            try:
+                _run_pipeline(cfg, store, fingerprint, todo, summary, committer)
+                break
+            except _CLUSTER_FAILURES as e:
+                if attempt == PIPELINE_ATTEMPTS:
+                    raise
+                stored = store.existing_ids(fingerprint)
+                failed = committer.tally.failed
+                todo = [s for s in todo if s.image_id not in stored and (s.image_id, fingerprint) not in failed]
+                reason = str(e).strip().splitlines()[0][:200]
+                print(f"encode: the cluster lost part of the pipeline ({type(e).__name__}: {reason}); "
+                      f"{len(todo)} images left, running again (attempt {attempt + 1} of {PIPELINE_ATTEMPTS})",
+                      file=sys.stderr, flush=True)
+                if not todo:
+                    break
+    finally:
+        tally = committer.tally
+        summary.seconds = time.monotonic() - t0
+        summary.encoded = len(tally.stored)
+        summary.commits = tally.commits
+        summary.bytes_written = tally.nbytes
+        summary.failed.extend(v for k, v in tally.failed.items() if k not in tally.stored)
+    if summary.encoded:
+        store.optimize_index()
+
+
 def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list,
-                  summary: EncodeSummary) -> None:
+                  summary: EncodeSummary, committer: StagedCommitter) -> None:
+    """One Ray Data pass over `pending`; the committer commits on its timer and once more at the end."""
     resources = ray.cluster_resources()
     plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder)
     device = f"{plan.num_encoders} GPU" if plan.gpus_per_encoder else f"{plan.num_encoders} CPU"
@@ -239,7 +284,6 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray_progress
     spec = replace(cfg.encoder, threads=None if plan.gpus_per_encoder else plan.threads_per_encoder)
-    committer = StagedCommitter(store)
 
     items = [{"image_id": s.image_id, "uri": s.uri} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(math.ceil(len(items) / 8), 2000)))
@@ -287,14 +331,6 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
         finally:
             signal.signal(signal.SIGTERM, previous)
             bar.close()
-            summary.seconds = time.monotonic() - t0
-            tally = committer.tally
-            summary.encoded = len(tally.stored)
-            summary.commits = tally.commits
-            summary.bytes_written = tally.nbytes
-            summary.failed.extend(v for k, v in tally.failed.items() if k not in tally.stored)
-    if summary.encoded:
-        store.optimize_index()
 
 
 def _raise_interrupt(signum, frame):
