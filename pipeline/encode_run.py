@@ -36,6 +36,7 @@ _DECODE_BATCH = 8
 _DECODE_TASK_MEMORY = 512 * 1024**2
 
 PIPELINE_ATTEMPTS = 3
+_RETRY_WAIT_S = 120.0
 # Failures of the cluster, not of our code: the pipeline is worth running again on what is left.
 _CLUSTER_FAILURES = tuple(
     getattr(ray.exceptions, name)
@@ -262,6 +263,7 @@ def _encode(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: l
                       file=sys.stderr, flush=True)
                 if not todo:
                     break
+                _wait_for_free_cpus(_RETRY_WAIT_S)
     finally:
         tally = committer.tally
         summary.seconds = time.monotonic() - t0
@@ -271,6 +273,16 @@ def _encode(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: l
         summary.failed.extend(v for k, v in tally.failed.items() if k not in tally.stored)
     if summary.encoded:
         store.optimize_index()
+
+
+def _wait_for_free_cpus(timeout: float) -> None:
+    """Before running again, give the cluster time to reclaim what the failed pass held (actors of a lost pool
+    still pending on their CPUs make Ray Data cancel the new pool): until every CPU is free, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(1.0)
 
 
 def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list,

@@ -65,7 +65,13 @@ def test_encode_survives_a_worker_node_killed_mid_run(tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
         env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
         job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        held = wait_for(lambda: sorted(faults.glob("held-*")), "a write task to hold after its first fragment")
+        try:
+            held = wait_for(lambda: sorted(faults.glob("held-*")) or job.poll() is not None,
+                            "a write task to hold after its first fragment", timeout=600)
+        except AssertionError:
+            job.kill()
+            raise
+        assert held is not True, "the job ended before any write task held:\n" + job.communicate()[0][-4000:]
         pid = int(held[0].name.split("-")[1])
         node = node_of_process(cluster, pid)
         assert node is not None, f"write task {pid} runs on no worker node"
