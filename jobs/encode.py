@@ -30,7 +30,7 @@ try:
         EXIT_CODES_HELP, EXIT_ENVIRONMENT, EXIT_USAGE, EncodeConfig, RayConnectError, exit_code, format_summary, run,
     )
     from pipeline.encoding import EncoderSpec
-    from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE
+    from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, parse_storage_options
     from pipeline.images import DEFAULT_MAX_PIXELS
     from pipeline.sources import SourceError
 except ImportError as _e:  # the usual cause: `ray job submit -- python ...` ran the head's system python
@@ -102,12 +102,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.max_side is not None and a.max_side < 32:
         p.error("--max-side must be at least 32")
-    options = {}
-    for item in a.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            p.error(f"--storage-option expects KEY=VALUE, got {item!r}")
-        options[key] = value
+    try:
+        options = parse_storage_options(a.storage_option)
+    except ValueError as e:
+        p.error(str(e))
     if a.checkpoint is not None and not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint!r} is not a file")
     encoder = EncoderSpec(checkpoint=a.checkpoint, variant=a.variant or (None if a.checkpoint else "light"),

@@ -118,6 +118,18 @@ def sql_string(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def parse_storage_options(items: Iterable[str]) -> dict[str, str]:
+    """KEY=VALUE strings (the jobs' repeatable --storage-option) -> the storage options LanceDB/Lance take;
+    ValueError names the first malformed item."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option expects KEY=VALUE, got {item!r}")
+        options[key] = value
+    return options
+
+
 def table_uri(root: str, table: str) -> str:
     """Where LanceDB keeps `table` under the database `root` (local folder or object-store URI)."""
     if "://" in root:
