@@ -12,7 +12,7 @@ from interformer.click_engine import add_click_engine_arguments, click_engine_co
 from interformer.config import CONFIGS, PreprocessConfig
 from pipeline.coco_output import FORMATS
 from pipeline.encoding import EncoderSpec
-from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE
+from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, parse_storage_options
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
 from pipeline.polygons import DEFAULT_MIN_IOU, DEFAULT_TOLERANCE
 from pipeline.preannotation import MASK_FORMATS, ClickPolicy, MaskFormat
@@ -129,12 +129,10 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         url_template(a.image_url)
     except ValueError as e:
         parser.error(f"--image-url: {e}")
-    options = {}
-    for item in a.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--storage-option expects KEY=VALUE, got {item!r}")
-        options[key] = value
+    try:
+        options = parse_storage_options(a.storage_option)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         access = ImageAccess.from_args(a)
     except (ImageAccessError, ValueError) as e:

@@ -43,6 +43,17 @@ def model_version(checkpoint: str | os.PathLike | None, variant: str, seed: int 
     return f"interformer-{variant}-{Path(checkpoint).stem}-{file_sha256(checkpoint)[:8]}"
 
 
+def random_init_id(model: InterFormer) -> str:
+    """The `checkpoint_id` of randomly initialised weights: RANDOM_INIT's first word and a digest of the
+    weights themselves, so that every seed (and any change to the initialisation) gets its own
+    fingerprint and the features of different random encoders never mix in one table."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"{RANDOM_INIT.split('-')[0]}-{h.hexdigest()}"
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint file -> (state dict, meta). Clear errors for missing, truncated or foreign files."""
     path = Path(path)
@@ -152,13 +163,13 @@ def load_model(checkpoint: str | os.PathLike | None, variant: str | None = None,
 
     The variant is detected from the checkpoint; naming a different one raises (e.g. a Tiny
     checkpoint loaded as Light). The returned model is in eval mode and carries `checkpoint_id`
-    (sha256 of the file, or "random-init") for fingerprints.
+    (sha256 of the file, or "random-" and a digest of the drawn weights) for fingerprints.
     """
     if checkpoint is None:
         if variant is None:
             raise ValueError("load_model(None) builds a randomly initialised model: name its variant")
         model = InterFormer(get_config(variant))
-        model.checkpoint_id = RANDOM_INIT
+        model.checkpoint_id = random_init_id(model)
         model.checkpoint_path = None
     else:
         state_dict, meta = read_checkpoint(checkpoint)

@@ -1,12 +1,12 @@
-"""The stages of the distributed encode job (jobs/encode.py), as plain callables for Ray Data.
+"""The stages of the distributed encode job (pipeline.encode_run), as plain callables for Ray Data.
 
   decode_stage   CPU tasks: read bytes, sha256, decode, check, resize (rows carry the resized RGB pixels)
   EncoderStage   actor pool: the model is loaded once per actor; batched ViT + SimpleFPN forward
-  write_stage    CPU tasks: write the feature rows as new, uncommitted Lance fragments
+  write_stage    CPU tasks: write the feature rows as new, uncommitted Lance fragments and stage them
 
 Every stage passes bad inputs through as rows with a `reason`, so one bad file never fails a batch.
-The driver commits the fragments (pipeline.feature_store.FeatureStore.commit_fragments): rows
-become visible only in whole, atomic commits, which is what makes a killed run safe to re-run.
+The driver commits what was staged (pipeline.staged_commits): rows become visible only in whole,
+exactly-once commits, which is what makes a killed run safe to re-run.
 """
 from __future__ import annotations
 
@@ -30,11 +30,12 @@ from .feature_store import (
     GEOMETRY_FIELDS,
     EncodedImage,
     feature_rows,
-    fragment_nbytes,
     write_feature_fragments,
 )
+from .faults import fault_point
 from .images import ImageDecodeError, decode_image
 from .sources import read_bytes
+from .staged_commits import StagedRecord, stage
 
 _ERROR_FIELDS = [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
 
@@ -51,15 +52,7 @@ DECODED_SCHEMA = pa.schema(
 
 ENCODED_SCHEMA = pa.schema(list(FEATURE_SCHEMA) + _ERROR_FIELDS)
 
-RESULT_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("uri", pa.string()),
-        *_ERROR_FIELDS,
-        pa.field("fragments", pa.list_(pa.string())),  # on the first row of each written batch
-        pa.field("nbytes", pa.int64()),
-    ]
-)
+RESULT_SCHEMA = pa.schema([pa.field("image_id", pa.string()), pa.field("uri", pa.string()), *_ERROR_FIELDS])
 
 
 @dataclass(frozen=True)
@@ -187,26 +180,25 @@ class EncoderStage:
         return out  # type: ignore[return-value]
 
 
-def write_stage(batch: pa.Table, uri: str, storage_options: dict | None = None) -> pa.Table:
-    """Write the batch's feature rows as uncommitted fragments; return one RESULT_SCHEMA row per image,
-    the fragment metadata on the first row (the driver commits it)."""
+def write_stage(batch: pa.Table, uri: str, staging: str, fingerprint: str,
+                storage_options: dict | None = None) -> pa.Table:
+    """Write the batch's feature rows as uncommitted fragments and stage them, with the batch's failures,
+    for the driver to commit (pipeline.staged_commits); returns one RESULT_SCHEMA row per image, for
+    progress only: what is committed is what was staged."""
     ok_mask = pc.is_null(batch.column("reason"))
-    good = batch.filter(ok_mask)
-    fragments = write_feature_fragments(uri, good.select(FEATURE_SCHEMA.names), storage_options)
-    n = batch.num_rows
-    frag_col: list[list[str]] = [[] for _ in range(n)]
-    nbytes = [0] * n
-    if n:
-        frag_col[0] = fragments
-        nbytes[0] = sum(fragment_nbytes(f) for f in fragments)
+    fragments = write_feature_fragments(uri, batch.filter(ok_mask).select(FEATURE_SCHEMA.names), storage_options)
+    if fragments:
+        fault_point("written")
+    bad = batch.filter(pc.invert(ok_mask)).select(["image_id", "uri", "reason", "detail"]).to_pylist()
+    errors = [(r["image_id"], r["uri"], r["reason"], r["detail"] or "") for r in bad]
+    if fragments or errors:
+        stage(staging, StagedRecord(fragments, errors, fingerprint), storage_options)
     return pa.table(
         {
             "image_id": batch.column("image_id"),
             "uri": batch.column("uri"),
             "reason": batch.column("reason"),
             "detail": batch.column("detail"),
-            "fragments": pa.array(frag_col, pa.list_(pa.string())),
-            "nbytes": pa.array(nbytes, pa.int64()),
         },
         schema=RESULT_SCHEMA,
     )

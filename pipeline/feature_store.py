@@ -16,17 +16,23 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import fs as pafs
 import torch
+from lance.commit import CommitConflictError
+from lance.file import LanceFileReader
 from lance.fragment import FragmentMetadata, write_fragments
 
 from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry, flat_to_float32, levels_of
+
+from .faults import fault_point
 
 DEFAULT_ROOT = "lancedb"
 DEFAULT_TABLE = "features"
@@ -70,6 +76,7 @@ ERROR_SCHEMA = pa.schema(
 )
 
 _META_COLUMNS = [f.name for f in FEATURE_SCHEMA if f.name != "features"]
+_COMMIT_ATTEMPTS = 12
 
 
 class FeatureStoreError(RuntimeError):
@@ -109,6 +116,18 @@ class StoredFeatures:
 def sql_string(value: str) -> str:
     """A SQL string literal for Lance filters (single quotes doubled)."""
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def parse_storage_options(items: Iterable[str]) -> dict[str, str]:
+    """KEY=VALUE strings (the jobs' repeatable --storage-option) -> the storage options LanceDB/Lance take;
+    ValueError names the first malformed item."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option expects KEY=VALUE, got {item!r}")
+        options[key] = value
+    return options
 
 
 def table_uri(root: str, table: str) -> str:
@@ -199,20 +218,58 @@ def _unflatten(data, dtype: str, shapes: list[list[int]], geometry: ImageGeometr
     return ImageFeatures(tuple(levels_of(values, shapes)), geometry)
 
 
-def write_feature_fragments(uri: str, rows: pa.Table, storage_options: dict | None = None) -> list[str]:
-    """Write rows as new data files of the table at `uri` WITHOUT committing them; returns the fragment
-    metadata as JSON strings for `FeatureStore.commit_fragments`. Uncommitted files are invisible to
-    readers, so a writer killed before the commit leaves no partial rows."""
-    if rows.num_rows == 0:
-        return []
-    fragments = write_fragments(rows.cast(FEATURE_SCHEMA), uri, schema=FEATURE_SCHEMA, storage_options=storage_options)
-    return [json.dumps(f.to_json()) for f in fragments]
+@dataclass(frozen=True)
+class WrittenFragment:
+    """A Lance fragment written but not committed: its metadata (JSON), the encoder and the image ids of
+    its rows, in order. What `FeatureStore.commit_fragments` needs to commit it exactly once."""
+
+    metadata: str
+    fingerprint: str
+    image_ids: tuple[str, ...]
+    nbytes: int = 0
+
+    def data_files(self) -> list[str]:
+        return [f["path"] for f in json.loads(self.metadata).get("files", [])]
+
+    def to_dict(self) -> dict:
+        return {"metadata": self.metadata, "fingerprint": self.fingerprint, "image_ids": list(self.image_ids),
+                "nbytes": self.nbytes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WrittenFragment":
+        return cls(d["metadata"], d["fingerprint"], tuple(d["image_ids"]), int(d.get("nbytes") or 0))
 
 
-def fragment_nbytes(fragment_json: str) -> int:
-    """Bytes of the data files of one written fragment."""
-    meta = json.loads(fragment_json)
-    return sum(int(f.get("file_size_bytes") or 0) for f in meta.get("files", []))
+@dataclass
+class CommitOutcome:
+    """What a commit did with each (image_id, fingerprint) pair of its fragments: `added` (made visible
+    now), `recommitted` (its fragment was committed before: a repeated commit, nothing added) or `present`
+    (stored by other rows: left out)."""
+
+    version: int
+    added: list[tuple[str, str]] = field(default_factory=list)
+    recommitted: list[tuple[str, str]] = field(default_factory=list)
+    present: list[tuple[str, str]] = field(default_factory=list)
+
+
+def write_feature_fragments(uri: str, rows: pa.Table, storage_options: dict | None = None) -> list[WrittenFragment]:
+    """Write rows as new data files of the table at `uri` WITHOUT committing them; returns what
+    `FeatureStore.commit_fragments` needs. Uncommitted files are invisible to readers, so a writer killed
+    before the commit leaves no partial rows. One fragment per encoder fingerprint in `rows`."""
+    written = []
+    for fp in sorted(set(rows.column("fingerprint").to_pylist())) if rows.num_rows else []:
+        part = rows.filter(pc.equal(rows.column("fingerprint"), fp)).cast(FEATURE_SCHEMA)
+        fragments = write_fragments(part, uri, schema=FEATURE_SCHEMA, storage_options=storage_options,
+                                    max_rows_per_file=max(1, part.num_rows))
+        ids = part.column("image_id").to_pylist()
+        start = 0
+        for f in fragments:  # rows go to fragments in order
+            meta = f.to_json()
+            n = int(meta["physical_rows"])
+            nbytes = sum(int(d.get("file_size_bytes") or 0) for d in meta.get("files", []))
+            written.append(WrittenFragment(json.dumps(meta), fp, tuple(ids[start : start + n]), nbytes))
+            start += n
+    return written
 
 
 class FeatureStore:
@@ -280,45 +337,126 @@ class FeatureStore:
         return counts
 
     def add(self, rows: pa.Table) -> int:
-        """Append feature rows in one commit, skipping (image_id, fingerprint) pairs already stored
-        (and repeats within `rows`); returns the number of rows added."""
+        """Store feature rows, skipping (image_id, fingerprint) pairs already stored (and repeats within
+        `rows`); returns the number of rows added. Exactly once, like `commit_fragments`."""
         if rows.num_rows == 0:
             return 0
         rows = rows.cast(FEATURE_SCHEMA)
-        ids = rows.column("image_id").to_pylist()
-        fps = rows.column("fingerprint").to_pylist()
-        present: set[tuple[str, str]] = set()
-        ds = self.dataset()
-        for fp in set(fps):
-            wanted = sorted({i for i, f in zip(ids, fps) if f == fp})
-            for chunk in _chunks(wanted, 500):
-                found = ds.to_table(
+        seen: set[tuple[str, str]] = set()
+        keep = []
+        for n, key in enumerate(zip(rows.column("image_id").to_pylist(), rows.column("fingerprint").to_pylist())):
+            if key not in seen:
+                seen.add(key)
+                keep.append(n)
+        written = write_feature_fragments(self.features_uri, rows.take(keep), self.storage_options)
+        return len(self.commit_fragments(written).added)
+
+    def commit_fragments(self, fragments: Sequence[WrittenFragment]) -> CommitOutcome:
+        """Make written fragments visible, exactly once per (image_id, fingerprint), in one atomic commit.
+
+        Idempotent: a fragment already in the table (a repeated commit) is skipped, and so are rows whose
+        (image_id, fingerprint) the table already holds (a fragment holding some of them is rewritten
+        without them). The check and the commit are one compare-and-swap: the commit is a Lance `Merge`
+        listing every fragment of the version the check read, which Lance refuses when any other commit
+        landed in between (CommitConflictError); the check then runs again on the new version."""
+        for attempt in range(_COMMIT_ATTEMPTS):
+            ds = self.dataset()
+            current = [f.metadata for f in ds.get_fragments()]
+            in_table = {d.path for m in current for d in m.files}
+            outcome = CommitOutcome(ds.version)
+            fresh = []
+            for f in fragments:
+                if set(f.data_files()) & in_table:  # committed before: a repeated commit
+                    outcome.recommitted.extend((i, f.fingerprint) for i in f.image_ids)
+                elif self._data_files_exist(f):  # else lost (the table was deleted): its images stay to do
+                    fresh.append(f)
+            taken = self._stored_keys(ds, {(i, f.fingerprint) for f in fresh for i in f.image_ids})
+            new: list[FragmentMetadata] = []
+            for f in fresh:
+                keys = [(i, f.fingerprint) for i in f.image_ids]
+                dup = {k for k in keys if k in taken}
+                outcome.present.extend(k for k in keys if k in dup)
+                if len(dup) < len(keys):
+                    new.extend(self._without(f, {k[0] for k in dup}) if dup else [FragmentMetadata.from_json(f.metadata)])
+                    outcome.added.extend(k for k in keys if k not in dup)
+                    taken.update(keys)
+            fault_point("checked")
+            if not new:
+                return outcome
+            try:
+                committed = lance.LanceDataset.commit(
+                    self.features_uri, lance.LanceOperation.Merge(current + new, ds.lance_schema),
+                    read_version=ds.version, storage_options=self.storage_options,
+                )
+            except CommitConflictError:  # another writer committed since the check: check again
+                time.sleep(min(2.0, 0.01 * 2**attempt) * (0.5 + np.random.random()))
+                continue
+            fault_point("committed")
+            outcome.version = committed.version
+            return outcome
+        raise FeatureStoreError(
+            f"could not commit to {self.features_uri}: {_COMMIT_ATTEMPTS} attempts met a concurrent commit"
+        )
+
+    def _data_files_exist(self, fragment: WrittenFragment) -> bool:
+        if "://" in self.features_uri:
+            filesystem, base = pafs.FileSystem.from_uri(self.features_uri)
+        else:
+            filesystem, base = pafs.LocalFileSystem(), self.features_uri
+        infos = filesystem.get_file_info([f"{base}/data/{name}" for name in fragment.data_files()])
+        return all(i.type == pafs.FileType.File for i in infos)
+
+    def _stored_keys(self, ds: lance.LanceDataset, keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of the (image_id, fingerprint) pairs the table version `ds` holds."""
+        found: set[tuple[str, str]] = set()
+        for fp in {k[1] for k in keys}:
+            for chunk in _chunks(sorted(i for i, f in keys if f == fp), 500):
+                table = ds.to_table(
                     columns=["image_id"],
                     filter=f"fingerprint = {sql_string(fp)} AND image_id IN ({', '.join(map(sql_string, chunk))})",
                 )
-                present.update((i, fp) for i in found.column("image_id").to_pylist())
-        keep = []
-        for n, key in enumerate(zip(ids, fps)):
-            if key not in present:
-                present.add(key)
-                keep.append(n)
-        if keep:
-            self._features.add(rows.take(keep))
-        return len(keep)
+                found.update((i, fp) for i in table.column("image_id").to_pylist())
+        return found
 
-    def commit_fragments(self, fragment_jsons: Sequence[str]) -> int:
-        """Commit fragments written by `write_feature_fragments` as one atomic append; returns the new version."""
-        fragments = [FragmentMetadata.from_json(f) for f in fragment_jsons]
-        if not fragments:
-            return self.dataset().version
+    def _without(self, fragment: WrittenFragment, drop: set[str]) -> list[FragmentMetadata]:
+        """Rewrite an uncommitted fragment without the rows of `drop` (ids another fragment stored first)."""
+        parts = []
+        for name in fragment.data_files():
+            reader = LanceFileReader(f"{self.features_uri}/data/{name}", storage_options=self.storage_options)
+            parts.append(reader.read_all().to_table())
+        rows = pa.concat_tables(parts)
+        rows = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), pa.array(sorted(drop), pa.string()))))
+        rewritten = write_feature_fragments(self.features_uri, rows, self.storage_options)
+        return [FragmentMetadata.from_json(f.metadata) for f in rewritten]
+
+    def duplicates(self, fingerprint: str | None = None) -> int:
+        """Rows beyond the first of an (image_id, fingerprint): 0 unless written by a version of this code
+        before the exactly-once commit, or by hand."""
+        return len(self._extra_rows(fingerprint))
+
+    def remove_duplicates(self, fingerprint: str | None = None) -> int:
+        """Delete every row beyond the first (lowest row address) of each (image_id, fingerprint); returns
+        how many. Safe to run concurrently: every process picks the same rows to keep."""
+        extra = self._extra_rows(fingerprint)
         ds = self.dataset()
-        new = lance.LanceDataset.commit(
-            self.features_uri,
-            lance.LanceOperation.Append(fragments),
-            read_version=ds.version,
-            storage_options=self.storage_options,
-        )
-        return new.version
+        for chunk in _chunks(sorted(extra), 1000):
+            ds.delete(f"_rowaddr IN ({', '.join(map(str, chunk))})")
+        return len(extra)
+
+    def _extra_rows(self, fingerprint: str | None) -> list[int]:
+        where = f"fingerprint = {sql_string(fingerprint)}" if fingerprint else None
+        table = self.dataset().to_table(columns=["image_id", "fingerprint"], filter=where, with_row_address=True)
+        first: dict[tuple[str, str], int] = {}
+        extra = []
+        keys = zip(table.column("image_id").to_pylist(), table.column("fingerprint").to_pylist())
+        for key, addr in zip(keys, table.column("_rowaddr").to_pylist()):
+            kept = first.get(key)
+            if kept is None:
+                first[key] = addr
+            else:
+                extra.append(max(kept, addr))
+                first[key] = min(kept, addr)
+        return extra
 
     def optimize_index(self) -> None:
         """Fold rows appended since the index was built into the image_id BTREE index."""

@@ -9,6 +9,7 @@ enforced without allocating the image.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -53,13 +54,13 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     8 bits; for multi-frame files the first frame is used. Images with more than `max_pixels` pixels
     are refused before their pixels are decoded.
     """
-    with _open(data) as img:
+    with _open(data, max_pixels) as img:
         w, h = img.size
         if w == 0 or h == 0:
             raise ImageDecodeError(CORRUPT, f"image header declares a size of {w}x{h}")
         if max_pixels is not None and w * h > max_pixels:
             raise ImageDecodeError(
-                TOO_LARGE, f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels"
+                TOO_LARGE, f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels (--max-pixels)"
             )
         try:
             img.load()
@@ -75,7 +76,7 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
         return _to_rgb(img)
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int | None = None) -> Image.Image:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"expected image bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -93,8 +94,11 @@ def _open(data: bytes) -> Image.Image:
         raise ImageDecodeError(
             NOT_AN_IMAGE, f"not a recognised image format ({len(data)} bytes, starting {head[:8]!r})"
         ) from None
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(TOO_LARGE, str(e)) from None
+    except Image.DecompressionBombError as e:  # Pillow's own hard limit, 2x Image.MAX_IMAGE_PIXELS
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{size.group(1)} pixels" if size else "the image"
+        limit = f"the limit of {max_pixels} pixels (--max-pixels)" if max_pixels else "the pixel limit"
+        raise ImageDecodeError(TOO_LARGE, f"{pixels} is over {limit}") from None
     except Exception as e:  # a malformed header can make a codec plugin raise anything
         raise ImageDecodeError(CORRUPT, f"the image header cannot be read ({type(e).__name__}: {e})") from None
 

@@ -24,6 +24,7 @@ from interformer.click_engine import ClickEngineConfig
 from interformer.predictor import ClickResult, InteractiveSession, InvalidClickError, Predictor, set_cpu_threads
 
 from .clicker import mark_clicked, new_not_clicked, ritm_next_click
+from .faults import fault_point
 from .metrics import iou
 from .polygons import DEFAULT_TOLERANCE, MaskPolygons, mask_to_polygons
 from .prompts import (
@@ -294,6 +295,7 @@ class PreannotateWorker:
 
     def run(self, job: ImageJob) -> ImageResult:
         """Every object of the image; never raises (failures are per object, with reasons)."""
+        fault_point("segment")
         t0, c0 = time.perf_counter(), time.process_time()
         digest = job.digest()
         try:

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Protocol, Sequence
 from interformer.checkpoint import model_version as weights_version
 from interformer.click_engine import ClickEngineConfig
 
+from .actor_pool import map_unordered_surviving
 from .coco_output import FORMATS, coco_annotations, coco_results, write_json_atomic
 from .encoding import EncoderSpec, build_predictor
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
@@ -348,7 +349,6 @@ def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: Preannota
                 yield result
             return
         import ray
-        from ray.util import ActorPool
 
         init_ray(cfg.address, num_cpus=cfg.num_cpus, log_to_driver=True, job="preannotate")
         try:
@@ -360,10 +360,10 @@ def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: Preannota
             actors = [actor.remote(spec) for _ in range(n)]
             ray.get([a.ping.remote() for a in actors])  # model loaded, table opened: the rest is throughput
             summary.startup_s = time.monotonic() - t0
-            pool = ActorPool(actors)
             bar.set_description(f"preannotate ({n} workers)")
             try:
-                for result in pool.map_unordered(lambda a, job: a.run.remote(job), jobs):
+                for result in map_unordered_surviving(actors, lambda a, job: a.run.remote(job), jobs,
+                                                      lambda: actor.remote(spec)):
                     bar.update(len(result.objects))
                     yield result
             except ray.exceptions.RayActorError as e:  # a worker process died (out of memory, node lost)

@@ -6,10 +6,14 @@ raylet misses Ray's fixed 30 s registration window (it does on overloaded hosts)
 port (two jobs on one machine must not fight over the default one) and passive OpenMP waits (batch
 workers must not spin against the interactive backend's actors on a shared node).
 
-Token authentication: Ray 2.60 clusters started with `ray start --head` require a token, but a client
-sends one only with RAY_AUTH_MODE=token, which Ray reads when it is first imported. `init_ray` turns it
-on when a token is at hand before importing Ray; a job that imports Ray earlier calls
-`use_ray_auth_token()` first.
+Token authentication: a Ray head enables it when started with RAY_AUTH_MODE=token or on a machine holding
+a token (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH); a driver sends its token only with
+RAY_AUTH_MODE=token, which Ray reads when it is first imported, and a token-mode driver cannot run actors
+on a cluster without authentication (they die before they start: reproduced). So the mode is never
+guessed for a driver that joins a cluster from elsewhere (`--address`): the user's RAY_AUTH_MODE decides,
+and a mismatch is reported in a sentence (`explain_connect_error`). Only a driver that `ray job submit`
+started on the head itself turns it on when the head's token is at hand (`use_ray_auth_token`, called by
+`prepare_job_process` before anything imports Ray).
 
 `prepare_job_process(script)` is the first statement of every job: a job started by an interpreter that
 lacks the project's dependencies (`ray job submit -- python jobs/X.py` runs whatever `python` the head
@@ -31,12 +35,18 @@ WRONG_INTERPRETER_EXIT = 3
 
 
 class RayStartError(RuntimeError):
-    """A private local Ray could not be started."""
+    """Ray could not be started or joined."""
+
+
+class RayConnectError(RayStartError):
+    """The Ray cluster cannot be joined (wrong address, authentication mismatch)."""
+
+_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
 
 
 def prepare_job_process(script: str) -> None:
-    """Exit (status 3) with a clear message when this interpreter lacks the project's dependencies; then turn
-    on Ray token authentication when a token is at hand (before anything imports Ray)."""
+    """Exit (status 3) with a clear message when this interpreter lacks the project's dependencies; then
+    decide Ray's token mode (before anything imports Ray)."""
     missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         sys.stderr.write(
@@ -49,9 +59,9 @@ def prepare_job_process(script: str) -> None:
 
 
 def use_ray_auth_token() -> None:
-    """Set RAY_AUTH_MODE=token when a Ray token exists (env or ~/.ray/auth_token) and no mode is set;
-    clusters without authentication accept it too."""
-    if os.environ.get("RAY_AUTH_MODE"):
+    """Under `ray job submit`, set RAY_AUTH_MODE=token when unset and a token is at hand; call before
+    `import ray`. Elsewhere the user's RAY_AUTH_MODE decides."""
+    if os.environ.get("RAY_AUTH_MODE") or _SUBMITTED_JOB_ENV not in os.environ:
         return
     token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
     if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
@@ -84,9 +94,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
     joined = cluster_address(address)
     if joined is not None:
-        ray.init(address=joined, log_to_driver=log_to_driver)
+        try:
+            ray.init(address=joined, log_to_driver=log_to_driver)
+        except Exception as e:  # Ray raises plain exceptions of several types for a cluster it cannot join
+            raise RayConnectError(explain_connect_error(joined, e)) from None
         return
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import this very package
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
     for attempt in range(1, _START_ATTEMPTS + 1):
         try:
             ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
@@ -98,3 +113,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
                 raise RayStartError(f"could not start a local Ray: {e}") from None
             print(f"{job}: the local Ray did not come up in time (attempt {attempt}); trying again",
                   file=sys.stderr, flush=True)
+
+
+def explain_connect_error(address: str, error: BaseException) -> str:
+    """A sentence for a failed `ray.init(address=...)`, with the fix for an authentication mismatch."""
+    text = f"{type(error).__name__}: {error}"
+    first = text.strip().splitlines()[0][:300]
+    if "auth" in text.lower() or "token" in text.lower():
+        if os.environ.get("RAY_AUTH_MODE") == "token":
+            hint = ("RAY_AUTH_MODE=token is set: the cluster must use token authentication and this machine must "
+                    "hold its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). For a cluster "
+                    "started with a plain `ray start --head`, unset RAY_AUTH_MODE.")
+        else:
+            hint = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and give its token "
+                    "(RAY_AUTH_TOKEN=... or the file ~/.ray/auth_token copied from the head).")
+        return f"cannot join the Ray cluster at {address}: authentication failed ({first}).\n{hint}"
+    return f"cannot join the Ray cluster at {address}: {first}"

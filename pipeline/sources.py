@@ -83,26 +83,50 @@ def list_images(
 
 
 def list_folder(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
-    """All image files under `root`, recursively; hidden files and folders (starting with '.') are skipped."""
-    filesystem, base = _filesystem(root)
-    selector = pafs.FileSelector(base, recursive=True)
-    try:
-        infos = filesystem.get_file_info(selector)
-    except (FileNotFoundError, OSError) as e:
-        raise SourceError(f"cannot list folder {root!r}: {e}") from None
+    """Every path under `root` (recursively) named like an image: files, and also what cannot be read as
+    one (a dangling link, a folder named 'x.jpg'), which the job then records as unreadable, exactly as
+    for the same path in a list file. Other files are reported as ignored; hidden files and folders
+    (starting with '.') are skipped."""
+    entries = _walk_local(root) if not is_uri(root) else _walk_store(root)
     sources, ignored = [], []
-    base_clean = base.rstrip("/")
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        rel = _relative(info.path, base_clean)
+    for rel, is_dir in entries:
         if any(part.startswith(".") for part in rel.split("/")):
             continue
         if rel.lower().endswith(extensions):
             sources.append(ImageSource(rel, _join_uri(root, rel)))
-        else:
+        elif not is_dir:
             ignored.append(rel)
     return Listing(sorted(sources, key=lambda s: s.image_id), sorted(ignored))
+
+
+def _walk_local(root: str) -> list[tuple[str, bool]]:
+    """(relative path, is a folder) of every entry under a local folder, dangling links included (pyarrow's
+    listing drops them). Links to folders are listed, not followed."""
+    base = os.path.abspath(root)
+    if not os.path.isdir(base):
+        raise SourceError(f"cannot list folder {root!r}: not a folder")
+    errors: list[OSError] = []
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(base, onerror=errors.append):
+        rel_dir = os.path.relpath(dirpath, base).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        entries.extend((prefix + d, True) for d in dirnames)
+        entries.extend((prefix + f, False) for f in filenames)
+    if errors and not entries:
+        raise SourceError(f"cannot list folder {root!r}: {errors[0]}")
+    return entries
+
+
+def _walk_store(root: str) -> list[tuple[str, bool]]:
+    """(relative path, is a folder) of every object and prefix under an object-store URI."""
+    filesystem, base = _filesystem(root)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    except (FileNotFoundError, OSError) as e:
+        raise SourceError(f"cannot list folder {root!r}: {e}") from None
+    base_clean = base.rstrip("/")
+    return [(_relative(i.path, base_clean), i.type == pafs.FileType.Directory) for i in infos]
 
 
 def list_glob(pattern: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:

@@ -1,6 +1,10 @@
-"""The encode job end to end: a real Ray head (`ray start --head`), `ray job submit`, a real LanceDB folder,
-an image folder with corrupt files mixed in, runs killed midway (the driver, an encoder worker) and re-run.
-Plus the in-process pieces (stages, resource plan, --help) without Ray."""
+"""The encode job end to end: a real Ray head (`ray start --head`, no token authentication), `ray job submit`
+as the README writes it, a real LanceDB folder, an image folder with bad files mixed in (including a dangling
+link and a folder named like an image), runs stopped or killed at a moment chosen by an event, and re-run.
+Plus the in-process pieces (stages, resource plan, --help, exit codes) without a cluster.
+
+Faults land on events, never on time: the write stage holds (pipeline.faults "hold") from its second write on,
+once some work is staged, the test stops or kills the driver there, then releases it."""
 from __future__ import annotations
 
 import hashlib
@@ -21,23 +25,29 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-import lance
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from multinode_support import wait_for
 from PIL import Image
 
 from interformer.config import PreprocessConfig
+from pipeline.encode_run import EncodeSummary, exit_code
 from pipeline.encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
+from pipeline.faults import FAULT_DIR_ENV, FAULT_ENV
 from pipeline.feature_store import FeatureStore
 from pipeline.images import decode_image
+from pipeline.staged_commits import StagedCommitter, read_staged
 
 ROOT = Path(__file__).resolve().parents[1]
-ENCODE = ROOT / "jobs" / "encode.py"
-MAX_PIXELS = 210_000
-BAD = {"broken.jpg": "truncated", "empty.png": "empty", "notes.png": "not_an_image", "huge.png": "too_large"}
+ENCODE = [sys.executable, "-m", "jobs.encode"]
+MAX_PIXELS = 60_000
+BAD = {"broken.jpg": "truncated", "empty.png": "empty", "notes.png": "not_an_image", "huge.png": "too_large",
+       "dangling.png": "unreadable", "folder.jpg": "unreadable"}
 COMMON = ["--variant", "small", "--max-pixels", str(MAX_PIXELS)]
+FINGERPRINT = build_predictor(EncoderSpec(variant="small")).fingerprint
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -54,12 +64,11 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory) -> tuple[Path, list[str]]:
-    """32 good images in nested folders (PNG and JPEG, three sizes) and the four kinds of bad file. The images
-    are large enough for encoding to dominate a run, so that kills land while the encoder is busy."""
+    """12 good images in nested folders (PNG and JPEG, three sizes) and six kinds of bad input."""
     root = tmp_path_factory.mktemp("collection") / "images"
     good = []
-    sizes = [(448, 448), (384, 512), (416, 320)]
-    for n in range(32):
+    sizes = [(160, 160), (128, 192), (192, 128)]
+    for n in range(12):
         h, w = sizes[n % 3]
         rel = f"set{n % 4}/img_{n:03d}." + ("png" if n % 2 else "jpg")
         path = root / rel
@@ -71,7 +80,9 @@ def collection(tmp_path_factory) -> tuple[Path, list[str]]:
     (root / "broken.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (root / "empty.png").write_bytes(b"")
     (root / "notes.png").write_text("not an image\n")
-    Image.fromarray(_image(480, 480, 98)).save(root / "huge.png")  # 230,400 pixels > MAX_PIXELS
+    Image.fromarray(_image(250, 250, 98)).save(root / "huge.png")  # 62,500 pixels > MAX_PIXELS
+    (root / "dangling.png").symlink_to(root / "deleted.png")
+    (root / "folder.jpg").mkdir()
     return root, sorted(good)
 
 
@@ -87,7 +98,10 @@ def _ray_cli(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A private Ray head on 127.0.0.1 (2 CPUs, free ports, its own temp dir), for this module's tests only."""
+    """A private Ray head as a user starts one (`ray start --head` on a machine without a Ray token, so without
+    token authentication) on 127.0.0.1, with
+    2 CPUs, free ports and its own temp dir, for this module's tests only. `ray job stop` waits up to 120 s for
+    the driver's last commit before it kills it (RAY_JOB_STOP_WAIT_TIME_S; Ray's default is 3 s)."""
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
     ports = {
         name: _free_port()
@@ -99,24 +113,31 @@ def ray_head():
                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
                    f"--temp-dir={temp_dir}", *[f"--{k}={v}" for k, v in ports.items()])
     log = open(os.path.join(temp_dir, "head.log"), "w")
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    home = os.path.join(temp_dir, "home")  # a machine where no Ray token was ever made: no authentication
+    os.makedirs(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_JOB_STOP_WAIT_TIME_S="120", PYTHONPATH=str(ROOT), HOME=home)
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    deadline = time.monotonic() + 120
-    while True:
+
+    def up() -> bool:
+        if head.poll() is not None:
+            pytest.fail("the Ray head did not start:\n" + Path(log.name).read_text()[-3000:])
         try:
             urllib.request.urlopen(url + "/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # 401 without a token: the dashboard is up
-            break
+            return True
+        except urllib.error.HTTPError:
+            return True
         except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                _stop_session(head)
-                pytest.fail("the Ray head did not start:\n" + Path(log.name).read_text()[-3000:])
-            time.sleep(0.3)
-    yield {"url": url, "gcs": f"127.0.0.1:{ports['port']}", "sid": head.pid}
-    _stop_session(head)
-    log.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+            return False
+
+    try:
+        wait_for(up, "the Ray head's dashboard", timeout=180, poll=0.3)
+        yield {"url": url, "gcs": f"127.0.0.1:{ports['port']}", "sid": head.pid}
+    finally:
+        _stop_session(head)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop_session(head: subprocess.Popen) -> None:
@@ -134,54 +155,100 @@ def _stop_session(head: subprocess.Popen) -> None:
             pass
 
 
-def _submit(url: str, args: list[str], *, wait: bool = True, submission_id: str | None = None) -> subprocess.CompletedProcess:
-    """`RAY_AUTH_MODE=token ray job submit --working-dir <repo> -- <this python> jobs/encode.py ...`."""
-    cmd = _ray_cli("job", "submit", "--address", url, "--working-dir", str(ROOT), "--entrypoint-num-cpus", "0")
-    if submission_id:
-        cmd += ["--submission-id", submission_id]
-    if not wait:
-        cmd.append("--no-wait")
-    cmd += ["--", sys.executable, "jobs/encode.py", *args]
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def _client_env() -> dict:
+    """The environment of a user's shell: no RAY_AUTH_MODE (the cluster has no token authentication)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", FAULT_ENV)}
 
 
-def _wait_for_job(url: str, submission_id: str, timeout: float = 240) -> str:
-    """Poll `ray job status` until the job ends; returns SUCCEEDED, FAILED or STOPPED."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = subprocess.run(_ray_cli("job", "status", "--address", url, submission_id), capture_output=True,
-                             text=True, env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=60)
-        ended = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", out.stdout + out.stderr)
-        if ended:
-            return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[ended.group(1)]
-        time.sleep(1)
-    pytest.fail(f"job {submission_id} did not finish in {timeout} s")
+def _submit(url: str, args: list[str], runtime_env: dict | None = None) -> str:
+    """`ray job submit --no-wait --working-dir <repo> -- <this python> -m jobs.encode ...`, as the README says;
+    returns the submission id. Retried until the head's job agent accepts it (it comes up after the dashboard)."""
+    submission_id = f"encode-{uuid.uuid4().hex[:8]}"
+    cmd = _ray_cli("job", "submit", "--address", url, "--working-dir", str(ROOT), "--entrypoint-num-cpus", "0",
+                   "--submission-id", submission_id, "--no-wait")
+    if runtime_env:
+        cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+    cmd += ["--", *ENCODE, *args]
+
+    def accepted() -> bool:
+        out = subprocess.run(cmd, env=_client_env(), capture_output=True, text=True, timeout=300)
+        if out.returncode == 0:
+            return True
+        assert "No available agent" in out.stderr, out.stderr[-3000:]
+        return False
+
+    wait_for(accepted, "the head's job agent", timeout=300, poll=2)
+    return submission_id
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
+def _job_status(url: str, submission_id: str) -> str | None:
+    out = subprocess.run(_ray_cli("job", "status", "--address", url, submission_id), capture_output=True,
+                         text=True, env=_client_env(), timeout=120)
+    ended = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", out.stdout + out.stderr)
+    return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[ended.group(1)] if ended else None
+
+
+def _job_logs(url: str, submission_id: str) -> str:
+    out = subprocess.run(_ray_cli("job", "logs", "--address", url, submission_id), capture_output=True, text=True,
+                         env=_client_env(), timeout=120)
+    return out.stdout
+
+
+def _alive_pipeline_actors(url: str) -> list:
+    """Ray Data's actors (its pools' MapWorkers) not yet dead; its stats actor lives on and is not counted."""
+    out = subprocess.run(_ray_cli("list", "actors", "--address", url, "--filter", "state!=DEAD", "--format", "json"),
+                         capture_output=True, text=True, env=_client_env(), timeout=120)
+    if out.returncode == 0 and "No resource in the cluster" in out.stdout + out.stderr:
         return []
+    if out.returncode != 0 or not out.stdout.strip().startswith("["):
+        return [None]
+    return [a for a in json.loads(out.stdout) if "MapWorker" in (a.get("class_name") or "")]
 
 
-def _wait_for_rows(uri: str, minimum: int, timeout: float = 240) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _stored(db: Path) -> list[str]:
+    """Image ids of the feature table for FINGERPRINT, one per row, read with lancedb itself."""
+    table = lancedb.connect(str(db)).open_table("features").to_arrow()
+    return sorted(i for i, f in zip(table.column("image_id").to_pylist(), table.column("fingerprint").to_pylist())
+                  if f == FINGERPRINT)
+
+
+def _errors(db: Path) -> dict[str, str]:
+    table = lancedb.connect(str(db)).open_table("features_errors").to_arrow()
+    return dict(zip(table.column("image_id").to_pylist(), table.column("reason").to_pylist()))
+
+
+def _staged_ids(db: Path) -> set[str]:
+    return {i for _, r in read_staged(str(db / "features_staged")) for f in r.fragments for i in f.image_ids}
+
+
+def _hold_until_staged(faults: Path, db: Path, new_than: set[str], url: str, submission_id: str) -> set[str]:
+    """Wait until a write task holds and some work not yet stored is staged; returns the staged ids."""
+    try:
+        wait_for(lambda: list(faults.glob("held-*")) and (_staged_ids(db) - new_than), "a write task to hold with "
+                 "work staged", timeout=900)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the job says:\n{_job_logs(url, submission_id)[-4000:]}") from None
+    return _staged_ids(db)
+
+
+def _rearm(faults: Path) -> None:
+    for f in faults.iterdir():
+        f.unlink()
+
+
+def _driver_pids(db: Path) -> list[int]:
+    """The job's driver: this python running jobs.encode on this test's own table (Ray starts it in a session of
+    its own)."""
+    pids = subprocess.run(["pgrep", "-f", "jobs.encode"], capture_output=True, text=True)
+    found = []
+    for pid in map(int, pids.stdout.split()):
         try:
-            n = lance.dataset(uri).count_rows()
-        except (ValueError, OSError):
-            n = 0
-        if n >= minimum:
-            return n
-        time.sleep(0.05)
-    pytest.fail(f"no {minimum} rows in {uri} after {timeout} s")
-
-
-def _pids(pattern: str, session: int | None = None) -> list[int]:
-    cmd = ["pgrep", "-f", pattern] + (["-s", str(session)] if session else [])
-    return [int(p) for p in subprocess.run(cmd, capture_output=True, text=True).stdout.split()]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if cmdline[:3] == ENCODE and str(db) in cmdline:
+            found.append(pid)
+    return found
 
 
 @contextmanager
@@ -194,126 +261,130 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _reference(root: Path, ids: list[str], preprocess: PreprocessConfig = PreprocessConfig()) -> dict:
-    """In-process `Predictor.encode` of each image, one at a time on one thread (as the job's 1-CPU actor)."""
-    predictor = build_predictor(EncoderSpec(variant="small", preprocess=preprocess), device="cpu")
-    with _torch_threads(1):
-        return {i: predictor.encode(decode_image((root / i).read_bytes())) for i in ids}
-
-
-def _assert_exactly_once(store: FeatureStore, fingerprint: str, good: list[str]) -> None:
-    ids = store.dataset().to_table(columns=["image_id"], filter=f"fingerprint = '{fingerprint}'").column("image_id").to_pylist()
-    assert len(ids) == len(set(ids)), "duplicate rows"
-    assert sorted(ids) == good, "missing or unexpected rows"
-    errors = {e["image_id"]: e["reason"] for e in store.errors(fingerprint).to_pylist()}
-    assert errors == BAD
-
-
-FINGERPRINT = "small:random-init:max_side=None:div=32"
-
-
 # --- end to end on a Ray cluster ------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_submitted_job_killed_twice_then_rerun_is_exactly_once_and_bit_exact(ray_head, collection, tmp_path):
-    """Run 1 loses its driver (SIGKILL) after its first commit; run 2 loses its encoder actor midway; what
-    runs after finishes the table: every good image once, fp32 rows equal to Predictor.encode bit for bit."""
+def test_submitted_job_stopped_then_killed_then_rerun_is_exactly_once_and_bit_exact(ray_head, collection, tmp_path):
+    """Run 1 is stopped (`ray job stop`) while work is staged and no timer commit can have run: the stop commits
+    all of it. Run 2's driver is killed (SIGKILL) with work staged: run 3 commits it (recovered) and finishes.
+    Every good image is stored once, fp32 rows equal Predictor.encode bit for bit, every bad input is recorded."""
     root, good = collection
     db = tmp_path / "db"
-    uri = str(db / "features.lance")
+    faults = tmp_path / "faults"
+    faults.mkdir()
     summary_path = tmp_path / "summary.json"
     args = [str(root), "--db", str(db), *COMMON, "--dtype", "float32", "--batch-size", "1", "--write-batch", "1",
-            "--commit-interval", "0", "--summary-json", str(summary_path)]
+            "--commit-interval", "3600", "--summary-json", str(summary_path)]
+    hold = {"env_vars": {FAULT_ENV: "written:hold:2", FAULT_DIR_ENV: str(faults)}}
 
-    started = _submit(ray_head["url"], args, wait=False, submission_id=f"encode-a-{uuid.uuid4().hex[:8]}")
-    assert started.returncode == 0, started.stderr[-3000:]
-    _wait_for_rows(uri, 1)
-    drivers = [pid for pid in _pids(str(db)) if _cmdline(pid)[:2] == [sys.executable, "jobs/encode.py"]]
-    assert drivers, "driver process not found"
+    first = _submit(ray_head["url"], args, hold)
+    staged = _hold_until_staged(faults, db, set(), ray_head["url"], first)
+    assert _stored(db) == [], "nothing is committed before the timer fires or the job stops"
+    stop = subprocess.run(_ray_cli("job", "stop", "--address", ray_head["url"], first), env=_client_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    (faults / "release").touch()
+    assert wait_for(lambda: _job_status(ray_head["url"], first), "run 1 to end", timeout=600, poll=1) == "STOPPED"
+    after_stop = _stored(db)
+    assert len(after_stop) == len(set(after_stop)), "duplicate rows after a stop"
+    assert staged <= set(after_stop), "the stop did not commit work already written"
+    assert "committing the fragments already written" in _job_logs(ray_head["url"], first)
+
+    _rearm(faults)
+    second = _submit(ray_head["url"], args, hold)
+    _hold_until_staged(faults, db, set(after_stop), ray_head["url"], second)
+    drivers = _driver_pids(db)
+    assert drivers, "run 2's driver process not found"
     for pid in drivers:
-        os.kill(pid, signal.SIGKILL)  # no chance to commit what is in flight
-    killed_at = lance.dataset(uri).count_rows()
-    assert 0 < killed_at < len(good) - 8, f"the driver kill did not land early ({killed_at} of {len(good)} rows)"
+        os.kill(pid, signal.SIGKILL)  # no chance to commit anything
+    (faults / "release").touch()
+    assert wait_for(lambda: _job_status(ray_head["url"], second), "run 2 to end", timeout=600, poll=1) == "FAILED"
+    left = _staged_ids(db)
+    assert left and not left & set(_stored(db)), "staged work of the killed driver is not committed yet"
 
-    second = f"encode-b-{uuid.uuid4().hex[:8]}"
-    started = _submit(ray_head["url"], args, wait=False, submission_id=second)
-    assert started.returncode == 0, started.stderr[-3000:]
-    busy_since, deadline = None, time.monotonic() + 240
-    while True:  # kill the encoder actor once it has been encoding for a second (mid-batch, mid-run)
-        assert time.monotonic() < deadline, "run 2's encoder never started"
-        busy = [pid for pid in _pids("EncoderStage", ray_head["sid"]) if ".submit" in " ".join(_cmdline(pid))]
-        busy_since = (busy_since or time.monotonic()) if busy else None
-        if busy_since and time.monotonic() - busy_since > 1.0:
-            break
-        time.sleep(0.05)
-    for pid in busy:
-        os.kill(pid, signal.SIGKILL)
-    assert lance.dataset(uri).count_rows() < len(good), "the worker kill did not land midway"
-    status = _wait_for_job(ray_head["url"], second)
-    if status != "SUCCEEDED":  # Ray Data could not recover from the lost actor: a re-run finishes the work
-        rerun = _submit(ray_head["url"], args)
-        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-
+    wait_for(lambda: not _alive_pipeline_actors(ray_head["url"]), "the killed job's actors to be gone", timeout=600,
+             poll=2)
+    third = subprocess.run([*ENCODE, *args, "--address", ray_head["gcs"]], cwd=ROOT, env=_client_env(),
+                           capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "that an interrupted run had written" in third.stdout
     summary = json.loads(summary_path.read_text())
     assert summary["fingerprint"] == FINGERPRINT and summary["random_weights"]
-    assert summary["skipped"] + summary["encoded"] == len(good) and summary["skipped"] >= killed_at
-    assert summary["bytes_written"] > 0 and summary["encoded"] > 0
-    store = FeatureStore(str(db))
-    _assert_exactly_once(store, FINGERPRINT, good)
-    reader = store.reader(FINGERPRINT)
-    for image_id, want in _reference(root, good).items():
-        rec = reader.get_record(image_id)
-        assert rec.dtype == "float32" and rec.features.geometry == want.geometry
-        assert rec.uri == str(root / image_id)
-        assert rec.content_sha256 == hashlib.sha256((root / image_id).read_bytes()).hexdigest()
-        for got, ref in zip(rec.features.pyramid, want.pyramid):
-            assert torch.equal(got, ref), f"{image_id}: stored fp32 features differ from Predictor.encode"
+    assert summary["recovered"] >= len(left)
+    assert summary["recovered"] + summary["skipped"] + summary["encoded"] == len(good)
+    assert summary["not_stored"] == len(BAD)
+    assert _stored(db) == good, "each good image exactly once"
+    assert _errors(db) == BAD
+    assert read_staged(str(db / "features_staged")) == []
 
-    again = subprocess.run([sys.executable, str(ENCODE), str(root), "--db", str(db), *COMMON],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    store = FeatureStore(str(db))
+    reader = store.reader(FINGERPRINT)
+    predictor = build_predictor(EncoderSpec(variant="small"), device="cpu")
+    with _torch_threads(1):  # as the job's 1-CPU actor
+        for image_id in good[:4]:
+            want = predictor.encode(decode_image((root / image_id).read_bytes()))
+            rec = reader.get_record(image_id)
+            assert rec.dtype == "float32" and rec.features.geometry == want.geometry
+            assert rec.uri == str(root / image_id)
+            assert rec.content_sha256 == hashlib.sha256((root / image_id).read_bytes()).hexdigest()
+            for got, ref in zip(rec.features.pyramid, want.pyramid):
+                assert torch.equal(got, ref), f"{image_id}: stored fp32 features differ from Predictor.encode"
+
+    again = subprocess.run([*ENCODE, str(root), "--db", str(db), *COMMON, "--address", ray_head["gcs"]], cwd=ROOT,
+                           env=_client_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]  # only unreadable inputs were left
     assert f"skipped      {len(good)}" in again.stdout and "known bad    4" in again.stdout
-    assert "Started a local Ray" not in again.stderr  # nothing to do: no cluster at all
-    _assert_exactly_once(store, FINGERPRINT, good)
+    assert "encoded      0 of 2 to do" in again.stdout  # the unreadable two are tried again, and fail again
+    assert _stored(db) == good and _errors(db) == BAD
 
 
 @pytest.mark.slow
-def test_local_run_fp16_and_a_run_that_encodes_nothing(ray_head, collection, tmp_path):
-    """`python jobs/encode.py DIR` with no cluster: a private local Ray, the table under ./lancedb, fp16 rows
-    within rounding of Predictor.encode. Then a run (joining a cluster by --address) with only bad files
-    exits non-zero."""
+def test_local_run_fp16_bad_only_strict_and_auth_mismatch(ray_head, collection, tmp_path):
+    """`python -m jobs.encode DIR` with no cluster: a private local Ray, the table under ./lancedb, fp16 rows
+    within rounding of Predictor.encode. A run with only bad files exits 0 (they are recorded), 1 with --strict.
+    Token authentication asked for a cluster without it: exit 3 and a sentence, no traceback."""
     root, good = collection
     subset = tmp_path / "subset"
-    for rel in good[:8] + list(BAD):
+    for rel in good[:4]:
         (subset / rel).parent.mkdir(parents=True, exist_ok=True)
         (subset / rel).write_bytes((root / rel).read_bytes())
-    run = subprocess.run([sys.executable, str(ENCODE), str(subset), *COMMON, "--batch-size", "4", "--num-cpus", "2"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*ENCODE, str(subset), *COMMON, "--batch-size", "2", "--num-cpus", "2"],
+                         cwd=tmp_path, env={**_client_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "RANDOMLY INITIALISED" in run.stderr and "Started a local Ray" in run.stderr
-    store = FeatureStore(str(tmp_path / "lancedb"))  # the default location, under the working directory
-    _assert_exactly_once(store, FINGERPRINT, good[:8])
-    reader = store.reader(FINGERPRINT)
-    for image_id, want in _reference(subset, good[:8]).items():
-        rec = reader.get_record(image_id)
-        assert rec.dtype == "float16"
-        for got, ref in zip(rec.features.pyramid, want.pyramid):
-            # half an fp16 ulp, plus the fp32 noise of batched kernels (~1e-6)
-            assert torch.all((got - ref).abs() <= ref.abs() * 2.0**-11 + 2e-5), image_id
+    assert _stored(tmp_path / "lancedb") == good[:4]  # the default location, under the working directory
+    reader = FeatureStore(str(tmp_path / "lancedb")).reader(FINGERPRINT)
+    predictor = build_predictor(EncoderSpec(variant="small"), device="cpu")
+    with _torch_threads(1):
+        for image_id in good[:4]:
+            ref_pyramid = predictor.encode(decode_image((subset / image_id).read_bytes())).pyramid
+            rec = reader.get_record(image_id)
+            assert rec.dtype == "float16"
+            for got, ref in zip(rec.features.pyramid, ref_pyramid):
+                # half an fp16 ulp, plus the fp32 noise of batched kernels (~1e-6)
+                assert torch.all((got - ref).abs() <= ref.abs() * 2.0**-11 + 2e-5), image_id
 
     bad_only = tmp_path / "bad_only"
-    bad_only.mkdir()
-    for name in BAD:
-        (bad_only / name).write_bytes((root / name).read_bytes())
-    nothing = subprocess.run(
-        [sys.executable, str(ENCODE), str(bad_only), "--db", str(tmp_path / "db2"), *COMMON,
-         "--address", ray_head["gcs"]],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert nothing.returncode == 1, nothing.stdout[-3000:] + nothing.stderr[-3000:]
-    assert "nothing could be encoded" in nothing.stderr
-    assert {e["image_id"]: e["reason"] for e in FeatureStore(str(tmp_path / "db2")).errors().to_pylist()} == BAD
+    shutil.copytree(root, bad_only, symlinks=True, ignore=lambda d, names: [n for n in names if n.startswith("set")])
+    db2 = tmp_path / "db2"
+    base = [*ENCODE, str(bad_only), "--db", str(db2), *COMMON, "--address", ray_head["gcs"]]
+    nothing = subprocess.run(base, cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=900)
+    assert nothing.returncode == 0, nothing.stdout[-3000:] + nothing.stderr[-3000:]
+    assert _errors(db2) == BAD and _stored(db2) == []
+    strict = subprocess.run([*base, "--strict"], cwd=ROOT, env=_client_env(), capture_output=True, text=True,
+                            timeout=900)
+    assert strict.returncode == 1, strict.stdout[-3000:] + strict.stderr[-3000:]
+    assert f"not stored   {len(BAD)} of {len(BAD)} listed" in strict.stdout
+
+    home = tmp_path / "home"  # a user with no token file
+    home.mkdir()
+    token = subprocess.run(base, cwd=ROOT, env={**_client_env(), "HOME": str(home), "RAY_AUTH_MODE": "token"},
+                           capture_output=True, text=True, timeout=900)
+    assert token.returncode == 3, token.stdout[-3000:] + token.stderr[-3000:]
+    assert "authentication failed" in token.stderr and "unset RAY_AUTH_MODE" in token.stderr
+    assert "Traceback" not in token.stderr
 
 
 # --- in-process pieces ----------------------------------------------------------------------------
@@ -334,15 +405,29 @@ def test_stages_match_predictor_encode_batch_bit_for_bit(tmp_path):
     encoded = stage(decoded)
     want = predictor.encode_batch(list(images.values()))
     store = FeatureStore(str(tmp_path / "db"))
-    results = write_stage(encoded, store.features_uri)
-    assert store.count() == 0  # written, not committed
-    store.commit_fragments([f for fr in results.column("fragments").to_pylist() for f in fr])
+    committer = StagedCommitter(store)
+    results = write_stage(encoded, store.features_uri, committer.uri, predictor.fingerprint)
+    assert store.count() == 0  # written and staged, not committed
+    assert committer.commit_staged() == 1
     reader = store.reader(predictor.fingerprint)
     for (name, _), ref in zip(images.items(), want):
         got = reader.get(name)
         assert got.geometry == ref.geometry and got.geometry.resized
         assert all(torch.equal(x, y) for x, y in zip(got.pyramid, ref.pyramid))
     assert results.column("reason").to_pylist() == [None, None, None, "corrupt"]
+    assert {e["image_id"]: e["reason"] for e in store.errors().to_pylist()} == {"bad.png": "corrupt"}
+
+
+def test_random_init_fingerprints_differ_by_seed():
+    fingerprints = {build_predictor(EncoderSpec(variant="small", seed=s)).fingerprint for s in (0, 1, 0)}
+    assert len(fingerprints) == 2 and all(":random-" in fp for fp in fingerprints)
+
+
+def test_exit_code_contract():
+    done = EncodeSummary(fingerprint="f", table="t", random_weights=True, listed=3, pending=1, not_stored=1)
+    assert exit_code(done) == 0 and exit_code(done, strict=True) == 1
+    assert exit_code(EncodeSummary("f", "t", True, listed=3), strict=True) == 0
+    assert exit_code(EncodeSummary("f", "t", True, interrupted=True, not_stored=2)) == 130
 
 
 def test_resource_plan_leaves_cpus_for_read_tasks():
@@ -362,14 +447,16 @@ def test_resource_plan_leaves_cpus_for_read_tasks():
         plan_resources(8, 1, num_encoders=2)
 
 
-def test_help_explains_every_option():
-    out = subprocess.run([sys.executable, str(ENCODE), "--help"], capture_output=True, text=True, timeout=120)
+def test_help_explains_every_option_and_the_exit_codes():
+    out = subprocess.run([*ENCODE, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for option in ("--image-root", "--coco-id", "--db", "--table", "--storage-option", "--checkpoint", "--variant",
                    "--seed", "--max-side", "--max-pixels", "--dtype", "--batch-size", "--write-batch",
                    "--num-encoders", "--cpus-per-encoder", "--address", "--num-cpus", "--commit-interval",
-                   "--limit", "--retry-failed", "--summary-json", "--ray-progress"):
+                   "--limit", "--retry-failed", "--strict", "--summary-json", "--ray-progress"):
         assert option in out.stdout, option
-    bad = subprocess.run([sys.executable, str(ENCODE), "x", "--storage-option", "novalue"], capture_output=True,
-                         text=True, timeout=120)
+    for code in ("0 ", "1 ", "2 ", "3 ", "130 "):
+        assert f"\n  {code}" in out.stdout, code
+    bad = subprocess.run([*ENCODE, "x", "--storage-option", "novalue"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

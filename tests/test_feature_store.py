@@ -141,10 +141,11 @@ def test_fragments_are_invisible_until_committed(store: FeatureStore):
     frags = write_feature_fragments(store.features_uri, _rows([_item("f1"), _item("f2")], FP))
     assert len(frags) == 1
     assert store.count() == 0 and "f1" not in store.reader(FP)
-    version = store.commit_fragments(frags)
-    assert version == store.dataset().version and store.count(FP) == 2
+    outcome = store.commit_fragments(frags)
+    assert outcome.version == store.dataset().version and store.count(FP) == 2
+    assert sorted(outcome.added) == [("f1", FP), ("f2", FP)]
     _assert_same(store.reader(FP).get("f2"), _item("f2").features)
-    assert store.commit_fragments([]) == version
+    assert store.commit_fragments([]).version == outcome.version
 
 
 def test_btree_index_on_image_id_and_optimize(store: FeatureStore):

@@ -196,3 +196,44 @@ def test_unreadable_paths_raise_typed_errors(tree: Path):
         with pytest.raises(ImageDecodeError) as info:
             read_bytes(uri)
         assert info.value.reason == UNREADABLE
+
+
+def test_folder_and_list_modes_agree_on_paths_that_cannot_be_read(tree: Path, tmp_path: Path):
+    """One rule for both modes: every path named like an image is an input; a dangling link or a folder named
+    like an image is listed (never dropped silently) and is then unreadable, in a folder as in a list file."""
+    (tree / "gone.png").symlink_to(tree / "deleted.png")
+    (tree / "album.jpg").mkdir()
+    (tree / "album.jpg" / "inner.png").write_bytes((tree / "x.png").read_bytes())
+    (tree / "linked").symlink_to(tree / "a")  # a link to a folder is listed, not followed
+    folder = list_images(str(tree))
+    expected = ["a/b/z.png", "a/y.JPG", "album.jpg", "album.jpg/inner.png", "gone.png", "x.png"]
+    assert [s.image_id for s in folder.sources] == expected
+    assert folder.ignored == ["a/label.json", "notes.txt"]
+    list_file = tmp_path / "inputs.txt"
+    list_file.write_text("\n".join(str(tree / i) for i in expected) + "\n")
+    listed = list_images(str(list_file), image_root=str(tree))
+    assert listed.sources == folder.sources
+    for source in folder.sources:
+        if source.image_id in ("gone.png", "album.jpg"):
+            with pytest.raises(ImageDecodeError) as info:
+                read_bytes(source.uri)
+            assert info.value.reason == UNREADABLE
+        else:
+            assert read_bytes(source.uri)
+
+
+def test_an_image_over_pillows_own_limit_is_refused_naming_max_pixels():
+    """Pillow refuses a header over twice its MAX_IMAGE_PIXELS before our check runs: the message still names
+    the job's --max-pixels limit and the image's size, not Pillow's internals."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # 400 Mpixels, RGB, no pixel data
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(png, max_pixels=50_000_000)
+    assert info.value.reason == TOO_LARGE
+    assert info.value.detail == "400000000 pixels is over the limit of 50000000 pixels (--max-pixels)"

@@ -1,0 +1,347 @@
+"""One run of the encode job: list the inputs, skip what is stored, encode the rest on Ray Data, commit
+exactly once, and say what happened.
+
+Ray Data pipeline: (image_id, uri) -> decode/resize on CPU tasks -> encode on an actor pool (one GPU per
+actor when the cluster has GPUs) -> write tasks stage uncommitted Lance fragments -> the driver commits
+the staged work every `commit_interval` seconds (pipeline.staged_commits). Images already stored for
+the same encoder fingerprint are skipped, so a run stopped or killed at any point can simply be run
+again: every image ends up in the table exactly once. Bad inputs go to the errors table.
+
+Exit codes (`exit_code`): 0 the run finished (failed inputs are in the errors table and the summary),
+1 `strict` and some listed input is not stored, or the run itself failed (an uncaught error),
+2 the input or an option cannot be used, 3 Ray cannot be reached or the interpreter lacks the project,
+130 stopped (SIGINT/SIGTERM) after committing what was written: run again to finish.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import ray
+from tqdm import tqdm
+
+from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
+from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore
+from .images import UNREADABLE
+from .ray_runtime import init_ray
+from .sources import Listing, SourceError, list_images
+from .staged_commits import CommitTimer, StagedCommitter, read_staged
+
+_DECODE_BATCH = 8
+_DECODE_TASK_MEMORY = 512 * 1024**2
+
+PIPELINE_ATTEMPTS = 3
+_RETRY_WAIT_S = 120.0
+# Failures of the cluster, not of our code: the pipeline is worth running again on what is left.
+_CLUSTER_FAILURES = tuple(
+    getattr(ray.exceptions, name)
+    for name in ("RayActorError", "ObjectLostError", "WorkerCrashedError", "NodeDiedError", "OwnerDiedError",
+                 "LocalRayletDiedError", "RaySystemError")
+    if hasattr(ray.exceptions, name)
+)
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_STOPPED = 0, 1, 2, 3, 130
+
+EXIT_CODES_HELP = """exit codes:
+  0    the run finished: every listed image is stored, or recorded in the errors table with its reason
+       (bad inputs are not a failure of the job; re-running a finished collection exits 0)
+  1    --strict and some listed image is not stored; or the job itself failed (a traceback)
+  2    the input cannot be listed or an option is wrong
+  3    Ray cannot be reached (address, authentication) or this python lacks the project's packages
+  130  stopped (Ctrl-C, SIGTERM, `ray job stop`) after committing what was written: run again to finish
+"""
+
+
+@dataclass
+class EncodeConfig:
+    """Everything a run needs."""
+
+    input: str
+    image_root: str | None = None
+    coco_id: str = "file_name"
+    db: str = DEFAULT_ROOT
+    table: str = DEFAULT_TABLE
+    storage_options: dict = field(default_factory=dict)
+    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+    batch_size: int = 4
+    write_batch: int = 32
+    num_encoders: int | None = None
+    cpus_per_encoder: float | None = None
+    address: str | None = None
+    num_cpus: int | None = None
+    commit_interval: float = 5.0
+    limit: int | None = None
+    retry_failed: bool = False
+    strict: bool = False
+    ray_progress: bool = False
+
+
+@dataclass
+class EncodeSummary:
+    fingerprint: str
+    table: str
+    random_weights: bool
+    listed: int = 0
+    ignored_files: int = 0
+    recovered: int = 0
+    repaired_duplicates: int = 0
+    skipped: int = 0
+    known_failures: int = 0
+    pending: int = 0
+    encoded: int = 0
+    failed: list[dict] = field(default_factory=list)
+    not_stored: int = 0
+    bytes_written: int = 0
+    commits: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+def _loud(message: str) -> None:
+    bar = "!" * 78
+    sys.stderr.write(f"\n{bar}\n{message}\n{bar}\n\n")
+    sys.stderr.flush()
+
+
+def list_inputs(cfg: EncodeConfig) -> Listing:
+    listing = list_images(cfg.input, image_root=cfg.image_root, coco_id=cfg.coco_id)
+    if not listing.sources:
+        raise SourceError(f"no images found in {cfg.input!r}")
+    return listing
+
+
+def run(cfg: EncodeConfig) -> EncodeSummary:
+    """List, skip what is stored, encode the rest on Ray, commit on a timer; returns the summary."""
+    if cfg.encoder.checkpoint is None:
+        _loud(
+            f"WARNING: no --checkpoint given: the {cfg.encoder.variant} encoder is RANDOMLY INITIALISED "
+            f"(seed {cfg.encoder.seed}).\nIts features are useless for labelling; they are stored under a "
+            "fingerprint marked 'random'. Pass --checkpoint for real features."
+        )
+    predictor = build_predictor(cfg.encoder, device="cpu")  # fail fast on a bad checkpoint; gives the fingerprint
+    fingerprint = predictor.fingerprint
+    del predictor
+
+    if "://" not in cfg.db and not os.path.isabs(cfg.db) and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        _loud(
+            f"WARNING: --db {cfg.db!r} is relative: under `ray job submit` it resolves to {os.path.abspath(cfg.db)}, "
+            "inside the job's temporary copy of the working directory.\nGive an absolute path every node reaches, "
+            "or an object-store URI, to keep the table."
+        )
+    store = FeatureStore(cfg.db, cfg.table, storage_options=cfg.storage_options or None)
+    summary = EncodeSummary(fingerprint=fingerprint, table=store.features_uri,
+                            random_weights=cfg.encoder.checkpoint is None)
+    listing = list_inputs(cfg)
+    recovered = _recover(store, fingerprint, summary)
+    summary.listed = len(listing.sources)
+    summary.ignored_files = len(listing.ignored)
+    for first, other in listing.duplicates:
+        summary.failed.append(
+            {"image_id": other.image_id, "uri": other.uri, "reason": "duplicate_id",
+             "detail": f"the id is also used by {first.uri}, which is the one encoded"}
+        )
+    done = store.existing_ids(fingerprint)
+    known_bad = set() if cfg.retry_failed else {
+        e["image_id"] for e in store.errors(fingerprint).to_pylist() if e["reason"] != UNREADABLE
+    }
+    pending = []
+    for source in listing.sources:
+        if source.image_id in recovered:
+            summary.recovered += 1
+        elif source.image_id in done:
+            summary.skipped += 1
+        elif source.image_id in known_bad:
+            summary.known_failures += 1
+        else:
+            pending.append(source)
+    if cfg.limit is not None:
+        pending = pending[: cfg.limit]
+    summary.pending = len(pending)
+    print(
+        f"encode: {summary.listed} images listed, {summary.skipped} already stored for {fingerprint}, "
+        f"{summary.known_failures} known bad, {len(pending)} to encode into {store.features_uri}",
+        flush=True,
+    )
+    if listing.ignored:
+        print(f"encode: ignored {len(listing.ignored)} files with non-image extensions, e.g. {listing.ignored[:3]}")
+    if pending:
+        init_ray(cfg.address, num_cpus=cfg.num_cpus, job="encode")
+        try:
+            _encode(cfg, store, fingerprint, pending, summary)
+        finally:
+            ray.shutdown()
+    stored = store.existing_ids(fingerprint)
+    summary.not_stored = sum(1 for s in listing.sources if s.image_id not in stored)
+    return summary
+
+
+def _recover(store: FeatureStore, fingerprint: str, summary: EncodeSummary) -> set[str]:
+    """Commit what an earlier, killed run staged, and delete duplicate rows an older version left; returns the
+    ids of this encoder that the recovery stored."""
+    committer = StagedCommitter(store)
+    if read_staged(committer.uri):
+        committer.commit_staged()
+        print(f"encode: committed {len(committer.tally.stored)} images that an interrupted run had written",
+              flush=True)
+    summary.repaired_duplicates = store.remove_duplicates(fingerprint)
+    if summary.repaired_duplicates:
+        print(f"encode: removed {summary.repaired_duplicates} duplicate rows (left by an older version)", flush=True)
+    return {i for i, fp in committer.tally.stored if fp == fingerprint}
+
+
+def _encode(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list, summary: EncodeSummary) -> None:
+    """Run the pipeline until every pending image is stored or recorded as bad. When the cluster loses part of
+    the pipeline in a way Ray Data does not recover from (an actor pool that cannot be rebuilt after a lost node),
+    the written work is committed and the pipeline runs again on what is left, up to PIPELINE_ATTEMPTS times."""
+    committer = StagedCommitter(store)
+    t0 = time.monotonic()
+    todo = pending
+    try:
+        for attempt in range(1, PIPELINE_ATTEMPTS + 1):
+            try:
+                _run_pipeline(cfg, store, fingerprint, todo, summary, committer)
+                break
+            except _CLUSTER_FAILURES as e:
+                if attempt == PIPELINE_ATTEMPTS:
+                    raise
+                stored = store.existing_ids(fingerprint)
+                failed = committer.tally.failed
+                todo = [s for s in todo if s.image_id not in stored and (s.image_id, fingerprint) not in failed]
+                reason = str(e).strip().splitlines()[0][:200]
+                print(f"encode: the cluster lost part of the pipeline ({type(e).__name__}: {reason}); "
+                      f"{len(todo)} images left, running again (attempt {attempt + 1} of {PIPELINE_ATTEMPTS})",
+                      file=sys.stderr, flush=True)
+                if not todo:
+                    break
+                _wait_for_free_cpus(_RETRY_WAIT_S)
+    finally:
+        tally = committer.tally
+        summary.seconds = time.monotonic() - t0
+        summary.encoded = len(tally.stored)
+        summary.commits = tally.commits
+        summary.bytes_written = tally.nbytes
+        summary.failed.extend(v for k, v in tally.failed.items() if k not in tally.stored)
+    if summary.encoded:
+        store.optimize_index()
+
+
+def _wait_for_free_cpus(timeout: float) -> None:
+    """Before running again, give the cluster time to reclaim what the failed pass held (actors of a lost pool
+    still pending on their CPUs make Ray Data cancel the new pool): until every CPU is free, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(1.0)
+
+
+def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list,
+                  summary: EncodeSummary, committer: StagedCommitter) -> None:
+    """One Ray Data pass over `pending`; the committer commits on its timer and once more at the end."""
+    resources = ray.cluster_resources()
+    plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder)
+    device = f"{plan.num_encoders} GPU" if plan.gpus_per_encoder else f"{plan.num_encoders} CPU"
+    print(f"encode: {device} encoder actor(s), {plan.cpus_per_encoder:g} CPUs each; "
+          f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs in the cluster", flush=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray_progress
+    spec = replace(cfg.encoder, threads=None if plan.gpus_per_encoder else plan.threads_per_encoder)
+
+    items = [{"image_id": s.image_id, "uri": s.uri} for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(math.ceil(len(items) / 8), 2000)))
+    # The memory request (room for a batch of decoded images) also makes these tasks' resources differ from
+    # the encoders', which keeps Ray Data from fusing decoding into the encoder actors: decoding must run
+    # as tasks on the CPUs left free, in parallel with encoding.
+    ds = ds.map_batches(
+        decode_stage, batch_size=_DECODE_BATCH, batch_format="pyarrow", num_cpus=plan.cpus_per_task,
+        memory=_DECODE_TASK_MEMORY, fn_kwargs={"preprocess": spec.preprocess},
+    )
+    ds = ds.map_batches(
+        EncoderStage, batch_size=cfg.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.num_encoders),
+        num_cpus=plan.cpus_per_encoder, num_gpus=plan.gpus_per_encoder,
+        fn_constructor_kwargs={"spec": spec, "fingerprint": fingerprint},
+    )
+    ds = ds.map_batches(
+        write_stage, batch_size=cfg.write_batch, batch_format="pyarrow", num_cpus=min(0.5, plan.cpus_per_task),
+        fn_kwargs={"uri": store.features_uri, "staging": committer.uri, "fingerprint": fingerprint,
+                   "storage_options": cfg.storage_options or None},
+    )
+
+    t0 = time.monotonic()
+    interactive = sys.stderr.isatty()  # a bar on a terminal; a line every 30 s in `ray job logs` and files
+    bar = tqdm(total=len(pending), unit="img", desc="encode", disable=not interactive)
+    timer = CommitTimer(committer, cfg.commit_interval).start()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        logged = time.monotonic()
+        done = 0
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            done += block.num_rows
+            bar.update(block.num_rows)
+            now = time.monotonic()
+            if not interactive and now - logged >= 30:
+                print(f"encode: {done}/{len(pending)} images processed, {done / (now - t0):.2f} images/s", flush=True)
+                logged = now
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        print("\nencode: interrupted; committing the fragments already written", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, _ignore_while_committing)  # a second stop must not cut the last commit
+        try:
+            timer.stop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            bar.close()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _ignore_while_committing(signum, frame):
+    print("encode: still committing what was written; stopping right after", file=sys.stderr, flush=True)
+
+
+def exit_code(summary: EncodeSummary, strict: bool = False) -> int:
+    """The process exit status of a run (see EXIT_CODES_HELP)."""
+    if summary.interrupted:
+        return EXIT_STOPPED
+    if strict and summary.not_stored:
+        return EXIT_INCOMPLETE
+    return EXIT_OK
+
+
+def format_summary(s: EncodeSummary) -> str:
+    lines = ["", "encode summary"]
+    lines.append(f"  encoder      {s.fingerprint}" + ("   <-- RANDOM WEIGHTS, not for labelling" if s.random_weights else ""))
+    lines.append(f"  table        {s.table}")
+    lines.append(f"  listed       {s.listed}" + (f" ({s.ignored_files} non-image files ignored)" if s.ignored_files else ""))
+    if s.recovered:
+        lines.append(f"  recovered    {s.recovered} (written by an interrupted run, committed now)")
+    if s.repaired_duplicates:
+        lines.append(f"  repaired     {s.repaired_duplicates} duplicate rows removed")
+    lines.append(f"  skipped      {s.skipped} (already stored for this encoder)")
+    if s.known_failures:
+        lines.append(f"  known bad    {s.known_failures} (failed in an earlier run, see the errors table; --retry-failed)")
+    lines.append(f"  encoded      {s.encoded} of {s.pending} to do" + ("  (INTERRUPTED: run again to finish)" if s.interrupted else ""))
+    reasons = Counter(f["reason"] for f in s.failed)
+    lines.append(f"  failed       {len(s.failed)}" + (" (" + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) + ")" if s.failed else ""))
+    for f in s.failed[:20]:
+        lines.append(f"      {f['image_id']}: {f['reason']}: {f['detail']}")
+    if len(s.failed) > 20:
+        lines.append(f"      ... and {len(s.failed) - 20} more in the errors table")
+    lines.append(f"  not stored   {s.not_stored} of {s.listed} listed (bad inputs, or left by a stop)")
+    lines.append(f"  time         {s.seconds:.1f} s, {s.images_per_s:.2f} images/s")
+    per_image = f", {s.bytes_written / s.encoded / 1e6:.2f} MB per image" if s.encoded else ""
+    lines.append(f"  written      {s.bytes_written / 1e6:.1f} MB in {s.commits} commits{per_image}")
+    return "\n".join(lines)

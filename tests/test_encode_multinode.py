@@ -1,0 +1,88 @@
+"""The encode job on a multi-node Ray cluster on this machine, with a worker node killed mid-run.
+
+The kill is triggered by an event, not by time: the write stage holds (pipeline.faults "hold") once it has
+written its first fragment and before staging it; the test kills the node that runs that write task, then
+lets the run go on. The job must finish on its own (exit 0), with every good image stored exactly once
+(rows counted with lancedb) and every bad input recorded with its reason.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pytest
+from multinode_support import LOOPBACK_DRIVER, node_of_process, start_cluster, wait_for
+from PIL import Image
+
+from pipeline.faults import FAULT_DIR_ENV, FAULT_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = {"broken.jpg": "corrupt", "empty.png": "empty", "dangling.png": "unreadable", "folder.jpg": "unreadable"}
+
+
+def _collection(root: Path, n: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    good = []
+    for k in range(n):
+        rel = f"part{k % 2}/im{k:02d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (96 + 32 * (k % 2), 128, 3), dtype=np.uint8)).save(root / rel)
+        good.append(rel)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    (root / "empty.png").write_bytes(b"")
+    (root / "dangling.png").symlink_to(root / "no-such-file.png")
+    (root / "folder.jpg").mkdir()
+    return sorted(good)
+
+
+def _rows(db: Path) -> list[str]:
+    table = lancedb.connect(str(db)).open_table("features").to_arrow()
+    return sorted(table.column("image_id").to_pylist())
+
+
+def _errors(db: Path) -> dict[str, str]:
+    table = lancedb.connect(str(db)).open_table("features_errors").to_arrow()
+    return dict(zip(table.column("image_id").to_pylist(), table.column("reason").to_pylist()))
+
+
+@pytest.mark.slow
+def test_encode_survives_a_worker_node_killed_mid_run(tmp_path):
+    root = tmp_path / "images"
+    good = _collection(root, 12)
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    cluster = start_cluster(workers=3, env={FAULT_ENV: "written:hold", FAULT_DIR_ENV: str(faults),
+                                            "PYTHONPATH": str(ROOT)})
+    db = tmp_path / "db"
+    try:
+        cmd = [sys.executable, "-m", "jobs.encode", str(root), "--db", str(db), "--variant", "small",
+               "--address", cluster.address, "--num-encoders", "1", "--cpus-per-encoder", "1",
+               "--batch-size", "2", "--write-batch", "2", "--commit-interval", "0.2"]
+        env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
+        env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            held = wait_for(lambda: sorted(faults.glob("held-*")) or job.poll() is not None,
+                            "a write task to hold after its first fragment", timeout=600)
+        except AssertionError:
+            job.kill()
+            raise
+        assert held is not True, "the job ended before any write task held:\n" + job.communicate()[0][-4000:]
+        pid = int(held[0].name.split("-")[1])
+        node = node_of_process(cluster, pid)
+        assert node is not None, f"write task {pid} runs on no worker node"
+        cluster.remove_node(node, allow_graceful=False)  # the node dies with the task, its fragment unstaged
+        (faults / "release").touch()
+        out, _ = job.communicate(timeout=900)
+    finally:
+        (faults / "release").touch()
+        cluster.shutdown()
+    assert job.returncode == 0, out[-4000:]
+    assert _rows(db) == good, "each good image stored exactly once"
+    assert _errors(db) == BAD
+    assert f"encoded      {len(good)} of {len(good) + len(BAD)} to do" in out, out[-3000:]
+    assert not list((tmp_path / "db" / "features_staged").glob("*.json")), "staged work left uncommitted"

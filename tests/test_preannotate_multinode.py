@@ -1,0 +1,72 @@
+"""Bulk pre-annotation (`python jobs/preannotate.py ... --address <cluster>`) on a multi-node Ray cluster on this
+machine, with the node of a busy worker killed mid-run.
+
+The kill is triggered by events: a worker holds (pipeline.faults "hold") as it starts its third image, after
+the ledger holds a finished one; the test kills that worker's node, with its image in flight, then lets the
+run go on. The job must finish (exit 0) with every object answered exactly once: one ledger record per image,
+one COCO annotation per good object, none lost, none doubled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from backend_support import encode_into_store, make_checkpoint
+from multinode_support import LOOPBACK_DRIVER, node_of_process, start_cluster, wait_for
+from preannotate_support import build_prompt_file
+
+from pipeline.faults import FAULT_DIR_ENV, FAULT_ENV
+from pipeline.prompts import coco_prompts, read_coco_file
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "preannotate.py"
+
+
+def _ledger_keys(run_dir: Path) -> list[str]:
+    path = run_dir / "ledger.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["result"]["key"] for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.mark.slow
+def test_preannotation_survives_a_worker_node_killed_mid_run(tmp_path):
+    fx = build_prompt_file(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "small.pth")
+    encode_into_store(ckpt, tmp_path / "db", "features", [(i, str(fx.image_root / i), img) for i, img in fx.images.items()])
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    run_dir = tmp_path / "run"
+    out = tmp_path / "masks.json"
+    cluster = start_cluster(workers=3, env={FAULT_ENV: "segment:hold:3", FAULT_DIR_ENV: str(faults),
+                                            "PYTHONPATH": str(ROOT)})
+    try:
+        cmd = [sys.executable, str(JOB), "--coco", str(fx.coco_path), "--image-root", str(fx.image_root),
+               "--db", str(tmp_path / "db"), "--checkpoint", str(ckpt), "--run-dir", str(run_dir),
+               "--max-clicks", "3", "--coco-out", str(out), "--address", cluster.address, "--workers", "3"]
+        env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
+        env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        held = wait_for(lambda: _ledger_keys(run_dir) and sorted(faults.glob("held-*")),
+                        "a finished image in the ledger and a worker holding its next image")
+        pid = int(held[0].name.split("-")[1])
+        node = node_of_process(cluster, pid)
+        assert node is not None, f"worker {pid} runs on no worker node"
+        cluster.remove_node(node, allow_graceful=False)  # the worker dies with its image in flight
+        (faults / "release").touch()
+        stdout, _ = job.communicate(timeout=900)
+    finally:
+        (faults / "release").touch()
+        cluster.shutdown()
+    assert job.returncode == 0, stdout[-4000:]
+    keys = _ledger_keys(run_dir)
+    jobs = {j.key for j in coco_prompts(read_coco_file(str(fx.coco_path)), str(fx.image_root)).images}
+    assert sorted(keys) == sorted(jobs), "each image answered exactly once (one ledger record)"
+    coco = json.loads(out.read_text())
+    sources = Counter(int(a["source_key"].split(":")[1]) for a in coco["annotations"])
+    assert sorted(sources.elements()) == sorted(fx.kinds), "each good object annotated exactly once"
