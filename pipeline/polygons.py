@@ -30,7 +30,7 @@ DEFAULT_TOLERANCE = 1.0  # pixels (Douglas-Peucker); the most a mask is simplifi
 DEFAULT_MIN_IOU = 0.98  # below this IoU against the mask, the tolerance is halved (down to exact polygons)
 _MIN_TOLERANCE = 0.25  # below this, the next step is no simplification at all
 
-__all__ = ["DEFAULT_MIN_IOU", "DEFAULT_TOLERANCE", "MaskPolygons", "coco_segmentation", "label_studio_polygons",
+__all__ = ["DEFAULT_MIN_IOU", "DEFAULT_TOLERANCE", "MaskPolygons", "coco_segmentation",
            "mask_to_polygons", "rasterize"]
 
 
@@ -168,24 +168,3 @@ def coco_segmentation(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
     """COCO `segmentation` polygons of a mask and their IoU against it (see `mask_to_polygons`)."""
     polys = mask_to_polygons(mask, tolerance, min_iou)
     return polys.coco(), polys.iou
-
-
-def label_studio_polygons(mask: np.ndarray, from_name: str, to_name: str, label: str,
-                          tolerance: float = DEFAULT_TOLERANCE, min_iou: float | None = DEFAULT_MIN_IOU,
-                          score: float | None = None) -> list[dict]:
-    """Label Studio `polygonlabels` results of a mask: one region per outer component (holes bridged in).
-
-    Each region's `meta` carries the polygons' IoU against the mask they came from.
-    """
-    polys = mask_to_polygons(mask, tolerance, min_iou)
-    h, w = polys.size
-    out = []
-    for points in polys.label_studio_points():
-        region = {"from_name": from_name, "to_name": to_name, "type": "polygonlabels",
-                  "original_width": int(w), "original_height": int(h), "image_rotation": 0,
-                  "value": {"points": points, "polygonlabels": [label], "closed": True},
-                  "meta": {"polygon_iou": round(polys.iou, 6)}}
-        if score is not None:
-            region["score"] = float(score)
-        out.append(region)
-    return out

@@ -9,8 +9,9 @@ from hypothesis.extra.numpy import arrays
 from matplotlib.path import Path as MplPath
 from pycocotools import mask as mask_utils
 
+from connectors.protocol import Prompt, polygon_results
 from pipeline.datasets import berkeley, grabcut
-from pipeline.polygons import (DEFAULT_MIN_IOU, coco_segmentation, label_studio_polygons, mask_to_polygons)
+from pipeline.polygons import DEFAULT_MIN_IOU, coco_segmentation, mask_to_polygons
 
 
 def _decode(segmentation: list[list[float]], size: tuple[int, int]) -> np.ndarray:
@@ -53,7 +54,11 @@ def _check(mask: np.ndarray, **kw) -> None:
     if polys.tolerance == 0:
         assert np.array_equal(decoded, mask)  # exact under the even-odd rule of pycocotools ...
         assert np.array_equal(_nonzero_fill(polys.polygons, mask.shape), mask)  # ... and the non-zero rule
-    for region, points in zip(label_studio_polygons(mask, "label", "image", "Object", **kw), polys.label_studio_points()):
+    prompt = Prompt(clicks=(), label="Object", brush_name="label", image_name="image", original_size=(h, w),
+                    output_type="polygonlabels")
+    regions = polygon_results(polys.label_studio_points(), prompt, score=0.5)
+    assert len(regions) == len(polys.polygons)
+    for region, points in zip(regions, polys.label_studio_points()):
         assert region["type"] == "polygonlabels" and region["value"]["points"] == points
         assert region["original_width"] == w and region["original_height"] == h
         assert all(0 <= x <= 100 and 0 <= y <= 100 for x, y in points)
@@ -77,7 +82,7 @@ def test_simplified_polygons_are_valid_and_report_their_iou(mask, tolerance, min
 def test_degenerate_masks(h, w, data):
     empty = np.zeros((h, w), dtype=bool)
     polys = mask_to_polygons(empty)
-    assert polys.polygons == [] and polys.iou == 1.0 and label_studio_polygons(empty, "l", "i", "x") == []
+    assert polys.polygons == [] and polys.iou == 1.0 and polys.label_studio_points() == []
     r, c = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
     one = empty.copy()
     one[r, c] = True

@@ -1,4 +1,4 @@
-"""Polygons (pipeline/polygons.py) in a real Label Studio 1.23.2: imported as a prediction and as an
+"""Polygons (pipeline/polygons.py, as connectors/protocol.py answers them) in a real Label Studio 1.23.2: imported as a prediction and as an
 annotation, read back unchanged, and exported by Label Studio's own COCO converter into polygons that
 pycocotools decodes to the source mask within the reported IoU."""
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.datasets import grabcut
-from pipeline.polygons import label_studio_polygons, mask_to_polygons
+from connectors.protocol import Prompt, polygon_results
+from pipeline.polygons import mask_to_polygons
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +33,10 @@ def test_polygons_import_and_export_back_through_label_studio(label_studio, shar
     refs = grabcut(shared_dir / "data" / "GrabCut")
     gts = [(r.sample_id, r.load().gt == 1) for r in refs]
     name, gt = next((n, g) for n, g in gts if mask_to_polygons(g).holes)  # an object with holes
-    regions = label_studio_polygons(gt, "poly", "image", "object")
     polys = mask_to_polygons(gt)
+    prompt = Prompt(clicks=(), label="object", brush_name="poly", image_name="image", original_size=gt.shape,
+                    output_type="polygonlabels")
+    regions = polygon_results(polys.label_studio_points(), prompt, score=0.5)  # what the backend answers
     client = label_studio.client()
     project = client.projects.create(title="polygons", label_config=POLYGON_CONFIG)
     (tid,) = client.projects.import_tasks(id=project.id, return_task_ids=True,
