@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from interformer.config import CONFIGS, PreprocessConfig  # noqa: E402
 from pipeline.encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, write_stage  # noqa: E402
 from pipeline.feature_store import FeatureStore  # noqa: E402
+from pipeline.staged_commits import StagedCommitter  # noqa: E402
 from pipeline.sources import list_images  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -77,12 +78,11 @@ def breakdown(folder: Path, spec: EncoderSpec, batch_size: int, workdir: Path) -
     t_encode = time.perf_counter() - t0
 
     store = FeatureStore(str(workdir / "db"))
+    committer = StagedCommitter(store)
     t0 = time.perf_counter()
-    fragments = []
-    for batch in encoded:
-        result = write_stage(batch, store.features_uri)
-        fragments += [f for fr in result.column("fragments").to_pylist() for f in fr]
-    store.commit_fragments(fragments)
+    for batch in encoded:  # the job's write tasks: fragments written and staged ...
+        write_stage(batch, store.features_uri, committer.uri, stage.fingerprint)
+    committer.commit_staged()  # ... and the driver's exactly-once commit of what was staged
     t_write = time.perf_counter() - t0
     assert store.count() == table.num_rows
     nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store.features_uri) for f in fs)

@@ -24,8 +24,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first to
 
 import numpy as np  # noqa: E402
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # the checkout
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, then the checkout
 
+from results_io import begin, save  # noqa: E402
 from interformer import ImageFeatures, Predictor, load_model  # noqa: E402
 from interformer.click_engine import ENGINES, ClickEngineConfig  # noqa: E402
 from interformer.features import STORAGE_DTYPES  # noqa: E402
@@ -98,6 +99,7 @@ def main() -> None:
     ap.add_argument("--engine-cache", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    started = begin()
     set_cpu_threads(args.threads)
     model = load_model(args.checkpoint, device="cpu")
     exact = Predictor(model, device="cpu")
@@ -136,7 +138,7 @@ def main() -> None:
         report["datasets"][name] = rows
         print(json.dumps({name: rows}), flush=True)
     report["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-    print(f"\n| dataset | engine | NoC@85 | NoC@90 | " + " | ".join(f"mIoU@{k}" for k in K_VALUES if k <= args.max_clicks)
+    print("\n| dataset | engine | NoC@85 | NoC@90 | " + " | ".join(f"mIoU@{k}" for k in K_VALUES if k <= args.max_clicks)
           + " | click ms |")
     print("|---|---|---|---|" + "---|" * len([k for k in K_VALUES if k <= args.max_clicks]) + "---|")
     for name, rows in report["datasets"].items():
@@ -149,8 +151,7 @@ def main() -> None:
         print(f"| {name} | difference / agreement | {rows['delta_noc85']:+} | {rows['delta_noc90']:+} | per-click IoU "
               f"vs fp32 mean {rows['per_click_iou_vs_fp32']['mean']}, min {rows['per_click_iou_vs_fp32']['min']} "
               f"| gate {'passed' if rows['gate_passed'] else 'FAILED'} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    save("engine_quality", report, started, args.out)
 
 
 if __name__ == "__main__":

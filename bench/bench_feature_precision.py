@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from bench_model import _clicks, _iou, _real_image  # noqa: E402
+from results_io import begin, save  # noqa: E402
 
 from interformer import ImageFeatures, Predictor, load_model  # noqa: E402
 from interformer.click_engine import native_bf16  # noqa: E402
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    started = begin()
     set_cpu_threads(args.threads)
     torch.manual_seed(0)
     model = load_model(args.checkpoint, variant=None if args.checkpoint else args.variant, device="cpu")
@@ -116,8 +118,7 @@ def main() -> None:
                   f"{v['masks_vs_fp32']['pixels_differing_max_per_click']} |")
         print(f"| {r['size']} | encode ms fp32 / bf16 | {r['encode_ms_median']['fp32']} / {r['encode_ms_median']['bf16']} "
               f"({r['bf16_encode_ratio']}x) | | |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save("feature_precision", result, started, args.out)
 
 
 if __name__ == "__main__":

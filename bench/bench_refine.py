@@ -19,9 +19,6 @@ small model (bench/run_training_proof.sh) or an official checkpoint; random weig
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, then the checkout
 
 from interformer import PreprocessConfig  # noqa: E402
 from pipeline.clicker import mark_clicked, new_not_clicked, ritm_next_click  # noqa: E402
@@ -37,6 +34,7 @@ from pipeline.datasets import berkeley, grabcut  # noqa: E402
 from pipeline.encoding import EncoderSpec, build_predictor  # noqa: E402
 from pipeline.metrics import iou  # noqa: E402
 from pipeline.preannotation import ClickPolicy, simulate_clicks  # noqa: E402
+from results_io import begin, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"GrabCut": grabcut, "Berkeley": berkeley}
@@ -56,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.9, help="corrections: IoU vs ground truth to reach")
     p.add_argument("--max-clicks", type=int, default=20, help="corrections: clicks at most")
     p.add_argument("--limit", type=int, default=None, help="objects per dataset (default: all)")
-    p.add_argument("--out", type=Path, default=None, help="write per-object records and the summary as JSON")
+    p.add_argument("--out", type=Path, default=None, help="raw results file: per-object records and the summary (default: bench/results/bench_refine-UTC.json)")
     return p.parse_args(argv)
 
 
@@ -110,10 +108,11 @@ def summarise(records: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = begin()
     spec = EncoderSpec(checkpoint=args.checkpoint, variant=args.variant if args.checkpoint else (args.variant or "small"),
                        preprocess=PreprocessConfig(max_side=args.max_side))
     predictor = build_predictor(spec, device="cpu")
-    results: dict = {"config": {k: str(v) for k, v in vars(args).items()}, "cpu": _cpu(), "datasets": {}}
+    results: dict = {"config": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
     t0 = time.perf_counter()
     for name in args.datasets:
         refs = DATASETS[name](args.data / name)[: args.limit]
@@ -131,19 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         s = d["summary"]
         print(f"{name:<10}{s['objects']:>5}{s['coarse_iou']:>12.3f}{s['pre_iou']:>9.3f}"
               + "".join(f"{s[m]['noc']:>8.2f} ({s[m]['success']:.0%})" for m in MODES))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+    save("bench_refine", results, started, args.out)
     return 0
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                    platform.processor())
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor()
 
 
 if __name__ == "__main__":
