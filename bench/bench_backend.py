@@ -13,8 +13,12 @@ machine load, never overlapping the request). Shared machines are noisy: read th
     python bench/bench_backend.py --size 240 320 --actors 1 --threads 2 --levels 1 4
     python bench/bench_backend.py --think-s 1 --per-annotator 16 --levels 8 16 24 32 --click-engine fast
 
-With --think-s each annotator waits that long after every answer (a person looking at the mask), and the
-summary names the most annotators whose p99 stays within --p99-target-ms (the serving capacity).
+Before the first level, one click on every image warms the actors (features read, the click engine's
+padded size compiled; the server runs with --engine-compile, blocking by default here), and is not counted.
+With --think-s each annotator starts at a random moment within one think time (seeded; people do not click in
+step) and waits that long after every answer (a person looking at the mask), and the
+summary names the most annotators whose p99 over all requests stays within --p99-target-ms at that level and every smaller
+one run (the serving capacity).
 """
 from __future__ import annotations
 
@@ -176,6 +180,8 @@ async def annotator(client: httpx.AsyncClient, url: str, index: int, level: int,
     image_id = f"bench-{index % 16}"
     sent = 0
     region = 0
+    if think_s > 0:  # people do not start in step: each begins at its own (seeded) moment of one think time
+        await asyncio.sleep(float(np.random.default_rng(level * 1000 + index).uniform(0, think_s)))
     while sent < n_requests:
         clicks = click_sequence(size, region_clicks, seed=level * 1000 + index * 50 + region)
         items = []
@@ -201,6 +207,32 @@ async def annotator(client: httpx.AsyncClient, url: str, index: int, level: int,
             if think_s > 0:
                 await asyncio.sleep(think_s)
         region += 1
+
+
+def warm_up(url: str, size: tuple[int, int], images: int = 16) -> float:
+    """One click on every image before anything is measured, so that each actor has read its images'
+    features and its click engine has compiled this padded size (a serving actor warms the sizes it sees;
+    with --engine-compile blocking these clicks wait for it). Returns the seconds it took."""
+    t0 = time.perf_counter()
+    h, w = size
+    with httpx.Client(timeout=600) as client:
+        for i in range(images):
+            body = {"tasks": [{"id": 10_000 + i, "data": {"image": f"bench-{i}.png", "image_id": f"bench-{i}"}}],
+                    "project": "1.1", "label_config": LABEL_CONFIG,
+                    "params": {"context": {"result": [keypoint(h // 2, w // 2, True, size, f"warm-{i}")]}}}
+            client.post(f"{url}/predict", json=body).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def capacity(levels: list[int], p99: dict[int, float], target_ms: float) -> int:
+    """The most annotators served at p99 <= target: the largest level such that it and every smaller level
+    run met the target (0 when the smallest did not)."""
+    best = 0
+    for level in sorted(levels):
+        if p99[level] > target_ms:
+            break
+        best = level
+    return best
 
 
 async def probe_health(client: httpx.AsyncClient, url: str, stop: asyncio.Event, out: list[float]) -> None:
@@ -254,6 +286,8 @@ def summarise(records: list[dict], levels: list[int], actors: int) -> dict:
         out["levels"][level] = {
             "requests": len(rows), "warm_requests": len(warm), "images_per_actor": images_per_actor.tolist(),
             "median_ms": float(np.median(lat)), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "max_ms": max(lat),
+            # every request, a region's first click included: what the serving capacity is judged on
+            "p99_all_ms": pct([r["latency_ms"] for r in rows], 99),
             "first_click_median_ms": float(np.median([r["latency_ms"] for r in rows if r["click"] == 0])),
             "median_over_bare": float(np.median(lat)) / out["bare"]["step_median_ms"],
             "split_median_ms": split,
@@ -314,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         server = subprocess.Popen(
             [sys.executable, "-m", "connectors", "--db", str(work / "db"), "--checkpoint", str(ckpt),
              "--port", str(port), "--actors", str(args.actors), "--threads", str(threads), "--log-level", "warning",
-             "--click-engine", args.click_engine, *(["--engine-cache", args.engine_cache] if args.engine_cache else [])],
+             "--click-engine", args.click_engine, "--engine-compile", args.engine_compile,
+             *(["--engine-cache", args.engine_cache] if args.engine_cache else [])],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
@@ -328,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"backend did not start (exit code {server.poll()}):\n"
                                  f"{(work / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
+        warm_s = warm_up(url, size)
         t0 = time.perf_counter()
         records: list[dict] = []
         health: dict[int, list[float]] = {}
@@ -347,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                                              for lv, v in health.items()},
                        loadavg_1min=os.getloadavg()[0], bench_s=bench_s, think_s=args.think_s,
                        click_engine=args.click_engine, p99_target_ms=args.p99_target_ms,
-                       capacity_annotators=max((lv for lv in args.levels
-                                                if summary["levels"][lv]["p99_ms"] <= args.p99_target_ms), default=0))
+                       warm_up_s=round(warm_s, 2), engine_compile=args.engine_compile,
+                       capacity_annotators=capacity(args.levels, {lv: summary["levels"][lv]["p99_all_ms"]
+                                                                  for lv in args.levels}, args.p99_target_ms))
         (out / "results.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
         plot(summary, records, args.levels, out / "latency.png")
         print_table(summary, args.levels)
@@ -376,18 +413,19 @@ def print_table(summary: dict, levels: list[int]) -> None:
           f"p99 {b['step_p99_ms']:.1f} ms; RLE {b['rle_median_ms']:.1f} ms; median of per-request "
           f"HTTP latency / bare step: {b['paired_ratio_median']:.2f}")
     print(f"click engine {summary['click_engine']}, think time {summary['think_s']} s: the most annotators with "
-          f"p99 <= {summary['p99_target_ms']:.0f} ms among the levels run: {summary['capacity_annotators']}")
+          f"p99 (all requests) <= {summary['p99_target_ms']:.0f} ms (that level and every smaller one run): "
+          f"{summary['capacity_annotators']}; warm-up (one click per image) {summary['warm_up_s']} s")
     health = summary["health_under_load_ms"]
     print("/health while clicking: " + ", ".join(
         f"{lv} annotator(s) median {h['median']:.1f} ms, max {h['max']:.1f} ms" for lv, h in health.items()))
-    print("\n| annotators | images per actor | requests | median ms | p90 ms | p99 ms | median / bare "
+    print("\n| annotators | images per actor | requests | median ms | p90 ms | p99 ms | p99 ms, all | median / bare "
           "| first click ms | interact | rle | fetch | parse | queue + Ray | HTTP |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lv in levels:
         s = summary["levels"][lv]
         sp = s["split_median_ms"]
         print(f"| {lv} | {'/'.join(map(str, s['images_per_actor']))} | {s['requests']} | {s['median_ms']:.1f} "
-              f"| {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['median_over_bare']:.2f} "
+              f"| {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['p99_all_ms']:.1f} | {s['median_over_bare']:.2f} "
               f"| {s['first_click_median_ms']:.1f} | {sp['interact']:.1f} | {sp['rle']:.1f} | {sp['fetch']:.2f} "
               f"| {sp['parse']:.2f} | {sp['queue_and_ray']:.1f} | {sp['http']:.1f} |")
 
