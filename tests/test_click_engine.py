@@ -221,3 +221,15 @@ def test_background_compile_answers_with_torch_until_the_size_is_ready(small_mod
     np.testing.assert_allclose(fast.predict_margin(feats, ref, None), want, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="compile mode"):
         ClickEngineConfig("fast", compile="lazy")
+
+
+def test_compiled_click_networks_do_not_pin_threads_to_cores(small_model, tmp_path):
+    """Processes that each run an engine (serving actors, pre-annotation workers) must not all pin their
+    threads to the first cores: OpenVINO pins by default, which made two 1-thread actors share one core."""
+    exact = Predictor(small_model, device="cpu")
+    fast = Predictor(small_model, device="cpu", engine=ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path)))
+    feats = exact.encode(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    ref = np.full(feats.geometry.padded_size, UNKNOWN, np.uint8)
+    fast.predict_margin(feats, ref, None)
+    ((compiled, _, _),) = fast.engine._compiled.values()
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
