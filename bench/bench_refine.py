@@ -43,7 +43,8 @@ MODES = ("scratch", "from-mask", "from-clicks")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("datasets", nargs="*", metavar="DATASET",
+                   help=f"any of {', '.join(DATASETS)} (default: all)")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="folder holding the datasets")
     p.add_argument("--checkpoint", default=None, help="model weights (default: random init of --variant)")
     p.add_argument("--variant", default=None, help="variant for random init, or checked against the checkpoint")
@@ -55,7 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-clicks", type=int, default=20, help="corrections: clicks at most")
     p.add_argument("--limit", type=int, default=None, help="objects per dataset (default: all)")
     p.add_argument("--out", type=Path, default=None, help="raw results file: per-object records and the summary (default: bench/results/bench_refine-UTC.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [d for d in args.datasets if d not in DATASETS]
+    if unknown:  # checked here: argparse's choices reject an empty nargs="*" list on Python 3.11
+        p.error(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    args.datasets = args.datasets or list(DATASETS)
+    return args
 
 
 def coarse_prompt(gt: np.ndarray, pixels: int) -> np.ndarray:

@@ -60,3 +60,11 @@ def test_bench_refine_reports_every_start_mode(tmp_path, monkeypatch, shared_dir
     for mode in module.MODES:
         assert 0 <= data["summary"][mode]["noc"] <= 2 and 0 <= data["summary"][mode]["success"] <= 1
         assert all(0 <= r[mode] <= 2 for r in data["records"])
+
+
+def test_bench_refine_defaults_to_every_dataset():
+    module = _load(BENCH / "bench_refine.py")
+    assert module.parse_args([]).datasets == list(module.DATASETS)
+    assert module.parse_args(["Berkeley"]).datasets == ["Berkeley"]
+    with pytest.raises(SystemExit):
+        module.parse_args(["COCO"])
