@@ -70,11 +70,16 @@ class SessionStart:
     ref_label: uint8 reference-label map on the padded canvas (values 0-4, spec §4.1).
     prev_pred: bool previous prediction on the padded canvas, as the zoom-in ROI sees it.
     mask: the mask shown before any click at the original size (None for a blank start).
+    clicks: the clicks that made this state (`InteractiveSession.snapshot`); the zoom-in counts them, undo
+        never removes them.
+    result: the prediction shown before any click when it came from the model (a snapshot), else None.
     """
 
     ref_label: np.ndarray
     prev_pred: np.ndarray
     mask: np.ndarray | None = None
+    clicks: tuple[Click, ...] = ()
+    result: "ClickResult | None" = None
 
     @classmethod
     def blank(cls, geometry: ImageGeometry) -> "SessionStart":
@@ -230,18 +235,25 @@ class Predictor:
         return cache
 
     def session(self, feats: ImageFeatures, box: Roi | None = None, initial_mask: np.ndarray | None = None,
-                start: SessionStart | None = None) -> "InteractiveSession":
+                start: SessionStart | None = None,
+                initial_clicks: Sequence[Click | tuple] | None = None) -> "InteractiveSession":
         """A new interactive session (one object) over encoded features.
 
         `box` (left, up, right, bottom, original pixels) fixes the zoom-in region of the refine stages
-        instead of deriving it per click. `initial_mask` (bool, original image size) starts from an
-        existing mask, e.g. a pre-annotation to correct (`SessionStart.from_mask`); `start` starts from
-        any `SessionStart`, e.g. a given reference-label map (`SessionStart.from_ref_label`).
+        instead of deriving it per click. At most one start: `initial_mask` (bool, original image size)
+        starts from an existing mask, e.g. a pre-annotation to correct (`SessionStart.from_mask`);
+        `initial_clicks` from the state those clicks make (e.g. the pre-annotation's own simulated clicks:
+        later clicks answer exactly as if added after them, and undo stops there); `start` from any
+        `SessionStart`, e.g. a given reference-label map (`SessionStart.from_ref_label`).
         """
-        if initial_mask is not None and start is not None:
-            raise ValueError("give either initial_mask or start, not both")
+        if sum(x is not None for x in (initial_mask, start, initial_clicks)) > 1:
+            raise ValueError("give at most one of initial_mask, initial_clicks and start")
         if initial_mask is not None:
             start = SessionStart.from_mask(initial_mask, feats.geometry)
+        elif initial_clicks is not None:
+            prefix = InteractiveSession(self, feats, box)
+            prefix.replay(initial_clicks)
+            start = prefix.snapshot()
         return InteractiveSession(self, feats, box, start)
 
     @torch.inference_mode()
@@ -275,7 +287,10 @@ class InteractiveSession:
             raise InvalidMaskError(f"the start state's canvas {tuple(start.ref_label.shape)} differs from the "
                                    f"image's padded canvas {tuple(self.geometry.padded_size)}")
         self.start = start
-        self._start_result = None if start.mask is None else _mask_result(start, self.geometry)
+        if start.result is not None:
+            self._start_result = start.result
+        else:
+            self._start_result = None if start.mask is None else _mask_result(start, self.geometry)
         self.reset()
 
     @property
@@ -294,6 +309,14 @@ class InteractiveSession:
         """Back to the start state (blank, or the initial mask / reference-label map the session began with)."""
         self._clicks: list[Click] = []
         self._states = [_State(self.start.ref_label.copy(), self.start.prev_pred.copy(), self._start_result)]
+
+    def snapshot(self) -> SessionStart:
+        """The current state as a `SessionStart`: a session started from it answers the next clicks exactly
+        as this one would (the clicks so far count for the zoom-in, the current prediction is shown)."""
+        state = self._states[-1]
+        mask = None if state.result is None else state.result.mask.copy()
+        return SessionStart(state.ref_label.copy(), state.pred.copy(), mask,
+                            tuple(self.start.clicks) + tuple(self._clicks), state.result)
 
     def to_network(self, row: int, col: int) -> tuple[int, int]:
         """Original-image pixel -> pixel of the (resized) network canvas; raises for clicks outside."""
@@ -318,7 +341,7 @@ class InteractiveSession:
             st = zc.max_stride
             return (max(0, int(left * s) // st * st), max(0, int(up * s) // st * st),
                     min(wp, -(-int(math.ceil(right * s)) // st) * st), min(hp, -(-int(math.ceil(bottom * s)) // st) * st))
-        if len(self._clicks) < zc.start_click:
+        if len(self.start.clicks) + len(self._clicks) < zc.start_click:
             return None
         return zoom_in_roi(prev_pred, ref_label, zc.expand_ratio, zc.min_size, zc.max_stride)
 

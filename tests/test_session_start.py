@@ -137,8 +137,10 @@ def test_given_reference_label_map_is_used_as_is(predictor, feats):
     assert s.ref_label.dtype == np.uint8 and np.array_equal(s.ref_label, ref) and s.result is None
     expected = predictor.predict_margin(feats, add_click_disk(ref, 50, 50, True), None)
     np.testing.assert_array_equal(s.add_click(50, 50).margin, expected)
-    with pytest.raises(ValueError, match="either"):
+    with pytest.raises(ValueError, match="at most one"):
         predictor.session(feats, initial_mask=np.zeros((70, 90), bool), start=SessionStart.blank(feats.geometry))
+    with pytest.raises(ValueError, match="at most one"):
+        predictor.session(feats, initial_mask=np.zeros((70, 90), bool), initial_clicks=CLICKS[:1])
 
 
 def test_session_store_keeps_the_initial_mask_on_every_path(predictor, feats):
@@ -155,3 +157,48 @@ def test_session_store_keeps_the_initial_mask_on_every_path(predictor, feats):
     store.drop(("img", "r"))  # e.g. a restarted actor: rebuilt from the clicks
     np.testing.assert_array_equal(store.run(("img", "r"), CLICKS[:3], new, variant="m").result.margin, expected[2])
     assert paths == ["replay", "step", "step", "undo", "step"]
+
+
+PREFIX = [Click(35, 45, True), Click(8, 8, False), Click(60, 80, False)]
+
+
+@pytest.mark.parametrize("zoom_from", [1, 2, 3, 5])
+def test_initial_clicks_answer_as_if_the_clicks_were_added_after_them(zoom_from):
+    """A session started after a pre-annotation's clicks equals, click for click, one session that made those
+    clicks and goes on; the zoom-in counts the prefix (start_click falls before, inside and after it)."""
+    torch.manual_seed(0)
+    cfg = replace(SMALL_REFINE, zoom_in=replace(SMALL_REFINE.zoom_in, start_click=zoom_from))
+    pred = Predictor(InterFormer(cfg).eval(), device="cpu")
+    feats = pred.encode(np.random.default_rng(5).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    whole = pred.session(feats)
+    before = whole.replay(PREFIX)
+    started = pred.session(feats, initial_clicks=PREFIX)
+    assert started.clicks == [] and started.start.clicks == tuple(PREFIX)
+    np.testing.assert_array_equal(started.result.margin, before.margin)
+    np.testing.assert_array_equal(started.ref_label, whole.ref_label)
+    _assert_same_steps(started, whole, CLICKS)
+    # undo past every later click shows the prefix's mask and never removes a prefix click
+    for _ in range(len(CLICKS) + 2):
+        last = started.undo()
+    np.testing.assert_array_equal(last.mask, before.mask)
+    assert started.clicks == [] and np.array_equal(started.ref_label, started.start.ref_label)
+    # replay (an actor rebuilding the region) keeps the prefix
+    again = started.replay(CLICKS[:2])
+    np.testing.assert_array_equal(again.margin, pred.session(feats).replay(PREFIX + CLICKS[:2]).margin)
+
+
+def test_snapshot_of_a_session_continues_it_exactly(predictor, feats):
+    s = predictor.session(feats, initial_mask=_blob((70, 90), 20, 25, 50, 60))
+    s.replay(CLICKS[:2])
+    resumed = predictor.session(feats, start=s.snapshot())
+    _assert_same_steps(resumed, s, CLICKS[2:])
+    blank = predictor.session(feats).snapshot()
+    assert blank.mask is None and blank.result is None and blank.clicks == ()
+
+
+def test_empty_initial_clicks_is_a_blank_start_and_bad_ones_raise(predictor, feats):
+    s = predictor.session(feats, initial_clicks=[])
+    assert s.result is None
+    np.testing.assert_array_equal(s.add_click(*CLICKS[0]).margin, predictor.session(feats).add_click(*CLICKS[0]).margin)
+    with pytest.raises(ValueError, match="outside"):
+        predictor.session(feats, initial_clicks=[Click(70, 10, True)])
