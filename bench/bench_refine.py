@@ -6,8 +6,10 @@ from it (RITM's robot user against the coarse mask, `--pre-clicks` at most, best
 robot user against the ground truth until IoU >= `--target` (cap `--max-clicks`), three ways:
 
   scratch      a fresh session (the backend before issue 12: a correction throws the pre-annotation away)
-  from-mask    `predictor.session(feats, initial_mask=pre_annotation)` (what the backend now does)
-  from-clicks  the pre-annotation's own clicks replayed, then the corrections (if predictions kept them)
+  from-mask    `predictor.session(feats, initial_mask=pre_annotation)` (the backend, for regions without
+               clicks: box prompts, regions drawn or edited by hand, another model's)
+  from-clicks  `predictor.session(feats, initial_clicks=pre_clicks)`: the pre-annotation's own clicks, then
+               the corrections (the backend, for regions jobs/preannotate.py wrote: their meta keeps the clicks)
 
 Reported per dataset: mean corrective clicks (NoC@target, capped; 0 when the pre-annotation already meets
 the target), the share of objects reaching the target, and the pre-annotation's mean IoU. Use the trained
@@ -94,10 +96,8 @@ def run_object(predictor, image: np.ndarray, gt: np.ndarray, args: argparse.Name
     pre_clicks, pre_result, _ = simulate_clicks(pre_session, coarse, ClickPolicy(args.pre_target, args.pre_clicks))
     pre = pre_result.mask
     record = {"pre_iou": iou(gt, pre), "coarse_iou": iou(gt, coarse), "pre_clicks": len(pre_clicks)}
-    replayed = predictor.session(feats)
-    replayed.replay(pre_clicks)
     sessions = {"scratch": (predictor.session(feats), None), "from-mask": (predictor.session(feats, initial_mask=pre), pre),
-                "from-clicks": (replayed, pre)}
+                "from-clicks": (predictor.session(feats, initial_clicks=pre_clicks), pre)}
     for mode, (session, start) in sessions.items():
         record[mode], record[f"{mode}_reached"] = corrective_clicks(session, gt, start, args.target, args.max_clicks)
     return record

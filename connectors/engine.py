@@ -3,7 +3,8 @@
 `SegmentEngine` is the body of a CPU serving actor. It loads the interact part of the model once,
 opens the feature table once, keeps LRUs of decoded features and per-region sessions bounded in bytes,
 and answers a `SegmentRequest` with RLE (or polygons) + score only; a region's session starts from
-the mask on screen under its first click when the request carries one (onscreen.py). `OnDemandEncoder`
+the mask on screen under its first click when the request carries one (onscreen.py), or continues after
+the clicks that made it when a pre-annotation stored them (region_meta.py). `OnDemandEncoder`
 is the body of the encoder actor: it fetches an image that has no features yet (only from allowed
 sources, pipeline/image_access.py), encodes it on CPU and stores the row, so that the engine can answer,
 slower, instead of failing.
@@ -38,16 +39,19 @@ from pipeline.feature_store import (
 )
 from pipeline.image_access import ImageAccess, ImageAccessError, read_image_bytes
 from pipeline.images import TOO_LARGE, ImageDecodeError, decode_image
+from pipeline.metrics import iou
 from pipeline.polygons import mask_to_polygons
 
 from .logs import get_logger, log_event
 from .memory import ByteLRU, buffer_bytes
-from .onscreen import start_mask
+from .onscreen import start_region
+from .region_meta import model_key
 from .rle import mask_to_rle
 from .segment import SegmentError, SegmentRequest, SegmentResult
 from .sessions import SessionStore
 
 MIB = 1024 * 1024
+REPLAY_AGREEMENT = 0.95  # IoU a pre-annotation's replayed clicks must reach against the mask on screen
 
 log = get_logger("engine")
 
@@ -92,6 +96,7 @@ class SegmentEngine:
         self.cfg = cfg
         self.predictor = _load_predictor(cfg, interact_only=True)
         self.fingerprint = self.predictor.fingerprint
+        self.model_key = model_key(self.fingerprint)
         self.reader = FeatureReader(cfg.db, self.fingerprint, table=cfg.table)
         self.features: ByteLRU[ImageFeatures] = ByteLRU(cfg.feature_cache_bytes, buffer_bytes)
         self.sessions = SessionStore(cfg.session_cache_bytes)
@@ -125,7 +130,7 @@ class SegmentEngine:
         except ValueError as e:  # InvalidClickError and friends
             raise SegmentError(422, str(e)) from None
         self.features.remeasure(image_id)  # the first session adds the model's cache to the features
-        start = self._start_sources.get(outcome.session, "blank")
+        start, start_kind = self._start_sources.get(outcome.session, ("blank", "blank"))
         result = outcome.result
         mask = result.mask
         if req.box is not None:
@@ -145,21 +150,29 @@ class SegmentEngine:
         t.update(interact=(t2 - t1) * 1e3, actor_total=(t3 - t0) * 1e3, **starts)
         t["polygon" if polygons is not None else "rle"] = (t3 - t2) * 1e3
         return SegmentResult(rle=rle, score=score, image_id=image_id, path=outcome.path, steps=outcome.steps,
-                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand, start=start,
+                             area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand, start=start, start_kind=start_kind,
                              polygons=polygons, polygon_iou=polygon_iou)
 
     def _new_session(self, feats: ImageFeatures, req: SegmentRequest, timings: dict) -> InteractiveSession:
-        """A session for the region: from the on-screen mask under its first positive click, else blank.
-        Chosen once per session (sessions.py keeps it), so later clicks decode nothing."""
+        """A session for the region: after the clicks that made the on-screen region under its first positive
+        click (when its meta has them, for this model, and they reproduce it), else from that region's mask,
+        else blank. Chosen once per session (sessions.py keeps it), so later clicks decode and replay nothing."""
         t0 = time.perf_counter()
-        mask = start_mask(req.start, req.clicks)
-        source = req.start.source if mask is not None else "blank"
-        session = self.predictor.session(feats, box=req.box, initial_mask=mask)
-        self._start_sources[session] = source
+        found = start_region(req.start, req.clicks)
+        session, kind = None, "blank"
+        if found is not None and found.clicks is not None and req.box is None and found.clicks.model == self.model_key:
+            replayed = self.predictor.session(feats, initial_clicks=found.clicks.clicks)
+            if iou(found.mask, replayed.result.mask) >= REPLAY_AGREEMENT:
+                session, kind = replayed, "clicks"
+        if session is None:
+            session = self.predictor.session(feats, box=req.box, initial_mask=None if found is None else found.mask)
+            kind = "blank" if found is None else "mask"
+        source = "blank" if found is None else req.start.source
+        self._start_sources[session] = (source, kind)
         if req.start is not None:
             timings["start_mask"] = (time.perf_counter() - t0) * 1e3
             log_event(log, "session start", image_id=req.image_id, region=req.region_key, start=source,
-                      candidates=len(req.start.shapes))
+                      start_kind=kind, replayed=len(session.start.clicks), candidates=len(req.start.shapes))
         return session
 
     def _features(self, image_id: str | None, req: SegmentRequest, t: dict) -> tuple[ImageFeatures, bool, str]:

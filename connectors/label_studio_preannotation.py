@@ -83,16 +83,19 @@ class ProjectLink:
                 delivered.add(j.key)
         return TaskAttachment(out, delivered, created, [{"image_id": i, "task": t} for i, t in extra])
 
-    def pusher(self, model_version: str, task_of: dict[str, int]) -> "Pusher":
-        return Pusher(self.project, model_version, self.cfg.push_batch, task_of)
+    def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str) -> "Pusher":
+        return Pusher(self.project, model_version, self.cfg.push_batch, task_of, fingerprint)
 
 
 class Pusher:
-    """Buffers predictions and imports them into Label Studio `batch` at a time."""
+    """Buffers predictions and imports them into Label Studio `batch` at a time; each region carries the
+    clicks that made it, keyed by the model's `fingerprint` (connectors/region_meta.py)."""
 
-    def __init__(self, project: LabelStudioProject, model_version: str, batch: int, task_of: dict[str, int]) -> None:
+    def __init__(self, project: LabelStudioProject, model_version: str, batch: int, task_of: dict[str, int],
+                 fingerprint: str) -> None:
         self.project = project
         self.model_version = model_version
+        self.fingerprint = fingerprint
         self.batch = batch
         self.task_of = task_of  # ImageJob.key -> task id
         self.buffer: list[dict] = []
@@ -103,7 +106,7 @@ class Pusher:
         task_id = self.task_of.get(result.key)
         if task_id is None:
             return
-        prediction = prediction_for(result, task_id, self.project.brush, self.model_version)
+        prediction = prediction_for(result, task_id, self.project.brush, self.model_version, self.fingerprint)
         if prediction is not None:
             self.buffer.append(prediction)
         if len(self.buffer) >= self.batch:

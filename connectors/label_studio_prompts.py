@@ -42,6 +42,7 @@ from .protocol import (
     parse_body,
     percent_to_pixel,
 )
+from .region_meta import click_meta
 from .rle import mask_to_rle
 
 PROMPT_SOURCES = ("annotations", "predictions")
@@ -183,9 +184,12 @@ def region_id(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def prediction_for(result: ImageResult, task_id: int, output: ControlTag, model_version: str) -> dict | None:
+def prediction_for(result: ImageResult, task_id: int, output: ControlTag, model_version: str,
+                   fingerprint: str | None = None) -> dict | None:
     """The task's prediction: per segmented object, one brush region or (an `output` PolygonLabels tag, masks
-    delivered as polygons) one polygon region per part; None when no object has a region."""
+    delivered as polygons) one polygon region per part; None when no object has a region. With the model's
+    `fingerprint`, each region of an object prompted by clicks or a mask carries the clicks that made it in
+    its `meta` (connectors/region_meta.py), so that the backend can continue that session."""
     polygon = output.type == "polygonlabels"
     regions = []
     for o in result.objects:
@@ -196,10 +200,12 @@ def prediction_for(result: ImageResult, task_id: int, output: ControlTag, model_
                         original_size=size, output_type=output.type)
         if polygon:
             points = o.mask_polygons(size).label_studio_points()
-            regions.extend(mask_results(prompt, o.score or 0.0, polygons=points, region_id=region_id(o.key)))
+            found = mask_results(prompt, o.score or 0.0, polygons=points, region_id=region_id(o.key))
         else:
-            regions.extend(mask_results(prompt, o.score or 0.0, rle=mask_to_rle(decode_rle(o.rle)),
-                                        region_id=region_id(o.key)))
+            found = mask_results(prompt, o.score or 0.0, rle=mask_to_rle(decode_rle(o.rle)),
+                                 region_id=region_id(o.key))
+        meta = click_meta(o.clicks, fingerprint) if fingerprint is not None and o.kind != "box" else None
+        regions.extend({**r, "meta": meta} if meta else r for r in found)
     if not regions:
         return None
     score = sum(r["score"] for r in regions) / len(regions)

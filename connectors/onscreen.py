@@ -12,6 +12,10 @@ Label Studio is needed. Which mask wins:
 3. within that source, the first region (in its order) whose mask contains the region's first positive
    click: the object the annotator clicked on. No region under the click: a blank start (a new object).
 
+A region pre-annotated by jobs/preannotate.py also carries the clicks that made it (region_meta.py); the engine
+then continues that session rather than starting from the mask alone, when its model matches and the clicks
+still reproduce the mask on screen.
+
 Regions this backend returned interactively carry ids starting with `INTERACTIVE_ID_PREFIX` and are
 never a start mask, so a draft that saved the answer being refined does not feed back into it. The
 choice is made once, when the region's session is created, and cached with the session (sessions.py):
@@ -29,6 +33,7 @@ from interformer.clicks import Click
 from pipeline.polygons import rasterize
 
 from .protocol import Prompt, Task
+from .region_meta import StartClicks, parse_click_meta
 from .rle import rle_to_mask
 
 INTERACTIVE_ID_PREFIX = "ifx-"
@@ -48,6 +53,15 @@ class StartCandidates:
     # ("polygon", (k, 2) float64 points in percent of the width / height)
     shapes: tuple[tuple[str, np.ndarray], ...]
     size: tuple[int, int]  # (H, W) of the masks
+    clicks: tuple[StartClicks | None, ...] = ()  # per shape: the clicks in its meta, if it has valid ones
+
+
+@dataclass(frozen=True)
+class OnScreenStart:
+    """The region under the first positive click: its mask and, if its meta has them, the clicks that made it."""
+
+    mask: np.ndarray  # bool, original size
+    clicks: StartClicks | None = None
 
 
 def _stamp(item: dict[str, Any]) -> str:
@@ -76,8 +90,9 @@ def _points(points: Any) -> np.ndarray | None:
     return np.clip(arr, 0.0, 100.0)  # percent: never rasterise far outside the image (cost grows with extent)
 
 
-def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray]]:
-    """Shapes of the brush / polygon regions in `result` with the prompt's label, image and size."""
+def _regions(result: Any, prompt: Prompt) -> list[tuple[tuple[str, np.ndarray], StartClicks | None]]:
+    """Shapes (and their meta's clicks) of the brush / polygon regions in `result` with the prompt's label,
+    image and size."""
     out = []
     for r in result if isinstance(result, list) else []:
         if not isinstance(r, dict) or r.get("type") not in ("brushlabels", "polygonlabels"):
@@ -97,7 +112,7 @@ def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray]]:
         else:
             shape = ("polygon", _points(value.get("points")))
         if shape[1] is not None:
-            out.append(shape)
+            out.append((shape, parse_click_meta(r.get("meta"), tuple(prompt.original_size))))
     return out
 
 
@@ -105,9 +120,10 @@ def _newest(items: Iterable[tuple[str, dict[str, Any]]], prompt: Prompt) -> Star
     ranked = sorted((it for it in items if isinstance(it[1], dict) and not it[1].get("was_cancelled")),
                     key=lambda it: _stamp(it[1]), reverse=True)
     for kind, item in ranked:
-        shapes = _regions(item.get("result"), prompt)
-        if shapes:
-            return StartCandidates(f"{kind}:{item.get('id')}", tuple(shapes), tuple(prompt.original_size))
+        regions = _regions(item.get("result"), prompt)
+        if regions:
+            return StartCandidates(f"{kind}:{item.get('id')}", tuple(s for s, _ in regions),
+                                   tuple(prompt.original_size), tuple(c for _, c in regions))
     return None
 
 
@@ -119,11 +135,17 @@ def onscreen_candidates(task: Task, prompt: Prompt) -> StartCandidates | None:
 
 def start_mask(candidates: StartCandidates | None, clicks: tuple[Click, ...]) -> np.ndarray | None:
     """The first candidate mask under the first positive click (bool, original size), else None."""
+    found = start_region(candidates, clicks)
+    return None if found is None else found.mask
+
+
+def start_region(candidates: StartCandidates | None, clicks: tuple[Click, ...]) -> OnScreenStart | None:
+    """The first candidate region whose mask is under the first positive click, else None."""
     first = next((c for c in clicks if c.positive), None)
     if candidates is None or first is None:
         return None
     h, w = candidates.size
-    for kind, data in candidates.shapes:
+    for i, (kind, data) in enumerate(candidates.shapes):
         try:
             if kind == "rle":
                 mask = rle_to_mask(data, h, w)
@@ -132,5 +154,5 @@ def start_mask(candidates: StartCandidates | None, clicks: tuple[Click, ...]) ->
         except Exception:  # noqa: BLE001 - a region from the request that does not decode is no start mask
             continue
         if 0 <= first.row < h and 0 <= first.col < w and mask[first.row, first.col]:
-            return mask
+            return OnScreenStart(mask, candidates.clicks[i] if i < len(candidates.clicks) else None)
     return None

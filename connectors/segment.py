@@ -58,6 +58,7 @@ class SegmentResult:
     encoded_on_demand: bool = False
     actor: int = -1
     start: str = "blank"  # what the region's session started from: "blank" or the source of its mask
+    start_kind: str = "blank"  # "blank", "mask" (the region's mask) or "clicks" (the clicks in its meta, replayed)
     polygons: list[list[list[float]]] | None = None  # output "polygonlabels": per polygon [[x%, y%], ...]
     polygon_iou: float | None = None  # IoU of those polygons against the mask
 

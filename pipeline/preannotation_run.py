@@ -145,7 +145,7 @@ class LabelStudioLink(Protocol):
 
     def attach_tasks(self, jobs: list[ImageJob], model_version: str) -> TaskAttachment: ...
 
-    def pusher(self, model_version: str, task_of: dict[str, int]) -> PredictionPusher: ...
+    def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str) -> PredictionPusher: ...
 
 
 class OutputError(ValueError):
@@ -204,7 +204,7 @@ def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> 
 
     pusher = None
     if cfg.push:
-        pusher = label_studio.pusher(model_version, {j.key: j.task_id for j in jobs})
+        pusher = label_studio.pusher(model_version, {j.key: j.task_id for j in jobs}, fingerprint)
         for key in sorted(finished - delivered):
             pusher.add(done[key])
     image_access = label_studio.image_access if label_studio is not None else None

@@ -94,20 +94,27 @@ def _predictor(checkpoint: str | None, variant: str | None) -> Predictor:
 
 
 def reference_mask(checkpoint: Path | None, db: Path, table: str, image_id: str, clicks: list[Click], box=None,
-                   variant: str | None = None, initial_mask: np.ndarray | None = None) -> np.ndarray:
-    """The model's mask for `clicks` (from `initial_mask` when given), computed in this process from the
-    image's stored features."""
+                   variant: str | None = None, initial_mask: np.ndarray | None = None,
+                   initial_clicks: list[Click] | None = None) -> np.ndarray:
+    """The model's mask for `clicks` (from `initial_mask`, or after `initial_clicks`, when given), computed in
+    this process from the image's stored features."""
     from pipeline.feature_store import FeatureReader
 
     predictor = _predictor(str(checkpoint) if checkpoint else None, variant)
     feats = FeatureReader(str(db), predictor.fingerprint, table=table).get(image_id)
-    mask = predictor.session(feats, box=box, initial_mask=initial_mask).replay(clicks).mask.copy()
+    session = predictor.session(feats, box=box, initial_mask=initial_mask, initial_clicks=initial_clicks)
+    mask = session.replay(clicks).mask.copy()
     if box is not None:
         left, up, right, bottom = box
         bounded = np.zeros_like(mask)
         bounded[up:bottom, left:right] = mask[up:bottom, left:right]
         mask = bounded
     return mask
+
+
+def model_fingerprint(checkpoint: Path | None, variant: str | None = None) -> str:
+    """The feature fingerprint of the model the backend serves from `checkpoint`."""
+    return _predictor(str(checkpoint) if checkpoint else None, variant).fingerprint
 
 
 def keypoint(x_pct: float, y_pct: float, size: tuple[int, int], positive: bool = True, label: str = "object",

@@ -3,16 +3,19 @@ session starts from it, keeps it while clicks are added, and answers what the AP
 session answers. Real model, real feature table, the in-process engine behind the FastAPI app."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from backend_support import (LABEL_CONFIG, encode_into_store, grabcut_images, keypoint, make_checkpoint, pixel,
-                             reference_mask, write_png)
+from backend_support import (LABEL_CONFIG, encode_into_store, grabcut_images, keypoint, make_checkpoint,
+                             model_fingerprint, pixel, reference_mask, write_png)
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.engine import EngineConfig, InProcessSegmenter
-from connectors.onscreen import INTERACTIVE_ID_PREFIX, StartCandidates, onscreen_candidates, start_mask
+from connectors.onscreen import INTERACTIVE_ID_PREFIX, StartCandidates, onscreen_candidates, start_mask, start_region
+from connectors.region_meta import MAX_START_CLICKS, click_meta, model_key, parse_click_meta
 from connectors.protocol import ContextItem, ProtocolError, Task, parse_label_config, prompt_from_items
 from connectors.rle import mask_to_rle, rle_to_mask
 from connectors.server import ServerSettings, create_app
@@ -122,8 +125,63 @@ def ask(env, items: list[dict], predictions=(), drafts=()) -> tuple[np.ndarray, 
     return rle_to_mask(reg["value"]["rle"], *SIZE), reg, r.headers["server-timing"]
 
 
-def expected(env, clicks, initial=None) -> np.ndarray:
-    return reference_mask(env["ckpt"], env["tmp"] / "db", "features", "img-0", clicks, initial_mask=initial)
+def expected(env, clicks, initial=None, initial_clicks=None) -> np.ndarray:
+    return reference_mask(env["ckpt"], env["tmp"] / "db", "features", "img-0", clicks, initial_mask=initial,
+                          initial_clicks=initial_clicks)
+
+
+PRE = [Click(30, 20, True), Click(5, 5, False), Click(40, 30, True)]  # a pre-annotation's clicks (inside LEFT)
+
+
+def as_lists(clicks) -> list[list[int]]:
+    return [[c.row, c.col, int(c.positive)] for c in clicks]
+
+
+def inside_keypoint(mask: np.ndarray, item_id: str) -> tuple[dict, Click]:
+    """A keypoint at a pixel in the middle of `mask`'s foreground, and the click it becomes."""
+    inside = np.argwhere(mask)
+    row, col = inside[len(inside) // 2]
+    x, y = (col + 0.5) * 100.0 / SIZE[1], (row + 0.5) * 100.0 / SIZE[0]
+    return keypoint(x, y, SIZE, item_id=item_id), pixel(x, y, SIZE)
+
+
+def test_a_prediction_that_carries_its_clicks_continues_that_session(env):
+    """What jobs/preannotate.py pushes (the mask and, in meta, the clicks that made it) is refined by
+    replaying those clicks first: the answers equal one session that made PRE and then the annotator's
+    clicks, not the session from the mask alone."""
+    pre_mask = expected(env, PRE)
+    meta = click_meta(as_lists(PRE), model_fingerprint(env["ckpt"]))
+    pred = {"id": 21, "result": [region(pre_mask, meta=meta)]}
+    item, click = inside_keypoint(pre_mask, "c1")
+    mask, reg, _ = ask(env, [item], predictions=[pred])
+    np.testing.assert_array_equal(mask, expected(env, PRE + [click]))
+    assert not np.array_equal(mask, expected(env, [click], pre_mask))
+    assert "meta" not in reg  # the backend's answers carry no clicks of their own
+    second = [item, keypoint(90, 90, SIZE, positive=False, item_id="c2")]
+    mask, _, _ = ask(env, second, predictions=[pred])
+    np.testing.assert_array_equal(mask, expected(env, PRE + [click, pixel(90, 90, SIZE, positive=False)]))
+
+
+def test_clicks_of_another_model_or_that_no_longer_give_the_mask_fall_back_to_the_mask(env):
+    pre_mask = expected(env, PRE)
+    item, click = inside_keypoint(pre_mask, "d1")
+    other_model = {"id": 22, "result": [region(pre_mask, meta=click_meta(as_lists(PRE), "another model"))]}
+    mask, _, _ = ask(env, [item], predictions=[other_model])
+    np.testing.assert_array_equal(mask, expected(env, [click], pre_mask))
+    # the region was edited after pre-annotation (here: replaced by another shape): its clicks are stale
+    edited = np.zeros_like(pre_mask)
+    edited[row_slice(pre_mask)] = True
+    stale = {"id": 23, "result": [region(edited, meta=click_meta(as_lists(PRE), model_fingerprint(env["ckpt"])))]}
+    item, click = inside_keypoint(edited, "d2")
+    mask, _, _ = ask(env, [item], predictions=[stale])
+    np.testing.assert_array_equal(mask, expected(env, [click], edited))
+
+
+def row_slice(mask: np.ndarray) -> slice:
+    """A band of rows through the middle of the mask's foreground (an edit far from the replayed mask)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    mid = (rows[0] + rows[-1]) // 2
+    return slice(max(0, mid - 3), mid + 3)
 
 
 def test_a_click_on_a_predicted_object_refines_that_mask_and_keeps_it_for_the_session(env):
@@ -197,8 +255,13 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-300, 300) | st.flo
 _value = st.fixed_dictionaries({}, optional={"format": st.sampled_from(["rle", "x"]), "rle": _json,
                                              "points": _json, "brushlabels": st.just(["object"]) | _json,
                                              "polygonlabels": st.just(["object"]) | _json})
+_click = st.lists(st.integers(-2, 100) | st.booleans() | st.floats(allow_nan=True) | _json, min_size=0, max_size=4)
+_meta = st.fixed_dictionaries({"interformer": st.fixed_dictionaries({}, optional={
+    "model": st.just(model_key("fp")) | st.text(max_size=17) | _json,
+    "clicks": st.lists(_click | _json, max_size=MAX_START_CLICKS + 2) | _json}) | _json})
 _region = st.fixed_dictionaries({"type": st.sampled_from(["brushlabels", "polygonlabels", "keypointlabels"]) | _json},
                                 optional={"id": _json, "to_name": st.just("image") | _json, "value": _value | _json,
+                                          "meta": _meta | _json,
                                           "original_height": st.just(SIZE[0]) | _json,
                                           "original_width": st.just(SIZE[1]) | _json})
 _item = st.fixed_dictionaries({}, optional={"id": _json, "result": st.lists(_region, max_size=3) | _json,
@@ -210,8 +273,43 @@ _item = st.fixed_dictionaries({}, optional={"id": _json, "result": st.lists(_reg
 def test_hostile_task_contents_never_break_a_click(annotations, drafts, predictions):
     task = Task(id=1, data={}, annotations=annotations, drafts=drafts, predictions=predictions)
     p = prompt(*ON_LEFT)
-    mask = start_mask(onscreen_candidates(task, p), p.clicks)
-    assert mask is None or (mask.shape == SIZE and mask.dtype == bool)
+    found = start_region(onscreen_candidates(task, p), p.clicks)
+    assert found is None or (found.mask.shape == SIZE and found.mask.dtype == bool)
+    if found is not None and found.clicks is not None:
+        assert found.clicks.model == model_key("fp") and 0 < len(found.clicks.clicks) <= MAX_START_CLICKS
+        assert all(0 <= c.row < SIZE[0] and 0 <= c.col < SIZE[1] for c in found.clicks.clicks)
+
+
+_REGION_IDS = itertools.count()  # a new region per example: a stored session would answer from its own start
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 100), st.integers(-3, 100), st.integers(-1, 2)), max_size=MAX_START_CLICKS + 3))
+def test_any_clicks_in_a_regions_meta_answer_or_fall_back_never_fail(env, raw):
+    """Clicks of this very model, in or out of the image, too many, odd flags: the click is always answered,
+    from the replayed clicks when they are valid and reproduce the region, else from its mask."""
+    meta = {"interformer": {"model": model_key(model_fingerprint(env["ckpt"])), "clicks": [list(c) for c in raw]}}
+    pred = {"id": 30, "result": [region(LEFT, meta=meta)]}
+    mask, _, _ = ask(env, [keypoint(*ON_LEFT, SIZE, item_id=f"h{next(_REGION_IDS)}")], predictions=[pred])
+    valid = parse_click_meta(meta, SIZE)
+    assert valid is None or list(valid.clicks) == [Click(r, c, bool(p)) for r, c, p in raw]
+    click = pixel(*ON_LEFT, SIZE)
+    assert (np.array_equal(mask, expected(env, [click], LEFT))
+            or (valid is not None and np.array_equal(mask, expected(env, [click], initial_clicks=list(valid.clicks)))))
+
+
+def test_click_meta_round_trips_and_refuses_what_it_would_not_write():
+    clicks = as_lists(PRE)
+    meta = click_meta(clicks, "fp")
+    assert parse_click_meta(meta, SIZE).clicks == tuple(PRE) and parse_click_meta(meta, SIZE).model == model_key("fp")
+    assert click_meta([], "fp") is None and click_meta([[1, 1, 1]] * (MAX_START_CLICKS + 1), "fp") is None
+    assert parse_click_meta(meta, (40, 96)) is None  # a click on row 40 of a 40-row image
+    for bad in ({"interformer": {**meta["interformer"], "model": "fp"}},
+                {"interformer": {**meta["interformer"], "clicks": [[1.0, 2, 1]]}},
+                {"interformer": {**meta["interformer"], "clicks": [[True, 2, 1]]}},
+                {"interformer": {**meta["interformer"], "clicks": [[1, 2, 2]]}},
+                {"interformer": {**meta["interformer"], "clicks": []}}, {"text": ["a note"]}, None, []):
+        assert parse_click_meta(bad, SIZE) is None
 
 
 def test_an_rle_claiming_another_size_is_refused_before_decoding():

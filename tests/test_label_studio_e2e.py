@@ -35,6 +35,7 @@ from backend_support import (
     write_png,
 )
 
+from connectors.region_meta import parse_click_meta
 from connectors.rle import rle_to_mask
 from pipeline.polygons import mask_to_polygons
 
@@ -231,6 +232,18 @@ def test_batch_predictions_from_stored_keypoints_and_the_webhook(stack, project)
     assert hook["status"] == 200
 
 
+def preannotate(stack, project_id: int, run: str) -> None:
+    """jobs/preannotate.py --push on a project, as a user runs it (its own process, Label Studio's env)."""
+    env = {**os.environ, **stack["ls"].env()}
+    log = stack["tmp"] / f"{run}.log"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, str(ROOT / "jobs" / "preannotate.py"), "--ls-project",
+                               str(project_id), "--push", "--db", str(stack["tmp"] / "db"), "--checkpoint",
+                               str(stack["ckpt"]), "--workers", "0", "--run-dir", str(stack["tmp"] / run)],
+                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+    assert done.returncode == 0, log.read_text()[-4000:]
+
+
 def test_a_click_on_a_pre_annotated_object_refines_the_prediction(stack, project):
     """Pre-annotate a task with jobs/preannotate.py --push (a box drawn in Label Studio), then click on that
     object through Label Studio: the answer is the API's initial_mask session on the prediction's mask."""
@@ -240,17 +253,11 @@ def test_a_click_on_a_pre_annotated_object_refines_the_prediction(stack, project
     (tid,) = client.projects.import_tasks(id=p.id, return_task_ids=True, request=[{"data": {
         "image": f"/data/local-files/?d={stack['storage'].name}/encoded/{image_id}", "image_id": image_id}}]).task_ids
     client.annotations.create(id=tid, result=[rectangle(20, 15, 55, 70, SIZE, item_id="box")])
-    env = {**os.environ, **stack["ls"].env()}
-    log = stack["tmp"] / "preannotate.log"
-    with open(log, "w") as out:
-        done = subprocess.run([sys.executable, str(ROOT / "jobs" / "preannotate.py"), "--ls-project", str(p.id),
-                               "--push", "--db", str(stack["tmp"] / "db"), "--checkpoint", str(stack["ckpt"]),
-                               "--workers", "0", "--run-dir", str(stack["tmp"] / "refine-run")],
-                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900)
-    assert done.returncode == 0, log.read_text()[-4000:]
+    preannotate(stack, p.id, "refine-run")
     (pred,) = list(client.predictions.list(task=tid))
     prior = decode({"result": [dict(r) for r in pred.result]})
     assert 0 < prior.sum() < prior.size
+    assert "meta" not in dict(pred.result[0])  # a box prompt's region bounds its mask: no clicks to replay
     ml = client.ml.create(project=p.id, url=stack["backend_url"], title="InterFormer", is_interactive=True,
                           auth_method="BASIC_AUTH", basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1])
     inside = np.argwhere(prior)
@@ -264,6 +271,41 @@ def test_a_click_on_a_pre_annotated_object_refines_the_prediction(stack, project
     np.testing.assert_array_equal(answer, refined)
     assert not np.array_equal(answer, reference_mask(stack["ckpt"], db, "features", image_id, clicks))
     stack["log"].wait_for(lambda r: r.get("start") == f"prediction:{pred.id}", f"a session started from prediction {pred.id}")
+
+
+def test_a_click_on_an_object_pre_annotated_from_points_continues_its_clicks(stack, project):
+    """Keypoints drawn in Label Studio -> jobs/preannotate.py --push: the prediction's region keeps, through
+    Label Studio's import and its /predict body, the clicks that made it (region meta); a click on the object
+    through Label Studio answers what one session making those clicks and then this one answers."""
+    client, name = project["client"], stack["images"][0][0]
+    image_id = f"{name}.png"
+    p = client.projects.create(title="refine clicks e2e", label_config=LABEL_CONFIG)
+    (tid,) = client.projects.import_tasks(id=p.id, return_task_ids=True, request=[{"data": {
+        "image": f"/data/local-files/?d={stack['storage'].name}/encoded/{image_id}", "image_id": image_id}}]).task_ids
+    prompts = [keypoint(45, 50, SIZE, item_id="p1"), keypoint(10, 10, SIZE, positive=False, item_id="p2")]
+    client.annotations.create(id=tid, result=prompts)
+    preannotate(stack, p.id, "refine-clicks-run")
+    (pred,) = list(client.predictions.list(task=tid))
+    stored = parse_click_meta(dict(pred.result[0]).get("meta"), SIZE)
+    assert stored is not None and list(stored.clicks) == [pixel(45, 50, SIZE), pixel(10, 10, SIZE, False)]
+    prior = decode({"result": [dict(r) for r in pred.result]})
+    db = stack["tmp"] / "db"
+    np.testing.assert_array_equal(prior, reference_mask(stack["ckpt"], db, "features", image_id, list(stored.clicks)))
+    ml = client.ml.create(project=p.id, url=stack["backend_url"], title="InterFormer", is_interactive=True,
+                          auth_method="BASIC_AUTH", basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1])
+    inside = np.argwhere(prior)
+    row, col = inside[len(inside) // 3]
+    x, y = (col + 0.5) * 100.0 / SIZE[1], (row + 0.5) * 100.0 / SIZE[0]
+    clicks = [pixel(x, y, SIZE)]
+    raw = client.ml.with_raw_response.predict_interactive(id=ml.id, task=tid,
+                                                          context={"result": [keypoint(x, y, SIZE, item_id="fix")]})
+    answer = decode(raw.response.json()["data"])
+    np.testing.assert_array_equal(answer, reference_mask(stack["ckpt"], db, "features", image_id, clicks,
+                                                         initial_clicks=list(stored.clicks)))
+    assert not np.array_equal(answer, reference_mask(stack["ckpt"], db, "features", image_id, clicks,
+                                                     initial_mask=prior))
+    stack["log"].wait_for(lambda r: r.get("start") == f"prediction:{pred.id}" and r.get("start_kind") == "clicks",
+                          f"a session continuing prediction {pred.id}'s clicks")
 
 
 POLYGON_CONFIG = """<View>

@@ -9,10 +9,12 @@ from backend_support import LABEL_CONFIG, keypoint, rectangle
 
 from connectors.label_studio_prompts import prediction_for, region_id, task_prompts
 from connectors.protocol import box_to_click, parse_label_config
+from connectors.region_meta import StartClicks, model_key, parse_click_meta
 from connectors.rle import rle_to_mask
 from interformer.clicks import Click
 from pipeline.coco_output import coco_annotations, coco_results
 from pipeline.ledger import Ledger, LedgerError
+from pipeline.polygons import mask_to_polygons
 from pipeline.preannotation import ClickPolicy, ImageResult, ObjectResult
 from pipeline.prompts import (
     ImageJob,
@@ -25,6 +27,10 @@ from pipeline.prompts import (
 )
 
 H, W = 40, 60
+POLYGON_LABEL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image"><Label value="object"/></PolygonLabels>
+</View>"""
 
 
 def doc(annotations, images=None, categories=None) -> dict:
@@ -206,6 +212,27 @@ def test_predictions_carry_brush_rle_that_decodes_to_the_masks():
         np.testing.assert_array_equal(rle_to_mask(region["value"]["rle"], H, W), mask)
     empty = ImageResult("img", "img", "d", [H, W], [])
     assert prediction_for(empty, 17, config.brush_for(None), "mv1") is None
+
+
+def test_regions_prompted_by_clicks_or_masks_carry_their_clicks_for_the_backend():
+    """Each region of a points- or mask-prompted object names its clicks and model in `meta` (what the backend
+    replays, connectors/region_meta.py); a box-prompted one does not (its box bounds the mask); polygon parts
+    all carry their object's clicks; without a fingerprint nothing is added."""
+    config = parse_label_config(LABEL_CONFIG)
+    clicks = [[3, 4, 1], [10, 2, 0]]
+    objects = [ObjectResult(k, "img", "object", kind, "ok", clicks=clicks, score=0.5, area=int(square().sum()),
+                            rle=encode_mask(square())) for k, kind in (("p", "points"), ("m", "mask"), ("b", "box"))]
+    result = ImageResult("img", "img", "d", [H, W], objects)
+    regions = prediction_for(result, 17, config.brush_for(None), "mv1", fingerprint="fp")["result"]
+    assert [parse_click_meta(r.get("meta"), (H, W)) for r in regions] == [
+        StartClicks(model_key("fp"), (Click(3, 4, True), Click(10, 2, False)))] * 2 + [None]
+    assert all("meta" not in r for r in prediction_for(result, 17, config.brush_for(None), "mv1")["result"])
+    two_parts = square() | square(30, 40, 5)
+    poly = [ObjectResult("q", "img", "object", "points", "ok", clicks=clicks, score=0.5, area=int(two_parts.sum()),
+                         polygons=mask_to_polygons(two_parts).coco(), polygon_iou=1.0)]
+    polygon_tag = parse_label_config(POLYGON_LABEL_CONFIG).output_for(None, "object")
+    parts = prediction_for(ImageResult("img", "img", "d", [H, W], poly), 17, polygon_tag, "mv1", "fp")["result"]
+    assert len(parts) == 2 and all(parse_click_meta(r["meta"], (H, W)).model == model_key("fp") for r in parts)
 
 
 def test_coco_files_hold_only_segmented_objects():
