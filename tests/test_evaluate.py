@@ -22,7 +22,6 @@ from pipeline.evaluation import (
     pad_to,
     read_results,
 )
-from pipeline.metrics import iou
 from pipeline.segmenters import SegmenterSpec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -142,7 +142,7 @@ def test_label_studio_paths_are_fetched_with_the_key_and_redirects_checked(serve
 
 
 def test_a_named_storage_host_gets_redirects_without_the_key_and_only_at_checked_addresses(servers, net):
-    ls, forbidden, access = servers["ls"], servers["forbidden"], servers["access"]
+    forbidden, access = servers["forbidden"], servers["access"]
     from dataclasses import replace
 
     named = replace(access, storage_hosts=(f"storage.test:{forbidden.port}",))
