@@ -68,3 +68,12 @@ def test_bench_refine_defaults_to_every_dataset():
     assert module.parse_args(["Berkeley"]).datasets == ["Berkeley"]
     with pytest.raises(SystemExit):
         module.parse_args(["COCO"])
+
+
+def test_profile_click_network_lists_the_layers_of_the_compiled_network(tmp_path):
+    out = tmp_path / "profile.json"
+    assert _load(BENCH / "profile_click_network.py").main(["--size", "64", "--runs", "1", "--top", "3",
+                                                             "--out", str(out)]) == 0
+    figures = _raw(out)
+    assert figures["layers_ms"] and {"name", "type", "exec", "ms"} <= set(figures["layers_ms"][0])
+    assert sum(r["ms"] for r in figures["layers_ms"]) == pytest.approx(figures["total_ms_median"], abs=0.01 * len(figures["layers_ms"]))

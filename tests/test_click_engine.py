@@ -162,6 +162,38 @@ def test_converted_models_are_reused_from_disk_and_wrong_shapes_fail_loudly(smal
         engine.margin(feats_b.pyramid[0], rl_b, cache_b, None)
 
 
+def test_images_of_one_size_interleaved_on_one_engine_answer_as_on_their_own(small_model, tmp_path):
+    """The engine copies an image's stride-4 map and keys/values into its infer request only when the image
+    changes: clicks alternating between images of one padded size, and an image whose features replaced a
+    freed one's (same ids possible), must answer exactly what a fresh engine answers for each alone."""
+    import gc
+
+    cfg = ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path))
+    shared = Predictor(small_model, device="cpu", engine=cfg)
+    images = [np.random.default_rng(s).integers(0, 256, (64, 96, 3), dtype=np.uint8) for s in (5, 6, 7)]
+    feats = [shared.encode(im) for im in images[:2]]
+    rng = np.random.default_rng(0)
+    refs = []
+    for _ in range(6):
+        ref = np.full(feats[0].geometry.padded_size, UNKNOWN, np.uint8)
+        r, c = rng.integers(0, 54), rng.integers(0, 86)
+        ref[r:r + 10, c:c + 10] = DEF_FG
+        refs.append(ref)
+
+    def alone(image: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        own = Predictor(small_model, device="cpu", engine=cfg)
+        return own.predict_margin(own.encode(image), ref, None)
+
+    for n, ref in enumerate(refs):  # A, B, A, B, ...
+        k = n % 2
+        np.testing.assert_array_equal(shared.predict_margin(feats[k], ref, None), alone(images[k], ref))
+    del feats
+    gc.collect()
+    fresh = shared.encode(images[2])
+    for ref in refs[:2]:
+        np.testing.assert_array_equal(shared.predict_margin(fresh, ref, None), alone(images[2], ref))
+
+
 def test_unknown_engine_is_refused():
     with pytest.raises(ValueError, match="unknown click engine"):
         ClickEngineConfig("tensorrt")
