@@ -15,6 +15,7 @@ from pipeline.image_access import ImageAccess, ImageAccessError, add_image_acces
 from pipeline.ray_runtime import LOCAL, RayStartError, init_ray
 
 from .logs import get_logger, log_event, setup_logging
+from .region_meta import REFINE_STARTS
 
 log = get_logger("cli")
 
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "undo, and the image's features), in MiB (default: %(default)s)")
     p.add_argument("--max-clicks", type=int, default=100,
                    help="clicks of one region served per request; more get a 413 (default: %(default)s)")
+    p.add_argument("--refine-from", choices=REFINE_STARTS, default="clicks",
+                   help="a click on a pre-annotated region: continue the clicks its meta keeps (fewer corrective "
+                   "clicks; the region's first click replays them) or start from its mask alone (no replay) "
+                   "(default: %(default)s)")
     p.add_argument("--no-encode-on-demand", action="store_true",
                    help="answer 404 for images without features instead of encoding them on a CPU actor")
     add_image_access_arguments(p)
@@ -155,6 +160,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.actors),
         access=access,
         click_engine=click_engine_config(args),
+        refine_from=args.refine_from,
     )
     settings = ServerSettings(
         model_version=model_version(checkpoint, variant, args.seed),

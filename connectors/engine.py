@@ -45,7 +45,7 @@ from pipeline.polygons import mask_to_polygons
 from .logs import get_logger, log_event
 from .memory import ByteLRU, buffer_bytes
 from .onscreen import start_region
-from .region_meta import model_key
+from .region_meta import REFINE_STARTS, model_key
 from .rle import mask_to_rle
 from .segment import SegmentError, SegmentRequest, SegmentResult
 from .sessions import SessionStore
@@ -71,6 +71,11 @@ class EngineConfig:
     threads: int = 1  # torch intra-op threads per actor
     access: ImageAccess = field(default_factory=ImageAccess)  # where on-demand encoding may read images
     click_engine: ClickEngineConfig = field(default_factory=ClickEngineConfig)  # what runs each click
+    refine_from: str = "clicks"  # a pre-annotated region: continue its meta's clicks, or "mask" alone (REFINE_STARTS)
+
+    def __post_init__(self) -> None:
+        if self.refine_from not in REFINE_STARTS:
+            raise ValueError(f"refine_from must be one of {REFINE_STARTS}, got {self.refine_from!r}")
 
 
 def _load_predictor(cfg: EngineConfig, interact_only: bool) -> Predictor:
@@ -160,7 +165,8 @@ class SegmentEngine:
         t0 = time.perf_counter()
         found = start_region(req.start, req.clicks)
         session, kind = None, "blank"
-        if found is not None and found.clicks is not None and req.box is None and found.clicks.model == self.model_key:
+        if (found is not None and found.clicks is not None and self.cfg.refine_from == "clicks" and req.box is None
+                and found.clicks.model == self.model_key):
             replayed = self.predictor.session(feats, initial_clicks=found.clicks.clicks)
             if iou(found.mask, replayed.result.mask) >= REPLAY_AGREEMENT:
                 session, kind = replayed, "clicks"

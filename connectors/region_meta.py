@@ -12,7 +12,8 @@ corrective clicks to IoU 0.9 (bench/bench_refine.py, docs/label-studio-backend.m
 feature fingerprint, not the fingerprint itself, so a prediction names no path or weights file.
 
 Box prompts get no clicks: their region bounds the mask, and replaying the centre click without it would not
-reproduce what is on screen. Everything read back is checked (the request body is not trusted): anything
+reproduce what is on screen. The backend's `--refine-from mask` ignores the clicks (no replay on a region's first
+click, at the cost of the corrective clicks they save). Everything read back is checked (the request body is not trusted): anything
 malformed, too long or outside the image is ignored, and the backend starts from the mask.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from interformer.clicks import Click
 
 META_KEY = "interformer"
 MAX_START_CLICKS = 20  # a replay costs one interact step per click, on the region's first click only
+REFINE_STARTS = ("clicks", "mask")  # the backend's --refine-from: continue a region's clicks, or its mask alone
 _MODEL_KEY = re.compile(r"[0-9a-f]{16}")
 
 

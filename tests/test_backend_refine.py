@@ -162,6 +162,20 @@ def test_a_prediction_that_carries_its_clicks_continues_that_session(env):
     np.testing.assert_array_equal(mask, expected(env, PRE + [click, pixel(90, 90, SIZE, positive=False)]))
 
 
+def test_refine_from_mask_ignores_the_clicks(env):
+    """`--refine-from mask`: the same pre-annotated region starts from its mask, no replay."""
+    pre_mask = expected(env, PRE)
+    pred = {"id": 24, "result": [region(pre_mask, meta=click_meta(as_lists(PRE), model_fingerprint(env["ckpt"])))]}
+    item, click = inside_keypoint(pre_mask, "m1")
+    cfg = EngineConfig(db=str(env["tmp"] / "db"), table="features", checkpoint=str(env["ckpt"]), variant="small",
+                       threads=2, refine_from="mask")
+    with TestClient(create_app(ServerSettings(model_version="mv"), InProcessSegmenter(cfg, False))) as client:
+        mask, _, _ = ask({**env, "client": client}, [item], predictions=[pred])
+    np.testing.assert_array_equal(mask, expected(env, [click], pre_mask))
+    with pytest.raises(ValueError, match="refine_from"):
+        EngineConfig(db="db", table="t", checkpoint=None, refine_from="scratch")
+
+
 def test_clicks_of_another_model_or_that_no_longer_give_the_mask_fall_back_to_the_mask(env):
     pre_mask = expected(env, PRE)
     item, click = inside_keypoint(pre_mask, "d1")
