@@ -1,7 +1,8 @@
 """Click engines: what runs the per-click network (I-MSA with cached keys/values + UPerHead).
 
   torch          PyTorch fp32, the reference path (bit-for-bit the model's `decode`).
-  openvino-f32   the same network compiled by OpenVINO in f32 (passes the official parity fixtures).
+  openvino-f32   the same network compiled by OpenVINO in f32 (passes the official parity fixtures), patch
+                 merging rewritten as convolutions for the runtime (`ConvPatchMerging`).
   openvino-bf16  compiled in bf16 (AMX / AVX512-BF16); masks close to fp32, several times faster.
   fast           openvino-bf16 where the CPU has native bf16, openvino-f32 elsewhere.
 
@@ -20,6 +21,7 @@ compiled afresh ran correctly.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling import InterFormer
-from .modeling.imsa import IMSACache, Roi
+from .modeling.imsa import IMSACache, PatchMerging, Roi
 
 log = logging.getLogger("interformer.click_engine")
 
@@ -150,13 +152,50 @@ class TorchEngine:
         return upsample_margin(logits[:, 1:2] - logits[:, 0:1], tuple(ref_label.shape[-2:]))
 
 
+class ConvPatchMerging(nn.Module):
+    """`PatchMerging` rewritten for the runtime: the same function with no unfold and no token transposes.
+
+    PatchMerging is unfold(3x3, stride 2, pad 1) -> LayerNorm over the 9C patch values (zero padding included)
+    -> Linear. With W the Linear weight and g, b the LayerNorm's, each output is
+    (W g) . (p - mean(p)) / sqrt(var(p) + eps) + W b, so (W g) becomes a strided 3x3 convolution and mean(p),
+    mean(p^2) a channel mean followed by a 3x3 average pool. The variance mean(p^2) - mean(p)^2 is taken
+    on x minus its overall mean (padded with x's zeros first, so the LayerNorm still sees them): activations far
+    from zero mean keep their bits. In f32 it matches PatchMerging to about 5e-7 on the click network's output and
+    removes the runtime's im2col and reference-kernel transposes (bench/profile_click_network.py). Used for the
+    f32 engine only: in bf16 the difference of squares would lose too many bits.
+    """
+
+    def __init__(self, merging: PatchMerging) -> None:
+        super().__init__()
+        w = merging.reduction.weight.detach()
+        gamma, beta = merging.norm.weight.detach(), merging.norm.bias.detach()
+        wg = w * gamma[None, :]
+        self.register_buffer("kernel", wg.reshape(w.shape[0], w.shape[1] // 9, 3, 3).contiguous())
+        self.register_buffer("kernel_sum", wg.sum(1).reshape(1, -1, 1, 1))
+        self.register_buffer("bias", (w @ beta).reshape(1, -1, 1, 1))
+        self.eps = merging.norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shifted = F.pad(x, (1, 1, 1, 1)) - x.mean()  # LayerNorm is shift-invariant; the pad stays x's zero
+        mean = F.avg_pool2d(shifted.mean(1, keepdim=True), 3, stride=2)
+        var = (F.avg_pool2d((shifted * shifted).mean(1, keepdim=True), 3, stride=2) - mean * mean).clamp_min(0.0)
+        y = F.conv2d(shifted, self.kernel, stride=2) - mean * self.kernel_sum
+        return y / torch.sqrt(var + self.eps) + self.bias
+
+
 class _ClickNetwork(nn.Module):
     """The per-click network with flat tensor inputs, as the runtime converts it: the stride-4 margin out
-    (upsampled outside: OpenCV's bilinear resize of one channel is ~10x faster than the runtime's)."""
+    (upsampled outside: OpenCV's bilinear resize of one channel is ~10x faster than the runtime's).
+    `conv_merging` converts a copy of the neck whose patch merging is `ConvPatchMerging` (the model is untouched)."""
 
-    def __init__(self, model: InterFormer) -> None:
+    def __init__(self, model: InterFormer, conv_merging: bool = False) -> None:
         super().__init__()
         self.neck = model.neck
+        if conv_merging:
+            self.neck = copy.deepcopy(model.neck)
+            for stage in self.neck.stages:
+                if isinstance(getattr(stage, "downsample", None), PatchMerging):
+                    stage.downsample = ConvPatchMerging(stage.downsample)
         self.head = model.decode_head
 
     def forward(self, x0: torch.Tensor, ref_label: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
@@ -188,6 +227,7 @@ class OpenVINOEngine:
             raise ValueError(f"precision must be f32 or bf16, got {precision!r}")
         self.name = f"openvino-{precision}"
         self.precision = precision
+        self._conv_merging = precision == "f32"  # ConvPatchMerging: exact enough in f32 only
         self.model = model
         self.cache_dir = cache_dir
         self._threads = threads
@@ -211,24 +251,27 @@ class OpenVINOEngine:
             self._digest = weights_digest(self.model)
         size = "x".join(str(v) for v in signature[1][-2:])
         shape_key = hashlib.sha256(repr(signature).encode()).hexdigest()[:12]
-        return self.cache_dir / self._digest / f"click_v4_{size}_{shape_key}.xml"
+        graph = "v5_convmerge" if self._conv_merging else "v4"  # the IR differs per graph, not per precision
+        return self.cache_dir / self._digest / f"click_{graph}_{size}_{shape_key}.xml"
 
     def _build(self, signature, inputs: list[torch.Tensor]):
         import openvino as ov
 
         path = self._ir_path(signature)
-        if path.is_file():
-            ov_model = self._core.read_model(str(path))
-        else:
+        if not path.is_file():
             log.info("converting the click network for input %s with OpenVINO (once per size)", signature[1])
             with torch.no_grad():
-                ov_model = ov.convert_model(_ClickNetwork(self.model).eval(), example_input=tuple(inputs),
+                network = _ClickNetwork(self.model, conv_merging=self._conv_merging).eval()
+                ov_model = ov.convert_model(network, example_input=tuple(inputs),
                                             input=[(list(t.shape), t.dtype) for t in inputs])
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.xml")
             ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
             os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
             os.replace(tmp, path)
+        # Always the saved IR: a freshly converted model can compile to kernels that round differently (2e-7),
+        # and a size must answer the same in the process that converted it and in every later one.
+        ov_model = self._core.read_model(str(path))
         config = {
             "INFERENCE_PRECISION_HINT": self.precision,
             "PERFORMANCE_HINT": "LATENCY",

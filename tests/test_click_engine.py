@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from interformer import Predictor, load_model
@@ -265,3 +265,25 @@ def test_compiled_click_networks_do_not_pin_threads_to_cores(small_model, tmp_pa
     fast.predict_margin(feats, ref, None)
     ((compiled, _, _),) = fast.engine._compiled.values()
     assert compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 19), w=st.integers(1, 19), c=st.sampled_from([4, 8, 16]), offset=st.floats(-8.0, 8.0),
+       scale=st.floats(0.05, 4.0), seed=st.integers(0, 2**16))
+@example(h=6, w=6, c=16, offset=8.0, scale=0.05, seed=1)  # far from zero mean: a plain E[p^2] - E[p]^2 fails here
+def test_conv_patch_merging_is_patch_merging(h, w, c, offset, scale, seed):
+    """The f32 engine's rewrite of PatchMerging (strided convolutions, no unfold) computes the same function,
+    odd sizes (zero padding inside the LayerNorm) and activations far from zero mean included."""
+    from interformer.click_engine import ConvPatchMerging
+    from interformer.modeling.imsa import PatchMerging
+
+    g = torch.Generator().manual_seed(seed)
+    merging = PatchMerging(c, 2 * c)
+    with torch.no_grad():
+        for t in (merging.norm.weight, merging.norm.bias, merging.reduction.weight):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1.0 if t is merging.norm.weight else 0.0))
+    x = torch.randn(1, c, h, w, generator=g) * scale + offset
+    with torch.no_grad():
+        want, got = merging(x), ConvPatchMerging(merging)(x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=2e-4 * max(1.0, float(want.abs().max())))
