@@ -49,11 +49,11 @@ class StartCandidates:
     """Masks of one source that a region's session may start from, in the source's order."""
 
     source: str  # "annotation:<id>", "draft:<id>" or "prediction:<id>"
-    # one per region with the label: ("rle", Label Studio brush RLE bytes as uint8) or
-    # ("polygon", (k, 2) float64 points in percent of the width / height)
-    shapes: tuple[tuple[str, np.ndarray], ...]
+    # one per region with the label: ("rle", Label Studio brush RLE bytes as uint8, clicks) or
+    # ("polygon", (k, 2) float64 points in percent of the width / height, clicks); clicks: those in the
+    # region's meta when it has valid ones (region_meta.py), else None
+    shapes: tuple[tuple[str, np.ndarray, StartClicks | None], ...]
     size: tuple[int, int]  # (H, W) of the masks
-    clicks: tuple[StartClicks | None, ...] = ()  # per shape: the clicks in its meta, if it has valid ones
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,8 @@ def _points(points: Any) -> np.ndarray | None:
     return np.clip(arr, 0.0, 100.0)  # percent: never rasterise far outside the image (cost grows with extent)
 
 
-def _regions(result: Any, prompt: Prompt) -> list[tuple[tuple[str, np.ndarray], StartClicks | None]]:
-    """Shapes (and their meta's clicks) of the brush / polygon regions in `result` with the prompt's label,
+def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray, StartClicks | None]]:
+    """Shapes (with their meta's clicks) of the brush / polygon regions in `result` with the prompt's label,
     image and size."""
     out = []
     for r in result if isinstance(result, list) else []:
@@ -108,11 +108,11 @@ def _regions(result: Any, prompt: Prompt) -> list[tuple[tuple[str, np.ndarray], 
         if (r.get("original_height"), r.get("original_width")) != tuple(prompt.original_size):
             continue
         if r["type"] == "brushlabels" and value.get("format", "rle") == "rle":
-            shape = ("rle", _rle_bytes(value.get("rle")))
+            kind, data = "rle", _rle_bytes(value.get("rle"))
         else:
-            shape = ("polygon", _points(value.get("points")))
-        if shape[1] is not None:
-            out.append((shape, parse_click_meta(r.get("meta"), tuple(prompt.original_size))))
+            kind, data = "polygon", _points(value.get("points"))
+        if data is not None:
+            out.append((kind, data, parse_click_meta(r.get("meta"), tuple(prompt.original_size))))
     return out
 
 
@@ -120,10 +120,9 @@ def _newest(items: Iterable[tuple[str, dict[str, Any]]], prompt: Prompt) -> Star
     ranked = sorted((it for it in items if isinstance(it[1], dict) and not it[1].get("was_cancelled")),
                     key=lambda it: _stamp(it[1]), reverse=True)
     for kind, item in ranked:
-        regions = _regions(item.get("result"), prompt)
-        if regions:
-            return StartCandidates(f"{kind}:{item.get('id')}", tuple(s for s, _ in regions),
-                                   tuple(prompt.original_size), tuple(c for _, c in regions))
+        shapes = _regions(item.get("result"), prompt)
+        if shapes:
+            return StartCandidates(f"{kind}:{item.get('id')}", tuple(shapes), tuple(prompt.original_size))
     return None
 
 
@@ -133,19 +132,13 @@ def onscreen_candidates(task: Task, prompt: Prompt) -> StartCandidates | None:
     return _newest(saved, prompt) or _newest((("prediction", p) for p in task.predictions), prompt)
 
 
-def start_mask(candidates: StartCandidates | None, clicks: tuple[Click, ...]) -> np.ndarray | None:
-    """The first candidate mask under the first positive click (bool, original size), else None."""
-    found = start_region(candidates, clicks)
-    return None if found is None else found.mask
-
-
 def start_region(candidates: StartCandidates | None, clicks: tuple[Click, ...]) -> OnScreenStart | None:
     """The first candidate region whose mask is under the first positive click, else None."""
     first = next((c for c in clicks if c.positive), None)
     if candidates is None or first is None:
         return None
     h, w = candidates.size
-    for i, (kind, data) in enumerate(candidates.shapes):
+    for kind, data, start_clicks in candidates.shapes:
         try:
             if kind == "rle":
                 mask = rle_to_mask(data, h, w)
@@ -154,5 +147,5 @@ def start_region(candidates: StartCandidates | None, clicks: tuple[Click, ...]) 
         except Exception:  # noqa: BLE001 - a region from the request that does not decode is no start mask
             continue
         if 0 <= first.row < h and 0 <= first.col < w and mask[first.row, first.col]:
-            return OnScreenStart(mask, candidates.clicks[i] if i < len(candidates.clicks) else None)
+            return OnScreenStart(mask, start_clicks)
     return None

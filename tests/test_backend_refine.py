@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.engine import EngineConfig, InProcessSegmenter
-from connectors.onscreen import INTERACTIVE_ID_PREFIX, StartCandidates, onscreen_candidates, start_mask, start_region
+from connectors.onscreen import INTERACTIVE_ID_PREFIX, StartCandidates, onscreen_candidates, start_region
 from connectors.region_meta import MAX_START_CLICKS, click_meta, model_key, parse_click_meta
 from connectors.protocol import ContextItem, ProtocolError, Task, parse_label_config, prompt_from_items
 from connectors.rle import mask_to_rle, rle_to_mask
@@ -54,7 +54,8 @@ ON_LEFT, ON_RIGHT = (20.0, 50.0), (75.0, 50.0)  # percent (x, y): inside LEFT / 
 def chosen(task: Task, xy=ON_LEFT) -> tuple[str | None, np.ndarray | None]:
     p = prompt(*xy)
     cands = onscreen_candidates(task, p)
-    return (cands.source if cands else None), start_mask(cands, p.clicks)
+    found = start_region(cands, p.clicks)
+    return (cands.source if cands else None), (None if found is None else found.mask)
 
 
 def test_saved_annotation_or_draft_wins_over_predictions_newest_first():
@@ -95,13 +96,13 @@ def test_regions_of_other_labels_tags_sizes_ours_and_corrupt_ones_are_ignored():
               region(LEFT, rid=INTERACTIVE_ID_PREFIX + "abc"), {**region(LEFT), "type": "polygonlabels"},
               polygon_region([[10, 10], [20, 10]]), polygon_region([[10, 10], [20, "x"], [5, 5]])]
     assert onscreen_candidates(Task(id=1, data={}, drafts=[{"id": 4, "result": others}]), prompt(*ON_LEFT)) is None
-    truncated = StartCandidates("prediction:9", (("rle", np.asarray(mask_to_rle(LEFT)[:8], dtype=np.uint8)),), SIZE)
-    assert start_mask(truncated, prompt(*ON_LEFT).clicks) is None
-    assert start_mask(None, prompt(*ON_LEFT).clicks) is None
+    truncated = StartCandidates("prediction:9", (("rle", np.asarray(mask_to_rle(LEFT)[:8], dtype=np.uint8), None),), SIZE)
+    assert start_region(truncated, prompt(*ON_LEFT).clicks) is None
+    assert start_region(None, prompt(*ON_LEFT).clicks) is None
     negative_only = (Click(30, 20, False),)
     cands = onscreen_candidates(Task(id=1, data={}, predictions=[{"id": 1, "result": [region(LEFT)]}]),
                                 prompt(*ON_LEFT))
-    assert start_mask(cands, negative_only) is None
+    assert start_region(cands, negative_only) is None
 
 
 @pytest.fixture(scope="module")
