@@ -314,12 +314,10 @@ class OpenVINOEngine:
             thread.join(timeout)
         return not self._pending
 
-    def _request(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache):
-        signature = self._signature(x0, ref_label, cache)
+    def _request(self, signature: tuple[tuple[int, ...], ...], inputs: list[torch.Tensor]):
         entry = self._compiled.get(signature)
         if entry is not None:
             return entry
-        inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
         with self._lock:
             entry = self._compiled.get(signature)
             if entry is not None:
@@ -339,18 +337,15 @@ class OpenVINOEngine:
     def margin(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache, roi: Roi | None) -> np.ndarray:
         if roi is not None:
             raise ValueError(f"{self.name} has no zoom-in refine stages to crop (roi {roi})")
-        compiled, request, lock = self._request(x0, ref_label, cache)
+        signature = self._signature(x0, ref_label, cache)
+        inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
+        compiled, request, lock = self._request(signature, inputs)
         if compiled is None:
             return self._fallback.margin(x0, ref_label, cache, roi)
-        inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
-        for port, t in zip(compiled.inputs, inputs):
-            if tuple(t.shape) != tuple(port.get_shape()):  # the compiled graph is static: never guess
-                raise EngineShapeError(f"input {port.get_any_name()} has shape {tuple(t.shape)}, the compiled "
-                                       f"model takes {tuple(port.get_shape())}")
-        signature = self._signature(x0, ref_label, cache)
         with lock:  # an infer request serves one call at a time
             # Inputs are copied into the runtime's own (aligned, padded) buffers: its vector kernels may read
-            # past the end of a tensor, which over a shared numpy buffer can touch an unmapped page. Only the
+            # past the end of a tensor, which over a shared numpy buffer can touch an unmapped page; each copy
+            # checks shape and dtype against the compiled graph's (static) input, never guessing. Only the
             # reference-label map changes between clicks on one image: the stride-4 map and the keys/values
             # (about 20 MB at 512x512) are copied when the image changes, not on every click.
             loaded = self._loaded.get(signature)
