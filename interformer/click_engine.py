@@ -1,10 +1,10 @@
 """Click engines: what runs the per-click network (I-MSA with cached keys/values + UPerHead).
 
   torch          PyTorch fp32, the reference path (bit-for-bit the model's `decode`).
-  openvino-f32   the same network compiled by OpenVINO in f32 (passes the official parity fixtures), patch
-                 merging rewritten as convolutions for the runtime (`ConvPatchMerging`).
+  openvino-f32   the same network compiled by OpenVINO in f32 (passes the official parity fixtures).
   openvino-bf16  compiled in bf16 (AMX / AVX512-BF16); masks close to fp32, several times faster.
   fast           openvino-bf16 where the CPU has native bf16, openvino-f32 elsewhere.
+The OpenVINO engines convert a graph written for the runtime: patch merging as convolutions (`ConvPatchMerging`).
 
 `ClickEngineConfig` is the one way to choose: the API (`Predictor(model, engine=...)`), the backend CLI,
 pre-annotation and evaluation all pass it down. Whatever the runtime cannot take (OpenVINO not installed, a
@@ -155,47 +155,53 @@ class TorchEngine:
 class ConvPatchMerging(nn.Module):
     """`PatchMerging` rewritten for the runtime: the same function with no unfold and no token transposes.
 
-    PatchMerging is unfold(3x3, stride 2, pad 1) -> LayerNorm over the 9C patch values (zero padding included)
-    -> Linear. With W the Linear weight and g, b the LayerNorm's, each output is
-    (W g) . (p - mean(p)) / sqrt(var(p) + eps) + W b, so (W g) becomes a strided 3x3 convolution and mean(p),
-    mean(p^2) a channel mean followed by a 3x3 average pool. The variance mean(p^2) - mean(p)^2 is taken
-    on x minus its overall mean (padded with x's zeros first, so the LayerNorm still sees them): activations far
-    from zero mean keep their bits. In f32 it matches PatchMerging to about 5e-7 on the click network's output and
-    removes the runtime's im2col and reference-kernel transposes (bench/profile_click_network.py). Used for the
-    f32 engine only: in bf16 the difference of squares would lose too many bits.
+    PatchMerging is unfold(3x3, stride 2, pad 1) -> LayerNorm over the 9C values p of a patch (zero padding
+    included) -> Linear. With W the Linear weight and g, b the LayerNorm's, each output is
+    (W g) . (p - mean(p)) / sqrt(var(p) + eps) + W b, which becomes a strided 3x3 convolution. Every statistic
+    is taken about a centre, never as a difference of squares (mean(p^2) - mean(p)^2 cancels catastrophically in
+    bf16 on activations with a spatial offset, and loses bits in f32): with mu_q the channel mean of pixel q and
+    d = x - mu its centred values, p - mean(p) splits into d (within a pixel) and mu_q - mean(p) (between the
+    patch's 9 pixels), so var(p) = mean_q(mean_c d^2) + mean_q((mu_q - mean(p))^2) and the output is
+    conv3x3(d, W g) + (per-position channel sums of W g) . (mu_q - mean(p)). The 9 pixel means of each patch
+    come from a one-channel strided convolution with one-hot kernels. In f32 it matches PatchMerging to ~1e-6;
+    in bf16 its error stays within a small factor of PatchMerging's own bf16 error (tests/test_click_engine.py).
+    It removes the runtime's im2col and reference-kernel transposes (bench/profile_click_network.py).
     """
 
     def __init__(self, merging: PatchMerging) -> None:
         super().__init__()
         w = merging.reduction.weight.detach()
         gamma, beta = merging.norm.weight.detach(), merging.norm.bias.detach()
-        wg = w * gamma[None, :]
-        self.register_buffer("kernel", wg.reshape(w.shape[0], w.shape[1] // 9, 3, 3).contiguous())
-        self.register_buffer("kernel_sum", wg.sum(1).reshape(1, -1, 1, 1))
+        kernel = (w * gamma[None, :]).reshape(w.shape[0], w.shape[1] // 9, 3, 3)  # unfold is channel-major
+        self.register_buffer("kernel", kernel.contiguous())
+        self.register_buffer("position_sums", kernel.sum(1).reshape(w.shape[0], 9, 1, 1).contiguous())
+        self.register_buffer("picker", torch.eye(9).reshape(9, 1, 3, 3))  # the 3x3 neighbourhood as 9 channels
         self.register_buffer("bias", (w @ beta).reshape(1, -1, 1, 1))
         self.eps = merging.norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shifted = F.pad(x, (1, 1, 1, 1)) - x.mean()  # LayerNorm is shift-invariant; the pad stays x's zero
-        mean = F.avg_pool2d(shifted.mean(1, keepdim=True), 3, stride=2)
-        var = (F.avg_pool2d((shifted * shifted).mean(1, keepdim=True), 3, stride=2) - mean * mean).clamp_min(0.0)
-        y = F.conv2d(shifted, self.kernel, stride=2) - mean * self.kernel_sum
-        return y / torch.sqrt(var + self.eps) + self.bias
+        padded = F.pad(x, (1, 1, 1, 1))  # the zeros the LayerNorm sees: their mean and spread are 0
+        pixel_mean = padded.mean(1, keepdim=True)
+        centred = padded - pixel_mean
+        spread = (centred * centred).mean(1, keepdim=True)
+        neighbours = F.conv2d(pixel_mean, self.picker, stride=2)
+        between = neighbours - neighbours.mean(1, keepdim=True)
+        var = F.avg_pool2d(spread, 3, stride=2) + (between * between).mean(1, keepdim=True)
+        y = F.conv2d(centred, self.kernel, stride=2) + F.conv2d(between, self.position_sums)
+        return y * torch.rsqrt(var + self.eps) + self.bias
 
 
 class _ClickNetwork(nn.Module):
     """The per-click network with flat tensor inputs, as the runtime converts it: the stride-4 margin out
-    (upsampled outside: OpenCV's bilinear resize of one channel is ~10x faster than the runtime's).
-    `conv_merging` converts a copy of the neck whose patch merging is `ConvPatchMerging` (the model is untouched)."""
+    (upsampled outside: OpenCV's bilinear resize of one channel is ~10x faster than the runtime's). It runs a
+    copy of the neck whose patch merging is `ConvPatchMerging` (the model itself is untouched)."""
 
-    def __init__(self, model: InterFormer, conv_merging: bool = False) -> None:
+    def __init__(self, model: InterFormer) -> None:
         super().__init__()
-        self.neck = model.neck
-        if conv_merging:
-            self.neck = copy.deepcopy(model.neck)
-            for stage in self.neck.stages:
-                if isinstance(getattr(stage, "downsample", None), PatchMerging):
-                    stage.downsample = ConvPatchMerging(stage.downsample)
+        self.neck = copy.deepcopy(model.neck)
+        for stage in self.neck.stages:
+            if isinstance(getattr(stage, "downsample", None), PatchMerging):
+                stage.downsample = ConvPatchMerging(stage.downsample)
         self.head = model.decode_head
 
     def forward(self, x0: torch.Tensor, ref_label: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
@@ -227,7 +233,6 @@ class OpenVINOEngine:
             raise ValueError(f"precision must be f32 or bf16, got {precision!r}")
         self.name = f"openvino-{precision}"
         self.precision = precision
-        self._conv_merging = precision == "f32"  # ConvPatchMerging: exact enough in f32 only
         self.model = model
         self.cache_dir = cache_dir
         self._threads = threads
@@ -251,8 +256,8 @@ class OpenVINOEngine:
             self._digest = weights_digest(self.model)
         size = "x".join(str(v) for v in signature[1][-2:])
         shape_key = hashlib.sha256(repr(signature).encode()).hexdigest()[:12]
-        graph = "v5_convmerge" if self._conv_merging else "v4"  # the IR differs per graph, not per precision
-        return self.cache_dir / self._digest / f"click_{graph}_{size}_{shape_key}.xml"
+        # "v6": the graph's version (ConvPatchMerging, centred statistics); one IR serves both precisions
+        return self.cache_dir / self._digest / f"click_v6_{size}_{shape_key}.xml"
 
     def _build(self, signature, inputs: list[torch.Tensor]):
         import openvino as ov
@@ -261,7 +266,7 @@ class OpenVINOEngine:
         if not path.is_file():
             log.info("converting the click network for input %s with OpenVINO (once per size)", signature[1])
             with torch.no_grad():
-                network = _ClickNetwork(self.model, conv_merging=self._conv_merging).eval()
+                network = _ClickNetwork(self.model).eval()
                 ov_model = ov.convert_model(network, example_input=tuple(inputs),
                                             input=[(list(t.shape), t.dtype) for t in inputs])
             path.parent.mkdir(parents=True, exist_ok=True)
