@@ -92,7 +92,8 @@ def main() -> None:
                     "(the exact path reads fp32; default: %(default)s)")
     ap.add_argument("--datasets", nargs="+", default=["GrabCut", "Berkeley"], help="dataset specs as jobs/evaluate.py")
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    ap.add_argument("--limit", type=int, default=None, help="first N samples per dataset (default: all)")
+    ap.add_argument("--skip", type=int, default=0, help="samples to skip at the start of each dataset (default: 0)")
+    ap.add_argument("--limit", type=int, default=None, help="N samples per dataset after --skip (default: all)")
     ap.add_argument("--max-clicks", type=int, default=20)
     ap.add_argument("--protocol", default="ritm", choices=["ritm", "interformer"])
     ap.add_argument("--threads", type=int, default=2)
@@ -109,11 +110,11 @@ def main() -> None:
     config = EvalConfig(protocol=args.protocol, max_clicks=args.max_clicks)
     report = {"checkpoint": args.checkpoint, "engine": fast.engine.name, "storage_dtype": args.storage_dtype,
               "protocol": args.protocol,
-              "max_clicks": args.max_clicks, "limit": args.limit, "threads": args.threads,
+              "max_clicks": args.max_clicks, "skip": args.skip, "limit": args.limit, "threads": args.threads,
               "load_average_before": [round(v, 2) for v in os.getloadavg()], "datasets": {}}
     t_start = time.time()
     for spec in args.datasets:
-        refs = resolve(spec, args.data_root)[: args.limit]
+        refs = resolve(spec, args.data_root)[args.skip:][: args.limit]
         runs: dict[str, list] = {"exact": [], "fast": []}
         agreement: list[float] = []
         for i, ref in enumerate(refs):
