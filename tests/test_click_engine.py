@@ -54,10 +54,11 @@ def test_openvino_f32_passes_the_official_parity_fixtures(light_engines):
 def test_openvino_bf16_masks_stay_close_to_fp32(light_engines):
     """bf16 keeps 8 significant bits: each rounding is <= 2^-9 relative and AMX accumulates in f32, so through
     the ~30 layers of the click network the margin moves by about 1 % of its scale (measured max error 0.021
-    on margins up to 1.7, i.e. 1.3 %, with ConvPatchMerging; 0.020 with the traced graph). The tolerance is 3 % of max|margin|: the margin may move that much, and
-    a pixel may change side only where the fp32 margin lies within that band of 0. These random official-init
-    weights put half the pixels of the first click within 0.06 of 0 (a worst case; trained weights are
-    measured by bench/bench_engine_quality.py), so the IoU bound is 0.9 (measured 0.916 to 0.996; 0.925 to 0.996 with the traced graph)."""
+    on margins up to 1.7, i.e. 1.3 %, with ConvPatchMerging; 0.020 with the traced graph). The tolerance is 3 %
+    of max|margin|: the margin may move that much, and a pixel may change side only where the fp32 margin lies
+    within that band of 0. These random official-init weights put half the pixels of the first click within 0.06
+    of 0 (a worst case; trained weights are measured by bench/bench_engine_quality.py), so the IoU bound is 0.9
+    (measured 0.916 to 0.996; 0.925 to 0.996 with the traced graph)."""
     torch_pred, _, fixtures, cache = light_engines
     engine = OpenVINOEngine(torch_pred.model, "bf16", click_engine.ClickEngineConfig(cache_dir=cache).cache_path)
     for case, ref, n in _official_cases(fixtures):
