@@ -77,3 +77,14 @@ def test_profile_click_network_lists_the_layers_of_the_compiled_network(tmp_path
     figures = _raw(out)
     assert figures["layers_ms"] and {"name", "type", "exec", "ms"} <= set(figures["layers_ms"][0])
     assert sum(r["ms"] for r in figures["layers_ms"]) == pytest.approx(figures["total_ms_median"], abs=0.01 * len(figures["layers_ms"]))
+
+
+def test_bench_encode_runtime_reports_the_runtime_against_torch(tmp_path, monkeypatch):
+    """The encoder under OpenVINO f32 computes the torch encoder's function (relative RMS far below bf16's)."""
+    module = _load(BENCH / "bench_encode_runtime.py")
+    monkeypatch.setattr(sys, "argv", ["bench_encode_runtime.py"])
+    out = tmp_path / "encode_runtime.json"
+    assert module.main(["--variant", "small", "--sizes", "64", "--repeats", "1", "--out", str(out)]) == 0
+    (row,) = _raw(out)["rows"]
+    assert row["size"] == 64 and row["torch_fp32_ms"] > 0 and row["openvino_f32_ms"] > 0
+    assert len(row["openvino_f32_rel_rms"]) == 4 and max(row["openvino_f32_rel_rms"]) < 1e-4
