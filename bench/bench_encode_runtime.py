@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, then the checkout
@@ -26,6 +25,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from interformer import Predictor, load_model  # noqa: E402
 from interformer.click_engine import native_bf16  # noqa: E402
 from interformer.predictor import set_cpu_threads  # noqa: E402
+from bench_feature_precision import pyramid_error  # noqa: E402
 from results_io import begin, save  # noqa: E402
 
 
@@ -49,8 +49,8 @@ def _median_ms(fn, repeats: int) -> float:
     return round(1000 * statistics.median(times), 1)
 
 
-def _rel_rms(got: list[np.ndarray], want: list[torch.Tensor]) -> list[float]:
-    return [float(np.sqrt(np.mean((g - w.numpy()) ** 2)) / np.sqrt(np.mean(w.numpy() ** 2))) for g, w in zip(got, want)]
+def _rel_rms(want: list[torch.Tensor], got: list[torch.Tensor]) -> list[float]:
+    return [level["rel_rms"] for level in pyramid_error(want, got)]
 
 
 def bench_size(predictor: Predictor, size: int, threads: int, repeats: int, bf16: bool) -> dict:
@@ -63,7 +63,7 @@ def bench_size(predictor: Predictor, size: int, threads: int, repeats: int, bf16
     if bf16:
         predictor.encode_precision = "bf16"
         row["torch_bf16_autocast_ms"] = _median_ms(lambda: predictor.encode_pyramid(x), repeats)
-        row["torch_bf16_autocast_rel_rms"] = _rel_rms([p.numpy() for p in predictor.encode_pyramid(x)], reference)
+        row["torch_bf16_autocast_rel_rms"] = _rel_rms(reference, predictor.encode_pyramid(x))
         predictor.encode_precision = "fp32"
     t = time.perf_counter()
     with torch.no_grad():
@@ -77,7 +77,7 @@ def bench_size(predictor: Predictor, size: int, threads: int, repeats: int, bf16
         request = compiled.create_infer_request()
         row[f"openvino_{precision}_ms"] = _median_ms(lambda: request.infer({0: x.numpy()}), repeats)
         row[f"openvino_{precision}_rel_rms"] = _rel_rms(
-            [request.get_output_tensor(i).data.copy() for i in range(len(reference))], reference)
+            reference, [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(len(reference))])
     fp32 = row["torch_fp32_ms"]
     row["ratios_to_torch_fp32"] = {k[:-3]: round(v / fp32, 3) for k, v in row.items()
                                    if k.endswith("_ms") and k != "torch_fp32_ms"}

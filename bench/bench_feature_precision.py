@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
 
@@ -34,9 +35,10 @@ from interformer.predictor import set_cpu_threads  # noqa: E402
 STORAGE = ("float16", "bfloat16", "int8")
 
 
-def pyramid_error(ref: ImageFeatures, other: ImageFeatures) -> list[dict]:
+def pyramid_error(ref: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> list[dict]:
+    """Per pyramid level: the max absolute and the relative RMS error of `other` against `ref`."""
     out = []
-    for a, b in zip(ref.pyramid, other.pyramid):
+    for a, b in zip(ref, other):
         d = (b - a).float()
         out.append({"max_abs": float(d.abs().max()), "rel_rms": float(d.norm() / a.norm().clamp_min(1e-12))})
     return out
@@ -75,7 +77,7 @@ def bench_size(fp32: Predictor, bf16: Predictor, image: np.ndarray, gt: np.ndarr
            "bf16_encode_ratio": round(statistics.median(times["bf16"]) / statistics.median(times["fp32"]), 3),
            "stored_bytes": {d: ref.nbytes(d) for d in ("float32", *STORAGE)}}
     for name, other in variants.items():
-        row[name] = {"pyramid_error": pyramid_error(ref, other), "masks_vs_fp32": agreement(fp32, ref, other, click_list)}
+        row[name] = {"pyramid_error": pyramid_error(ref.pyramid, other.pyramid), "masks_vs_fp32": agreement(fp32, ref, other, click_list)}
     return row
 
 
