@@ -29,7 +29,7 @@ from bench_model import _clicks, _iou, _real_image  # noqa: E402
 from results_io import begin, save  # noqa: E402
 
 from interformer import ImageFeatures, Predictor, load_model  # noqa: E402
-from interformer.click_engine import native_bf16  # noqa: E402
+from interformer.runtime import native_bf16  # noqa: E402
 from interformer.predictor import set_cpu_threads  # noqa: E402
 
 STORAGE = ("float16", "bfloat16", "int8")

@@ -137,7 +137,8 @@ def bench_size(predictors: dict[str, Predictor], official_model, image: np.ndarr
 
 
 def main() -> None:
-    from interformer.click_engine import ClickEngineConfig, cpu_flags, native_bf16
+    from interformer.click_engine import ClickEngineConfig
+    from interformer.runtime import cpu_flags, native_bf16
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="light", help="model variant (random weights unless --checkpoint)")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -39,11 +38,11 @@ from torch import nn
 
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache, PatchMerging, Roi
+from .runtime import CACHE_ENV, compile_settings, engine_cache_root, native_bf16, openvino_available, save_ir
 
 log = logging.getLogger("interformer.click_engine")
 
 ENGINES = ("torch", "openvino-f32", "openvino-bf16", "fast")
-CACHE_ENV = "INTERFORMER_ENGINE_CACHE"
 
 
 COMPILE_MODES = ("blocking", "background")
@@ -68,41 +67,11 @@ class ClickEngineConfig:
 
     @property
     def cache_path(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir).expanduser()
-        env = os.environ.get(CACHE_ENV)
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "interformer" / "click-engine"
+        return engine_cache_root(self.cache_dir)
 
 
 class EngineShapeError(ValueError):
     """An input whose shape differs from the one the compiled model was built for."""
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def native_bf16(flags: set[str] | None = None) -> bool:
-    """True when the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16)."""
-    flags = cpu_flags() if flags is None else flags
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
-
-
-def openvino_available() -> str | None:
-    """None when OpenVINO can be imported, else the reason it cannot."""
-    try:
-        import openvino  # noqa: F401
-    except Exception as e:  # an ImportError, or a broken native library
-        return f"OpenVINO is not importable ({type(e).__name__}: {e})"
-    return None
 
 
 def resolve_engine(requested: str, model: InterFormer, device: torch.device,
@@ -269,24 +238,11 @@ class OpenVINOEngine:
                 network = _ClickNetwork(self.model).eval()
                 ov_model = ov.convert_model(network, example_input=tuple(inputs),
                                             input=[(list(t.shape), t.dtype) for t in inputs])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}.xml")
-            ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
-            os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
-            os.replace(tmp, path)
+            save_ir(ov_model, path)
         # Always the saved IR: a freshly converted model can compile to kernels that round differently (2e-7),
         # and a size must answer the same in the process that converted it and in every later one.
         ov_model = self._core.read_model(str(path))
-        config = {
-            "INFERENCE_PRECISION_HINT": self.precision,
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": "1",
-            "INFERENCE_NUM_THREADS": str(max(1, int(self._threads()))),
-            # OpenVINO pins its threads to cores counted from the first, per process: two single-thread
-            # serving actors or pre-annotation workers would share core 0 and each click take twice as long
-            # (bench: 225 vs 117 ms); the OS scheduler spreads unpinned threads over the free cores.
-            "ENABLE_CPU_PINNING": "NO",
-        }
+        config = compile_settings(self.precision, self._threads())
         compiled = self._core.compile_model(ov_model, "CPU", config)
         shapes = [tuple(int(d) for d in p.get_shape()) for p in compiled.inputs]
         if shapes != list(signature):

@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from interformer import Predictor, load_model
-from interformer import click_engine
+from interformer import click_engine, runtime
 from interformer.click_engine import ClickEngineConfig, EngineShapeError, OpenVINOEngine, build_engine, resolve_engine
 from interformer.clicks import DEF_BG, DEF_FG, MAYBE_BG, MAYBE_FG, UNKNOWN, update_by_prediction
 
@@ -97,7 +97,7 @@ def test_fallback_without_native_bf16_is_f32_with_a_logged_reason(small_model, m
     assert engine == "openvino-f32" and "no native bf16" in reasons[0]
     assert resolve_engine("fast", small_model, torch.device("cpu"), flags=NO_BF16)[0] == "openvino-f32"
     assert resolve_engine("fast", small_model, torch.device("cpu"), flags=AMX) == ("openvino-bf16", [])
-    monkeypatch.setattr(click_engine, "cpu_flags", lambda: set(NO_BF16))
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: set(NO_BF16))
     with caplog.at_level(logging.WARNING, logger="interformer.click_engine"):
         predictor = Predictor(small_model, device="cpu",
                               engine=ClickEngineConfig("openvino-bf16", cache_dir=str(tmp_path)))
