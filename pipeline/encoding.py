@@ -21,6 +21,7 @@ import torch
 from interformer.checkpoint import load_model
 from interformer.click_engine import ClickEngineConfig
 from interformer.config import PreprocessConfig
+from interformer.encode_engine import resolve_encode_engine
 from interformer.features import ImageFeatures, ImageGeometry
 from interformer.predictor import Predictor, set_cpu_threads
 from interformer.preprocess import compute_geometry, normalize_and_pad, resize_image
@@ -65,13 +66,21 @@ class EncoderSpec:
     dtype: str = "float16"
     seed: int = 0
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
-    precision: str = "fp32"  # "bf16": the ViT under bfloat16 autocast (Predictor.encode_precision)
+    precision: str = "fp32"  # "bf16": the encoder in bfloat16 (Predictor.encode_precision)
+    engine: str = "torch"  # what runs the encoder: torch or openvino (interformer.encode_engine)
+    engine_cache: str | None = None  # folder of the runtime's converted models (None: the default cache)
+
+    def __post_init__(self) -> None:
+        resolve_encode_engine(self.engine, self.precision, torch.device("cpu"), flags=set())  # names only
 
 
 def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None,
-                    engine: ClickEngineConfig = ClickEngineConfig()) -> Predictor:
-    """Load the model of `spec` into a Predictor (clicks run on `engine`). Random weights are drawn from a
-    fixed seed so that every actor of a job (and every later run) builds the same "random-init" encoder."""
+                    engine: ClickEngineConfig | None = None) -> Predictor:
+    """Load the model of `spec` into a Predictor (clicks run on `engine`, by default torch with the spec's
+    engine cache). Random weights are drawn from a fixed seed so that every actor of a job (and every later
+    run) builds the same "random-init" encoder."""
+    if engine is None:
+        engine = ClickEngineConfig(cache_dir=spec.engine_cache)
     if spec.checkpoint is None:
         if spec.variant is None:
             raise ValueError("with no checkpoint, name the variant to initialise randomly")
@@ -81,7 +90,7 @@ def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None,
     else:
         model = load_model(spec.checkpoint, variant=spec.variant)
     return Predictor(model, preprocess=spec.preprocess, device=device, engine=engine,
-                     encode_precision=spec.precision)
+                     encode_precision=spec.precision, encode_engine=spec.engine)
 
 
 def decode_stage(batch: pa.Table, preprocess: PreprocessConfig) -> pa.Table:

@@ -340,20 +340,24 @@ def test_submitted_job_stopped_then_killed_then_rerun_is_exactly_once_and_bit_ex
 
 @pytest.mark.slow
 def test_local_run_fp16_bad_only_strict_and_auth_mismatch(ray_head, collection, tmp_path):
-    """`python -m jobs.encode DIR` with no cluster: a private local Ray, the table under ./lancedb, fp16 rows
-    within rounding of Predictor.encode. A run with only bad files exits 0 (they are recorded), 1 with --strict.
+    """`python -m jobs.encode DIR` with no cluster: a private local Ray, the table under ./lancedb, the encoder
+    actors on OpenVINO (converted once into --engine-cache), fp16 rows within rounding of the torch
+    Predictor.encode. A run with only bad files exits 0 (they are recorded), 1 with --strict.
     Token authentication asked for a cluster without it: exit 3 and a sentence, no traceback."""
     root, good = collection
     subset = tmp_path / "subset"
     for rel in good[:4]:
         (subset / rel).parent.mkdir(parents=True, exist_ok=True)
         (subset / rel).write_bytes((root / rel).read_bytes())
-    run = subprocess.run([*ENCODE, str(subset), *COMMON, "--batch-size", "2", "--num-cpus", "2"],
+    engines = tmp_path / "engines"
+    run = subprocess.run([*ENCODE, str(subset), *COMMON, "--batch-size", "2", "--num-cpus", "2",
+                          "--encode-engine", "openvino", "--engine-cache", str(engines)],
                          cwd=tmp_path, env={**_client_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "RANDOMLY INITIALISED" in run.stderr and "Started a local Ray" in run.stderr
     assert _stored(tmp_path / "lancedb") == good[:4]  # the default location, under the working directory
+    assert len(list(engines.glob("*/encoder_v1.xml"))) == 1 and "fallback" not in run.stderr
     reader = FeatureStore(str(tmp_path / "lancedb")).reader(FINGERPRINT)
     predictor = build_predictor(EncoderSpec(variant="small"), device="cpu")
     with _torch_threads(1):
@@ -362,7 +366,7 @@ def test_local_run_fp16_bad_only_strict_and_auth_mismatch(ray_head, collection, 
             rec = reader.get_record(image_id)
             assert rec.dtype == "float16"
             for got, ref in zip(rec.features.pyramid, ref_pyramid):
-                # half an fp16 ulp, plus the fp32 noise of batched kernels (~1e-6)
+                # half an fp16 ulp, plus the fp32 noise of batched kernels and of the runtime's (~1e-6)
                 assert torch.all((got - ref).abs() <= ref.abs() * 2.0**-11 + 2e-5), image_id
 
     bad_only = tmp_path / "bad_only"
@@ -450,7 +454,8 @@ def test_help_explains_every_option_and_the_exit_codes():
     out = subprocess.run([*ENCODE, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for option in ("--image-root", "--coco-id", "--db", "--table", "--storage-option", "--checkpoint", "--variant",
-                   "--seed", "--max-side", "--max-pixels", "--dtype", "--batch-size", "--write-batch",
+                   "--seed", "--max-side", "--max-pixels", "--dtype", "--precision", "--encode-engine",
+                   "--engine-cache", "--batch-size", "--write-batch",
                    "--num-encoders", "--cpus-per-encoder", "--address", "--num-cpus", "--commit-interval",
                    "--limit", "--retry-failed", "--strict", "--summary-json", "--ray-progress"):
         assert option in out.stdout, option
