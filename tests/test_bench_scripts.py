@@ -80,11 +80,15 @@ def test_profile_click_network_lists_the_layers_of_the_compiled_network(tmp_path
 
 
 def test_bench_encode_runtime_reports_the_runtime_against_torch(tmp_path, monkeypatch):
-    """The encoder under OpenVINO f32 computes the torch encoder's function (relative RMS far below bf16's)."""
+    """The product's openvino engine, converted once for two sizes, computes the torch encoder's function
+    (relative RMS far below bf16's), and the script says which engine each path ran on."""
     module = _load(BENCH / "bench_encode_runtime.py")
     monkeypatch.setattr(sys, "argv", ["bench_encode_runtime.py"])
     out = tmp_path / "encode_runtime.json"
-    assert module.main(["--variant", "small", "--sizes", "64", "--repeats", "1", "--out", str(out)]) == 0
-    (row,) = _raw(out)["rows"]
-    assert row["size"] == 64 and row["torch_fp32_ms"] > 0 and row["openvino_f32_ms"] > 0
-    assert len(row["openvino_f32_rel_rms"]) == 4 and max(row["openvino_f32_rel_rms"]) < 1e-4
+    assert module.main(["--variant", "small", "--sizes", "64,96x64", "--repeats", "1", "--out", str(out)]) == 0
+    raw = _raw(out)
+    assert raw["convert_s"] > 0 and raw["from_cache_s"] > 0
+    assert [r["size"] for r in raw["rows"]] == ["64x64", "96x64"]
+    for row in raw["rows"]:
+        assert row["torch_fp32_ms"] > 0 and row["openvino_f32_ms"] > 0 and row["openvino_f32_engine"] == "openvino-f32"
+        assert len(row["openvino_f32_rel_rms"]) == 4 and max(row["openvino_f32_rel_rms"]) < 1e-4
