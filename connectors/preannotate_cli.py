@@ -10,6 +10,7 @@ import os
 
 from interformer.click_engine import add_click_engine_arguments, click_engine_config
 from interformer.config import CONFIGS, PreprocessConfig
+from interformer.encode_engine import ENCODE_ENGINES
 from pipeline.coco_output import FORMATS
 from pipeline.encoding import EncoderSpec
 from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, parse_storage_options
@@ -96,6 +97,9 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     model.add_argument("--encode-missing", action="store_true",
                        help="encode images that have no stored features on the workers' CPUs (and store them); "
                        "without it their objects are reported as no_features")
+    model.add_argument("--encode-engine", choices=ENCODE_ENGINES, default="torch",
+                       help="what encodes them (--encode-missing): torch, or openvino (the same features several times "
+                       "faster on CPUs, converted once per weights into --engine-cache) (default: %(default)s)")
     add_image_access_arguments(p.add_argument_group(
         "image access (--encode-missing on Label Studio tasks: where their images may be read from)"))
     add_click_engine_arguments(p.add_argument_group("click engine"))
@@ -141,7 +145,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         parser.error("--polygon-tolerance goes with --mask-format polygon")
     variant = a.variant or (None if a.checkpoint else "light")
     encoder = EncoderSpec(checkpoint=os.path.abspath(a.checkpoint) if a.checkpoint else None, variant=variant,
-                          preprocess=PreprocessConfig(max_side=a.max_side), seed=a.seed)
+                          preprocess=PreprocessConfig(max_side=a.max_side), seed=a.seed, engine=a.encode_engine,
+                          engine_cache=a.engine_cache)
     try:
         return PreannotateConfig(
             coco=a.coco, image_root=a.image_root, coco_id=a.coco_id, use=a.use, ls_project=a.ls_project,

@@ -144,7 +144,6 @@ class OpenVINOEncoder:
         self._lock = threading.Lock()
         self._request = None
         self._failed: str | None = None
-        self._indices: dict[tuple[int, int], np.ndarray] = {}
 
     def ir_path(self) -> Path:
         return self.cache_dir / backbone_digest(self.backbone) / f"{IR_VERSION}.xml"
@@ -197,12 +196,6 @@ class OpenVINOEncoder:
                             self.name, self._failed)
         return self._request is not None
 
-    def _token_index(self, grid: tuple[int, int]) -> np.ndarray:
-        index = self._indices.get(grid)
-        if index is None:
-            index = self._indices[grid] = token_index(grid, self._window).numpy()
-        return index
-
     def __call__(self, batch: torch.Tensor) -> list[torch.Tensor]:
         if batch.device.type != "cpu" or batch.dim() != 4 or batch.shape[1] != 3:
             raise ValueError(f"the encoder takes a CPU batch [B, 3, H, W], got {tuple(batch.shape)} on {batch.device}")
@@ -211,7 +204,7 @@ class OpenVINOEncoder:
                 return self._fallback(batch)
             grid = (batch.shape[2] // self._patch, batch.shape[3] // self._patch)
             self._request.infer({0: np.ascontiguousarray(batch.detach().float().numpy()),
-                                 1: self._token_index(grid)})
+                                 1: token_index(grid, self._window).numpy()})
             return [torch.from_numpy(self._request.get_output_tensor(i).data.copy()) for i in range(4)]
 
 

@@ -191,9 +191,11 @@ def test_a_rerun_redoes_only_what_could_not_be_done(env, first_run):
 def test_missing_images_are_encoded_on_the_fly_when_asked(env, first_run):
     fx = env["fx"]
     run = fork_first_run(env, first_run, "encode-missing", with_db=True)
+    engines = env["tmp"] / "engines-encode-missing"
     rc, s = run_inline(env, run["run_dir"], "--coco-out", str(run["out"]), "--workers", "0", "--encode-missing",
-                       db=run["db"])
+                       "--encode-engine", "openvino", "--engine-cache", str(engines), db=run["db"])
     assert rc == 0 and s["encoded_on_the_fly"] == 1 and s["computed_images"] == 2
+    assert len(list(engines.glob("*/encoder_v1.xml"))) == 1  # encoded by the runtime, not a fallback
     rows = report(env, run["run_dir"])
     assert rows["coco:9006"]["reason"] == "image_unreadable"
     assert all(rows[f"coco:{k}"]["status"] == "ok" for k in fx.kinds)
@@ -266,7 +268,7 @@ def test_help_explains_every_option_and_bad_combinations_are_refused(env, capsys
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ("--coco", "--ls-project", "--push", "--coco-out", "--target-iou", "--max-clicks", "--encode-missing",
-                   "--workers", "--address", "--run-dir", "--model-version", "--image-url", "--storage-option"):
+                   "--encode-engine", "--workers", "--address", "--run-dir", "--model-version", "--image-url", "--storage-option"):
         assert option in text
     refused = [
         [],  # no prompts
