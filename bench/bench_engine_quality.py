@@ -1,7 +1,8 @@
-"""Quality gate of a fast click engine (and/or a compact feature dtype) against the exact fp32 path (not a
-test): NoC and mIoU@k side by side.
+"""Quality gate of a fast click engine (and/or a compact feature dtype, and/or a faster encoder) against the exact
+fp32 path (not a test): NoC and mIoU@k side by side.
 
-Every sample is encoded once; the exact engine (torch fp32) and the candidate engine then each run the whole
+Every sample is encoded once (and again by the candidate's encoder with --encode-engine / --encode-precision);
+the exact engine (torch fp32) and the candidate engine then each run the whole
 simulated-click evaluation (pipeline.evaluation, the same protocol as jobs/evaluate.py) on those features,
 so each reacts to its own masks. Then the exact run's clicks are replayed through the candidate and the
 masks compared click by click (IoU vs fp32). Gate (issue 11): |dNoC@85|, |dNoC@90| <= 0.05 and mean
@@ -29,6 +30,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from results_io import begin, save  # noqa: E402
 from interformer import ImageFeatures, Predictor, load_model  # noqa: E402
 from interformer.click_engine import ENGINES, ClickEngineConfig  # noqa: E402
+from interformer.encode_engine import ENCODE_ENGINES, ENCODE_PRECISIONS  # noqa: E402
 from interformer.features import STORAGE_DTYPES  # noqa: E402
 from interformer.predictor import set_cpu_threads  # noqa: E402
 from pipeline.datasets import resolve  # noqa: E402
@@ -90,6 +92,11 @@ def main() -> None:
     ap.add_argument("--storage-dtype", default="float32", choices=sorted(STORAGE_DTYPES),
                     help="the candidate reads features round-tripped through this feature-table dtype "
                     "(the exact path reads fp32; default: %(default)s)")
+    ap.add_argument("--encode-engine", default="torch", choices=ENCODE_ENGINES,
+                    help="the candidate's features are encoded again by this engine (default: %(default)s)")
+    ap.add_argument("--encode-precision", default="fp32", choices=ENCODE_PRECISIONS,
+                    help="... at this precision; with torch fp32 both read the exact path's features (default: "
+                    "%(default)s)")
     ap.add_argument("--datasets", nargs="+", default=["GrabCut", "Berkeley"], help="dataset specs as jobs/evaluate.py")
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--skip", type=int, default=0, help="samples to skip at the start of each dataset (default: 0)")
@@ -104,11 +111,14 @@ def main() -> None:
     set_cpu_threads(args.threads)
     model = load_model(args.checkpoint, device="cpu")
     exact = Predictor(model, device="cpu")
-    fast = Predictor(model, device="cpu", engine=ClickEngineConfig(args.engine, cache_dir=args.engine_cache))
+    fast = Predictor(model, device="cpu", engine=ClickEngineConfig(args.engine, cache_dir=args.engine_cache),
+                     encode_engine=args.encode_engine, encode_precision=args.encode_precision)
+    own_encoder = (args.encode_engine, args.encode_precision) != ("torch", "fp32")
     shared, candidate = _Features(), _Features()
     segmenters = {"exact": ModelSegmenter(exact, shared), "fast": ModelSegmenter(fast, candidate)}
     config = EvalConfig(protocol=args.protocol, max_clicks=args.max_clicks)
     report = {"checkpoint": args.checkpoint, "engine": fast.engine.name, "storage_dtype": args.storage_dtype,
+              "candidate_encoder": fast.encoder.name,
               "protocol": args.protocol,
               "max_clicks": args.max_clicks, "skip": args.skip, "limit": args.limit, "threads": args.threads,
               "load_average_before": [round(v, 2) for v in os.getloadavg()], "datasets": {}}
@@ -120,7 +130,7 @@ def main() -> None:
         for i, ref in enumerate(refs):
             sample = ref.load()
             shared.feats = exact.encode(sample.image)
-            candidate.feats = stored(shared.feats, args.storage_dtype)
+            candidate.feats = stored(fast.encode(sample.image) if own_encoder else shared.feats, args.storage_dtype)
             for name, seg in segmenters.items():
                 runs[name].append(evaluate_sample(seg, sample, config))
             agreement += replay_agreement(exact, fast, shared.feats, candidate.feats, runs["exact"][-1].clicks)
@@ -145,7 +155,8 @@ def main() -> None:
     for name, rows in report["datasets"].items():
         for eng in ("exact", "fast"):
             r = rows[eng]
-            label = "torch fp32" if eng == "exact" else f"{report['engine']}, {args.storage_dtype} features"
+            label = ("torch fp32" if eng == "exact" else
+                     f"{report['engine']}, {report['candidate_encoder']} encoder, {args.storage_dtype} features")
             print(f"| {name} | {label} | {r['noc85']} | {r['noc90']} | "
                   + " | ".join(str(r[f'miou@{k}']) for k in K_VALUES if k <= args.max_clicks)
                   + f" | {r['click_ms_median']} |")
