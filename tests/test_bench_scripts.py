@@ -37,14 +37,17 @@ def _raw(path: Path) -> dict:
     return record["figures"]
 
 
-def test_bench_encode_times_the_job_stages_and_commits_each_image_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_bench_encode_times_the_job_stages_and_commits_each_image_once(tmp_path, monkeypatch, engine):
     module = _load(BENCH / "bench_encode.py")
     monkeypatch.setattr(sys, "argv", ["bench_encode.py"])
     out = tmp_path / "encode.json"
     assert module.main(["--variant", "small", "--images", "2", "--batch-size", "2", "--skip-job",
+                        "--encode-engine", engine, "--engine-cache", str(tmp_path / "engines"),
                         "--json", str(out)]) == 0
     figures = _raw(out)
     assert figures["images"] == 2  # the breakdown asserts the table holds exactly one row per image
+    assert figures["encoder"] == ("torch-fp32" if engine == "torch" else "openvino-f32")
     assert figures["encode_s"] > 0 and figures["write_s"] > 0 and figures["bytes_per_image"] > 0
 
 
