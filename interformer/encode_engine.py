@@ -77,14 +77,19 @@ class EncoderNetwork(nn.Module):
         return tuple(vit.fpn(x[:, 1:].transpose(1, 2).reshape(b, c, h, w)))
 
 
-def resolve_encode_engine(engine: str, precision: str, device: torch.device,
-                          flags: set[str] | None = None) -> tuple[str, str, list[str]]:
-    """(engine, precision) that will run for the requested pair on this device and CPU, and why each step fell
-    back. Unknown names raise ValueError."""
+def check_encode_names(engine: str, precision: str) -> None:
+    """ValueError unless `engine` and `precision` name an encode engine and precision."""
     if engine not in ENCODE_ENGINES:
         raise ValueError(f"unknown encode engine {engine!r}; choose one of {ENCODE_ENGINES}")
     if precision not in ENCODE_PRECISIONS:
         raise ValueError(f"encode precision must be one of {ENCODE_PRECISIONS}, got {precision!r}")
+
+
+def resolve_encode_engine(engine: str, precision: str, device: torch.device,
+                          flags: set[str] | None = None) -> tuple[str, str, list[str]]:
+    """(engine, precision) that will run for the requested pair on this device and CPU, and why each step fell
+    back. Unknown names raise ValueError."""
+    check_encode_names(engine, precision)
     reasons: list[str] = []
     if engine == "openvino":
         why = (f"the predictor runs on {device.type}, OpenVINO runs on the CPU" if device.type != "cpu"

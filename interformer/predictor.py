@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .click_engine import ClickEngine, ClickEngineConfig, build_engine
 from .clicks import DEF_FG, Click, Roi, add_click_disk, initial_ref_label, update_by_prediction, zoom_in_roi
 from .config import PreprocessConfig
-from .encode_engine import ENCODE_ENGINES, ENCODE_PRECISIONS, OpenVINOEncoder, TorchEncoder, build_encoder
+from .encode_engine import OpenVINOEncoder, TorchEncoder, build_encoder, check_encode_names
 from .features import ImageFeatures, ImageGeometry
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache
@@ -173,10 +173,7 @@ class Predictor:
                  device: str | torch.device | None = None,
                  engine: str | ClickEngineConfig = ClickEngineConfig(), encode_precision: str = "fp32",
                  encode_engine: str = "torch") -> None:
-        if encode_precision not in ENCODE_PRECISIONS:
-            raise ValueError(f"encode precision must be one of {ENCODE_PRECISIONS}, got {encode_precision!r}")
-        if encode_engine not in ENCODE_ENGINES:
-            raise ValueError(f"unknown encode engine {encode_engine!r}; choose one of {ENCODE_ENGINES}")
+        check_encode_names(encode_engine, encode_precision)
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval().fuse_for_inference()
         self.preprocess = preprocess

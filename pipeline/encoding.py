@@ -21,7 +21,7 @@ import torch
 from interformer.checkpoint import load_model
 from interformer.click_engine import ClickEngineConfig
 from interformer.config import PreprocessConfig
-from interformer.encode_engine import resolve_encode_engine
+from interformer.encode_engine import check_encode_names
 from interformer.features import ImageFeatures, ImageGeometry
 from interformer.predictor import Predictor, set_cpu_threads
 from interformer.preprocess import compute_geometry, normalize_and_pad, resize_image
@@ -71,7 +71,7 @@ class EncoderSpec:
     engine_cache: str | None = None  # folder of the runtime's converted models (None: the default cache)
 
     def __post_init__(self) -> None:
-        resolve_encode_engine(self.engine, self.precision, torch.device("cpu"), flags=set())  # names only
+        check_encode_names(self.engine, self.precision)
 
 
 def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None,

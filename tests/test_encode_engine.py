@@ -159,6 +159,10 @@ def test_resolution_and_fallbacks_are_logged(small_model, monkeypatch, caplog):
         resolve_encode_engine("onnx", "fp32", CPU)
     with pytest.raises(ValueError, match="encode precision"):
         resolve_encode_engine("torch", "fp16", CPU)
+    from pipeline.encoding import EncoderSpec
+
+    with pytest.raises(ValueError, match="encode engine"):  # the job's spec refuses it before any actor starts
+        EncoderSpec(variant="small", engine="onnx")
     monkeypatch.setattr(encode_engine, "openvino_available", lambda: "OpenVINO is not importable (test)")
     with caplog.at_level(logging.WARNING, logger="interformer.encode_engine"):
         built = build_encoder("openvino", "fp32", small_model.backbone, CPU, cache_dir=None, flags=AMX)
