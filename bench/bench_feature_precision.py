@@ -32,7 +32,7 @@ from interformer import ImageFeatures, Predictor, load_model  # noqa: E402
 from interformer.runtime import native_bf16  # noqa: E402
 from interformer.predictor import set_cpu_threads  # noqa: E402
 
-STORAGE = ("float16", "bfloat16", "int8")
+STORAGE = ("float16", "bfloat16", "int8", "int8sqrt")
 
 
 def pyramid_error(ref: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> list[dict]:

@@ -26,6 +26,7 @@ from pathlib import Path  # noqa: E402
 
 from interformer.config import CONFIGS, PreprocessConfig  # noqa: E402
 from interformer.encode_engine import ENCODE_ENGINES, ENCODE_PRECISIONS  # noqa: E402
+from interformer.features import STORAGE_DTYPES  # noqa: E402
 from interformer.runtime import CACHE_ENV  # noqa: E402
 from pipeline.encode_run import (  # noqa: E402
     EXIT_CODES_HELP, EXIT_ENVIRONMENT, EXIT_USAGE, EncodeConfig, exit_code, format_summary, run,
@@ -71,9 +72,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
         "pixels (default: native size, as in the paper); part of the encoder fingerprint")
     add("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
         help="images with more pixels than this are refused and recorded as errors")
-    add("--dtype", choices=("float16", "float32", "bfloat16", "int8"), default="float16",
-        help="storage dtype of the features: float16 halves the table, int8 (per-channel scale and offset) halves "
-        "it again; the model computes in float32 (see interformer/features.py)")
+    add("--dtype", choices=sorted(STORAGE_DTYPES), default="float16",
+        help="storage dtype of the features: float16 halves the table, int8 / int8sqrt (8-bit codes, per-channel "
+        "scale and offset; int8sqrt companded, closer to fp32 where the values crowd) halve it again; the model "
+        "computes in float32 (see interformer/features.py)")
     add("--precision", choices=ENCODE_PRECISIONS, default="fp32",
         help="encoder arithmetic: bf16 (CPUs with AMX / AVX512-BF16, or CUDA) is faster with a pyramid within ~1%% "
         "RMS of fp32 (bench/bench_feature_precision.py)")
