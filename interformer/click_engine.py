@@ -38,7 +38,8 @@ from torch import nn
 
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache, PatchMerging, Roi
-from .runtime import CACHE_ENV, compile_settings, engine_cache_root, native_bf16, openvino_available, save_ir
+from .runtime import (CACHE_ENV, compile_settings, engine_cache_root, native_bf16, openvino_available, save_ir,
+                      weights_key)
 
 log = logging.getLogger("interformer.click_engine")
 
@@ -182,13 +183,8 @@ class _ClickNetwork(nn.Module):
 
 
 def weights_digest(model: InterFormer) -> str:
-    """sha256 (16 hex) of the click network's weights and config: the key of its converted models."""
-    h = hashlib.sha256(repr(model.config).encode())
-    for module in (model.neck, model.decode_head):
-        for name, t in module.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The click network's weights and config as the key of its converted models."""
+    return weights_key(model.config, model.neck, model.decode_head)
 
 
 class OpenVINOEngine:

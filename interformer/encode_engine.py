@@ -20,7 +20,6 @@ torch with one logged reason; bf16 on a CPU without native bf16 runs the runtime
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 
 from .modeling.fpn import MAEWithSimpleFPN
 from .modeling.vit import nearest_grid_index
-from .runtime import compile_settings, native_bf16, openvino_available, save_ir
+from .runtime import compile_settings, native_bf16, openvino_available, save_ir, weights_key
 
 log = logging.getLogger("interformer.encode_engine")
 
@@ -105,12 +104,8 @@ def resolve_encode_engine(engine: str, precision: str, device: torch.device,
 
 
 def backbone_digest(backbone: nn.Module) -> str:
-    """sha256 (16 hex) of the backbone's config and weights: the key of its converted model."""
-    h = hashlib.sha256(repr(getattr(backbone, "cfg", None)).encode())
-    for name, t in backbone.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The backbone's config and weights as the key of its converted model."""
+    return weights_key(getattr(backbone, "cfg", None), backbone)
 
 
 class TorchEncoder:
@@ -136,8 +131,7 @@ class OpenVINOEncoder:
 
     def __init__(self, backbone: MAEWithSimpleFPN, precision: str, cache_dir: Path,
                  threads: Callable[[], int] = torch.get_num_threads) -> None:
-        if precision not in ENCODE_PRECISIONS:
-            raise ValueError(f"encode precision must be one of {ENCODE_PRECISIONS}, got {precision!r}")
+        check_encode_names("openvino", precision)
         self.backbone = backbone
         self.precision = precision
         self.name = f"openvino-{'f32' if precision == 'fp32' else 'bf16'}"

@@ -12,8 +12,8 @@ from fp32 tensors):
   int8sqrt  the same bytes and layout, the codes companded: code = round(255 * sqrt((x - min) / range)),
             x = code^2 * scale + offset with scale = range / 255^2. The pyramid's levels end in GELU, whose
             outputs crowd near each channel's minimum; there the steps are up to 255x finer (at the top 2x
-            coarser). On the trained small model the masks' disagreement with fp32's falls ~2.5x against int8
-            (bench/bench_engine_quality.py --storage-dtype).
+            coarser). On the trained small model the masks' disagreement with fp32's (1 - per-click IoU) falls
+            ~4x against int8's (bench/bench_engine_quality.py --storage-dtype, docs/benchmarks.md).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ the on-disk cache of converted models (interformer.click_engine for clicks, inte
 the image encoder)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -71,3 +72,14 @@ def save_ir(ov_model, path: Path) -> None:
     ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
     os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
     os.replace(tmp, path)
+
+
+def weights_key(config: object, *modules) -> str:
+    """sha256 (16 hex) of a config's repr and the modules' weights (names and bytes, in order): the key of a
+    model converted from them, so that other weights never read its IR."""
+    h = hashlib.sha256(repr(config).encode())
+    for module in modules:
+        for name, t in module.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
