@@ -14,8 +14,8 @@ the next engine, and the reason is logged once per engine instance.
 One compiled model per padded size: the pooled sizes of the attention are baked into the graph, so a
 compiled model checks every input shape and refuses a different one (`EngineShapeError`) instead of
 answering with a wrong mask. Converted models are saved as OpenVINO IR under the cache folder (keyed by a
-hash of the weights and the size), so the next process reads and compiles a size in about 0.2 s instead of
-converting it again (3-4 s). OpenVINO's own compiled-blob cache (CACHE_DIR) is deliberately not used: with
+hash of the weights and the size) with the sha256 of their files, so the next process reads and compiles a size
+in about 0.2 s instead of converting it again (3-4 s), and a damaged file is converted again, never compiled. OpenVINO's own compiled-blob cache (CACHE_DIR) is deliberately not used: with
 openvino 2026.4 a blob reloaded for this graph crashed the process (a segfault in infer) where the same IR
 compiled afresh ran correctly.
 """
@@ -38,8 +38,8 @@ from torch import nn
 
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache, PatchMerging, Roi
-from .runtime import (CACHE_ENV, compile_settings, engine_cache_root, native_bf16, openvino_available, save_ir,
-                      weights_key)
+from .runtime import (CACHE_ENV, compile_settings, engine_cache_root, native_bf16, openvino_available,
+                      read_or_convert, weights_key)
 
 log = logging.getLogger("interformer.click_engine")
 
@@ -227,17 +227,16 @@ class OpenVINOEngine:
     def _build(self, signature, inputs: list[torch.Tensor]):
         import openvino as ov
 
-        path = self._ir_path(signature)
-        if not path.is_file():
+        def convert():
             log.info("converting the click network for input %s with OpenVINO (once per size)", signature[1])
             with torch.no_grad():
                 network = _ClickNetwork(self.model).eval()
-                ov_model = ov.convert_model(network, example_input=tuple(inputs),
-                                            input=[(list(t.shape), t.dtype) for t in inputs])
-            save_ir(ov_model, path)
+                return ov.convert_model(network, example_input=tuple(inputs),
+                                        input=[(list(t.shape), t.dtype) for t in inputs])
+
         # Always the saved IR: a freshly converted model can compile to kernels that round differently (2e-7),
         # and a size must answer the same in the process that converted it and in every later one.
-        ov_model = self._core.read_model(str(path))
+        ov_model = read_or_convert(self._core, self._ir_path(signature), convert, log)
         config = compile_settings(self.precision, self._threads())
         compiled = self._core.compile_model(ov_model, "CPU", config)
         shapes = [tuple(int(d) for d in p.get_shape()) for p in compiled.inputs]

@@ -10,16 +10,15 @@ height and width. Whatever torch derives from the size, the nearest-resized abso
 layer's [heads, 1+N, 1+N] relative-position bias, is gathered in the graph by a token index, an input computed
 per size in Python (`token_index`). Traced per size instead, those bias matrices become constants (0.8 GB per
 layer at 1024²; conversion took 250 s per size). The converted model is saved as IR under the engine cache
-(interformer.runtime.engine_cache_root, keyed by a hash of the weights), so a later process or another actor on
-the node reads it in about a second instead of converting it again (~20 s for Light); a file lock makes actors
-that start together convert once.
+(interformer.runtime.engine_cache_root, keyed by a hash of the weights) with the sha256 of its files, so a later
+process or another actor on the node reads it in about a second instead of converting it again (~20 s for Light)
+and a damaged entry is converted again; a file lock makes actors that start together convert once.
 
 Whatever the runtime cannot take (OpenVINO not importable, a CUDA predictor, a failed conversion) falls back to
 torch with one logged reason; bf16 on a CPU without native bf16 runs the runtime's f32.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 
 from .modeling.fpn import MAEWithSimpleFPN
 from .modeling.vit import nearest_grid_index
-from .runtime import compile_settings, native_bf16, openvino_available, save_ir, weights_key
+from .runtime import compile_settings, native_bf16, openvino_available, read_or_convert, weights_key
 
 log = logging.getLogger("interformer.encode_engine")
 
@@ -147,37 +146,22 @@ class OpenVINOEncoder:
     def ir_path(self) -> Path:
         return self.cache_dir / backbone_digest(self.backbone) / f"{IR_VERSION}.xml"
 
-    def _convert(self, path: Path) -> None:
+    def _convert(self):
         import openvino as ov
 
-        log.info("converting the image encoder with OpenVINO (once per weights, every size): %s", path)
+        log.info("converting the image encoder with OpenVINO (once per weights, every size): %s", self.ir_path())
         grid = (self._window, self._window)
         img = torch.zeros(1, 3, grid[0] * self._patch, grid[1] * self._patch)
         with torch.no_grad():
-            ov_model = ov.convert_model(EncoderNetwork(self.backbone).eval(),
-                                        example_input=(img, token_index(grid, self._window)),
-                                        input=[([-1, 3, -1, -1], torch.float32), ([-1], torch.int64)])
-        save_ir(ov_model, path)
+            return ov.convert_model(EncoderNetwork(self.backbone).eval(),
+                                    example_input=(img, token_index(grid, self._window)),
+                                    input=[([-1, 3, -1, -1], torch.float32), ([-1], torch.int64)])
 
-    def _read_or_convert(self):
+    def _build(self):
         import openvino as ov
 
         core = ov.Core()
-        path = self.ir_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f"{IR_VERSION}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # actors starting together: one converts, the others then read
-            if path.is_file():
-                try:
-                    return core, core.read_model(str(path))
-                except Exception as e:  # a damaged cache entry (truncated .bin, edited .xml): convert again
-                    log.warning("encode engine: the cached %s cannot be read (%s: %s); converting again",
-                                path, type(e).__name__, e)
-            self._convert(path)
-            return core, core.read_model(str(path))
-
-    def _build(self):
-        core, ov_model = self._read_or_convert()
+        ov_model = read_or_convert(core, self.ir_path(), self._convert, log)
         settings = compile_settings("f32" if self.precision == "fp32" else "bf16", self._threads())
         compiled = core.compile_model(ov_model, "CPU", settings)
         if len(compiled.outputs) != 4 or len(compiled.inputs) != 2:

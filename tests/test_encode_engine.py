@@ -113,15 +113,21 @@ def test_the_cached_conversion_is_reused_and_keyed_by_the_weights(small_model, f
     assert OpenVINOEncoder(other.backbone, "fp32", f32_encoder.cache_dir).ir_path() != path
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "garbage graph"])
+@pytest.mark.parametrize("damage", ["truncated weights", "garbage graph", "one weight byte changed", "no digest"])
 def test_a_damaged_cache_entry_is_converted_again(small_model, tmp_path, caplog, damage):
     first = OpenVINOEncoder(small_model.backbone, "fp32", tmp_path)
     img = torch.randn(1, 3, 128, 96, generator=torch.Generator().manual_seed(3))
     want = first(img)
     path = first.ir_path()
+    weights = path.with_suffix(".bin")
+    data = bytearray(weights.read_bytes())
     if damage == "truncated weights":
-        data = path.with_suffix(".bin").read_bytes()
-        path.with_suffix(".bin").write_bytes(data[: len(data) // 2])
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "one weight byte changed":  # reads fine and would answer wrongly without the digest
+        data[len(data) // 3] ^= 0x40
+        weights.write_bytes(data)
+    elif damage == "no digest":  # an entry saved before digests, or copied without its .sha256
+        runtime.digest_path(path).unlink()
     else:
         path.write_text("<net>not a model")
     with caplog.at_level(logging.WARNING, logger="interformer.encode_engine"):
