@@ -14,6 +14,7 @@ from pipeline.metrics import (
     miou_curve,
     nof_ritm,
     noc,
+    paired_difference_interval,
     success_ratio,
     summarize,
     timing,
@@ -108,3 +109,39 @@ def test_noc_is_between_one_and_twenty(ious, thr):
     assert 1 <= n <= 20
     if n < 20:
         assert np.float32(ious[n - 1]) >= np.float32(thr)
+
+
+paired = st.integers(1, 60).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(1, 20), min_size=n, max_size=n), st.lists(st.integers(1, 20), min_size=n, max_size=n)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair=paired, shift=st.integers(-5, 5))
+def test_paired_difference_interval_is_a_bootstrap_of_the_mean_difference(pair, shift):
+    """The interval of mean(candidate - baseline): within the per-sample differences' range, around the observed
+    mean, moved exactly by a shift of the candidate, mirrored when the two swap, (0, 0) for identical runs."""
+    base, cand = pair
+    diff = np.subtract(cand, base, dtype=np.float64)
+    low, high = paired_difference_interval(base, cand, resamples=2000)
+    assert diff.min() - 1e-9 <= low <= high <= diff.max() + 1e-9
+    if diff.size >= 5 and np.ptp(diff) > 0:
+        assert low <= diff.mean() <= high
+    shifted = paired_difference_interval(base, [c + shift for c in cand], resamples=2000)
+    assert shifted == pytest.approx((low + shift, high + shift), abs=1e-9)
+    swapped = paired_difference_interval(cand, base, resamples=2000)
+    assert swapped == pytest.approx((-high, -low), abs=1e-9)
+    assert paired_difference_interval(base, base) == (0.0, 0.0)
+
+
+def test_paired_difference_interval_narrows_with_samples_and_refuses_bad_input():
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 21, 400)
+    cand = base + rng.integers(-2, 3, 400)
+    few = paired_difference_interval(base[:25], cand[:25])
+    many = paired_difference_interval(base, cand)
+    assert many[1] - many[0] < few[1] - few[0]
+    for bad in (([1, 2], [1]), ([], []), ([[1, 2]], [[1, 2]])):
+        with pytest.raises(ValueError):
+            paired_difference_interval(*bad)
+    with pytest.raises(ValueError):
+        paired_difference_interval([1], [2], level=1.0)
