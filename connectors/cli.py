@@ -9,6 +9,7 @@ from pathlib import Path
 
 from interformer.checkpoint import model_version
 from interformer.click_engine import add_click_engine_arguments, click_engine_config
+from interformer.encode_engine import add_encode_engine_argument
 from interformer.config import CONFIGS, PreprocessConfig
 
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=3,
                    help="times Ray restarts a serving actor that died (default: %(default)s)")
     add_click_engine_arguments(p, compile_default="background")
+    add_encode_engine_argument(p, "what encodes an image that has no stored features (on-demand encoding)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="level of the JSON logs on stderr; debug also logs /health calls (default: %(default)s)")
     return p
@@ -161,6 +163,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         access=access,
         click_engine=click_engine_config(args),
         refine_from=args.refine_from,
+        encode_engine=args.encode_engine,
     )
     settings = ServerSettings(
         model_version=model_version(checkpoint, variant, args.seed),
@@ -180,7 +183,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         app = create_app(settings, pool)
         log_event(log, "serving", url=f"http://{args.host}:{args.port}", model_version=settings.model_version,
                   table=f"{cfg.db}/{cfg.table}", actors=args.actors, actor_cpus=actor_cpus, threads=cfg.threads,
-                  click_engine=cfg.click_engine.engine,
+                  click_engine=cfg.click_engine.engine, encode_engine=None if args.no_encode_on_demand else cfg.encode_engine,
                   auth=bool(args.basic_auth_user), label_studio_url=cfg.access.label_studio_url)
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
                     timeout_graceful_shutdown=5)

@@ -25,6 +25,7 @@ import numpy as np
 
 from interformer.click_engine import ClickEngineConfig
 from interformer.config import PreprocessConfig
+from interformer.encode_engine import check_encode_names
 from interformer.features import ImageFeatures
 from interformer.predictor import InteractiveSession, Predictor, set_cpu_threads
 from pipeline.encoding import EncoderSpec, build_predictor
@@ -72,16 +73,18 @@ class EngineConfig:
     access: ImageAccess = field(default_factory=ImageAccess)  # where on-demand encoding may read images
     click_engine: ClickEngineConfig = field(default_factory=ClickEngineConfig)  # what runs each click
     refine_from: str = "clicks"  # a pre-annotated region: continue its meta's clicks, or "mask" alone (REFINE_STARTS)
+    encode_engine: str = "torch"  # what encodes images on demand (interformer.encode_engine; fp32 either way)
 
     def __post_init__(self) -> None:
         if self.refine_from not in REFINE_STARTS:
             raise ValueError(f"refine_from must be one of {REFINE_STARTS}, got {self.refine_from!r}")
+        check_encode_names(self.encode_engine, "fp32")
 
 
 def _load_predictor(cfg: EngineConfig, interact_only: bool) -> Predictor:
     """The model exactly as jobs/encode.py builds it (same weights, same fingerprint), on CPU."""
     spec = EncoderSpec(checkpoint=cfg.checkpoint, variant=cfg.variant, preprocess=cfg.preprocess, seed=cfg.seed,
-                       threads=cfg.threads)
+                       threads=cfg.threads, engine=cfg.encode_engine, engine_cache=cfg.click_engine.cache_dir)
     set_cpu_threads(cfg.threads)
     predictor = build_predictor(spec, device="cpu", engine=cfg.click_engine)
     if interact_only:
@@ -264,6 +267,16 @@ class OnDemandEncoder:
         self.predictor = _load_predictor(cfg, interact_only=False)
         self.fingerprint = self.predictor.fingerprint
         self.store = FeatureStore(cfg.db, cfg.table)
+        self.encoder_name = self._prepare()
+
+    def _prepare(self) -> str:
+        """Build the encoder at start (an OpenVINO conversion, ~20 s once per machine for Light, ~1 s from its
+        cache), not in an annotator's first request; the name of what runs it."""
+        t0 = time.perf_counter()
+        encoder = self.predictor.encoder
+        name = encoder.name if encoder.prepare() else f"torch-fp32 (the fallback of {encoder.name})"
+        log_event(log, "on-demand encoder ready", encoder=name, seconds=round(time.perf_counter() - t0, 2))
+        return name
 
     def encode(self, image_id: str, image_ref: str, task_id: int | None = None) -> dict:
         """Make sure `image_id` has features in the table; returns timings and sizes for the log."""

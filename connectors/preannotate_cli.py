@@ -10,7 +10,7 @@ import os
 
 from interformer.click_engine import add_click_engine_arguments, click_engine_config
 from interformer.config import CONFIGS, PreprocessConfig
-from interformer.encode_engine import ENCODE_ENGINES
+from interformer.encode_engine import add_encode_engine_argument
 from pipeline.coco_output import FORMATS
 from pipeline.encoding import EncoderSpec
 from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, parse_storage_options
@@ -97,9 +97,7 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     model.add_argument("--encode-missing", action="store_true",
                        help="encode images that have no stored features on the workers' CPUs (and store them); "
                        "without it their objects are reported as no_features")
-    model.add_argument("--encode-engine", choices=ENCODE_ENGINES, default="torch",
-                       help="what encodes them (--encode-missing): torch, or openvino (the same features several times "
-                       "faster on CPUs, converted once per weights into --engine-cache) (default: %(default)s)")
+    add_encode_engine_argument(model, "what encodes them (--encode-missing)")
     add_image_access_arguments(p.add_argument_group(
         "image access (--encode-missing on Label Studio tasks: where their images may be read from)"))
     add_click_engine_arguments(p.add_argument_group("click engine"))

@@ -25,7 +25,7 @@ from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from interformer.config import CONFIGS, PreprocessConfig  # noqa: E402
-from interformer.encode_engine import ENCODE_ENGINES, ENCODE_PRECISIONS  # noqa: E402
+from interformer.encode_engine import ENCODE_PRECISIONS, add_encode_engine_argument  # noqa: E402
 from interformer.features import STORAGE_DTYPES  # noqa: E402
 from interformer.runtime import CACHE_ENV  # noqa: E402
 from pipeline.encode_run import (  # noqa: E402
@@ -79,10 +79,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
     add("--precision", choices=ENCODE_PRECISIONS, default="fp32",
         help="encoder arithmetic: bf16 (CPUs with AMX / AVX512-BF16, or CUDA) is faster with a pyramid within ~1%% "
         "RMS of fp32 (bench/bench_feature_precision.py)")
-    add("--encode-engine", choices=ENCODE_ENGINES, default="torch",
-        help="what runs the encoder: torch, or openvino on CPU (f32: the same pyramid within ~1e-5 RMS, 2.4-5.5x "
-        "faster on 2 cores; converted once per weights, ~20 s for Light, then cached; falls back to torch with "
-        "a logged reason)")
+    add_encode_engine_argument(p)
     add("--engine-cache", default=None, metavar="DIR",
         help=f"folder for the runtime's converted models (default: ${CACHE_ENV}, else "
         "~/.cache/interformer/click-engine)")

@@ -90,3 +90,46 @@ def test_errors_keep_their_status_across_ray(pool):
     with pytest.raises(SegmentError) as e:
         run(p, SegmentRequest(clicks=(pixel(5, 5, SIZE),), original_size=SIZE, image_ref="/etc/passwd"))
     assert e.value.status == 404 and "outside the allowed roots" in e.value.message
+
+
+def test_the_on_demand_encoder_runs_the_engine_asked_for_and_is_ready_at_start(tmp_path, monkeypatch):
+    """`--encode-engine openvino` on the backend: the encoder converts (into the engine cache) when it starts, not
+    in an annotator's first request, and stores the features torch would (within the table's fp16); a failed
+    conversion is named as torch's fallback and still encodes."""
+    pytest.importorskip("openvino")
+    from interformer.click_engine import ClickEngineConfig
+    from connectors.engine import OnDemandEncoder
+    from pipeline.feature_store import FeatureReader
+
+    ckpt = make_checkpoint(tmp_path / "small.pth")
+    (name, image), = grabcut_images(1, SIZE)
+    path = write_png(image, tmp_path / "images" / f"{name}.png")
+    access = ImageAccess(allowed_roots=(str((tmp_path / "images").resolve()),))
+
+    def config(engine: str, db: str, cache: str = "engine-cache") -> EngineConfig:
+        return EngineConfig(db=str(tmp_path / db), table="features", checkpoint=str(ckpt), variant="small",
+                            threads=1, access=access, encode_engine=engine,
+                            click_engine=ClickEngineConfig(cache_dir=str(tmp_path / cache)))
+
+    encoder = OnDemandEncoder(config("openvino", "db"))
+    assert encoder.encoder_name == "openvino-f32"
+    assert list((tmp_path / "engine-cache").rglob("encoder_v1.sha256")), "converted at start"
+    reference = OnDemandEncoder(config("torch", "db-torch"))
+    assert reference.encoder_name == "torch-fp32"
+    for enc in (encoder, reference):
+        assert "vit_ms" in enc.encode("the-image", str(path))
+    got, want = (FeatureReader(str(tmp_path / db), encoder.fingerprint).get("the-image") for db in ("db", "db-torch"))
+    for g, w in zip(got.pyramid, want.pyramid):
+        assert float((g - w).norm() / w.norm()) < 2e-3  # fp16 storage rounding, not a different function
+
+    import openvino
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("conversion failed (test)")
+
+    monkeypatch.setattr(openvino, "convert_model", broken)
+    fallback = OnDemandEncoder(config("openvino", "db-fallback", cache="empty-cache"))
+    assert fallback.encoder_name == "torch-fp32 (the fallback of openvino-f32)"
+    assert "vit_ms" in fallback.encode("the-image", str(path))
+    with pytest.raises(ValueError, match="unknown encode engine"):
+        config("tensorrt", "db")

@@ -130,7 +130,8 @@ def stack(label_studio, tmp_path_factory):
     with open(logs["backend"], "w") as out:
         backend = subprocess.Popen(
             [sys.executable, "-m", "connectors", "--db", str(tmp / "db"), "--checkpoint", str(ckpt),
-             "--port", str(port), "--actors", "1", "--ray-cpus", "2", "--basic-auth-user", AUTH[0]],
+             "--port", str(port), "--actors", "1", "--ray-cpus", "2", "--basic-auth-user", AUTH[0],
+             "--encode-engine", "openvino", "--engine-cache", str(tmp / "engine-cache")],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", backend, logs["backend"], 600, auth=AUTH)
@@ -207,6 +208,10 @@ def test_an_image_without_features_is_fetched_from_label_studio_and_encoded(stac
     # The encoder actor's own line reaches the backend's log through Ray's log forwarding, a moment later.
     event = log.wait_for(lambda r: r.get("msg") == "encoded on demand", "the encoder actor's 'encoded on demand' line")
     assert event["image_id"] == request["image_id"]  # the encoded image is the one the request asked for
+    # --encode-engine openvino: the encoder actor converted the encoder at start, into --engine-cache, and ran it
+    ready = log.wait_for(lambda r: r.get("msg") == "on-demand encoder ready", "the encoder actor's ready line")
+    assert ready["encoder"] == "openvino-f32"
+    assert list((stack["tmp"] / "engine-cache").rglob("encoder_v1.sha256"))
 
 
 def test_errors_reach_label_studio_instead_of_masks(project):
