@@ -95,7 +95,8 @@ def gate(rows: dict, max_delta_noc: float = 0.05, min_iou: float = 0.995) -> dic
     out = {}
     for t in ("85", "90"):
         out[f"delta_noc{t}"] = round(rows["fast"][f"noc{t}"] - rows["exact"][f"noc{t}"], 4)
-        low, high = paired_difference_interval(rows["exact"][f"per_sample_noc{t}"], rows["fast"][f"per_sample_noc{t}"])
+        low, high = paired_difference_interval(rows["exact"][f"per_sample_noc{t}"],
+                                               rows["fast"][f"per_sample_noc{t}"])
         out[f"delta_noc{t}_ci95"] = [round(low, 4), round(high, 4)]
     out["gate_passed"] = bool(out["delta_noc85"] <= max_delta_noc and out["delta_noc90"] <= max_delta_noc
                               and rows["per_click_iou_vs_fp32"]["mean"] >= min_iou)
@@ -175,7 +176,8 @@ def main() -> None:
                   + " | ".join(str(r[f'miou@{k}']) for k in K_VALUES if k <= args.max_clicks)
                   + f" | {r['click_ms_median']} |")
         ci85, ci90 = rows["delta_noc85_ci95"], rows["delta_noc90_ci95"]
-        print(f"| {name} | difference (95 % interval) / agreement | {rows['delta_noc85']:+} ({ci85[0]:+}, {ci85[1]:+}) "
+        print(f"| {name} | difference (95 % interval) / agreement "
+              f"| {rows['delta_noc85']:+} ({ci85[0]:+}, {ci85[1]:+}) "
               f"| {rows['delta_noc90']:+} ({ci90[0]:+}, {ci90[1]:+}) | per-click IoU "
               f"vs fp32 mean {rows['per_click_iou_vs_fp32']['mean']}, min {rows['per_click_iou_vs_fp32']['min']} "
               f"| gate {'passed' if rows['gate_passed'] else 'FAILED'} |")

@@ -183,7 +183,8 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         app = create_app(settings, pool)
         log_event(log, "serving", url=f"http://{args.host}:{args.port}", model_version=settings.model_version,
                   table=f"{cfg.db}/{cfg.table}", actors=args.actors, actor_cpus=actor_cpus, threads=cfg.threads,
-                  click_engine=cfg.click_engine.engine, encode_engine=None if args.no_encode_on_demand else cfg.encode_engine,
+                  click_engine=cfg.click_engine.engine,
+                  encode_engine=None if args.no_encode_on_demand else cfg.encode_engine,
                   auth=bool(args.basic_auth_user), label_studio_url=cfg.access.label_studio_url)
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
                     timeout_graceful_shutdown=5)

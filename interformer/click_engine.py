@@ -15,9 +15,9 @@ One compiled model per padded size: the pooled sizes of the attention are baked 
 compiled model checks every input shape and refuses a different one (`EngineShapeError`) instead of
 answering with a wrong mask. Converted models are saved as OpenVINO IR under the cache folder (keyed by a
 hash of the weights and the size) with the sha256 of their files, so the next process reads and compiles a size
-in about 0.2 s instead of converting it again (3-4 s), and a damaged file is converted again, never compiled. OpenVINO's own compiled-blob cache (CACHE_DIR) is deliberately not used: with
-openvino 2026.4 a blob reloaded for this graph crashed the process (a segfault in infer) where the same IR
-compiled afresh ran correctly.
+in about 0.2 s instead of converting it again (3-4 s), and a damaged file is converted again, never compiled.
+OpenVINO's own compiled-blob cache (CACHE_DIR) is deliberately not used: with openvino 2026.4 a blob reloaded
+for this graph crashed the process (a segfault in infer) where the same IR compiled afresh ran correctly.
 """
 from __future__ import annotations
 
