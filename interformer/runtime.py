@@ -3,12 +3,13 @@ the on-disk cache of converted models (interformer.click_engine for clicks, inte
 the image encoder)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 CACHE_ENV = "INTERFORMER_ENGINE_CACHE"
 
@@ -112,13 +113,26 @@ def read_ir(core, path: Path):
     return core.read_model(str(path))
 
 
+@contextlib.contextmanager
+def _conversion_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `<path>.lock`; none where the cache cannot be written (a read-only cache shared
+    by machines: reading needs no lock, and a missing entry then fails to save with the OS's reason)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def read_or_convert(core, path: Path, convert: Callable[[], object], log: logging.Logger):
     """The cached IR at `path`, converted (`convert()` -> an OpenVINO model) and saved first where it is missing
     or damaged (with a warning). A file lock beside it makes processes that start together convert once; the
     saved IR is what is read back either way, so every process compiles the same files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _conversion_lock(path):
         if path.is_file():
             try:
                 return read_ir(core, path)

@@ -90,3 +90,18 @@ def test_a_damaged_click_network_is_converted_again_and_answers_as_before(small_
     assert not any("fallback" in r.getMessage() for r in caplog.records)  # repaired, not handed to torch
     assert np.array_equal(got, want)
     assert runtime.read_ir(openvino.Core(), xml) is not None  # the entry is whole again
+
+
+def test_a_cache_that_cannot_be_written_is_still_read(saved_click_ir, tmp_path):
+    """A cache shared read-only between machines: no lock file can be made (here a folder stands where it would
+    go, which stops root too), and a whole entry is read without converting."""
+    xml = tmp_path / saved_click_ir.name
+    for suffix in (".xml", ".bin", ".sha256"):
+        shutil.copy(saved_click_ir.with_suffix(suffix), xml.with_suffix(suffix))
+    xml.with_suffix(".lock").mkdir()
+
+    def convert():
+        raise AssertionError("converted a whole entry")
+
+    model = runtime.read_or_convert(openvino.Core(), xml, convert, logging.getLogger("test"))
+    assert len(model.inputs) == len(openvino.Core().read_model(str(saved_click_ir)).inputs)
