@@ -8,21 +8,14 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interformer import Predictor, load_model, runtime
+from interformer import Predictor, runtime
 from interformer.click_engine import ClickEngineConfig
 from interformer.clicks import DEF_FG, UNKNOWN
 
 openvino = pytest.importorskip("openvino")
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    torch.manual_seed(0)
-    return load_model(None, variant="small", device="cpu").eval()
 
 
 @pytest.fixture(scope="module")
