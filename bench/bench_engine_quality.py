@@ -103,7 +103,7 @@ def gate(rows: dict, max_delta_noc: float = 0.05, min_iou: float = 0.995) -> dic
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
     ap.add_argument("--engine", default="fast", choices=ENGINES, help="the candidate click engine (default: %(default)s)")
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engine-cache", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     started = begin()
     set_cpu_threads(args.threads)
     model = load_model(args.checkpoint, device="cpu")
@@ -182,7 +182,8 @@ def main() -> None:
               f"vs fp32 mean {rows['per_click_iou_vs_fp32']['mean']}, min {rows['per_click_iou_vs_fp32']['min']} "
               f"| gate {'passed' if rows['gate_passed'] else 'FAILED'} |")
     save("engine_quality", report, started, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -95,3 +95,39 @@ def test_bench_encode_runtime_reports_the_runtime_against_torch(tmp_path, monkey
     for row in raw["rows"]:
         assert row["torch_fp32_ms"] > 0 and row["openvino_f32_ms"] > 0 and row["openvino_f32_engine"] == "openvino-f32"
         assert len(row["openvino_f32_rel_rms"]) == 4 and max(row["openvino_f32_rel_rms"]) < 1e-4
+
+
+def test_bench_engine_quality_gates_a_candidate_with_signed_noc_and_intervals(tmp_path, monkeypatch, shared_dir):
+    """The quality gate end to end on a tiny run (a seeded small model, two GrabCut images, three clicks), and
+    its verdict: signed (needing fewer clicks is no failure), the per-click IoU bound kept."""
+    import torch
+
+    from interformer.checkpoint import load_model, save_checkpoint
+
+    module = _load(BENCH / "bench_engine_quality.py")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "small.pth"
+    save_checkpoint(load_model(None, variant="small"), ckpt)
+    monkeypatch.setattr(sys, "argv", ["bench_engine_quality.py"])
+    out = tmp_path / "gate.json"
+    assert module.main(["--checkpoint", str(ckpt), "--engine", "openvino-f32", "--datasets", "GrabCut",
+                        "--data-root", str(shared_dir / "data"), "--limit", "2", "--max-clicks", "3",
+                        "--engine-cache", str(tmp_path / "engines"), "--out", str(out)]) == 0
+    figures = _raw(out)
+    assert figures["engine"] == "openvino-f32"
+    rows = figures["datasets"]["GrabCut"]
+    assert len(rows["exact"]["per_sample_noc85"]) == len(rows["fast"]["per_sample_noc90"]) == 2
+    for t in ("85", "90"):
+        low, high = rows[f"delta_noc{t}_ci95"]
+        assert low <= rows[f"delta_noc{t}"] <= high
+    assert rows["per_click_iou_vs_fp32"]["clicks"] >= 2 and rows["per_click_iou_vs_fp32"]["mean"] > 0.99
+
+    def verdict(exact, fast, iou=0.999):
+        both = {"exact": {"noc85": exact, "noc90": exact, "per_sample_noc85": [exact], "per_sample_noc90": [exact]},
+                "fast": {"noc85": fast, "noc90": fast, "per_sample_noc85": [fast], "per_sample_noc90": [fast]},
+                "per_click_iou_vs_fp32": {"mean": iou}}
+        return module.gate(both)["gate_passed"]
+
+    assert verdict(10.0, 9.5)  # fewer clicks than fp32
+    assert verdict(10.0, 10.05) and not verdict(10.0, 10.06)
+    assert not verdict(10.0, 10.0, iou=0.994)
