@@ -58,14 +58,16 @@ def test_an_ir_with_a_missing_file_is_refused(saved_click_ir, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["one weight byte changed", "truncated weights", "no digest"])
-def test_a_damaged_click_network_is_converted_again_and_answers_as_before(small_model, tmp_path, caplog, damage):
-    cfg = ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path))
+def test_a_damaged_click_network_is_converted_again_and_answers_as_before(small_model, saved_click_ir, tmp_path,
+                                                                          caplog, damage):
+    cache = shutil.copytree(saved_click_ir.parents[1], tmp_path / "cache")  # a whole entry for 64x64 images
+    cfg = ClickEngineConfig("openvino-f32", cache_dir=str(cache))
     first = Predictor(small_model, device="cpu", engine=cfg)
-    feats = first.encode(np.random.default_rng(4).integers(0, 256, (96, 64, 3), dtype=np.uint8))
+    feats = first.encode(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     ref = np.full(feats.geometry.padded_size, UNKNOWN, np.uint8)
     ref[30:40, 20:30] = DEF_FG
     want = first.predict_margin(feats, ref, None)
-    (xml,) = tmp_path.rglob("*.xml")
+    (xml,) = cache.rglob("*.xml")
     weights = xml.with_suffix(".bin")
     data = bytearray(weights.read_bytes())
     if damage == "one weight byte changed":  # OpenVINO reads it without complaint: only the digest notices
