@@ -342,8 +342,8 @@ def add_click_engine_arguments(parser, compile_default: str = "blocking") -> Non
                         "openvino-bf16 (fastest, on CPUs with AMX / AVX512-BF16), fast (bf16 where native, else "
                         "f32); falls back with a logged reason (default: %(default)s)")
     parser.add_argument("--engine-cache", default=None, metavar="DIR",
-                        help=f"folder for the runtime's converted click networks (default: ${CACHE_ENV}, else "
-                        "~/.cache/interformer/click-engine)")
+                        help=f"folder for the runtime's converted models: click networks, and the image encoder where it "
+                        f"runs on openvino (default: ${CACHE_ENV}, else ~/.cache/interformer/click-engine)")
     parser.add_argument("--engine-compile", choices=COMPILE_MODES, default=compile_default,
                         help="a new padded size: wait for its conversion (blocking: every click on the engine "
                         "asked for) or convert in the background while torch answers (default: %(default)s)")
