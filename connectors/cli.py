@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import ray
-    import uvicorn
 
     # Ray starts its workers at niceness 15 (batch work); serving actors answer people, so our local Ray
     # starts them at 0. (On an existing cluster the actors try to lower their niceness themselves.)

@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from interformer.clicks import Click, Roi
 from pipeline import box_prompt
-from pipeline.box_prompt import BOX_MARGIN
 
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
 MAX_CLICKS = 200  # prompt items per interactive call; InterFormer is evaluated up to 20 clicks

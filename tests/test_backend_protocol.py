@@ -7,7 +7,6 @@ import pytest
 from backend_support import LABEL_CONFIG, keypoint, rectangle
 
 from connectors.protocol import (
-    BOX_MARGIN,
     ContextItem,
     PredictRequest,
     ProtocolError,
@@ -22,6 +21,7 @@ from connectors.protocol import (
     stored_prompts,
 )
 from interformer.clicks import Click
+from pipeline.box_prompt import BOX_MARGIN
 
 SIZE = (48, 64)  # (H, W)
 
