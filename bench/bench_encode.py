@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from interformer.config import CONFIGS, PreprocessConfig  # noqa: E402
-from interformer.encode_engine import ENCODE_ENGINES, ENCODE_PRECISIONS  # noqa: E402
+from interformer.encode_engine import ENCODE_PRECISIONS, add_encode_engine_argument  # noqa: E402
 from pipeline.encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, write_stage  # noqa: E402
 from pipeline.feature_store import FeatureStore  # noqa: E402
 from pipeline.staged_commits import StagedCommitter  # noqa: E402
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
     p.add_argument("--max-side", type=int, default=None, help="longest-side resize (default: native size)")
-    p.add_argument("--encode-engine", choices=ENCODE_ENGINES, default="torch", help="what runs the encoder")
+    add_encode_engine_argument(p)
     p.add_argument("--precision", choices=ENCODE_PRECISIONS, default="fp32", help="the encoder's arithmetic")
     p.add_argument("--engine-cache", default=None, metavar="DIR",
                    help="converted models of --encode-engine openvino (default: the user cache; a conversion the "

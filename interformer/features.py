@@ -199,9 +199,9 @@ def flat_to_float32(flat: torch.Tensor, dtype: str, shapes: list[list[int]] | li
     codes = raw[8 * channels :]
     values = np.empty(codes.size, dtype=np.float32)
     offset, channel = 0, 0
-    # numpy, one thread: two passes per level (three for int8sqrt; a 256-entry table lookup measured 10x
-    # slower) without the thread hand-offs of small parallel torch ops,
-    # which on a loaded machine cost more than the arithmetic.
+    # numpy, one thread: two passes per level, three for int8sqrt (a 256-entry table lookup instead measured 10x
+    # slower), without the thread hand-offs of small parallel torch ops, which on a loaded machine cost more
+    # than the arithmetic.
     for c, h, w in shapes:
         c, n = int(c), int(c) * int(h) * int(w)
         out = values[offset : offset + n].reshape(c, -1)
