@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from interformer.checkpoint import model_version
+from interformer.checkpoint import CheckpointError, check_checkpoint, model_version
+from interformer.cli_types import COUNT, POSITIVE, SEED, integer
 from interformer.click_engine import add_click_engine_arguments, click_engine_config
 from interformer.encode_engine import add_encode_engine_argument
 from interformer.config import CONFIGS, PreprocessConfig
@@ -43,29 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--variant and --seed; for trying the pipeline only)")
     p.add_argument("--variant", choices=sorted(CONFIGS), default=None,
                    help="model variant; checked against the checkpoint (default: read from it), required without one")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the random init without --checkpoint, as given to jobs/encode.py (default: 0)")
-    p.add_argument("--max-side", type=int, default=None,
+    p.add_argument("--max-side", type=integer(32), default=None,
                    help="the longest-side resize jobs/encode.py used (part of the feature fingerprint)")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on, 0.0.0.0 for every interface (default: %(default)s)")
-    p.add_argument("--port", type=int, default=9090, help="TCP port to listen on (default: %(default)s)")
-    p.add_argument("--actors", type=int, default=1,
+    p.add_argument("--port", type=integer(0, 65535), default=9090, help="TCP port to listen on (default: %(default)s)")
+    p.add_argument("--actors", type=COUNT, default=1,
                    help="number of CPU serving actors; images are spread over them by id (default: %(default)s)")
-    p.add_argument("--actor-cpus", type=float, default=None,
+    p.add_argument("--actor-cpus", type=POSITIVE, default=None,
                    help="Ray CPUs reserved per actor (default: the cluster's CPUs / (actors + 1 encoder))")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=COUNT, default=None,
                    help="torch threads per serving actor (default: this machine's cores / actors)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (e.g. ray://head:10001 or auto); default: start a local Ray")
-    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
-    p.add_argument("--feature-cache-mb", type=float, default=256.0,
+    p.add_argument("--ray-cpus", type=COUNT, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.add_argument("--feature-cache-mb", type=POSITIVE, default=256.0,
                    help="memory each serving actor keeps for decoded features, in MiB; least recently used "
                    "images are dropped beyond it (default: %(default)s)")
-    p.add_argument("--session-cache-mb", type=float, default=512.0,
+    p.add_argument("--session-cache-mb", type=POSITIVE, default=512.0,
                    help="memory each serving actor keeps for interactive sessions (every click's state, for "
                    "undo, and the image's features), in MiB (default: %(default)s)")
-    p.add_argument("--max-clicks", type=int, default=100,
+    p.add_argument("--max-clicks", type=COUNT, default=100,
                    help="clicks of one region served per request; more get a 413 (default: %(default)s)")
     p.add_argument("--refine-from", choices=REFINE_STARTS, default="clicks",
                    help="a click on a pre-annotated region: continue the clicks its meta keeps (fewer corrective "
@@ -77,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--basic-auth-user", default=os.environ.get("ML_BACKEND_BASIC_AUTH_USER"),
                    help="require HTTP basic auth with this user (default: $ML_BACKEND_BASIC_AUTH_USER); "
                    "the password comes from the environment")
-    p.add_argument("--max-body-mb", type=float, default=64.0,
+    p.add_argument("--max-body-mb", type=POSITIVE, default=64.0,
                    help="largest request body accepted, in MiB (default: %(default)s)")
-    p.add_argument("--max-restarts", type=int, default=3,
+    p.add_argument("--max-restarts", type=integer(-1), default=3,
                    help="times Ray restarts a serving actor that died (default: %(default)s)")
     add_click_engine_arguments(p, compile_default="background")
     add_encode_engine_argument(p, "what encodes an image that has no stored features (on-demand encoding)")
@@ -91,20 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
-        return 2
+    if args.checkpoint is not None:
+        try:  # the actors load it; a bad file is the user's error, reported before Ray starts
+            args.variant = check_checkpoint(args.checkpoint, args.variant)
+        except CheckpointError as e:
+            print(f"error: --checkpoint: {e}", file=sys.stderr)
+            return 2
     if args.checkpoint is None and args.variant is None:
         print("error: without --checkpoint, name the --variant of the random init jobs/encode.py used",
               file=sys.stderr)
         return 2
-    if args.actors < 1:
-        print("error: --actors must be at least 1", file=sys.stderr)
-        return 2
-    for name in ("feature_cache_mb", "session_cache_mb", "max_image_mb", "max_body_mb", "max_clicks"):
-        if getattr(args, name) <= 0:
-            print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
     try:
         ImageAccess.from_args(args)
     except (ImageAccessError, ValueError) as e:
@@ -140,13 +137,11 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
     import ray
     import uvicorn
 
-    from interformer.checkpoint import load_model
-
     from .actors import ActorPool
     from .engine import EngineConfig
     from .server import ServerSettings, create_app
 
-    variant = args.variant or load_model(args.checkpoint).config.name
+    variant = args.variant
     access = ImageAccess.from_args(args)
     checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
     cfg = EngineConfig(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from interformer.cli_types import COUNT, FRACTION, POSITIVE, SEED, integer, real
 from interformer.click_engine import add_click_engine_arguments, click_engine_config
 from interformer.config import CONFIGS, PreprocessConfig
 from interformer.encode_engine import add_encode_engine_argument
@@ -44,7 +45,7 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     src.add_argument("--use", choices=USE_CHOICES, default="auto",
                      help="which prompt of an annotation to use: auto = points if given, else the segmentation, "
                      "else the box; or force one kind (default: %(default)s)")
-    src.add_argument("--ls-project", type=int, metavar="ID",
+    src.add_argument("--ls-project", type=COUNT, metavar="ID",
                      help="Label Studio project: the prompt source when no --coco is given (its tasks' rectangles "
                      "and keypoints), and the target of --push")
     src.add_argument("--ls-url", default=None, help="Label Studio base URL (default: $LABEL_STUDIO_URL)")
@@ -66,7 +67,7 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                      help="'rle': COCO RLE and Label Studio brush (BrushLabels) regions; 'polygon': COCO polygon "
                      "segmentations and Label Studio polygonlabels regions (the project needs a PolygonLabels "
                      "tag); each object's polygon IoU against its mask is in the report (default: %(default)s)")
-    out.add_argument("--polygon-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="PX",
+    out.add_argument("--polygon-tolerance", type=real(0), default=DEFAULT_TOLERANCE, metavar="PX",
                      help="with --mask-format polygon: simplify outlines by at most this many pixels "
                      f"(Douglas-Peucker); halved for a mask whose polygons would fall below IoU {DEFAULT_MIN_IOU} "
                      "(default: %(default)s)")
@@ -74,7 +75,7 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                      help="push the masks as predictions (brush RLE or polygons, model_version, score) into "
                      "--ls-project; "
                      "tasks are created, with image_id in their data, for images that have none")
-    out.add_argument("--push-batch", type=int, default=50, help="predictions per import call (default: %(default)s)")
+    out.add_argument("--push-batch", type=COUNT, default=50, help="predictions per import call (default: %(default)s)")
     out.add_argument("--image-url", default=DEFAULT_IMAGE_URL,
                      help="image URL of new tasks, from {file_name}, {image_id} and {uri} (default: %(default)s, "
                      "i.e. Label Studio's local files with LOCAL_FILES_DOCUMENT_ROOT = --image-root)")
@@ -88,9 +89,9 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                        "seeded RANDOM initialisation of jobs/encode.py (for trying the pipeline only)")
     model.add_argument("--variant", choices=sorted(CONFIGS),
                        help="model variant (read from the checkpoint; default 'light' with random weights)")
-    model.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: %(default)s)")
-    model.add_argument("--max-side", type=int, default=None, help="the --max-side jobs/encode.py used (part of the "
-                       "feature fingerprint; default: native size)")
+    model.add_argument("--seed", type=SEED, default=0, help="seed of the random initialisation (default: %(default)s)")
+    model.add_argument("--max-side", type=integer(32), default=None, help="the --max-side jobs/encode.py used (part of "
+                       "the feature fingerprint; default: native size)")
     model.add_argument("--model-version", help="model_version written with predictions and COCO entries (default: "
                        "the backend's, interformer-<variant>-<checkpoint>-<sha256[:8]>); a re-run with the same one "
                        "adds no duplicates")
@@ -102,23 +103,23 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
         "image access (--encode-missing on Label Studio tasks: where their images may be read from)"))
     add_click_engine_arguments(p.add_argument_group("click engine"))
     sim = p.add_argument_group("click simulation (coarse masks and polygons)")
-    sim.add_argument("--target-iou", type=float, default=0.9,
+    sim.add_argument("--target-iou", type=FRACTION, default=0.9,
                      help="stop clicking when the mask reaches this IoU against the coarse label (default: %(default)s)")
-    sim.add_argument("--max-clicks", type=int, default=10,
+    sim.add_argument("--max-clicks", type=COUNT, default=10,
                      help="at most this many simulated clicks per object; the best mask is kept (default: %(default)s)")
     run = p.add_argument_group("running")
     run.add_argument("--run-dir", help="folder of the ledger, report and summary (default: "
                      "runs/preannotate/<source>-<model version>)")
     run.add_argument("--fresh", action="store_true", help="forget an earlier run in --run-dir and start over")
-    run.add_argument("--workers", type=int, default=None,
+    run.add_argument("--workers", type=integer(0), default=None,
                      help="Ray workers (default: the cluster's CPUs / --cpus-per-worker); 0 runs in this process")
-    run.add_argument("--cpus-per-worker", type=float, default=1.0,
+    run.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0,
                      help="CPUs reserved per worker; its torch threads (default: %(default)s)")
     run.add_argument("--address", default=None,
                      help="Ray cluster to join (e.g. auto, ray://head:10001); default: the cluster of a `ray job "
                      "submit` (RAY_ADDRESS), else a private local Ray")
-    run.add_argument("--num-cpus", type=int, default=None, help="CPUs of the private local Ray (default: all)")
-    run.add_argument("--limit", type=int, default=None, help="process at most this many images (quick trials)")
+    run.add_argument("--num-cpus", type=COUNT, default=None, help="CPUs of the private local Ray (default: all)")
+    run.add_argument("--limit", type=COUNT, default=None, help="process at most this many images (quick trials)")
     return p
 
 

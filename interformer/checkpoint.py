@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from .config import CONFIGS, get_config
 from .modeling import InterFormer
 from .modeling.interformer import RANDOM_INIT
-
 
 
 class CheckpointError(ValueError):
@@ -54,24 +56,77 @@ def random_init_id(model: InterFormer) -> str:
     return f"{RANDOM_INIT.split('-')[0]}-{h.hexdigest()}"
 
 
+def _numpy_globals() -> list[Any]:
+    """What unpickling numpy scalars and plain-dtype arrays needs (an mmcv checkpoint's `meta` may hold a
+    numpy seed or palette); object arrays stay refused."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+              np.float16, np.float32, np.float64, np.complex64, np.complex128, np.str_, np.bytes_]
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype,
+            *{type(np.dtype(t)) for t in dtypes}]
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """`torch.load` that never runs code from the file: tensors, plain Python values and numpy scalars and
+    arrays only. A checkpoint that pickles anything else (a class, a function) is refused with
+    `CheckpointError`, because unpickling it could execute arbitrary code."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(exc), re.S)
+            raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file?): "
+                                  f"{(detail.group(1) if detail else str(exc).splitlines()[-1])[:300]}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} holds a Python object of type {found.group(1)}, not only weights; unpickling it "
+            "could run code, so it is not loaded. If you trust the file, keep only its weights with "
+            f"torch.save({{'state_dict': torch.load(path, weights_only=False)['state_dict']}}, new_path) "
+            "and pass the new file") from exc
+    except Exception as exc:  # torch raises several types for truncated/corrupt zip or pickle data
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file?): {exc}") from exc
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint file -> (state dict, meta). Clear errors for missing, truncated or foreign files."""
+    """Read a checkpoint file -> (state dict, meta). Clear errors for missing, truncated, foreign or unsafe files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for truncated/corrupt zip or pickle data
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file?): {exc}") from exc
+    obj = load_torch_file(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
-    meta = dict(obj.get("meta") or {})
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"checkpoint {path}: 'meta' is a {type(meta).__name__}, expected a dict")
+    state_dict = None
     for key in ("state_dict", "model"):
         if key in obj and isinstance(obj[key], Mapping):
-            return dict(obj[key]), meta
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj), meta
-    raise CheckpointError(f"checkpoint {path} has no 'state_dict' and is not a bare state dict")
+            state_dict = dict(obj[key])
+            break
+    if state_dict is None:
+        if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"checkpoint {path} has no 'state_dict' and is not a bare state dict")
+        state_dict = dict(obj)
+    bad = [str(k) for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {len(bad)} state-dict entries are not named tensors "
+                              f"(e.g. {bad[0][:80]!r})")
+    return state_dict, dict(meta)
+
+
+def checkpoint_variant(meta: Mapping[str, Any], path: str | os.PathLike) -> str | None:
+    """The variant our own checkpoints name in `meta['interformer']['variant']`, checked; None if not named."""
+    ours = meta.get("interformer")
+    if ours is None:
+        return None
+    variant = ours.get("variant") if isinstance(ours, Mapping) else None
+    if variant is None:
+        return None
+    if not isinstance(variant, str) or variant not in CONFIGS:
+        raise CheckpointError(f"checkpoint {path} names an unknown variant {variant!r} in meta['interformer'] "
+                              f"(known: {', '.join(sorted(CONFIGS))})")
+    return variant
 
 
 _TIMM_RULES = [
@@ -123,6 +178,8 @@ def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
     key = "backbone.patch_embed.projection.weight"
     if key not in state_dict:
         raise CheckpointError(f"not an InterFormer checkpoint: no {key!r}")
+    if state_dict[key].dim() != 4:
+        raise CheckpointError(f"not an InterFormer checkpoint: {key!r} has shape {tuple(state_dict[key].shape)}")
     width = state_dict[key].shape[0]
     depth = len({k.split(".")[2] for k in state_dict if k.startswith("backbone.layers.")})
     refine = any(k.startswith("neck.refine_stages.") for k in state_dict)
@@ -135,6 +192,14 @@ def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
 def load_state_dict_strict(model: InterFormer, state_dict: Mapping[str, torch.Tensor], allow_missing_aux: bool = True,
                            allow_missing_neck_and_heads: bool = False) -> None:
     """Load with a full report: every missing, unexpected and mis-shaped key in one error."""
+    check_state_dict(model, state_dict, allow_missing_aux, allow_missing_neck_and_heads)
+    model.load_state_dict({k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")},
+                          strict=False)
+
+
+def check_state_dict(model: InterFormer, state_dict: Mapping[str, torch.Tensor], allow_missing_aux: bool = True,
+                     allow_missing_neck_and_heads: bool = False) -> None:
+    """CheckpointError listing every missing, unexpected and mis-shaped key, unless the state dict fits."""
     own = model.state_dict()
     sd = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
     missing = [k for k in own if k not in sd and not k.endswith("relative_position_index")]
@@ -154,7 +219,25 @@ def load_state_dict_strict(model: InterFormer, state_dict: Mapping[str, torch.Te
                 shown = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
                 parts.append(f"  {len(keys)} {title} keys:\n    {shown}")
         raise CheckpointError(f"state dict does not fit InterFormer-{model.config.name}:\n" + "\n".join(parts))
-    model.load_state_dict(sd, strict=False)
+
+
+def _checked_weights(checkpoint: str | os.PathLike, variant: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    state_dict, meta = read_checkpoint(checkpoint)
+    state_dict = checkpoint_filter_fn(state_dict)
+    found = checkpoint_variant(meta, checkpoint) or detect_variant(state_dict)
+    if variant is not None and variant != found:
+        raise CheckpointError(f"checkpoint {checkpoint} holds InterFormer-{found}, not InterFormer-{variant}")
+    return state_dict, found
+
+
+def check_checkpoint(checkpoint: str | os.PathLike, variant: str | None = None) -> str:
+    """The variant a checkpoint holds, once it is known to load (CheckpointError otherwise). Builds no weights
+    (the model is laid out on the meta device), so entry points call it before they start anything."""
+    state_dict, found = _checked_weights(checkpoint, variant)
+    with torch.device("meta"):
+        model = InterFormer(get_config(found))
+    check_state_dict(model, state_dict)
+    return found
 
 
 def load_model(checkpoint: str | os.PathLike | None, variant: str | None = None,
@@ -172,11 +255,7 @@ def load_model(checkpoint: str | os.PathLike | None, variant: str | None = None,
         model.checkpoint_id = random_init_id(model)
         model.checkpoint_path = None
     else:
-        state_dict, meta = read_checkpoint(checkpoint)
-        state_dict = checkpoint_filter_fn(state_dict)
-        found = (meta.get("interformer") or {}).get("variant") or detect_variant(state_dict)
-        if variant is not None and variant != found:
-            raise CheckpointError(f"checkpoint {checkpoint} holds InterFormer-{found}, not InterFormer-{variant}")
+        state_dict, found = _checked_weights(checkpoint, variant)
         model = InterFormer(get_config(found))
         load_state_dict_strict(model, state_dict)
         model.checkpoint_id = file_sha256(checkpoint)
@@ -200,6 +279,9 @@ def save_checkpoint(model: InterFormer, path: str | os.PathLike, meta: dict[str,
     obj.update(extra or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # one per writer
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -19,11 +19,11 @@ from pipeline.ray_runtime import RayStartError, prepare_job_process
 prepare_job_process("jobs/encode.py")  # before the imports that need the project's packages
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 from dataclasses import asdict  # noqa: E402
-from pathlib import Path  # noqa: E402
 
+from interformer.checkpoint import CheckpointError  # noqa: E402
+from interformer.cli_types import COUNT, POSITIVE, SEED, integer  # noqa: E402
 from interformer.config import CONFIGS, PreprocessConfig  # noqa: E402
 from interformer.encode_engine import ENCODE_PRECISIONS, add_encode_engine_argument  # noqa: E402
 from interformer.features import STORAGE_DTYPES  # noqa: E402
@@ -33,12 +33,13 @@ from pipeline.encode_run import (  # noqa: E402
 )
 from pipeline.encoding import EncoderSpec  # noqa: E402
 from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, parse_storage_options  # noqa: E402
+from pipeline.files import write_json_atomic  # noqa: E402
 from pipeline.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.sources import SourceError  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]:
-    """The command line -> (the run's config, --summary-json)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The encode job's options."""
     p = argparse.ArgumentParser(
         prog="python -m jobs.encode",
         description=(
@@ -66,11 +67,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
         "RANDOMLY INITIALISED (for trying the pipeline only) and its rows are marked so")
     add("--variant", choices=sorted(CONFIGS), help="model variant; detected from the checkpoint when given (then "
         "it must match), 'light' by default with random weights")
-    add("--seed", type=int, default=0, help="seed of the random initialisation (no --checkpoint); part of the "
+    add("--seed", type=SEED, default=0, help="seed of the random initialisation (no --checkpoint); part of the "
         "encoder fingerprint")
-    add("--max-side", type=int, default=None, help="resize images so that their longest side is at most this many "
-        "pixels (default: native size, as in the paper); part of the encoder fingerprint")
-    add("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    add("--max-side", type=integer(32), default=None, help="resize images so that their longest side is at most "
+        "this many pixels (default: native size, as in the paper); part of the encoder fingerprint")
+    add("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS,
         help="images with more pixels than this are refused and recorded as errors")
     add("--dtype", choices=sorted(STORAGE_DTYPES), default="float16",
         help="storage dtype of the features: float16 halves the table, int8 / int8sqrt (8-bit codes, per-channel "
@@ -83,29 +84,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
     add("--engine-cache", default=None, metavar="DIR",
         help=f"folder for the runtime's converted models (default: ${CACHE_ENV}, else "
         "~/.cache/interformer/click-engine)")
-    add("--batch-size", type=int, default=4, help="images per encoder forward pass")
-    add("--write-batch", type=int, default=32, help="feature rows per written Lance fragment")
-    add("--num-encoders", type=int, default=None, help="encoder actors (default: one per GPU; on CPU-only clusters "
+    add("--batch-size", type=COUNT, default=4, help="images per encoder forward pass")
+    add("--write-batch", type=COUNT, default=32, help="feature rows per written Lance fragment")
+    add("--num-encoders", type=COUNT, default=None, help="encoder actors (default: one per GPU; on CPU-only clusters "
         "one per 4 CPUs left after the quarter kept for decode/write tasks)")
-    add("--cpus-per-encoder", type=float, default=None,
+    add("--cpus-per-encoder", type=POSITIVE, default=None,
         help="CPUs reserved by each encoder actor (default: 1 with GPUs, otherwise an equal share)")
     add("--address", default=None, help="Ray address to connect to (e.g. auto, ray://host:10001). Default: the "
         "cluster of a `ray job submit` (RAY_ADDRESS), else a new private local Ray")
-    add("--num-cpus", type=int, default=None, help="CPUs of the local Ray started when no cluster is given")
-    add("--commit-interval", type=float, default=5.0, help="seconds between commits of written work, whatever the "
+    add("--num-cpus", type=COUNT, default=None, help="CPUs of the local Ray started when no cluster is given")
+    add("--commit-interval", type=POSITIVE, default=5.0, help="seconds between commits of written work, whatever the "
         "pace of the pipeline (a stop commits everything written; a kill -9 leaves it for the next run to commit)")
-    add("--limit", type=int, default=None, help="encode at most this many of the missing images")
+    add("--limit", type=COUNT, default=None, help="encode at most this many of the missing images")
     add("--retry-failed", action="store_true", help="try again the inputs recorded as bad by an earlier run (after "
         "fixing the files or raising --max-pixels); unreadable ones, possibly a transient storage error, are always retried")
     add("--strict", action="store_true", help="exit 1 unless every listed image is stored")
     add("--summary-json", default=None, help="also write the final summary to this JSON file")
     add("--ray-progress", action="store_true", help="show Ray Data's per-stage progress bars instead of one tqdm bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]:
+    """The command line -> (the run's config, --summary-json)."""
+    p = build_parser()
     a = p.parse_args(argv)
-    for name in ("batch_size", "write_batch", "max_pixels"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if a.max_side is not None and a.max_side < 32:
-        p.error("--max-side must be at least 32")
     try:
         options = parse_storage_options(a.storage_option)
     except ValueError as e:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, summary_json = parse_args(argv)
     try:
         summary = run(cfg)
-    except SourceError as e:
+    except (SourceError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RayStartError as e:  # a cluster that cannot be joined, or a local Ray that would not start
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ENVIRONMENT
     print(format_summary(summary), flush=True)
     if summary_json:
-        Path(summary_json).write_text(json.dumps({**asdict(summary), "images_per_s": summary.images_per_s}, indent=2))
+        write_json_atomic(summary_json, {**asdict(summary), "images_per_s": summary.images_per_s}, indent=2)
     return exit_code(summary, cfg.strict)
 
 

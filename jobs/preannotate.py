@@ -30,6 +30,7 @@ from pipeline.ray_runtime import RayStartError, prepare_job_process
 prepare_job_process("jobs/preannotate.py")  # before the imports that need the project's packages
 
 from connectors.label_studio_client import LabelStudioError  # noqa: E402
+from interformer.checkpoint import CheckpointError  # noqa: E402
 from connectors.label_studio_preannotation import ProjectLink  # noqa: E402
 from connectors.preannotate_cli import build_parser, parse_config  # noqa: E402
 from pipeline.ledger import LedgerError  # noqa: E402
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg, ProjectLink(cfg) if cfg.ls_project is not None else None)
     except RunDirError as e:
         raise SystemExit(f"error: {e}") from None
-    except (PromptFileError, LabelStudioError, LedgerError, RayStartError, OutputError) as e:
+    except (PromptFileError, LabelStudioError, LedgerError, RayStartError, OutputError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)

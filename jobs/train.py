@@ -28,6 +28,8 @@ from pipeline.ray_runtime import RayStartError, prepare_job_process
 
 prepare_job_process("jobs/train.py")  # before the imports that need the project's packages
 
+from interformer.checkpoint import CheckpointError  # noqa: E402
+from interformer.cli_types import integer  # noqa: E402
 from interformer.training.cli import add_dataclass_arguments, build_dataclass  # noqa: E402
 from interformer.training.config import TrainConfig  # noqa: E402
 from interformer.training.launch import TrainingFailed  # noqa: E402
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None,
                      help="Ray cluster to join (default: the cluster of a `ray job submit` (RAY_ADDRESS), else a "
                           "private local Ray)")
-    run.add_argument("--max-failures", type=int, default=0,
+    run.add_argument("--max-failures", type=integer(-1), default=0,
                      help="Ray Train restarts after a worker failure; each restart resumes from the newest "
                           "checkpoint (default: 0)")
     return p
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             last = f"iterations {summary['start_iter']} -> {summary['end_iter']}; {summary.get('last', {})}"
         else:
             last = run_on_ray(cfg, args.address, args.max_failures)
-    except (RunFolderBusy, DatasetError, ScheduleChanged, FeatureTableError, RayStartError, TrainingFailed) as e:
+    except (RunFolderBusy, DatasetError, ScheduleChanged, FeatureTableError, RayStartError, TrainingFailed,
+            CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[train] done: {last}", flush=True)

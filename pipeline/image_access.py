@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 from urllib.parse import quote, unquote, urljoin
 
+from interformer.cli_types import POSITIVE
+
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
 MAX_REDIRECTS = 5
@@ -143,7 +145,7 @@ def add_image_access_arguments(parser: argparse.ArgumentParser) -> None:
                         help="private network a storage host may resolve into (repeatable); loopback, private, "
                         "link-local and metadata addresses are otherwise refused for every host but the "
                         "Label Studio server")
-    parser.add_argument("--max-image-mb", type=float, default=DEFAULT_MAX_IMAGE_BYTES / 2**20,
+    parser.add_argument("--max-image-mb", type=POSITIVE, default=DEFAULT_MAX_IMAGE_BYTES / 2**20,
                         help="largest image file read or downloaded, in MiB; refused by Content-Length "
                         "before reading (default: %(default)s)")
 

@@ -50,7 +50,8 @@ def test_options_reach_nested_configs(job, tmp_path):
     (["--data", "voc:a"], "must start with"),
     (["--data", "folder:a,masks=b", "--features", "db"], "needs --frozen-backbone"),
     (["--data", "folder:a,masks=b", "--eval-interval", "10"], "needs --eval-data"),
-    (["--data", "folder:a,masks=b", "--stop-at", "0"], "stop_at"),
+    (["--data", "folder:a,masks=b", "--stop-at", "0"], "--stop-at: must be an integer >= 1"),
+    (["--data", "folder:a,masks=b", "--max-iters", "5", "--stop-at", "10"], "stop_at must be in 1..max_iters"),
     (["--data", "folder:a,masks=b", "--variant", "huge"], "unknown InterFormer variant"),
 ])
 def test_bad_values_are_refused(job, tmp_path, capsys, argv, message):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..cli_types import COUNT, FRACTION, POSITIVE, integer, real
 from ..config import PIXEL_MEAN, PIXEL_STD
 
 IGNORE_SEGMENT = -1
@@ -29,18 +30,24 @@ class NoObjectError(ValueError):
 class AugmentConfig:
     """Training augmentation; defaults are the official values (512 crops; smaller crops suit CPUs)."""
 
-    crop_size: int = field(default=512, metadata={"help": "training crop side in pixels (a multiple of 32)"})
-    ratio_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"help": "random resize ratio range"})
-    flip_prob: float = field(default=0.5, metadata={"help": "horizontal flip probability"})
-    cat_max_ratio: float = field(default=0.75, metadata={
+    crop_size: int = field(default=512, metadata={"range": integer(32),
+        "help": "training crop side in pixels (a multiple of 32)"})
+    ratio_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"range": POSITIVE,
+        "help": "random resize ratio range"})
+    flip_prob: float = field(default=0.5, metadata={"range": FRACTION, "help": "horizontal flip probability"})
+    cat_max_ratio: float = field(default=0.75, metadata={"range": FRACTION,
         "help": "re-draw a crop (up to crop_tries times) while one segment covers this fraction of it or more"})
-    crop_tries: int = field(default=10, metadata={"help": "crop re-draws for cat_max_ratio"})
+    crop_tries: int = field(default=10, metadata={"range": COUNT, "help": "crop re-draws for cat_max_ratio"})
     photometric: bool = field(default=True, metadata={"help": "photometric distortion (brightness, contrast, "
                                                                "saturation, hue)"})
-    brightness_delta: int = field(default=32, metadata={"help": "brightness shift range (+/-)"})
-    contrast_range: tuple[float, float] = field(default=(0.5, 1.5), metadata={"help": "contrast factor range"})
-    saturation_range: tuple[float, float] = field(default=(0.5, 1.5), metadata={"help": "saturation factor range"})
-    hue_delta: int = field(default=18, metadata={"help": "hue shift range (+/-, OpenCV hue units of 2 degrees)"})
+    brightness_delta: int = field(default=32, metadata={"range": integer(0, 255),
+        "help": "brightness shift range (+/-)"})
+    contrast_range: tuple[float, float] = field(default=(0.5, 1.5), metadata={"range": real(0),
+        "help": "contrast factor range"})
+    saturation_range: tuple[float, float] = field(default=(0.5, 1.5), metadata={"range": real(0),
+        "help": "saturation factor range"})
+    hue_delta: int = field(default=18, metadata={"range": integer(0, 180),
+        "help": "hue shift range (+/-, OpenCV hue units of 2 degrees)"})
 
 
 def random_resize(img: np.ndarray, seg: np.ndarray, ratio_range: tuple[float, float], rng: np.random.Generator

@@ -72,9 +72,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, group_ti
             kwargs.update(type=_with_message(getattr(item, "parse", item)), action="append", metavar="SPEC",
                           required=not has_default, default=None)
         elif get_origin(base) is tuple:
-            kwargs.update(type=get_args(base)[0], nargs=len(get_args(base)), default=default)
+            kwargs.update(type=f.metadata.get("range", get_args(base)[0]), nargs=len(get_args(base)), default=default)
         else:
-            kwargs.update(type=base, default=default, required=not has_default)
+            kwargs.update(type=f.metadata.get("range", base), default=default, required=not has_default)
         group.add_argument(opt, **kwargs)
 
 

@@ -18,6 +18,8 @@ from typing import Iterable, NamedTuple
 import cv2
 import numpy as np
 
+from ..cli_types import FRACTION, POSITIVE, integer
+
 FLOAT_EPS = float(np.finfo(np.float32).eps)
 
 
@@ -31,11 +33,13 @@ class SimClick(NamedTuple):
 class ClickSimConfig:
     """Iterative click simulation during training (official train_cfg)."""
 
-    max_extra_clicks: int = field(default=20, metadata={"help": "simulated extra clicks k are drawn from 0..this"})
-    click_decay: float = field(default=0.6, metadata={"help": "P(k) is proportional to click_decay ** k"})
-    sfc_inner_k: float = field(default=1.7, metadata={
+    max_extra_clicks: int = field(default=20, metadata={"range": integer(0),
+        "help": "simulated extra clicks k are drawn from 0..this"})
+    click_decay: float = field(default=0.6, metadata={"range": FRACTION,
+        "help": "P(k) is proportional to click_decay ** k"})
+    sfc_inner_k: float = field(default=1.7, metadata={"range": POSITIVE,
         "help": "extra clicks land where the error-region distance exceeds max / sfc_inner_k (first click: 1.0)"})
-    click_radius: float = field(default=5.0, metadata={"help": "click disk radius in pixels"})
+    click_radius: float = field(default=5.0, metadata={"range": POSITIVE, "help": "click disk radius in pixels"})
 
 
 def num_clicks_distribution(max_num_clicks: int, gamma: float) -> np.ndarray:

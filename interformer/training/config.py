@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..cli_types import COUNT, SEED, integer, range_problems
 from ..config import get_config
 from .augment import AugmentConfig
 from .click_sampler import ClickSimConfig
@@ -28,15 +29,20 @@ class TrainConfig:
     init: str | None = field(default=None, metadata={
         "help": "start from this file: an official or our InterFormer checkpoint, or plain MAE/timm ViT weights "
                 "(backbone only); default: random init"})
-    max_iters: int = field(default=320_000, metadata={"help": "length of the schedule in iterations"})
-    stop_at: int | None = field(default=None, metadata={
+    max_iters: int = field(default=320_000, metadata={"range": COUNT, "help": "length of the schedule in iterations"})
+    stop_at: int | None = field(default=None, metadata={"range": COUNT,
         "help": "stop after this iteration (with a checkpoint) but keep the max_iters schedule; rerun to go on"})
-    batch_size: int = field(default=4, metadata={"help": "samples per iteration per worker (official: 4 x 4 GPUs)"})
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (one GPU each on a GPU cluster)"})
+    batch_size: int = field(default=4, metadata={"range": COUNT,
+        "help": "samples per iteration per worker (official: 4 x 4 GPUs)"})
+    num_workers: int = field(default=1, metadata={"range": COUNT,
+        "help": "Ray Train workers (one GPU each on a GPU cluster)"})
     use_gpu: bool | None = field(default=None, metadata={"help": "train on GPUs; default: when the cluster has any"})
-    cpus_per_worker: int = field(default=1, metadata={"help": "CPUs (and torch threads) per Ray Train worker"})
-    loader_workers: int = field(default=2, metadata={"help": "data-loading processes per worker (0: in the worker)"})
-    seed: int = field(default=42, metadata={"help": "seed of every random choice (data order, crops, clicks)"})
+    cpus_per_worker: int = field(default=1, metadata={"range": COUNT,
+        "help": "CPUs (and torch threads) per Ray Train worker"})
+    loader_workers: int = field(default=2, metadata={"range": integer(0),
+        "help": "data-loading processes per worker (0: in the worker)"})
+    seed: int = field(default=42, metadata={"range": SEED,
+        "help": "seed of every random choice (data order, crops, clicks)"})
     deterministic: bool = field(default=False, metadata={
         "help": "bit-identical runs: one torch thread per worker and torch's deterministic algorithms (slower on "
                 "multi-core CPUs); without it a resumed run equals an uninterrupted one only with 1 CPU per worker"})
@@ -51,19 +57,24 @@ class TrainConfig:
     features_fingerprint: str | None = field(default=None, metadata={
         "help": "encoder fingerprint of the stored features; default: the model's own (variant, weights, "
                 "default preprocessing)"})
-    checkpoint_interval: int = field(default=20_000, metadata={"help": "save a checkpoint every N iterations"})
-    keep_checkpoints: int = field(default=0, metadata={"help": "keep only the newest N checkpoints (0: keep all)"})
-    log_interval: int = field(default=50, metadata={"help": "write a log.csv row every N iterations (averages)"})
+    checkpoint_interval: int = field(default=20_000, metadata={"range": COUNT,
+        "help": "save a checkpoint every N iterations"})
+    keep_checkpoints: int = field(default=0, metadata={"range": integer(0),
+        "help": "keep only the newest N checkpoints (0: keep all)"})
+    log_interval: int = field(default=50, metadata={"range": COUNT,
+        "help": "write a log.csv row every N iterations (averages)"})
     eval_data: str | None = field(default=None, metadata={
         "help": "held-out set for NoC evaluation: a benchmark name (grabcut, berkeley, davis), folder or COCO json"})
     eval_data_root: str | None = field(default=None, metadata={
         "help": "folder holding GrabCut/, Berkeley/, DAVIS/ for benchmark names; default: the shared/data beside "
                 "the project checkout, whatever the current folder (as interformer-evaluate --data-root)"})
-    eval_interval: int = field(default=0, metadata={"help": "evaluate NoC every N iterations (0: never)"})
-    eval_max_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N samples only"})
+    eval_interval: int = field(default=0, metadata={"range": integer(0),
+        "help": "evaluate NoC every N iterations (0: never)"})
+    eval_max_samples: int | None = field(default=None, metadata={"range": COUNT,
+        "help": "evaluate on the first N samples only"})
     eval_protocol: str = field(default="interformer", metadata={
         "help": "evaluation protocol: interformer (clicks and IoU on the padded canvas, as the paper) or ritm"})
-    eval_clicks: int = field(default=20, metadata={"help": "clicks per evaluated sample"})
+    eval_clicks: int = field(default=20, metadata={"range": COUNT, "help": "clicks per evaluated sample"})
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     clicks: ClickSimConfig = field(default_factory=ClickSimConfig)
@@ -74,10 +85,7 @@ class TrainConfig:
         problems = []
         if not self.data:
             problems.append("at least one --data source is required")
-        for name in ("max_iters", "batch_size", "num_workers", "cpus_per_worker", "checkpoint_interval",
-                     "log_interval"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        problems += range_problems(self)
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_iters:
             problems.append(f"stop_at must be in 1..max_iters={self.max_iters}, got {self.stop_at}")
         if self.augment.crop_size % 32 or self.augment.crop_size < 32:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..cli_types import FRACTION, real
+
 IGNORE_INDEX = 255
 FLOAT_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -62,10 +64,12 @@ def normalized_focal_loss(
 class LossConfig:
     """Weights of the two NFL terms (spec §6: decode head 1.0, auxiliary head 0.4)."""
 
-    focal_alpha: float = field(default=0.5, metadata={"help": "NFL alpha (weight of foreground pixels)"})
-    focal_gamma: float = field(default=2.0, metadata={"help": "NFL focusing exponent gamma"})
-    decode_weight: float = field(default=1.0, metadata={"help": "weight of the decode-head NFL"})
-    aux_weight: float = field(default=0.4, metadata={"help": "weight of the auxiliary-head NFL (0 disables it)"})
+    focal_alpha: float = field(default=0.5, metadata={"range": FRACTION,
+        "help": "NFL alpha (weight of foreground pixels)"})
+    focal_gamma: float = field(default=2.0, metadata={"range": real(0), "help": "NFL focusing exponent gamma"})
+    decode_weight: float = field(default=1.0, metadata={"range": real(0), "help": "weight of the decode-head NFL"})
+    aux_weight: float = field(default=0.4, metadata={"range": real(0),
+        "help": "weight of the auxiliary-head NFL (0 disables it)"})
 
 
 def segmentation_losses(

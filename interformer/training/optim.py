@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..cli_types import FRACTION, POSITIVE, integer, real
+
 EMBED_NAMES = ("backbone.cls_token", "backbone.mask_token", "backbone.pos_embed")
 
 
@@ -25,15 +27,18 @@ EMBED_NAMES = ("backbone.cls_token", "backbone.mask_token", "backbone.pos_embed"
 class OptimConfig:
     """AdamW and schedule hyper-parameters (official: lr 1e-4, wd 0.05, 1500 warm-up iterations)."""
 
-    lr: float = field(default=1e-4, metadata={"help": "AdamW base learning rate"})
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on 1-D params / biases)"})
-    layer_decay_rate: float | None = field(default=None, metadata={
+    lr: float = field(default=1e-4, metadata={"range": POSITIVE, "help": "AdamW base learning rate"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"range": real(0, maximum=1),
+        "help": "AdamW betas"})
+    weight_decay: float = field(default=0.05, metadata={"range": real(0),
+        "help": "AdamW weight decay (not on 1-D params / biases)"})
+    layer_decay_rate: float | None = field(default=None, metadata={"range": real(above=0, maximum=1),
         "help": "layer-wise lr decay of the ViT; default: the variant's (0.65 light/small, 0.75 tiny)"})
-    warmup_iters: int = field(default=1500, metadata={"help": "linear warm-up iterations"})
-    warmup_ratio: float = field(default=1e-6, metadata={"help": "lr factor at the first warm-up iteration"})
-    power: float = field(default=1.0, metadata={"help": "poly schedule power"})
-    min_lr: float = field(default=0.0, metadata={"help": "lr reached at the last iteration"})
+    warmup_iters: int = field(default=1500, metadata={"range": integer(0), "help": "linear warm-up iterations"})
+    warmup_ratio: float = field(default=1e-6, metadata={"range": FRACTION,
+        "help": "lr factor at the first warm-up iteration"})
+    power: float = field(default=1.0, metadata={"range": real(0), "help": "poly schedule power"})
+    min_lr: float = field(default=0.0, metadata={"range": real(0), "help": "lr reached at the last iteration"})
 
 
 def layer_id(name: str, num_layers: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_torch_file, save_checkpoint
 from ..modeling import InterFormer
 
 CHECKPOINT_RE = re.compile(r"^iter_(\d+)\.pth$")
@@ -54,7 +54,7 @@ def save_training_checkpoint(model: InterFormer, optimizer: torch.optim.Optimize
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
     """The raw checkpoint dict (meta, state_dict, optimizer)."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch_file(path)
     for key in ("meta", "state_dict", "optimizer"):
         if key not in obj:
             raise ValueError(f"{path} is not a training checkpoint of this job (no {key!r})")
