@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .datasets import DatasetError, SampleRef, default_data_root, resolve
+from .datasets import DatasetError, SampleRef, dataset_sources, default_data_root, resolve
 from .evaluation import EvalConfig, SampleResult, append_results, pending, read_results
 from .ray_runtime import init_ray
 from .evaluation_report import Row, format_table, plot_miou, summarize_run, write_csv
@@ -64,17 +64,22 @@ class EvalOutcome:
 
 
 def collect_samples(selection: DatasetSelection) -> list[SampleRef]:
+    """The samples of every dataset of `selection`; each dataset name must be given once."""
     refs: list[SampleRef] = []
+    given: dict[str, str] = {}
     root = selection.data_root or default_data_root()
     for spec in selection.specs:
         found = resolve(spec, root, selection.coco_images, selection.ignore_value, selection.coco_min_area,
                         selection.coco_include_crowd)
         if not found:
             raise DatasetError(f"dataset {spec} has no samples")
+        name = found[0].dataset
+        if name in given:
+            raise DatasetError(f"datasets {given[name]} and {spec} are both named {name!r}: give each dataset once, "
+                               "and distinct folders distinct names")
+        given[name] = spec
         refs.extend(found[: selection.limit] if selection.limit else found)
-    keys = [r.key for r in refs]
-    if len(set(keys)) != len(keys):
-        raise DatasetError("two datasets share a name; give them distinct folder names")
+    dataset_sources(refs)
     return refs
 
 
