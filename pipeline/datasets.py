@@ -36,7 +36,8 @@ class SampleRef:
     dataset: dataset name; sample_id: unique within the dataset; image_id: the image's key in a feature
     table: the file name relative to the image folder (COCO: `file_name`), as `pipeline.sources` names an
     image when that folder is encoded; several samples may share an image. `mask_format` is one of MASK_FORMATS;
-    `segmentation` holds the COCO polygon/RLE (JSON text) with `size` = (H, W) for MASK_COCO.
+    `segmentation` holds the COCO polygon/RLE (JSON text) with `size` = (H, W) for MASK_COCO. `source` (JSON
+    text) says where the dataset was read from and with which options; a run records it (`dataset_sources`).
     """
 
     dataset: str
@@ -48,6 +49,7 @@ class SampleRef:
     ignore_value: int | None = None
     segmentation: str | None = field(default=None, repr=False)
     size: tuple[int, int] | None = None
+    source: str = field(default="", repr=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -56,16 +58,21 @@ class SampleRef:
     def load(self) -> "Sample":
         """Read the image and build the ground-truth mask."""
         image = read_rgb(self.image_path)
+        if self.size is not None and tuple(self.size) != image.shape[:2]:
+            raise DatasetError(f"{self.dataset}/{self.sample_id}: the annotation gives the image size {tuple(self.size)}"
+                               f" but {_shown(self.image_path)} is {image.shape[:2]}")
         gt = self._load_gt()
         if gt.shape != image.shape[:2]:
-            raise DatasetError(
-                f"{self.dataset}/{self.sample_id}: mask size {gt.shape} differs from image size {image.shape[:2]}"
-            )
+            raise DatasetError(f"{self.dataset}/{self.sample_id}: mask size {gt.shape} differs from image size "
+                               f"{image.shape[:2]}")
         return Sample(self, image, gt)
 
     def _load_gt(self) -> np.ndarray:
         if self.mask_format == MASK_COCO:
-            return coco_mask(json.loads(self.segmentation), self.size)
+            try:
+                return coco_mask(json.loads(self.segmentation), self.size)
+            except DatasetError as e:
+                raise DatasetError(f"{self.dataset}/{self.sample_id}: {e}") from None
         if self.mask_path is None:
             raise DatasetError(f"{self.dataset}/{self.sample_id}: no mask path")
         raw = _read_bgr(self.mask_path, what="mask")
@@ -105,10 +112,24 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 def _read_bgr(path: str | Path, what: str) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Decode a file's bytes as BGR on its stored pixel grid.
+
+    The bytes are read by Python, not by `cv2.imread`, so that any file name the folder listing gave works
+    (OpenCV crashes on a name that is not valid UTF-8). EXIF orientation is ignored, as by the encoder, the
+    backend and training: masks and annotations refer to the stored pixels."""
+    try:
+        data = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
+    except OSError as e:
+        raise DatasetError(f"cannot read {what} file {_shown(path)}: {e.strerror or e}") from None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if img is None:
-        raise DatasetError(f"cannot read {what} file {path} (missing or not an image)")
+        raise DatasetError(f"cannot read {what} file {_shown(path)} (not an image)")
     return img
+
+
+def _shown(path: str | Path) -> str:
+    """A path for messages: bytes that are not UTF-8 appear as escapes instead of breaking the print."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def ritm_grabcut_gt(mask_bgr: np.ndarray) -> np.ndarray:
@@ -135,21 +156,82 @@ def binary_gt(mask: np.ndarray, ignore_value: int | None = None) -> np.ndarray:
 
 
 def coco_mask(segmentation: Any, size: tuple[int, int]) -> np.ndarray:
-    """Decode a COCO polygon list, uncompressed RLE or compressed RLE into a 0/1 int8 mask of `size` (H, W)."""
+    """Decode a COCO polygon list, uncompressed RLE or compressed RLE into a 0/1 int8 mask of `size` (H, W).
+
+    The segmentation is checked first (`check_segmentation`): pycocotools writes past its buffers on RLE
+    counts that do not add up to H * W."""
     from pycocotools import mask as mask_utils
 
+    from .polygons import rasterize
+
     h, w = int(size[0]), int(size[1])
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, h, w)
-    elif isinstance(segmentation, dict):
-        rle = dict(segmentation)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
-    else:
-        raise DatasetError(f"unsupported COCO segmentation of type {type(segmentation).__name__}")
+    seg = check_segmentation(segmentation, (h, w))
+    if isinstance(seg, list):
+        return rasterize(seg, (h, w)).astype(np.int8)
+    rle = mask_utils.frPyObjects({"size": [h, w], "counts": seg["counts"]}, h, w)
     return (mask_utils.decode(rle) > 0).astype(np.int8)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and bool(np.isfinite(v))
+
+
+def check_segmentation(segmentation: Any, size: tuple[int, int]) -> list[list[float]] | dict[str, Any]:
+    """A COCO segmentation in a form safe to decode: polygons (each >= 3 finite (x, y) vertices) or an RLE
+    of this `size` whose counts (list, or COCO's compressed string, which is expanded) add up to H * W.
+    Raises DatasetError saying what is wrong."""
+    h, w = size
+    if isinstance(segmentation, list):
+        for k, poly in enumerate(segmentation):
+            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                raise DatasetError(f"polygon {k} is not a list of finite numbers")
+            if len(poly) % 2 or len(poly) < 6:
+                raise DatasetError(f"polygon {k} has {len(poly)} coordinates; a polygon needs an even number, "
+                                   "at least 6 (3 vertices)")
+        return [[float(v) for v in poly] for poly in segmentation]
+    if not isinstance(segmentation, dict) or "counts" not in segmentation:
+        raise DatasetError(f"segmentation is neither a polygon list nor an RLE dict with 'counts' "
+                           f"(got {type(segmentation).__name__})")
+    rle_size = segmentation.get("size")
+    if not isinstance(rle_size, list) or rle_size != [h, w]:
+        raise DatasetError(f"RLE size {rle_size!r} differs from the image size [{h}, {w}]")
+    counts = segmentation["counts"]
+    if isinstance(counts, str):
+        counts = _rle_string_counts(counts)
+    if not isinstance(counts, list) or not all(_is_int(c) and c >= 0 for c in counts):
+        raise DatasetError("RLE counts must be a list of non-negative integers or a COCO count string")
+    if sum(counts) != h * w:
+        raise DatasetError(f"RLE counts add up to {sum(counts)}, not {h} * {w} = {h * w} pixels")
+    return {"size": [h, w], "counts": counts}
+
+
+def _rle_string_counts(text: str) -> list[int]:
+    """The counts of COCO's compressed RLE string: 5 bits per character (offset 48), bit 0x20 continues a
+    number, bit 0x10 of its last character is the sign; from the fourth count on, each is stored as the
+    difference from the count two before."""
+    counts: list[int] = []
+    value, shift = 0, 0
+    for ch in text:
+        c = ord(ch) - 48
+        if not 0 <= c < 64:
+            raise DatasetError(f"RLE count string has the character {ch!r}, outside COCO's alphabet")
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value -= 1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+        value, shift = 0, 0
+    if shift:
+        raise DatasetError("RLE count string ends in the middle of a number")
+    return counts
 
 
 def _stem(path: Path) -> str:
@@ -157,25 +239,49 @@ def _stem(path: Path) -> str:
     return path.name.split(".")[0]
 
 
+def _by_stem(files: list[Path], folder: Path, what: str) -> dict[str, Path]:
+    """Files by RITM stem; two files with one stem (cat.1.png, cat.2.png) would be one sample id, so they are
+    an error naming both."""
+    found: dict[str, Path] = {}
+    for f in files:
+        other = found.setdefault(_stem(f), f)
+        if other != f:
+            raise DatasetError(f"{what} files {_shown(other.name)} and {_shown(f.name)} in {_shown(folder)} share the "
+                               f"name {_shown(_stem(f))!r} (the text before the first '.'), which names a sample: "
+                               "rename one of them")
+    return found
+
+
 def paired_files(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     """(image, mask) pairs: every file of `image_dir` sorted by name, its mask the same-stem file in `mask_dir`."""
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     for d in (image_dir, mask_dir):
         if not d.is_dir():
-            raise DatasetError(f"folder {d} does not exist")
+            raise DatasetError(f"folder {_shown(d)} does not exist")
     images = sorted(p for p in image_dir.glob("*.*") if p.is_file())
     if not images:
-        raise DatasetError(f"no image files in {image_dir}")
-    masks = {_stem(p): p for p in mask_dir.glob("*.*") if p.is_file()}
-    missing = [p.name for p in images if _stem(p) not in masks]
+        raise DatasetError(f"no image files in {_shown(image_dir)}")
+    _by_stem(images, image_dir, "image")
+    masks = _by_stem(sorted(p for p in mask_dir.glob("*.*") if p.is_file()), mask_dir, "mask")
+    missing = [_shown(p.name) for p in images if _stem(p) not in masks]
     if missing:
-        raise DatasetError(f"{len(missing)} images in {image_dir} have no mask in {mask_dir}: {missing[:5]}")
+        raise DatasetError(f"{len(missing)} images in {_shown(image_dir)} have no mask in {_shown(mask_dir)}: "
+                           f"{missing[:5]}")
     return [(p, masks[_stem(p)]) for p in images]
 
 
-def _folder_refs(name: str, image_dir: Path, mask_dir: Path, mask_format: str, ignore_value: int | None = None) -> list[SampleRef]:
+def _source(reader: str, **where: Any) -> str:
+    """What a dataset's samples were read from and how (JSON text): a run records it, so that a rerun
+    cannot reuse results of another dataset that has the same name."""
+    return json.dumps({"reader": reader, **where}, sort_keys=True)
+
+
+def _folder_refs(name: str, image_dir: Path, mask_dir: Path, mask_format: str, ignore_value: int | None = None,
+                 reader: str = "folder") -> list[SampleRef]:
+    source = _source(reader, images=str(Path(image_dir).resolve()), masks=str(Path(mask_dir).resolve()),
+                     mask_format=mask_format, ignore_value=ignore_value)
     return [
-        SampleRef(name, _stem(img), img.name, str(img), mask_format, str(msk), ignore_value)
+        SampleRef(name, _stem(img), img.name, str(img), mask_format, str(msk), ignore_value, source=source)
         for img, msk in paired_files(image_dir, mask_dir)
     ]
 
@@ -183,19 +289,19 @@ def _folder_refs(name: str, image_dir: Path, mask_dir: Path, mask_format: str, i
 def grabcut(root: str | Path, name: str = "GrabCut") -> list[SampleRef]:
     """GrabCut in RITM's layout: `data_GT/` images, `boundary_GT/` masks (50 samples)."""
     root = Path(root)
-    return _folder_refs(name, root / "data_GT", root / "boundary_GT", MASK_RITM_GRABCUT)
+    return _folder_refs(name, root / "data_GT", root / "boundary_GT", MASK_RITM_GRABCUT, reader="grabcut")
 
 
 def berkeley(root: str | Path, name: str = "Berkeley") -> list[SampleRef]:
     """Berkeley in RITM's layout: `images/`, `masks/` (100 samples), GrabCut's mask convention."""
     root = Path(root)
-    return _folder_refs(name, root / "images", root / "masks", MASK_RITM_GRABCUT)
+    return _folder_refs(name, root / "images", root / "masks", MASK_RITM_GRABCUT, reader="berkeley")
 
 
 def davis(root: str | Path, name: str = "DAVIS") -> list[SampleRef]:
     """DAVIS-345 in RITM's layout: `img/`, `gt/` (345 samples)."""
     root = Path(root)
-    return _folder_refs(name, root / "img", root / "gt", MASK_RITM_DAVIS)
+    return _folder_refs(name, root / "img", root / "gt", MASK_RITM_DAVIS, reader="davis")
 
 
 def image_mask_folder(
@@ -215,39 +321,116 @@ def coco(
 ) -> list[SampleRef]:
     """One sample per instance of a COCO annotation file, images sorted by id, instances by id.
 
-    Instances with area below `min_area` (pixels, COCO's `area` field) are dropped, and so are crowd regions
-    unless `include_crowd`. Instances without a segmentation are skipped.
+    Instances with area below `min_area` (pixels, COCO's `area` field; none given counts as 0) are dropped,
+    and so are crowd regions unless `include_crowd`. Instances without a segmentation are skipped. The whole
+    file is checked first (`read_coco`): a malformed entry is a DatasetError naming it, not a failed sample.
     """
-    from pycocotools.coco import COCO
-
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
-    if not annotation_file.is_file():
-        raise DatasetError(f"COCO annotation file {annotation_file} does not exist")
     if not image_dir.is_dir():
-        raise DatasetError(f"COCO image folder {image_dir} does not exist")
-    api = COCO(str(annotation_file))
+        raise DatasetError(f"COCO image folder {_shown(image_dir)} does not exist")
+    images, anns = read_coco(annotation_file)
     name = name or annotation_file.stem
+    source = _source("coco", annotations=str(annotation_file.resolve()), images=str(image_dir.resolve()),
+                     min_area=min_area, include_crowd=include_crowd)
     refs = []
-    for img_id in sorted(api.getImgIds()):
-        info = api.loadImgs(img_id)[0]
-        anns = api.loadAnns(api.getAnnIds(imgIds=[img_id]))
-        for ann in sorted(anns, key=lambda a: a["id"]):
-            if not ann.get("segmentation") or ann.get("area", 0.0) < min_area:
-                continue
-            if ann.get("iscrowd", 0) and not include_crowd:
-                continue
-            refs.append(
-                SampleRef(
-                    dataset=name,
-                    sample_id=str(ann["id"]),
-                    image_id=str(info["file_name"]),
-                    image_path=str(image_dir / info["file_name"]),
-                    mask_format=MASK_COCO,
-                    segmentation=json.dumps(ann["segmentation"]),
-                    size=(int(info["height"]), int(info["width"])),
-                )
+    for ann in anns:
+        info = images[ann["image_id"]]
+        if not ann.get("segmentation") or ann.get("area", 0.0) < min_area:
+            continue
+        if ann.get("iscrowd", 0) and not include_crowd:
+            continue
+        refs.append(
+            SampleRef(
+                dataset=name,
+                sample_id=str(ann["id"]),
+                image_id=info["file_name"],
+                image_path=str(image_dir / info["file_name"]),
+                mask_format=MASK_COCO,
+                segmentation=json.dumps(ann["segmentation"]),
+                size=(info["height"], info["width"]),
+                source=source,
             )
+        )
     return refs
+
+
+def read_coco(path: Path) -> tuple[dict[Any, dict[str, Any]], list[dict[str, Any]]]:
+    """(images by id, annotations sorted by image then id) of a COCO annotation file, every entry checked:
+    image ids unique, `file_name` a non-empty string, `height` / `width` positive integers; annotation ids
+    unique, `image_id` an image of the file, `area` a number, `iscrowd` 0 or 1, `segmentation` decodable."""
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise DatasetError(f"COCO annotation file {_shown(path)} does not exist") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read COCO annotation file {_shown(path)}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:
+        raise DatasetError(f"COCO annotation file {_shown(path)} is not valid JSON ({e})") from None
+    where = f"COCO annotation file {_shown(path)}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(
+            doc.get("annotations", []), list):
+        raise DatasetError(f"{where}: expected an object with an 'images' list and an 'annotations' list")
+    images = {}
+    for k, img in enumerate(doc["images"]):
+        info = _check_image(img, f"{where}: images[{k}]")
+        if info["id"] in images:
+            raise DatasetError(f"{where}: images[{k}] repeats image id {info['id']!r}")
+        images[info["id"]] = info
+    anns: dict[str, dict[str, Any]] = {}
+    for k, ann in enumerate(doc.get("annotations", [])):
+        checked = _check_annotation(ann, images, f"{where}: annotations[{k}]")
+        if str(checked["id"]) in anns:
+            raise DatasetError(f"{where}: annotations[{k}] repeats annotation id {checked['id']!r} "
+                               "(an annotation id names a sample)")
+        anns[str(checked["id"])] = checked
+    order = {img_id: i for i, img_id in enumerate(sorted(images, key=_id_order))}
+    return images, sorted(anns.values(), key=lambda a: (order[a["image_id"]], _id_order(a["id"])))
+
+
+def _id_order(v: Any) -> tuple[bool, Any]:
+    return (isinstance(v, str), v)
+
+
+def _check_id(entry: Any, key: str, where: str) -> Any:
+    v = entry.get(key)
+    if not (_is_int(v) or (isinstance(v, str) and v)):
+        raise DatasetError(f"{where}: {key!r} must be an integer or a non-empty string, got {v!r}")
+    return v
+
+
+def _check_image(img: Any, where: str) -> dict[str, Any]:
+    if not isinstance(img, dict):
+        raise DatasetError(f"{where} is not an object")
+    img_id = _check_id(img, "id", where)
+    where = f"{where} (id {img_id!r})"
+    if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+        raise DatasetError(f"{where}: 'file_name' must be a non-empty string")
+    for key in ("height", "width"):
+        if not _is_int(img.get(key)) or img[key] < 1:
+            raise DatasetError(f"{where}: {key!r} must be a positive integer, got {img.get(key)!r}")
+    return {"id": img_id, "file_name": img["file_name"], "height": img["height"], "width": img["width"]}
+
+
+def _check_annotation(ann: Any, images: dict[Any, dict[str, Any]], where: str) -> dict[str, Any]:
+    if not isinstance(ann, dict):
+        raise DatasetError(f"{where} is not an object")
+    ann_id = _check_id(ann, "id", where)
+    where = f"{where} (id {ann_id!r})"
+    info = images.get(ann.get("image_id")) if _is_int(ann.get("image_id")) or isinstance(ann.get("image_id"), str) \
+        else None
+    if info is None:
+        raise DatasetError(f"{where}: 'image_id' {ann.get('image_id')!r} is not the id of an image in the file")
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        raise DatasetError(f"{where}: 'area' must be a number of pixels >= 0, got {ann['area']!r}")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+    seg = ann.get("segmentation")
+    if seg:
+        try:
+            check_segmentation(seg, (info["height"], info["width"]))
+        except DatasetError as e:
+            raise DatasetError(f"{where}: segmentation: {e}") from None
+    return {**ann, "id": ann_id, "image_id": info["id"]}
 
 
 BENCHMARKS: dict[str, Callable[..., list[SampleRef]]] = {"grabcut": grabcut, "berkeley": berkeley, "davis": davis}
@@ -258,7 +441,7 @@ def detect_folder(path: str | Path, ignore_value: int | None = None) -> list[Sam
     (images/masks, GrabCut convention), any other images/masks folder as generic binary masks."""
     path = Path(path)
     if not path.is_dir():
-        raise DatasetError(f"dataset folder {path} does not exist")
+        raise DatasetError(f"dataset folder {_shown(path)} does not exist")
     name = path.resolve().name
     if (path / "data_GT").is_dir() and (path / "boundary_GT").is_dir():
         return grabcut(path, name)
@@ -271,6 +454,22 @@ def detect_folder(path: str | Path, ignore_value: int | None = None) -> list[Sam
     raise DatasetError(
         f"{path}: unknown layout; expected data_GT/ + boundary_GT/ (GrabCut), img/ + gt/ (DAVIS) or images/ + masks/"
     )
+
+
+def dataset_sources(refs: list[SampleRef]) -> dict[str, dict[str, Any]]:
+    """Each dataset name of `refs` -> where and how its samples were read (`SampleRef.source`). Raises
+    DatasetError when two datasets read from different places (or with different options) share a name."""
+    found: dict[str, str] = {}
+    for r in refs:
+        if found.setdefault(r.dataset, r.source) != r.source:
+            raise DatasetError(f"two datasets are named {r.dataset!r} ({_describe(found[r.dataset])} and "
+                               f"{_describe(r.source)}); give them distinct folder names")
+    return {name: json.loads(src) if src else {} for name, src in found.items()}
+
+
+def _describe(source: str) -> str:
+    info = json.loads(source) if source else {}
+    return _shown(info.get("annotations") or info.get("images") or "an unknown place")
 
 
 def default_data_root() -> Path:

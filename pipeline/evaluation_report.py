@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from .evaluation import SampleResult
+from .files import write_bytes_atomic
 from .metrics import Summary, summarize, timing
 
 
@@ -19,10 +21,23 @@ class Row:
     summary: Summary
 
 
-def summarize_run(run: str, results: Sequence[SampleResult], max_clicks: int) -> list[Row]:
-    """One row per dataset of a run, datasets in order of first appearance."""
-    by_dataset: dict[str, list[SampleResult]] = {}
+def unique_results(results: Iterable[SampleResult]) -> list[SampleResult]:
+    """The first result of each (dataset, sample_id), in order: a sample recorded twice (two writers, an
+    append repeated after a crash) counts once, and always with the same figures."""
+    seen: set[tuple[str, str]] = set()
+    out = []
     for r in results:
+        if r.key not in seen:
+            seen.add(r.key)
+            out.append(r)
+    return out
+
+
+def summarize_run(run: str, results: Sequence[SampleResult], max_clicks: int) -> list[Row]:
+    """One row per dataset of a run, datasets in order of first appearance; each sample counted once
+    (`unique_results`)."""
+    by_dataset: dict[str, list[SampleResult]] = {}
+    for r in unique_results(results):
         by_dataset.setdefault(r.dataset, []).append(r)
     rows = []
     for name, rs in by_dataset.items():
@@ -71,16 +86,19 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
 
 
 def write_csv(results: Sequence[SampleResult], path: str | Path) -> None:
-    """One row per sample and click: dataset, sample_id, image_id, click, row, col, positive, iou, seconds."""
-    ordered = sorted(results, key=lambda r: (r.dataset, r.sample_id))
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "sample_id", "image_id", "protocol", "click", "row", "col", "positive", "iou", "click_s"])
-        for r in ordered:
-            for k, (c, v, t) in enumerate(zip(r.clicks, r.ious, r.click_s), start=1):
-                row, col, pos = c if c is not None else ("", "", "")
-                sec = f"{t:.6f}" if t is not None else ""
-                w.writerow([r.dataset, r.sample_id, r.image_id, r.protocol, k, row, col, pos, f"{v:.6f}", sec])
+    """One row per sample (each once, `unique_results`) and click: dataset, sample_id, image_id, click, row,
+    col, positive, iou, seconds. Written whole (pipeline.files); a file name that is not UTF-8 appears with
+    its odd bytes as escapes (\\udcff), as in results.jsonl."""
+    ordered = sorted(unique_results(results), key=lambda r: (r.dataset, r.sample_id))
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["dataset", "sample_id", "image_id", "protocol", "click", "row", "col", "positive", "iou", "click_s"])
+    for r in ordered:
+        for k, (c, v, t) in enumerate(zip(r.clicks, r.ious, r.click_s), start=1):
+            row, col, pos = c if c is not None else ("", "", "")
+            sec = f"{t:.6f}" if t is not None else ""
+            w.writerow([r.dataset, r.sample_id, r.image_id, r.protocol, k, row, col, pos, f"{v:.6f}", sec])
+    write_bytes_atomic(path, f.getvalue().encode("utf-8", "backslashreplace"))
 
 
 def plot_miou(rows: Sequence[Row], path: str | Path, title: str = "mIoU vs number of clicks") -> None:
@@ -111,5 +129,7 @@ def plot_miou(rows: Sequence[Row], path: str | Path, title: str = "mIoU vs numbe
     axes[0][0].set_ylabel("mIoU")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())

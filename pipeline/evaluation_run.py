@@ -6,21 +6,26 @@ setting only. `write_reports` turns summary rows into results.csv, summary.md, s
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .datasets import DatasetError, SampleRef, default_data_root, resolve
+from .datasets import DatasetError, SampleRef, dataset_sources, default_data_root, resolve
 from .evaluation import EvalConfig, SampleResult, append_results, pending, read_results
+from .evaluation_report import Row, format_table, plot_miou, summarize_run, unique_results, write_csv
+from .files import write_text_atomic
 from .ray_runtime import init_ray
-from .evaluation_report import Row, format_table, plot_miou, summarize_run, write_csv
-from .run_info import changed_settings, record_settings
 from .segmenters import SegmenterSpec
 
 RESULTS = "results.jsonl"
 RUN_INFO = "run.json"
+LOCK_FILE = "writer.lock"
 
 
 class RunFolderError(ValueError):
@@ -64,45 +69,128 @@ class EvalOutcome:
 
 
 def collect_samples(selection: DatasetSelection) -> list[SampleRef]:
+    """The samples of every dataset of `selection`; each dataset name must be given once."""
     refs: list[SampleRef] = []
+    given: dict[str, str] = {}
     root = selection.data_root or default_data_root()
     for spec in selection.specs:
         found = resolve(spec, root, selection.coco_images, selection.ignore_value, selection.coco_min_area,
                         selection.coco_include_crowd)
         if not found:
             raise DatasetError(f"dataset {spec} has no samples")
+        name = found[0].dataset
+        if name in given:
+            raise DatasetError(f"datasets {given[name]} and {spec} are both named {name!r}: give each dataset once, "
+                               "and distinct folders distinct names")
+        given[name] = spec
         refs.extend(found[: selection.limit] if selection.limit else found)
-    keys = [r.key for r in refs]
-    if len(set(keys)) != len(keys):
-        raise DatasetError("two datasets share a name; give them distinct folder names")
+    dataset_sources(refs)
     return refs
 
 
+class OutputLock:
+    """The exclusive right to write one output folder: an flock on OUTPUT/writer.lock for a run's life.
+
+    A second run on the folder is refused (RunFolderError naming the holder's pid and host) instead of
+    appending every result a second time. The kernel drops an flock when its process ends, however it ends,
+    so a killed run leaves no stale lock; the pid/host/start time in the file only explain who holds it."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise RunFolderError(f"{self.path.parent} is in use by {holder}: one run at a time writes an output "
+                                 "folder; wait for that run to end (or stop it), or use another --output") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor of the open file releases the flock
+            self._fd = None
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        h = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:  # the holder has not written its details yet
+        h = {}
+    return f"another run (process {h.get('pid')} on {h.get('host')}, since {h.get('since')})" if h else "another run"
+
+
+def run_settings(name: str, spec: SegmenterSpec, config: EvalConfig, refs: list[SampleRef]) -> dict[str, Any]:
+    """What decides a run's results: its name, the segmenter (a checkpoint by content, `spec` pinned), the
+    protocol, and where and how each dataset was read."""
+    return {"name": name, "segmenter": spec.to_dict(), "eval": config.to_dict(), "datasets": dataset_sources(refs)}
+
+
+def _recorded_settings(info_path: Path) -> dict[str, Any] | None:
+    if not info_path.exists():
+        return None
+    try:
+        old = json.loads(info_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"cannot read {info_path} ({e}); use another --output or --overwrite") from None
+    if not isinstance(old, dict):
+        raise RunFolderError(f"{info_path} is not a run's settings; use another --output or --overwrite")
+    return old
+
+
+def settings_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between recorded and new settings: top-level keys, and `datasets.NAME` for a dataset
+    recorded with another source. Datasets only one side has do not conflict: a folder may gain datasets."""
+    changed = sorted(k for k in (set(old) | set(new)) - {"datasets"} if old.get(k) != new.get(k))
+    old_sets, new_sets = old.get("datasets"), new.get("datasets", {})
+    if not isinstance(old_sets, dict):
+        return changed + ["datasets (not recorded: a run from before datasets were recorded)"]
+    return changed + [f"datasets.{n}" for n in sorted(set(old_sets) & set(new_sets)) if old_sets[n] != new_sets[n]]
+
+
 def prepare_output(out: Path, info: dict[str, Any], overwrite: bool) -> list[SampleResult]:
-    """Create the output folder, check it belongs to the same run, and return the results already there."""
+    """Check the output folder belongs to the same run, record the settings, and return the results already
+    there (the first record of each sample). The caller holds the folder's OutputLock."""
     out.mkdir(parents=True, exist_ok=True)
     info_path = out / RUN_INFO
     results_path = out / RESULTS
+    old = None if overwrite else _recorded_settings(info_path)
     if overwrite:
         results_path.unlink(missing_ok=True)
-    elif changed := changed_settings(info_path, info):
+    elif old is not None and (changed := settings_conflicts(old, info)):
         raise RunFolderError(f"{out} holds results of a different run (differs in: {', '.join(changed)}); "
                              "use another --output or --overwrite")
-    record_settings(info_path, info)
-    return read_results(results_path, repair=True)
+    if old is not None:
+        info = {**info, "datasets": {**old["datasets"], **info["datasets"]}}
+    write_text_atomic(info_path, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return unique_results(read_results(results_path, repair=True))
 
 
 def run_evaluation(name: str, spec: SegmenterSpec, config: EvalConfig, refs: list[SampleRef], out: Path,
                    placement: WorkerPlacement, overwrite: bool = False) -> EvalOutcome:
-    """Evaluate the samples of `refs` not yet in `out` and return every result of `refs` found there."""
-    done = prepare_output(out, {"name": name, "segmenter": spec.to_dict(), "eval": config.to_dict()}, overwrite)
-    todo = list(pending(refs, (r.key for r in done)))
-    outcome = EvalOutcome(name, out, len(refs), len(refs) - len(todo))
-    print(f"{name}: {len(refs)} samples, {outcome.already_done} already in {out / RESULTS}, {len(todo)} to run")
-    if todo:
-        outcome.failures = evaluate_on_ray(spec, config, todo, out / RESULTS, placement)
-    wanted = {r.key for r in refs}
-    outcome.results = [r for r in read_results(out / RESULTS) if r.key in wanted]
+    """Evaluate the samples of `refs` not yet in `out` and return every result of `refs` found there.
+
+    The run holds the folder's lock throughout; a checkpoint is pinned by its sha256, so a worker refuses
+    weights that changed after the settings were checked."""
+    spec = spec.pinned()
+    with OutputLock(out):
+        done = prepare_output(out, run_settings(name, spec, config, refs), overwrite)
+        todo = list(pending(refs, (r.key for r in done)))
+        outcome = EvalOutcome(name, out, len(refs), len(refs) - len(todo))
+        print(f"{name}: {len(refs)} samples, {outcome.already_done} already in {out / RESULTS}, {len(todo)} to run")
+        if todo:
+            outcome.failures = evaluate_on_ray(spec, config, todo, out / RESULTS, placement)
+        wanted = {r.key for r in refs}
+        outcome.results = [r for r in unique_results(read_results(out / RESULTS)) if r.key in wanted]
     return outcome
 
 
@@ -164,7 +252,9 @@ def load_run(path: Path) -> tuple[str, list[SampleResult], int]:
         raise RunFolderError(f"no results at {file}")
     info_path = folder / RUN_INFO
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    results = read_results(file)
+    results = unique_results(read_results(file))
+    if not results:
+        raise RunFolderError(f"no results in {file}")
     max_clicks = info.get("eval", {}).get("max_clicks") or min(len(r.ious) for r in results)
     return info.get("name", folder.name), results, max_clicks
 
@@ -190,8 +280,8 @@ def write_reports(rows: list[Row], out: Path, results: list[SampleResult] | None
     if results:
         write_csv(results, out / "results.csv")
         written.append(out / "results.csv")
-    (out / "summary.md").write_text(format_table(rows, markdown=True) + "\n")
-    (out / "summary.json").write_text(json.dumps(
+    write_text_atomic(out / "summary.md", format_table(rows, markdown=True) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(
         [{"run": r.run, "dataset": r.dataset, **r.summary.to_dict()} for r in rows], indent=2) + "\n")
     plot_miou(rows, out / "miou.png")
     return written + [out / "summary.md", out / "summary.json", out / "miou.png"]

@@ -7,7 +7,7 @@ feature table the stored features are read instead of running the image encoder.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ class SegmenterSpec:
     feature_db / feature_table: LanceDB root and table of stored features to read instead of encoding
     (models only); feature_id_prefix: prepended to a sample's image id to find its row; grabcut: baseline
     settings; engine / engine_cache: the click engine (interformer.click_engine.ENGINES; torch is the exact
-    fp32 reference) and its cache folder."""
+    fp32 reference) and its cache folder; checkpoint_sha256: the checkpoint's content (`pinned`), which
+    `build` then insists on."""
 
     kind: str
     checkpoint: str | None = None
@@ -40,6 +41,7 @@ class SegmenterSpec:
     grabcut: GrabCutConfig = field(default_factory=GrabCutConfig)
     engine: str = "torch"
     engine_cache: str | None = None
+    checkpoint_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,14 +70,33 @@ class SegmenterSpec:
 
         return ClickEngineConfig(self.engine, cache_dir=self.engine_cache)
 
+    def pinned(self) -> "SegmenterSpec":
+        """This spec with the checkpoint's sha256 filled in (unchanged for other kinds or when already set):
+        the weights by content, not by path, so that a rerun after the file was replaced is told apart."""
+        if self.kind != "checkpoint" or self.checkpoint_sha256:
+            return self
+        from interformer.checkpoint import file_sha256
+
+        return replace(self, checkpoint_sha256=file_sha256(self.checkpoint))
+
     def to_dict(self) -> dict[str, Any]:
-        """What decides the results: the cache folder does not, and the default torch engine is left out so
-        that runs recorded before engines existed still match."""
-        d = asdict(self)
+        """What decides the results: the weights (a checkpoint by content: the spec is pinned first), not the
+        cache folder; the default torch engine is left out so that runs recorded before engines existed
+        still match."""
+        d = asdict(self.pinned())
         d.pop("engine_cache")
         if d["engine"] == "torch":
             d.pop("engine")
+        if d["checkpoint_sha256"] is None:
+            d.pop("checkpoint_sha256")
         return d
+
+    def _check_pinned_checkpoint(self) -> None:
+        from interformer.checkpoint import file_sha256
+
+        if self.checkpoint_sha256 and file_sha256(self.checkpoint) != self.checkpoint_sha256:
+            raise ValueError(f"checkpoint {self.checkpoint} changed after the run started (its sha256 is no longer "
+                             f"{self.checkpoint_sha256}); run again to evaluate the new weights")
 
     def build(self) -> Any:
         """The segmenter object (`start(image, image_id)`): call once per worker."""
@@ -87,6 +108,7 @@ class SegmenterSpec:
         from interformer.config import PreprocessConfig
         from interformer.predictor import Predictor
 
+        self._check_pinned_checkpoint()
         torch.manual_seed(self.seed)
         model = load_model(self.checkpoint if self.kind == "checkpoint" else None, variant=self.variant, device=self.device)
         predictor = Predictor(model, PreprocessConfig(max_side=self.max_side), device=self.device,
