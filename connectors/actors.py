@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import os
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -107,6 +108,16 @@ def _unwrap(e: RayTaskError) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
+def _logged_error(status: int, what: str, e: BaseException, **fields) -> SegmentError:
+    """Log a Ray failure in full under a fresh error id; the client gets `what` and that id only.
+
+    Ray's text names the worker's pid, node IP, actor id and namespace, and for a failed actor creation a
+    traceback with server paths: for the operator's log, never for an HTTP body."""
+    error_id = uuid.uuid4().hex[:12]
+    log_event(log, what, level=40, error_id=error_id, error=f"{type(e).__name__}: {e}"[:4000], **fields)
+    return SegmentError(status, f"{what}; the backend's log has the details (error id {error_id})")
+
+
 class _EncoderActor:
     def __init__(self, cfg: EngineConfig, log_level: str) -> None:
         setup_logging(log_level)
@@ -146,7 +157,7 @@ class _SegmentActor:
             except RayTaskError as e:
                 raise _unwrap(e) from None
             except RayActorError as e:
-                raise SegmentError(503, f"the encoder actor is unavailable: {e}") from None
+                raise _logged_error(503, "the encoder actor is unavailable", e) from None
 
         return encode
 
@@ -227,11 +238,11 @@ class ActorPool:
                 cause = _unwrap(e)
                 if isinstance(cause, SegmentError):
                     raise cause from None
-                log_event(log, "actor failed", level=40, actor=index, error=f"{type(cause).__name__}: {cause}"[:2000])
-                raise SegmentError(500, f"serving actor {index} failed; the backend's log has the details") from None
+                raise _logged_error(500, f"serving actor {index} failed", cause, actor=index) from None
             except RayActorError as e:
                 if attempt == 2:
-                    raise SegmentError(503, f"actor {index} failed twice for this request: {e}") from None
+                    raise _logged_error(503, f"serving actor {index} failed twice for this request", e,
+                                        actor=index) from None
                 log_event(log, "actor died, retrying once", level=30, actor=index, error=str(e)[:300])
                 self.retries += 1
                 await self._until_alive(index)
@@ -250,7 +261,7 @@ class ActorPool:
                                             f"{self.restart_timeout_s:.0f} s") from None
                 await asyncio.sleep(0.1)
             except RayActorError as e:  # died for good (restarts used up)
-                raise SegmentError(503, f"actor {index} is dead: {e}") from None
+                raise _logged_error(503, f"serving actor {index} is dead", e, actor=index) from None
 
     def shutdown(self) -> None:
         """Kill the actors (no restart)."""

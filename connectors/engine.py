@@ -16,7 +16,9 @@ import asyncio
 import hashlib
 import threading
 import time
+import uuid
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,6 +55,7 @@ from .sessions import SessionStore
 
 MIB = 1024 * 1024
 REPLAY_AGREEMENT = 0.95  # IoU a pre-annotation's replayed clicks must reach against the mask on screen
+MAX_ALIASES = 100_000  # task image id / reference -> stored id lookups an engine remembers
 
 log = get_logger("engine")
 
@@ -110,7 +113,8 @@ class SegmentEngine:
         self.sessions = SessionStore(cfg.session_cache_bytes)
         self.encode_missing = encode_missing
         self._uri_ds: lance.LanceDataset | None = None
-        self._uri_to_id: dict[str, str] = {}
+        self._uri_to_id: OrderedDict[str, str] = OrderedDict()  # task image reference -> stored image id
+        self._aliases: OrderedDict[tuple[str, str], str] = OrderedDict()  # (task image_id, reference) -> stored id
         self._start_sources: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its start
 
     def segment(self, req: SegmentRequest) -> SegmentResult:
@@ -119,8 +123,9 @@ class SegmentEngine:
         t0 = time.perf_counter()
         if not req.clicks:
             raise SegmentError(422, "no clicks to segment")
-        image_id = req.image_id or self._lookup_uri(req.image_ref)
-        feats, on_demand, image_id = self._features(image_id, req, t)
+        _check_text(req.image_id, "image_id")
+        _check_text(req.image_ref, "image reference")
+        feats, on_demand, image_id = self._features(req, t)
         t1 = time.perf_counter()
         if tuple(feats.geometry.original_size) != tuple(req.original_size):
             raise SegmentError(
@@ -132,7 +137,7 @@ class SegmentEngine:
         starts: dict = {}
         try:
             outcome = self.sessions.run(
-                (image_id, req.region_key), req.clicks,
+                (image_id, req.task_id, req.region_key), req.clicks,
                 lambda: self._new_session(feats, req, starts), variant=req.box,
             )
         except ValueError as e:  # InvalidClickError and friends
@@ -184,44 +189,72 @@ class SegmentEngine:
                       start_kind=kind, replayed=len(session.start.clicks), candidates=len(req.start.shapes))
         return session
 
-    def _features(self, image_id: str | None, req: SegmentRequest, t: dict) -> tuple[ImageFeatures, bool, str]:
+    def _features(self, req: SegmentRequest, t: dict) -> tuple[ImageFeatures, bool, str]:
+        """The features of the task's image: stored under its image_id, else under its reference (a row whose
+        `uri` is the reference), else encoded on demand and stored under the reference.
+
+        On-demand rows are keyed by the reference, never by the task's image_id: an image_id is only as unique
+        as the project that chose it, so a task in another project reusing the id for another picture must not
+        get (or poison) this one's features."""
         t0 = time.perf_counter()
-        if image_id is not None:
-            feats = self.features.get(image_id)
+        alias = (req.image_id, req.image_ref) if req.image_id is not None and req.image_ref else None
+        for image_id in self._candidates(req, alias):
+            feats = self._stored(image_id)
             if feats is not None:
+                if alias is not None and image_id != req.image_id:
+                    _remember(self._aliases, alias, image_id)
                 t["fetch"] = (time.perf_counter() - t0) * 1e3
                 return feats, False, image_id
-            try:
-                feats = self.reader.get(image_id)
-                self.features.put(image_id, feats)
-                t["fetch"] = (time.perf_counter() - t0) * 1e3
-                return feats, False, image_id
-            except UnknownImageError as e:  # its message names the table's path: for the log only
-                log_event(log, "no stored features", image_id=image_id, reason=str(e))
-            miss = f"image {image_id!r} has no stored features for this backend's model"
+        if req.image_id is not None:
+            miss = f"image {req.image_id!r} has no stored features for this backend's model"
         else:
             miss = "the task's image has no stored features for this backend's model"
         if self.encode_missing is None or not req.image_ref:
             why = "on-demand encoding is off" if self.encode_missing is None else "the task has no image URL"
             raise SegmentError(404, f"{miss}; {why}, so it cannot be encoded now")
-        new_id = image_id or req.image_ref
-        log_event(log, "encoding on demand", image_id=new_id, image_ref=req.image_ref)
+        new_id = req.image_ref
+        log_event(log, "encoding on demand", image_id=new_id, task_image_id=req.image_id, image_ref=req.image_ref)
         t1 = time.perf_counter()
-        info = self.encode_missing(new_id, req.image_ref, req.task_id)
+        with _unexpected(502, "the task's image could not be encoded on demand", image_id=new_id):
+            info = self.encode_missing(new_id, req.image_ref, req.task_id)
         t["encode"] = (time.perf_counter() - t1) * 1e3
         self.reader.refresh()
-        try:
-            feats = self.reader.get(new_id)
-        except UnknownImageError as e:
-            log_event(log, "encoded image cannot be read back", level=40, image_id=new_id, reason=str(e))
-            raise SegmentError(500, "the image was encoded but its features cannot be read back") from None
+        feats = self._stored(new_id, cache=False)
+        if feats is None:
+            raise SegmentError(500, "the image was encoded but its features cannot be read back")
         self.features.put(new_id, feats)
         self.sessions.drop_image(new_id)
-        if not req.image_id:
-            self._uri_to_id[req.image_ref] = new_id
+        _remember(self._uri_to_id, req.image_ref, new_id)
+        if alias is not None:
+            _remember(self._aliases, alias, new_id)
         t["fetch"] = (time.perf_counter() - t0) * 1e3 - t["encode"]
         log_event(log, "encoded on demand", image_id=new_id, encode_ms=round(t["encode"], 1), **info)
         return feats, True, new_id
+
+    def _stored(self, image_id: str, cache: bool = True) -> ImageFeatures | None:
+        """Features stored under `image_id` (from the LRU, else the table), or None when there are none."""
+        feats = self.features.get(image_id) if cache else None
+        if feats is not None:
+            return feats
+        try:
+            with _unexpected(500, "the stored features of the task's image could not be read", image_id=image_id):
+                feats = self.reader.get(image_id)
+        except UnknownImageError as e:  # its message names the table's path: for the log only
+            log_event(log, "no stored features", image_id=image_id, reason=str(e))
+            return None
+        self.features.put(image_id, feats)
+        return feats
+
+    def _candidates(self, req: SegmentRequest, alias: tuple[str, str] | None):
+        """Stored ids that may hold the task's image, best first, each computed only when the one before missed:
+        where this (image_id, reference) was found before, the image_id, the row whose uri is the reference."""
+        seen = set()
+        for lookup in (lambda: self._aliases.get(alias) if alias else None, lambda: req.image_id,
+                       lambda: self._lookup_uri(req.image_ref)):
+            image_id = lookup()
+            if image_id is not None and image_id not in seen:
+                seen.add(image_id)
+                yield image_id
 
     def _lookup_uri(self, image_ref: str | None) -> str | None:
         """Image id of the row whose `uri` is the task's image URL/path (this encoder's rows only)."""
@@ -240,9 +273,44 @@ class SegmentEngine:
             except (FileNotFoundError, ValueError, OSError):
                 ids = []
             if ids:
-                self._uri_to_id[image_ref] = ids[0]
+                _remember(self._uri_to_id, image_ref, ids[0])
                 return ids[0]
         return None
+
+
+def _remember(table: OrderedDict, key, value: str) -> None:
+    """Put `key` -> `value` in a bounded LRU of lookups (MAX_ALIASES entries)."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > MAX_ALIASES:
+        table.popitem(last=False)
+
+
+def _check_text(value: str | None, what: str) -> None:
+    """422 for task text that cannot be stored or looked up (a lone surrogate has no UTF-8 form)."""
+    if value is not None and any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        raise SegmentError(422, f"the task's {what} is not valid Unicode (it has a lone surrogate); fix the task data")
+
+
+class _unexpected:
+    """Turn an unexpected exception into a SegmentError with a fixed message and an error id, logged with its
+    traceback: the message never carries table paths, hosts or Ray internals. SegmentError and
+    UnknownImageError pass through."""
+
+    def __init__(self, status: int, message: str, **fields) -> None:
+        self.status, self.message, self.fields = status, message, fields
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (SegmentError, UnknownImageError)) or not isinstance(exc, Exception):
+            return False
+        error_id = uuid.uuid4().hex[:12]
+        log.error("%s (error id %s)", self.message, error_id, exc_info=(kind, exc, tb),
+                  extra={"fields": {"error_id": error_id, **self.fields}})
+        raise SegmentError(self.status, f"{self.message}; the backend's log has the details (error id {error_id})"
+                           ) from None
 
 
 def _score(margin: np.ndarray, feats: ImageFeatures, mask: np.ndarray) -> float:

@@ -1,8 +1,9 @@
 """Per-region interactive session state, so that each new click costs one interact step.
 
 Label Studio sends the whole click list of the region being drawn with every call. A serving actor
-keeps, per (image id, region key), the model session that produced the last answer and the clicks
-it has seen:
+keeps, per (image id, task id, region key), the model session that produced the last answer and the clicks
+it has seen (region ids are made by the browser, unique within a task at best: a task of another project
+with the same image and region id must not continue this session, nor start from its mask on screen):
 
 - the request repeats the known list          -> the stored result is returned ("cached");
 - the request extends the known list          -> only the new clicks are added ("step");
@@ -49,7 +50,7 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 
 
 class SessionStore:
-    """LRU of interactive sessions keyed by (image id, region key), bounded in bytes.
+    """LRU of interactive sessions keyed by (image id, ...) tuples, bounded in bytes.
 
     A session is measured with everything it holds: its per-click states (kept for undo) and the
     features of its image, so the store never holds more than `max_bytes` of array buffers, whatever

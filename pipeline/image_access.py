@@ -49,8 +49,27 @@ MAX_REDIRECTS = 5
 MAX_REF_CHARS = 4096
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 LS_PATH_PATTERN = re.compile(r"^/(data/|storage-data/|tasks/[0-9]+/presign/)")
-# Addresses of cloud metadata services beyond 169.254.0.0/16 (always refused, like link-local ones).
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200"))
+# Addresses of cloud metadata services beyond 169.254.0.0/16 (AWS IPv6, Alibaba, Oracle, Azure's wire
+# server): always refused, like link-local ones, whatever --allow-network says.
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
+    "fd00:ec2::254", "100.100.100.200", "192.0.0.192", "168.63.129.16"))
+# Networks refused whatever --allow-network says, with the reason given.
+_ALWAYS_REFUSED = tuple((ipaddress.ip_network(net), why) for net, why in (
+    ("0.0.0.0/8", "an unspecified or multicast address"),  # "this network": 0.0.0.0 reaches this machine
+    ("::/128", "an unspecified or multicast address"),
+    ("224.0.0.0/4", "an unspecified or multicast address"),
+    ("ff00::/8", "an unspecified or multicast address"),
+    ("169.254.0.0/16", "a link-local or cloud metadata address"),
+    ("fe80::/10", "a link-local or cloud metadata address"),
+    ("192.0.0.0/24", "a link-local or cloud metadata address"),  # IETF protocol assignments (Oracle metadata)
+    ("240.0.0.0/4", "a reserved, site-local or untranslatable address"),  # reserved and broadcast
+    ("fec0::/10", "a reserved, site-local or untranslatable address"),  # site-local (deprecated)
+    ("64:ff9b:1::/48", "a reserved, site-local or untranslatable address"),  # local-use NAT64 (RFC 8215)
+))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known IPv4/IPv6 translation prefix (RFC 6052)
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (SIIT, RFC 2765)
+_COMPATIBLE = ipaddress.ip_network("::/96")  # IPv4-compatible (deprecated), besides :: and ::1
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -325,14 +344,14 @@ def _base_path(ls: HttpURL) -> str:
     return ls.target.partition("?")[0].rstrip("/")
 
 
-def _label_studio_data_path(url: HttpURL, ls: HttpURL) -> HttpURL:
+def _label_studio_data_path(url: HttpURL, ls: HttpURL, what: str = "image reference") -> HttpURL:
     """`url` if it names Label Studio data (never its API), with relative query values (`?d=`, `filepath=`)."""
     base = _base_path(ls)
     if not url.target.startswith(base + "/") or not LS_PATH_PATTERN.match(url.target[len(base):]):
-        raise _refuse("image reference", "it is not a Label Studio data path (/data/, /storage-data/)")
+        raise _refuse(what, "it is not a Label Studio data path (/data/, /storage-data/)")
     query = url.target.partition("?")[2]
     if any(unquote(part.partition("=")[2]).startswith("/") for part in query.split("&") if part):
-        raise _refuse("image reference", "a Label Studio data path must be relative to its storage root")
+        raise _refuse(what, "a Label Studio data path must be relative to its storage root")
     return url
 
 
@@ -355,27 +374,56 @@ def _file_url_path(ref: str) -> str:
         raise _refuse("file URL", "only files on this machine (file:///path) are read")
     if "?" in path or "#" in path or _PCT.search(path):
         raise _refuse("file URL", "it has a query, a fragment or a malformed percent escape")
-    return unquote("/" + path)
+    decoded = unquote("/" + path)
+    _check_chars(decoded, "file URL")  # what %00, %0a... decode to is checked like the reference itself
+    return decoded
 
 
 # --------------------------------------------------------------------------------------------------
 # Addresses
 
 
-def address_refusal(address: str, trusted: bool, access: ImageAccess) -> str | None:
-    """Why a connection to `address` is refused, or None. `trusted`: the operator's Label Studio host."""
+def effective_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a connection to `address` really reaches: the IPv4 address inside an IPv6 form that embeds
+    one (IPv4-mapped, -translated, -compatible, NAT64 64:ff9b::/96, 6to4, Teredo's client), else itself."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in ipaddress.ip_network(net, strict=False) for net in access.allowed_networks):
-        return None
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ip
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64 or ip in _TRANSLATED or (ip in _COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
+def _always_refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why `ip` is refused for every host and every --allow-network setting, or None."""
     if ip.is_unspecified or ip.is_multicast:
         return "an unspecified or multicast address"
     if ip.is_link_local or ip in METADATA_ADDRESSES:
         return "a link-local or cloud metadata address"
-    if ip.is_global:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "a reserved, site-local or untranslatable address"
+    return next((why for net, why in _ALWAYS_REFUSED if ip in net), None)
+
+
+def address_refusal(address: str, trusted: bool, access: ImageAccess) -> str | None:
+    """Why a connection to `address` is refused, or None. `trusted`: the operator's Label Studio host.
+
+    Unspecified, multicast, link-local, metadata, site-local and reserved addresses are refused first,
+    unconditionally, in every IPv4 and IPv6 spelling; `--allow-network` only opens loopback and private
+    addresses, and is matched against the address a connection really reaches."""
+    ip = effective_address(address)
+    why = _always_refused(ip)
+    if why is not None:
+        return why
+    if ip.is_global or trusted:
         return None
-    if trusted:
+    if any(ip in ipaddress.ip_network(net, strict=False) for net in access.allowed_networks):
         return None
     return "a loopback, private or reserved address (allow its network with --allow-network)"
 
@@ -433,7 +481,7 @@ def _open(url: HttpURL, address: str, headers: dict[str, str], timeout: float):
 def _read_limited(response, limit: int, deadline: float) -> bytes:
     declared = response.getheader("Content-Length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        if not _DIGITS.fullmatch(declared.strip()):  # ASCII digits only: "²".isdigit() is True
             raise ImageAccessError("the image download declares an invalid Content-Length", 502)
         if int(declared) > limit:
             raise ImageAccessError(f"the image is {int(declared)} bytes, over the limit of {limit} bytes", 413)
@@ -451,13 +499,43 @@ def _read_limited(response, limit: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def http_get(url: HttpURL, access: ImageAccess) -> bytes:
-    """GET `url` (following allowed redirects by hand) into memory, within the byte limit."""
+def _hop(url: HttpURL, access: ImageAccess, what: str) -> tuple[HttpURL, bool]:
+    """Check one URL of a download (the first or a redirect's target); True when it gets the API key.
+
+    Every hop on the Label Studio origin must be a data path, as the first one is, and only those get the
+    key: a redirect to Label Studio's API is refused, whoever sends it."""
     ls = access.label_studio
+    if ls is not None and url.origin == ls.origin:
+        return _label_studio_data_path(url, ls, what), True
+    if _storage_host_allowed(url, access):
+        return url, False
+    raise _refuse(what, f"{url.host} is neither the Label Studio server nor an allowed storage host (--storage-host)")
+
+
+def _redirect_target(url: HttpURL, location: str | None) -> HttpURL:
+    """The URL a Location header names, relative to `url`; ImageAccessError for anything malformed."""
+    if not location:
+        raise ImageAccessError("the image host redirected without a Location", 502)
+    _check_chars(location, "redirect")
+    try:
+        joined = urljoin(str(url), location.strip())
+    except ValueError:  # e.g. "http://[::1/x": urljoin splits it and refuses the bracket
+        raise _refuse("redirect", "its Location is not a valid URL") from None
+    return parse_http_url(joined, what="redirect")
+
+
+# What a hostile host or a broken connection can make the standard library raise while fetching.
+_FETCH_FAULTS = (OSError, http.client.HTTPException, ValueError, UnicodeError)
+
+
+def http_get(url: HttpURL, access: ImageAccess) -> bytes:
+    """GET `url` (following allowed redirects by hand, each hop checked) into memory, within the byte limit."""
     deadline = time.monotonic() + access.timeout_s
+    what = "image URL"
     for _ in range(MAX_REDIRECTS + 1):
+        url, with_key = _hop(url, access, what)
         headers = {"User-Agent": "interformer-ml-backend", "Accept": "*/*", "Connection": "close"}
-        if ls is not None and url.origin == ls.origin and access.api_key:
+        if with_key and access.api_key:
             headers["Authorization"] = f"Token {access.api_key}"
         addresses = resolve_checked(url, access)
         response = conn = None
@@ -465,7 +543,7 @@ def http_get(url: HttpURL, access: ImageAccess) -> bytes:
             try:
                 conn, response = _open(url, address, headers, max(0.1, deadline - time.monotonic()))
                 break
-            except (OSError, http.client.HTTPException) as e:
+            except _FETCH_FAULTS as e:
                 if conn is not None:
                     conn.close()
                 conn, last = None, e
@@ -473,20 +551,13 @@ def http_get(url: HttpURL, access: ImageAccess) -> bytes:
             raise ImageAccessError(f"could not connect to image host {url.host} ({_os_reason(last)})", 502)
         try:
             if response.status in (301, 302, 303, 307, 308):
-                location = response.getheader("Location")
-                if not location:
-                    raise ImageAccessError("the image host redirected without a Location", 502)
-                _check_chars(location, "redirect")
-                url = parse_http_url(urljoin(str(url), location.strip()), what="redirect")
-                if not ((ls is not None and url.origin == ls.origin) or _storage_host_allowed(url, access)):
-                    raise _refuse("redirect", f"{url.host} is neither the Label Studio server nor an allowed "
-                                              "storage host (--storage-host)")
+                url, what = _redirect_target(url, response.getheader("Location")), "redirect"
                 continue
             if response.status != 200:
                 raise ImageAccessError(f"the image host answered HTTP {response.status}",
                                        404 if response.status in (401, 403, 404, 410) else 502)
             return _read_limited(response, access.max_image_bytes, deadline)
-        except (OSError, http.client.HTTPException) as e:
+        except _FETCH_FAULTS as e:
             raise ImageAccessError(f"the image download from {url.host} failed ({_os_reason(e)})", 502) from None
         finally:
             conn.close()
@@ -509,6 +580,7 @@ def read_local_file(path: str, access: ImageAccess) -> bytes:
     """Bytes of a regular file inside an allowed root; symlinks may not lead outside a root."""
     if not access.allowed_roots:
         raise ImageAccessError("local image paths are refused: no local roots are allowed (--allowed-root)")
+    _check_chars(path, "local image path")
     if not path.startswith("/"):
         raise _refuse("local image path", "it is not absolute")
     if any(s == ".." for s in path.split("/")):
@@ -551,8 +623,16 @@ def _root_of(real: str, access: ImageAccess) -> str | None:
 
 
 def read_image_bytes(ref: str, access: ImageAccess, task_id: int | None = None) -> bytes:
-    """The bytes of the image `ref` points at, read only from the sources `access` allows."""
-    p = plan(ref, access, task_id)
-    if p.kind == "local":
-        return read_local_file(p.path, access)
-    return http_get(p.url, access)
+    """The bytes of the image `ref` points at, read only from the sources `access` allows.
+
+    Raises ImageAccessError and nothing else: the reference and whatever a host answers are untrusted, so any
+    other failure on the way is reported as an unreadable image (by its type only), never as a server fault."""
+    try:
+        p = plan(ref, access, task_id)
+        if p.kind == "local":
+            return read_local_file(p.path, access)
+        return http_get(p.url, access)
+    except ImageAccessError:
+        raise
+    except Exception as e:  # a fault class no check above anticipated: still the image's, not the server's
+        raise ImageAccessError(f"the image could not be read ({type(e).__name__})", 502) from None

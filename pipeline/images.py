@@ -4,13 +4,18 @@ The encode job must record every bad input (id, uri, reason) and go on, so decod
 anything but `ImageDecodeError`, whose `reason` is a short fixed code (for grouping in summaries)
 and whose `detail` is a human sentence. Pillow is used because it reports truncated files (OpenCV
 silently returns a partly grey image) and reads the header before decoding, so the pixel limit is
-enforced without allocating the image.
+enforced without allocating the image. The caller's `max_pixels` is the only pixel limit: Pillow's own
+decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, 89.5 M by default) is raised to it while a decode runs.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import threading
 import warnings
+from collections import Counter
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -47,6 +52,37 @@ def image_size(data: bytes) -> tuple[int, int]:
         return img.height, img.width
 
 
+_pillow_lock = threading.Lock()
+_active_limits: Counter = Counter()  # max_pixels of the decodes in progress (None: unlimited)
+_pillow_saved: list = []  # Image.MAX_IMAGE_PIXELS as found when the first of them started
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int | None) -> Iterator[None]:
+    """Keep Pillow's bomb check at or above `max_pixels` while a decode runs, so that only our limit applies.
+
+    Image.MAX_IMAGE_PIXELS is one process-wide value: while decodes with different limits overlap (threads), it
+    is the loosest of them (None when any is unlimited), each decode checks its own limit on the header size, and
+    the value found before is put back when the last one ends."""
+    with _pillow_lock:
+        if not _active_limits:
+            _pillow_saved[:] = [Image.MAX_IMAGE_PIXELS]
+        _active_limits[max_pixels] += 1
+        Image.MAX_IMAGE_PIXELS = _loosest(_active_limits)
+    try:
+        yield
+    finally:
+        with _pillow_lock:
+            _active_limits[max_pixels] -= 1
+            if not _active_limits[max_pixels]:
+                del _active_limits[max_pixels]
+            Image.MAX_IMAGE_PIXELS = _loosest(_active_limits) if _active_limits else _pillow_saved[0]
+
+
+def _loosest(limits: Counter) -> int | None:
+    return None if None in limits else max(limits)
+
+
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes (JPEG, PNG, TIFF, BMP, WebP, GIF...) to an RGB uint8 (H, W, 3) array.
 
@@ -54,6 +90,11 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     8 bits; for multi-frame files the first frame is used. Images with more than `max_pixels` pixels
     are refused before their pixels are decoded.
     """
+    with _pillow_limit(max_pixels):
+        return _decode(data, max_pixels)
+
+
+def _decode(data: bytes, max_pixels: int | None) -> np.ndarray:
     with _open(data, max_pixels) as img:
         w, h = img.size
         if w == 0 or h == 0:
@@ -73,7 +114,13 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
             raise ImageDecodeError(
                 CORRUPT, f"{img.format} data cannot be decoded ({type(e).__name__}: {e})"
             ) from None
-        return _to_rgb(img)
+        try:
+            return _to_rgb(img)
+        except ImageDecodeError:
+            raise
+        except (ValueError, OSError, TypeError) as e:  # an odd mode Pillow cannot convert
+            raise ImageDecodeError(CORRUPT, f"{img.format} {img.mode} pixels cannot be converted to RGB "
+                                            f"({type(e).__name__}: {e})") from None
 
 
 def _open(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -123,12 +170,25 @@ def _sniff(head: bytes) -> str | None:
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        grey = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        grey = grey_to_8bit(np.asarray(img), sixteen_bit=img.mode.startswith("I;16"))
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if img.mode == "F":
         raise ImageDecodeError(CORRUPT, "floating-point images are not supported")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def grey_to_8bit(arr: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """16-bit (or 32-bit integer) grey -> uint8 in integer arithmetic: round(v * 255 / 65535) = (v + 128) // 257
+    for v in 0..65535 (257 is odd, so there are no ties), clipped to 0..255; 32-bit images whose values all fit
+    in 0..255 are taken as they are. At most 4 bytes per pixel beside the input, where float64 took 24."""
+    top = 65535 if sixteen_bit or (arr.size and int(arr.max()) > 255) else 255
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:
+        work = arr.astype(np.uint32)  # one 4-byte copy, native order (I;16B arrives big-endian)
+    else:
+        work = np.clip(arr, 0, top)  # one copy of the int32 image; clipped first, so + 128 cannot overflow
+    if top == 65535:
+        work += 128
+        work //= 257
+    return work.astype(np.uint8)

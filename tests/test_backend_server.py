@@ -322,3 +322,88 @@ def test_an_unexpected_failure_is_a_logged_500_and_the_server_keeps_serving(capl
         assert any("weights went missing" in (rec.exc_text or "") or "weights went missing" in str(
             getattr(rec, "fields", {}).get("error", "")) for rec in caplog.records)
         assert c.get("/health").json()["actors_ready"] is False
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks of different projects never share features or sessions; odd task text and failures are 4xx/5xx
+# with fixed messages, never a 500 with internals.
+
+
+def _predict(client, data: dict, items: list, task_id: int = 7, project: str = "3.1795474399", annotations=()):
+    b = body(data, items, tasks=[{"id": task_id, "data": data, "annotations": list(annotations), "predictions": []}])
+    b["project"] = project  # sent as ASCII JSON, so that lone surrogates travel as \ud800 escapes
+    return client.post("/predict", content=json.dumps(b), headers={"Content-Type": "application/json"})
+
+
+def test_an_image_id_reused_by_another_project_for_another_picture_gets_that_pictures_features(env, client):
+    """On-demand features are stored under the task's image reference, so an image_id chosen by one project
+    can neither poison nor leak into a task of another project that reuses it for another picture."""
+    img = env["images"][2][1]
+    paths = [write_png(np.ascontiguousarray(img[::-1]), env["tmp"] / "images" / "reused-a.png"),
+             write_png(np.ascontiguousarray(img[:, ::-1]), env["tmp"] / "images" / "reused-b.png")]
+    clicks = [keypoint(40, 60, SIZE, item_id="reuse-1")]
+    masks = [the_mask(_predict(client, {"image_id": "reused-id", "image": str(p)}, clicks, task_id=70 + i,
+                               project=f"{70 + i}.1")) for i, p in enumerate(paths)]
+    for mask, path in zip(masks, paths):
+        np.testing.assert_array_equal(mask, ref(env, str(path), [pixel(40, 60, SIZE)]))
+    assert not np.array_equal(masks[0], masks[1])
+    again = _predict(client, {"image_id": "reused-id", "image": str(paths[0])}, clicks, task_id=70, project="70.1")
+    np.testing.assert_array_equal(the_mask(again), masks[0])
+
+
+def test_a_region_id_reused_by_another_task_does_not_get_its_start_mask(env, client):
+    """Sessions are per (image, task, region): another project's task with the same region id starts blank."""
+    from connectors.rle import mask_to_rle
+
+    h, w = SIZE
+    full = np.zeros(SIZE, bool)
+    full[5:60, 5:90] = True
+    brush = {"id": "m1", "type": "brushlabels", "from_name": "tag", "to_name": "image", "original_width": w,
+             "original_height": h, "value": {"format": "rle", "rle": mask_to_rle(full), "brushlabels": ["object"]}}
+    data = {"image_id": "img-1"}
+    click = [keypoint(50, 50, SIZE, item_id="leak-1")]
+    with_start = the_mask(_predict(client, data, click, task_id=80, annotations=[{"id": 1, "result": [brush]}]))
+    blank = the_mask(_predict(client, data, [keypoint(50, 50, SIZE, item_id="leak-fresh")], task_id=81,
+                              project="81.1"))
+    assert not np.array_equal(with_start, blank)
+    other_task = the_mask(_predict(client, data, click, task_id=81, project="81.1"))
+    np.testing.assert_array_equal(other_task, blank)
+
+
+@pytest.mark.parametrize("data", [{"image_id": "\ud800"}, {"image_id": "x\udfff", "image": "/tmp/a.png"},
+                                  {"image": "/tmp/\ud800.png"}, {"image": "file:///tmp/images/x%00.png"},
+                                  {"image_id": "nul-1", "image": "file:///tmp/images/x%00.png"}])
+def test_task_text_that_cannot_be_looked_up_is_a_4xx(client, data):
+    r = _predict(client, data, [keypoint(50, 50, SIZE)])
+    assert 400 <= r.status_code < 500 and r.json()["error"], r.text
+
+
+def test_unexpected_failures_reading_or_encoding_features_get_a_fixed_message(env, client, monkeypatch, caplog):
+    engine = env["segmenter"].engine
+
+    def broken(*args):
+        raise RuntimeError("/srv/secret/db pid=31337 ip=10.0.3.17")
+
+    monkeypatch.setattr(engine, "encode_missing", broken)
+    path = write_png(env["images"][2][1][::-1, ::-1].copy(), env["tmp"] / "images" / "broken-encoder.png")
+    with caplog.at_level("ERROR", logger="connectors"):
+        r = _predict(client, {"image": str(path)}, [keypoint(50, 50, SIZE)])
+    assert r.status_code == 502 and "could not be encoded on demand" in r.json()["error"]
+    assert "/srv/secret" not in r.text and "31337" not in r.text and "error id" in r.json()["error"]
+    assert any("31337" in (rec.exc_text or "") for rec in caplog.records)  # the operator's log has it
+    monkeypatch.setattr(engine.reader, "get", broken)
+    r = _predict(client, {"image_id": "not-cached-anywhere"}, [keypoint(50, 50, SIZE)])
+    assert r.status_code == 500 and "stored features of the task's image could not be read" in r.json()["error"]
+    assert "/srv/secret" not in r.text
+
+
+@pytest.mark.parametrize("image_id, image_ref", [("\ud800", None), ("x\udfff", "/tmp/a.png"), (None, "/tmp/\ud800.png")])
+def test_the_engine_refuses_task_text_lance_cannot_take(env, image_id, image_ref):
+    """Whatever the server lets through, a lone surrogate never reaches the table as a 500."""
+    from connectors.segment import SegmentRequest
+
+    req = SegmentRequest(clicks=(pixel(50, 50, SIZE),), original_size=SIZE, image_id=image_id, image_ref=image_ref,
+                         task_id=7, region_key="surrogate")
+    with pytest.raises(SegmentError) as e:
+        asyncio.run(env["segmenter"].segment(req))
+    assert e.value.status == 422 and "not valid Unicode" in e.value.message

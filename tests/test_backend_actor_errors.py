@@ -1,0 +1,97 @@
+"""What a client sees when Ray fails (connectors/actors.py): a fixed message and an error id, while the log
+keeps Ray's own text (pid, node IP, actor id, namespace, creation-task tracebacks). No Ray is started: the
+errors are Ray's real exception types, raised by stand-in actor handles."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import ray
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ray.core.generated.common_pb2 import ActorDiedErrorContext
+from ray.exceptions import ActorDiedError, RayTaskError
+
+import connectors.actors as actors
+from connectors.segment import SegmentError
+
+_WORDS = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=6, max_size=20)
+
+
+def _died(pid: int, ip: str, namespace: str, path: str) -> list[ActorDiedError]:
+    """Ray's two flavours: a dead worker process, and an actor whose creation task raised."""
+    ctx = ActorDiedErrorContext(class_name="_EncoderActor", actor_id=b"\x01" * 16, pid=pid, node_ip_address=ip,
+                                ray_namespace=namespace, error_message="The actor is dead because its worker "
+                                "process has died. Worker exit type: SYSTEM_ERROR")
+    cause = FileNotFoundError(f"{path}/features.lance/_versions/missing")
+    creation = RayTaskError("_EncoderActor.__init__", f"Traceback (most recent call last):\n  File \"{path}/"
+                            f"connectors/engine.py\", line 270, in __init__\n{cause!r}", cause)
+    return [ActorDiedError(ctx), ActorDiedError(creation)]
+
+
+class _Remote:
+    """An actor method: `.remote()` gives what fails with `error` when awaited (or passed to ray.get)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def remote(self, *args):
+        return self
+
+    def __await__(self):
+        raise self.error
+        yield  # a generator, as __await__ must return an iterator
+
+
+class _Handle:
+    """An actor handle whose every method call fails with `error`."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.segment = self.ping = self.encode = _Remote(error)
+
+
+def _pool(error: BaseException) -> actors.ActorPool:
+    pool = object.__new__(actors.ActorPool)
+    pool.actors, pool.restart_timeout_s, pool.retries = [_Handle(error)], 1.0, 0
+    pool.router = actors.StickyRouter(1)
+    return pool
+
+
+def _assert_clean(e: SegmentError, secrets: list[str]) -> None:
+    assert e.status in (500, 503) and "error id" in e.message
+    for secret in secrets:
+        assert secret not in e.message, secret
+    assert "Traceback" not in e.message and "0101010101" not in e.message
+
+
+def _ray_get_raises(mp: pytest.MonkeyPatch, error: BaseException) -> None:
+    def get(*args, **kwargs):
+        raise error
+    mp.setattr(ray, "get", get)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pid=st.integers(1000, 2**22), ip=st.ip_addresses(v=4).map(str), namespace=_WORDS, path=_WORDS)
+def test_ray_failure_text_never_reaches_the_client(pid, ip, namespace, path):
+    secrets = [str(pid), ip, namespace, "/" + path]
+    for error in _died(pid, ip, namespace, "/" + path):
+        with pytest.MonkeyPatch.context() as mp:
+            _ray_get_raises(mp, error)
+            encode = actors._SegmentActor._encode_with(_Handle(error))
+            with pytest.raises(SegmentError) as e:
+                encode("id", "ref", 1)
+        _assert_clean(e.value, secrets)
+        with pytest.raises(SegmentError) as e:
+            asyncio.run(_pool(error)._segment_on(0, None))
+        _assert_clean(e.value, secrets)
+
+
+def test_the_log_keeps_rays_text_under_the_id_the_client_gets(monkeypatch, caplog):
+    error = _died(31337, "10.0.3.17", "ns-1", "/srv/app")[0]
+    _ray_get_raises(monkeypatch, error)
+    with caplog.at_level(logging.ERROR, logger="connectors"), pytest.raises(SegmentError) as e:
+        actors._SegmentActor._encode_with(_Handle(error))("id", "ref", 1)
+    error_id = e.value.message.rsplit("error id ", 1)[1].rstrip(")")
+    logged = [r for r in caplog.records if r.fields.get("error_id") == error_id]
+    assert logged and "31337" in logged[0].fields["error"] and "10.0.3.17" in logged[0].fields["error"]
