@@ -28,21 +28,23 @@ from pycocotools import mask as mask_utils
 from interformer.clicks import Click, Roi
 
 from .box_prompt import BoxPromptError, box_to_click
+from .polygons import PolygonError, checked_polygons, polygons_rle
 
 PROMPT_KINDS = ("box", "mask", "points")
 USE_CHOICES = ("auto", *PROMPT_KINDS)
 
 # Reason codes of objects that cannot be (or were not) segmented.
 MISSING_IMAGE_ENTRY = "missing_image_entry"  # annotation names an image id the file does not list
-BAD_IMAGE_ENTRY = "bad_image_entry"  # image entry without a usable size
+BAD_IMAGE_ENTRY = "bad_image_entry"  # image entry without a usable size, or entries of one image that disagree
+DUPLICATE_ID = "duplicate_id"  # two different image entries (or annotations) share one COCO id
 UNKNOWN_CATEGORY = "unknown_category"  # category id not in `categories`
 NO_PROMPT = "no_prompt"  # nothing usable for the requested prompt kind
 DEGENERATE_BOX = "degenerate_box"  # width or height <= 0, or not finite numbers
 BOX_OUTSIDE = "box_outside"  # the box does not overlap the image
-DEGENERATE_POLYGON = "degenerate_polygon"  # fewer than 3 vertices, or not numbers
+DEGENERATE_POLYGON = "degenerate_polygon"  # fewer than 3 vertices, not numbers, or too complex to rasterise
 POLYGON_OUTSIDE = "polygon_outside"  # every vertex lies outside the image
 EMPTY_MASK = "empty_mask"  # the coarse mask covers no pixel of the image
-BAD_SEGMENTATION = "bad_segmentation"  # an RLE of another size, or an unknown segmentation type
+BAD_SEGMENTATION = "bad_segmentation"  # an RLE of another size or whose counts do not cover the image; unknown type
 BAD_POINTS = "bad_points"  # malformed, outside the image, or no positive point
 LABEL_NOT_IN_CONFIG = "label_not_in_config"  # the Label Studio project cannot hold this label
 NO_FEATURES = "no_features"  # the image has no stored features (and was not encoded)
@@ -52,6 +54,9 @@ INTERNAL_ERROR = "internal_error"  # an unexpected error in a worker (with its t
 
 # Failures that a later run may not repeat (features encoded meanwhile, a worker crash): not final.
 RETRYABLE = frozenset({NO_FEATURES, IMAGE_UNREADABLE, INTERNAL_ERROR})
+
+# Images larger than this cannot be held by pycocotools' RLE (32-bit pixel positions), nor decoded sanely.
+MAX_IMAGE_PIXELS = 1 << 31
 
 
 class PromptFileError(ValueError):
@@ -76,6 +81,8 @@ class ObjectPrompt:
     clicks: the given points, or for a box its centre click (then further refinement points).
     box: (left, up, right, bottom) region of a box prompt, exclusive ends.
     coarse: COCO compressed RLE of a coarse mask (for kind "mask", and for the IoU report otherwise).
+    source_image_id: the COCO image id of the entry the object was annotated on (entries that name one image
+    share one ImageJob, and each object keeps its own id for the output).
     """
 
     key: str
@@ -88,6 +95,7 @@ class ObjectPrompt:
     coarse: dict | None = None
     category_id: int | None = None
     notes: tuple[str, ...] = ()
+    source_image_id: int | None = None
 
     def digest(self) -> str:
         """Hash of everything that decides the mask (a changed prompt is segmented again)."""
@@ -102,7 +110,8 @@ class ImageJob:
 
     uri: path/URI of the image file (COCO: image root + file_name; Label Studio: the task's image URL,
     then `via_label_studio`: fetched through pipeline.image_access's rules).
-    source_image_id: the COCO image id; task_id: the Label Studio task (when known).
+    source_image_id: the COCO image id (of the first entry, when several entries name the image; each object
+    keeps its own); task_id: the Label Studio task (when known).
     """
 
     image_id: str
@@ -155,10 +164,22 @@ class PromptSet:
 # Geometry helpers (pure)
 
 
+def _finite(value: Any) -> bool:
+    """A JSON number that is finite as a float (not a bool, not NaN/inf, not an integer beyond float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _finite_numbers(values: Any) -> bool:
-    return isinstance(values, (list, tuple)) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
-    )
+    return isinstance(values, (list, tuple)) and all(_finite(v) for v in values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def clip_box(bbox: Sequence[float], size: tuple[int, int]) -> tuple[tuple[float, float, float, float], bool]:
@@ -193,24 +214,25 @@ def box_prompt(bbox: Sequence[float], size: tuple[int, int]) -> tuple[Click, Roi
 def polygons_to_rle(polygons: Any, size: tuple[int, int]) -> tuple[dict, bool]:
     """COCO polygons -> (compressed RLE of their union, some vertex outside the image?).
 
-    Raises PromptError for malformed polygons and polygons entirely outside the image.
+    Rasterised by `pipeline.polygons.polygons_rle` (clipped to a frame around the image, bounded work).
+    Raises PromptError for malformed or too complex polygons and polygons entirely outside the image.
     """
     h, w = size
     if not isinstance(polygons, list) or not polygons:
         raise PromptError(DEGENERATE_POLYGON, "segmentation polygon list is empty")
-    kept, any_outside, any_inside = [], False, False
+    try:
+        checked_polygons(polygons, size)
+    except PolygonError as e:
+        raise PromptError(DEGENERATE_POLYGON, str(e)) from None
+    any_outside, any_inside = False, False
     for poly in polygons:
-        if not _finite_numbers(poly) or len(poly) < 6 or len(poly) % 2:
-            raise PromptError(DEGENERATE_POLYGON, f"a polygon needs at least 3 (x, y) vertices, got {str(poly)[:80]}")
         xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
         inside = (xy[:, 0] >= 0) & (xy[:, 0] <= w) & (xy[:, 1] >= 0) & (xy[:, 1] <= h)
         any_outside |= bool((~inside).any())
         any_inside |= bool(inside.any()) or _crosses_image(xy, size)
-        kept.append([float(v) for v in poly])
     if not any_inside:
         raise PromptError(POLYGON_OUTSIDE, f"every polygon vertex lies outside the {w}x{h} (WxH) image")
-    rle = mask_utils.merge(mask_utils.frPyObjects(kept, h, w))
-    return _rle_json(rle), any_outside
+    return _rle_json(polygons_rle(polygons, size)), any_outside
 
 
 def _crosses_image(xy: np.ndarray, size: tuple[int, int]) -> bool:
@@ -220,17 +242,65 @@ def _crosses_image(xy: np.ndarray, size: tuple[int, int]) -> bool:
 
 
 def segmentation_to_rle(segmentation: Any, size: tuple[int, int]) -> tuple[dict, bool]:
-    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> (compressed RLE, clipped?)."""
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> (compressed RLE, clipped?).
+
+    An RLE must be of the image's size and its counts must cover the image exactly (non-negative runs summing to
+    H * W): pycocotools would otherwise decode uninitialised memory or fail later. PromptError otherwise."""
     h, w = size
     if isinstance(segmentation, list):
         return polygons_to_rle(segmentation, size)
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if [int(v) for v in segmentation["size"]] != [h, w]:
-            raise PromptError(BAD_SEGMENTATION, f"RLE size {segmentation['size']} differs from the image size {[h, w]}")
-        if isinstance(segmentation["counts"], list):
-            return _rle_json(mask_utils.frPyObjects(segmentation, h, w)), False
-        return {"size": [h, w], "counts": str(segmentation["counts"])}, False
-    raise PromptError(BAD_SEGMENTATION, f"unsupported segmentation of type {type(segmentation).__name__}")
+    if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
+        raise PromptError(BAD_SEGMENTATION, f"unsupported segmentation of type {type(segmentation).__name__}: "
+                                            "give polygons [[x1, y1, ...], ...] or an RLE {'size', 'counts'}")
+    rle_size, counts = segmentation["size"], segmentation["counts"]
+    if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(_is_int(v) for v in rle_size)):
+        raise PromptError(BAD_SEGMENTATION, f"RLE size must be [height, width] integers, got {str(rle_size)[:80]}")
+    if rle_size != [h, w]:
+        raise PromptError(BAD_SEGMENTATION, f"RLE size {rle_size} differs from the image size {[h, w]}")
+    if isinstance(counts, list):
+        _check_counts(counts, h * w)
+        return _rle_json(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)), False
+    if isinstance(counts, str):
+        _check_counts(rle_string_counts(counts), h * w)
+        return {"size": [h, w], "counts": counts}, False
+    raise PromptError(BAD_SEGMENTATION, f"RLE counts must be a list of run lengths or a COCO compressed string, "
+                                        f"got {type(counts).__name__}")
+
+
+def _check_counts(counts: Sequence[Any], pixels: int) -> None:
+    """Run lengths that cover an image of `pixels` exactly, or PromptError(BAD_SEGMENTATION)."""
+    if not all(_is_int(c) and c >= 0 for c in counts):
+        bad = next(c for c in counts if not (_is_int(c) and c >= 0))
+        raise PromptError(BAD_SEGMENTATION, f"RLE counts must be non-negative integers, got {str(bad)[:40]}")
+    total = sum(counts)
+    if total != pixels:
+        raise PromptError(BAD_SEGMENTATION, f"RLE counts sum to {total} pixels, the image has {pixels}")
+
+
+def rle_string_counts(counts: str) -> list[int]:
+    """The run lengths of a COCO compressed RLE string, read as pycocotools reads it: 5 bits a character from
+    '0' (0x20: more follow, 0x10 on the last: negative), at most 6 characters a number (pycocotools shifts a
+    32-bit int), and runs from the fourth on as deltas to the run two before.
+
+    PromptError(BAD_SEGMENTATION) for a character outside the code, a number too long, or a string that ends
+    inside a number."""
+    out: list[int] = []
+    value = shift = 0
+    for n, ch in enumerate(counts):
+        c = ord(ch) - 48
+        if not 0 <= c < 64 or shift >= 30:
+            raise PromptError(BAD_SEGMENTATION, f"not a COCO compressed RLE string: {ch!r} at position {n}")
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value -= 1 << shift
+        out.append(value + out[-2] if len(out) > 2 else value)
+        value = shift = 0
+    if shift:
+        raise PromptError(BAD_SEGMENTATION, "not a COCO compressed RLE string: it ends inside a run length")
+    return out
 
 
 def _rle_json(rle: dict) -> dict:
@@ -288,7 +358,7 @@ def coco_keypoints(keypoints: Any) -> list[list[float]] | None:
 
 
 def read_coco_file(path: str) -> dict:
-    """Load a COCO annotation file (local path or object-store URI)."""
+    """Load a COCO annotation file (local path or object-store URI); PromptFileError when it cannot be used."""
     from .images import ImageDecodeError
     from .sources import read_bytes
 
@@ -298,10 +368,91 @@ def read_coco_file(path: str) -> dict:
         raise PromptFileError(f"cannot read prompt file {path!r}: {e.detail}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PromptFileError(f"{path!r} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise PromptFileError(f"{path!r} is malformed: its JSON is nested too deeply to be a COCO file") from None
+    _coco_lists(doc, repr(path))
+    return doc
+
+
+def _coco_lists(doc: Any, where: str) -> tuple[list, list]:
+    """The `images` and `annotations` lists of a COCO document, or PromptFileError."""
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
             or not isinstance(doc.get("annotations"), list):
-        raise PromptFileError(f"{path!r} is not a COCO annotation file (needs 'images' and 'annotations' lists)")
-    return doc
+        raise PromptFileError(f"{where} is not a COCO annotation file (needs 'images' and 'annotations' lists)")
+    return doc["images"], doc["annotations"]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _coco_categories(categories: Any) -> dict[int, str]:
+    """`categories` -> {id: name}; PromptFileError naming the first entry without an integer id and string name,
+    or an id given two different names."""
+    if categories is None:
+        return {}
+    if not isinstance(categories, list):
+        raise PromptFileError(f"'categories' must be a list of {{'id', 'name'}} objects, got {_short(categories)}")
+    out: dict[int, str] = {}
+    for n, cat in enumerate(categories):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            raise PromptFileError(f"categories[{n}] needs an integer 'id': {_short(cat)}")
+        name = cat.get("name", str(cat["id"]))
+        if not isinstance(name, str) or not name:
+            raise PromptFileError(f"categories[{n}] needs a non-empty string 'name': {_short(cat)}")
+        if out.get(cat["id"], name) != name:
+            raise PromptFileError(f"categories[{n}] gives id {cat['id']} the name {name!r}, an earlier entry "
+                                  f"{out[cat['id']]!r}: one id, one name")
+        out[cat["id"]] = name
+    return out
+
+
+def _is_coco_id(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, str)
+
+
+@dataclass
+class _Entries:
+    """The image entries of a COCO file: by COCO id, the ids two different entries claim, and per feature-table
+    id the entries naming that image, with why they cannot share one job (when they disagree)."""
+
+    by_id: dict[Any, tuple[int, dict]] = field(default_factory=dict)  # COCO id -> (index, entry)
+    clashes: dict[Any, str] = field(default_factory=dict)  # COCO id -> detail
+    images: dict[str, list[Any]] = field(default_factory=dict)  # feature id -> COCO ids, in file order
+    conflicts: dict[str, str] = field(default_factory=dict)  # feature id -> detail
+
+
+def _coco_entries(images: list, id_from: str) -> _Entries:
+    out = _Entries()
+    for n, entry in enumerate(images):
+        if not isinstance(entry, dict) or not _is_coco_id(entry.get("id")):
+            raise PromptFileError(f"images[{n}] needs an integer or string 'id': {_short(entry)}")
+        name = entry.get("file_name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise PromptFileError(f"images[{n}] needs a non-empty string 'file_name': {_short(entry)}")
+        coco_id = entry["id"]
+        if coco_id in out.by_id:
+            first, seen = out.by_id[coco_id]
+            if seen != entry and coco_id not in out.clashes:
+                out.clashes[coco_id] = (f"images[{first}] and images[{n}] are different entries with the same id "
+                                        f"{coco_id!r} ({_short(seen)} vs {_short(entry)}): give each image its own id")
+            continue
+        out.by_id[coco_id] = (n, entry)
+        out.images.setdefault(_image_id(entry, id_from), []).append(coco_id)
+    for image_id, ids in out.images.items():
+        (a, first), others = out.by_id[ids[0]], [out.by_id[i] for i in ids[1:]]
+        differ = [(b, e) for b, e in others if _entry_look(e) != _entry_look(first)]
+        if differ:
+            b, other = differ[0]
+            out.conflicts[image_id] = (f"images[{a}] and images[{b}] both name image {image_id!r} but differ in "
+                                       f"size or file ({_short(first)} vs {_short(other)})")
+    return out
+
+
+def _entry_look(entry: dict) -> tuple[Any, Any]:
+    """What entries naming one image must agree on to share a job: the size and the file."""
+    return _entry_size(entry), entry.get("file_name")
 
 
 def coco_prompts(doc: dict, image_root: str | None = None, id_from: str = "file_name", use: str = "auto") -> PromptSet:
@@ -310,62 +461,107 @@ def coco_prompts(doc: dict, image_root: str | None = None, id_from: str = "file_
     id_from: the feature-table id of an image is its `file_name` (as jobs/encode.py lists a COCO file) or
     its numeric `id`. use: "auto" takes points when given, else the segmentation, else the box; a kind
     forces that prompt (objects without it become NO_PROMPT problems).
+
+    Image entries that name one image (the same feature-table id) give one job, whose objects keep their own
+    COCO image ids; so job keys are unique. A COCO id shared by two different image entries, or by two
+    different annotations, is a DUPLICATE_ID problem for each object concerned. A file whose categories or
+    image entries are not COCO raises PromptFileError naming the entry; a bad annotation is a Problem.
     """
     if id_from not in ("file_name", "id"):
         raise ValueError(f"id_from must be 'file_name' or 'id', got {id_from!r}")
     if use not in USE_CHOICES:
         raise ValueError(f"use must be one of {USE_CHOICES}, got {use!r}")
-    out = PromptSet()
-    for cat in doc.get("categories") or []:
-        if isinstance(cat, dict) and "id" in cat:
-            out.categories[int(cat["id"])] = str(cat.get("name", cat["id"]))
-    entries: dict[Any, dict] = {}
-    for entry in doc["images"]:
-        if isinstance(entry, dict) and "id" in entry:
-            entries[entry["id"]] = entry
-    objects: dict[Any, list[ObjectPrompt]] = {}
-    for n, ann in enumerate(doc["annotations"]):
-        if not isinstance(ann, dict):
-            out.problems.append(Problem(f"coco:#{n}", None, None, NO_PROMPT, "annotation is not a JSON object"))
-            continue
-        key = f"coco:{ann.get('id', f'#{n}')}"
-        entry = entries.get(ann.get("image_id"))
-        label = out.categories.get(ann.get("category_id")) if isinstance(ann.get("category_id"), int) else None
-        if entry is None:
-            out.problems.append(Problem(key, None, label, MISSING_IMAGE_ENTRY,
-                                        f"image_id {ann.get('image_id')!r} is not in the file's images"))
-            continue
-        image_id = _image_id(entry, id_from)
-        if label is None:
-            out.problems.append(Problem(key, image_id, None, UNKNOWN_CATEGORY,
-                                        f"category_id {ann.get('category_id')!r} is not in the file's categories"))
-            continue
-        size = _entry_size(entry)
-        if size is None:
-            out.problems.append(Problem(key, image_id, label, BAD_IMAGE_ENTRY,
-                                        f"image {entry.get('id')!r} has no positive integer height/width"))
+    images, annotations = _coco_lists(doc, "the prompt document")
+    out = PromptSet(categories=_coco_categories(doc.get("categories")))
+    entries = _coco_entries(images, id_from)
+    objects: dict[str, list[ObjectPrompt]] = {}
+    for n, ann, key, clash in _keyed_annotations(annotations):
+        if ann is None:
+            out.problems.append(Problem(key, None, None, NO_PROMPT, "annotation is not a JSON object"))
             continue
         try:
-            prompt = _annotation_prompt(ann, key, image_id, label, size, use)
-        except PromptError as e:
-            out.problems.append(Problem(key, image_id, label, e.reason, e.detail))
+            image_id, prompt = _coco_object(ann, key, clash, entries, out.categories, id_from, use)
+        except _ObjectProblem as e:
+            out.problems.append(e.problem)
             continue
-        objects.setdefault(entry["id"], []).append(prompt)
-    for coco_id, prompts in objects.items():
-        entry = entries[coco_id]
-        file_name = str(entry.get("file_name", ""))
+        objects.setdefault(image_id, []).append(prompt)
+    for image_id, prompts in objects.items():
+        coco_id = entries.images[image_id][0]
+        entry = entries.by_id[coco_id][1]
+        file_name = entry.get("file_name")
         uri = join_uri(image_root, file_name) if image_root is not None and file_name else None
-        image_id = _image_id(entry, id_from)
         out.images.append(ImageJob(image_id, _entry_size(entry), tuple(prompts), uri,
-                                   int(coco_id) if isinstance(coco_id, int) else None, file_name or None))
+                                   coco_id if _is_int(coco_id) else None, file_name))
         out.image_entries[image_id] = entry
     out.images.sort(key=lambda j: j.image_id)
     return out
 
 
+class _ObjectProblem(Exception):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.detail)
+        self.problem = problem
+
+
+def _keyed_annotations(annotations: list) -> Iterable[tuple[int, dict | None, str, str | None]]:
+    """(index, annotation or None when not an object, key, why its key is not its own or None).
+
+    The key is "coco:<id>" (integer or string id), else "coco:#<index>"; different annotations with one key
+    all get the reason, identical repeats are one annotation."""
+    keyed: list[tuple[int, dict | None, str]] = []
+    first: dict[str, tuple[int, Any]] = {}
+    clashes: dict[str, str] = {}
+    for n, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            keyed.append((n, None, f"coco:#{n}"))
+            continue
+        key = f"coco:{ann['id']}" if _is_coco_id(ann.get("id")) else f"coco:#{n}"
+        if key in first:
+            m, seen = first[key]
+            if seen == ann:
+                continue
+            clashes.setdefault(key, f"annotations[{m}] and annotations[{n}] are different annotations with the "
+                                    f"same key {key!r}: give each annotation its own id")
+        else:
+            first[key] = (n, ann)
+        keyed.append((n, ann, key))
+    return [(n, ann, key, clashes.get(key)) for n, ann, key in keyed]
+
+
+def _coco_object(ann: dict, key: str, clash: str | None, entries: _Entries, categories: dict[int, str],
+                 id_from: str, use: str) -> tuple[str, ObjectPrompt]:
+    """(feature id, prompt) of one annotation, or _ObjectProblem saying why it cannot be used."""
+    ref, category_id = ann.get("image_id"), ann.get("category_id")
+    label = categories.get(category_id) if _is_int(category_id) else None
+    if not _is_coco_id(ref) or (ref not in entries.by_id):
+        raise _ObjectProblem(Problem(key, None, label, MISSING_IMAGE_ENTRY,
+                                     f"image_id {_short(ref)} is not in the file's images"))
+    entry = entries.by_id[ref][1]
+    image_id = _image_id(entry, id_from)
+    if clash is not None:
+        raise _ObjectProblem(Problem(key, image_id, label, DUPLICATE_ID, clash))
+    if ref in entries.clashes:
+        raise _ObjectProblem(Problem(key, image_id, label, DUPLICATE_ID, entries.clashes[ref]))
+    if label is None:
+        raise _ObjectProblem(Problem(key, image_id, None, UNKNOWN_CATEGORY,
+                                     f"category_id {_short(category_id)} is not in the file's categories"))
+    if image_id in entries.conflicts:
+        raise _ObjectProblem(Problem(key, image_id, label, BAD_IMAGE_ENTRY, entries.conflicts[image_id]))
+    size = _entry_size(entry)
+    if size is None:
+        raise _ObjectProblem(Problem(key, image_id, label, BAD_IMAGE_ENTRY,
+                                     f"image {ref!r} has no positive integer height/width (at most "
+                                     f"{MAX_IMAGE_PIXELS} pixels)"))
+    try:
+        prompt = _annotation_prompt(ann, key, image_id, label, size, use)
+    except PromptError as e:
+        raise _ObjectProblem(Problem(key, image_id, label, e.reason, e.detail)) from None
+    return image_id, replace(prompt, source_image_id=ref if _is_int(ref) else None)
+
+
 def _image_id(entry: dict, id_from: str) -> str:
     """The feature-table id, as jobs/encode.py derives it from a COCO file (pipeline.sources.list_coco)."""
-    return str(entry["id"]) if id_from == "id" else str(entry.get("file_name", entry["id"]))
+    return str(entry["id"]) if id_from == "id" else str(entry.get("file_name") or entry["id"])
 
 
 def join_uri(root: str, name: str) -> str:
@@ -376,8 +572,9 @@ def join_uri(root: str, name: str) -> str:
 
 
 def _entry_size(entry: dict) -> tuple[int, int] | None:
+    """(H, W) of an image entry: positive integers, at most MAX_IMAGE_PIXELS pixels; None otherwise."""
     h, w = entry.get("height"), entry.get("width")
-    if isinstance(h, int) and isinstance(w, int) and not isinstance(h, bool) and h > 0 and w > 0:
+    if _is_int(h) and _is_int(w) and h > 0 and w > 0 and h * w <= MAX_IMAGE_PIXELS:
         return (h, w)
     return None
 
