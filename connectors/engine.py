@@ -100,6 +100,18 @@ def _load_predictor(cfg: EngineConfig, interact_only: bool) -> Predictor:
 EncodeMissing = Callable[[str, str, "int | None"], dict]  # (image_id, image_ref, task_id) -> info
 
 
+def size_mismatch(image_id: str, shown: tuple[int, int], stored: tuple[int, int]) -> str:
+    """Why Label Studio's size of an image (H, W) differs from its features': a transposed size is what a
+    photo with an EXIF rotation tag gives (browsers show it rotated; features use the stored pixel grid)."""
+    text = (f"Label Studio sizes image {image_id!r} at {shown[1]}x{shown[0]} (WxH) but its features were computed "
+            f"at {stored[1]}x{stored[0]}")
+    if shown == stored[::-1]:
+        return (text + ": the file probably carries an EXIF orientation tag, which the browser applies and the "
+                "encoder does not; rotate the pixels of the file itself (e.g. `exiftran -ai`), re-import and "
+                "re-encode it")
+    return text + ": is the task pointing at another file?"
+
+
 class SegmentEngine:
     """Interact part of the model + feature reader + sessions; one per serving actor."""
 
@@ -128,12 +140,8 @@ class SegmentEngine:
         feats, on_demand, image_id = self._features(req, t)
         t1 = time.perf_counter()
         if tuple(feats.geometry.original_size) != tuple(req.original_size):
-            raise SegmentError(
-                422,
-                f"Label Studio sizes image {image_id!r} at {req.original_size[1]}x{req.original_size[0]} (WxH) "
-                f"but its features were computed at {feats.geometry.original_size[1]}x"
-                f"{feats.geometry.original_size[0]}: is the task pointing at another file?",
-            )
+            raise SegmentError(422, size_mismatch(image_id, tuple(req.original_size),
+                                                  tuple(feats.geometry.original_size)))
         starts: dict = {}
         try:
             outcome = self.sessions.run(

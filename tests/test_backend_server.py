@@ -407,3 +407,14 @@ def test_the_engine_refuses_task_text_lance_cannot_take(env, image_id, image_ref
     with pytest.raises(SegmentError) as e:
         asyncio.run(env["segmenter"].segment(req))
     assert e.value.status == 422 and "not valid Unicode" in e.value.message
+
+
+def test_a_size_that_is_the_stored_one_transposed_is_explained_as_an_exif_rotation():
+    """Browsers apply a photo's EXIF orientation, the encoder does not: Label Studio then sizes a portrait photo
+    as its stored grid turned by 90 degrees, and the refusal says what to do about it."""
+    from connectors.engine import size_mismatch
+
+    rotated = size_mismatch("img", (640, 480), (480, 640))
+    assert "EXIF orientation" in rotated and "re-encode" in rotated
+    other = size_mismatch("img", (600, 480), (480, 640))
+    assert "another file" in other and "EXIF" not in other
