@@ -156,7 +156,8 @@ def test_the_valid_coco_file_reads_every_kind_of_segmentation(tmp_path, coco_ima
     np.testing.assert_array_equal(masks[2], expected.astype(np.int8))
 
 
-_BAD_VALUES = [None, True, -1, 0, 1, 2.5, 10_000, float("nan"), float("inf"), "", "x", [], [1, 2], [[1, 2]],
+_BAD_VALUES = [None, True, -1, 0, 1, 2.5, 10_000, 1e12, -1e300, float("nan"), float("inf"), "", "x", [], [1, 2], [[1, 2]],
+               [[0, 0, 1e12, 0, 1e12, 1e12]],
                {}, {"counts": "x"}, {"size": [H, W], "counts": [5]}, {"size": [H, W], "counts": "0"}]
 
 
