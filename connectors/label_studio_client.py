@@ -8,6 +8,7 @@ re-run add nothing twice even when the job was killed between a push and its own
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -107,6 +108,25 @@ class LabelStudioProject:
             refs.append(TaskRef(int(t["id"]), str(image_id) if image_id else None,
                                 _versions(t.get("predictions_model_versions"))))
         return refs
+
+    def model_versions_of(self, task_ids: Iterable[int], chunk: int = 200) -> dict[int, frozenset[str]]:
+        """The model versions of the predictions each of `task_ids` holds now (a task deleted meanwhile is absent).
+
+        Read just before a push, so that a prediction another run pushed since this run started is not pushed
+        again; the data manager's `selectedItems` query lists only these tasks."""
+        ids = sorted({int(t) for t in task_ids})
+        out: dict[int, frozenset[str]] = {}
+        for start in range(0, len(ids), chunk):
+            query = json.dumps({"selectedItems": {"all": False, "included": ids[start : start + chunk]}})
+            try:
+                pager = self.client.tasks.list(project=self.project_id, query=query,
+                                               include="id,predictions_model_versions", page_size=chunk)
+                tasks = [t.model_dump(exclude_none=True) for t in pager]
+            except Exception as e:
+                raise LabelStudioError(f"cannot read the predictions of {len(ids)} tasks of project "
+                                       f"{self.project_id}: {_describe(e)}") from None
+            out.update((int(t["id"]), _versions(t.get("predictions_model_versions"))) for t in tasks)
+        return out
 
     def tasks_with_regions(self) -> list[dict[str, Any]]:
         """Tasks with their full annotations and predictions (`include` would return annotation ids only)."""

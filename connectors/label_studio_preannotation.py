@@ -89,7 +89,12 @@ class ProjectLink:
 
 class Pusher:
     """Buffers predictions and imports them into Label Studio `batch` at a time; each region carries the
-    clicks that made it, keyed by the model's `fingerprint` (connectors/region_meta.py)."""
+    clicks that made it, keyed by the model's `fingerprint` (connectors/region_meta.py).
+
+    Just before each import the batch's tasks are read again, and a task that already holds a prediction of
+    this model version (another run pushed it since this one read the project) is left out and counted in
+    `already_there`. Two runs can then push the same task twice only if both re-read it inside the same
+    batch window, between one's re-read and its import."""
 
     def __init__(self, project: LabelStudioProject, model_version: str, batch: int, task_of: dict[str, int],
                  fingerprint: str) -> None:
@@ -100,6 +105,7 @@ class Pusher:
         self.task_of = task_of  # ImageJob.key -> task id
         self.buffer: list[dict] = []
         self.pushed = 0
+        self.already_there = 0
         self.failures: list[dict] = []
 
     def add(self, result: ImageResult) -> None:
@@ -115,7 +121,16 @@ class Pusher:
     def flush(self) -> None:
         if not self.buffer:
             return
-        created, failures = self.project.push(self.buffer)
+        versions = self.project.model_versions_of(p["task"] for p in self.buffer)
+        fresh = not_yet_delivered(self.buffer, versions, self.model_version)
+        created, failures = self.project.push(fresh)
+        self.already_there += len(self.buffer) - len(fresh)
         self.pushed += created
         self.failures.extend({"task": t, "error": e} for t, e in failures)
         self.buffer = []
+
+
+def not_yet_delivered(predictions: list[dict], versions: dict[int, frozenset[str]], model_version: str) -> list[dict]:
+    """The predictions whose task holds no prediction of `model_version` yet (a task that is gone is kept: its
+    import fails and is reported as a push failure, as before)."""
+    return [p for p in predictions if model_version not in versions.get(int(p["task"]), frozenset())]

@@ -13,9 +13,6 @@ form it is left out, as it would have nothing to show.
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .preannotation import ImageResult, ObjectResult
@@ -104,15 +101,3 @@ def coco_annotations(
         "annotations": annotations,
         "categories": [{"id": cid, "name": name} for cid, name in sorted(cats.items())],
     }
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file next to `path`, then rename it over `path` (never a half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -26,7 +26,7 @@ import ray
 from tqdm import tqdm
 
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
-from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore
+from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, error_rows
 from .images import UNREADABLE
 from .ray_runtime import init_ray
 from .sources import Listing, SourceError, list_images
@@ -95,6 +95,7 @@ class EncodeSummary:
     pending: int = 0
     encoded: int = 0
     failed: list[dict] = field(default_factory=list)
+    same_uri: list[dict] = field(default_factory=list)  # ids naming a file another id names too (stored per id)
     not_stored: int = 0
     bytes_written: int = 0
     commits: int = 0
@@ -142,8 +143,9 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
                             random_weights=cfg.encoder.checkpoint is None)
     listing = list_inputs(cfg)
     recovered = _recover(store, fingerprint, summary)
-    summary.listed = len(listing.sources)
+    summary.listed = len(listing.sources) + len(listing.unusable)
     summary.ignored_files = len(listing.ignored)
+    record_unusable(store, fingerprint, listing, summary)
     for first, other in listing.duplicates:
         summary.failed.append(
             {"image_id": other.image_id, "uri": other.uri, "reason": "duplicate_id",
@@ -180,8 +182,22 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
         finally:
             ray.shutdown()
     stored = store.existing_ids(fingerprint)
-    summary.not_stored = sum(1 for s in listing.sources if s.image_id not in stored)
+    summary.not_stored = sum(1 for s in listing.sources if s.image_id not in stored) + len(listing.unusable)
     return summary
+
+
+def record_unusable(store: FeatureStore, fingerprint: str, listing: Listing, summary: EncodeSummary) -> None:
+    """Record the inputs the listing set aside (a file name that is not UTF-8) in the errors table and the summary,
+    like any unreadable input, and report ids that name one file several times."""
+    if listing.unusable:
+        store.record_errors(error_rows(listing.unusable, fingerprint))
+        summary.failed.extend({"image_id": i, "uri": u, "reason": r, "detail": d} for i, u, r, d in listing.unusable)
+    summary.same_uri = [{"image_id": other.image_id, "same_file_as": first.image_id, "uri": first.uri}
+                        for first, other in listing.same_uri]
+    if summary.same_uri:
+        print(f"encode: {len(summary.same_uri)} ids name a file another id names too, e.g. "
+              f"{summary.same_uri[0]['image_id']!r} and {summary.same_uri[0]['same_file_as']!r}: each id is stored "
+              "(the file's features once per id); use one spelling of each file name", flush=True)
 
 
 def _recover(store: FeatureStore, fingerprint: str, summary: EncodeSummary) -> set[str]:
@@ -340,6 +356,8 @@ def format_summary(s: EncodeSummary) -> str:
         lines.append(f"      {f['image_id']}: {f['reason']}: {f['detail']}")
     if len(s.failed) > 20:
         lines.append(f"      ... and {len(s.failed) - 20} more in the errors table")
+    if s.same_uri:
+        lines.append(f"  same file    {len(s.same_uri)} ids name a file another id names too (stored once per id)")
     lines.append(f"  not stored   {s.not_stored} of {s.listed} listed (bad inputs, or left by a stop)")
     lines.append(f"  time         {s.seconds:.1f} s, {s.images_per_s:.2f} images/s")
     per_image = f", {s.bytes_written / s.encoded / 1e6:.2f} MB per image" if s.encoded else ""

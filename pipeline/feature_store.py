@@ -292,11 +292,21 @@ class FeatureStore:
         self._db = lancedb.connect(root, storage_options=self.storage_options)
         self._features = self._open_or_create(table, FEATURE_SCHEMA)
         self._errors = self._open_or_create(table + "_errors", ERROR_SCHEMA)
-        if not self._has_id_index():
+        self._ensure_id_index(BTree)
+
+    def _ensure_id_index(self, btree: type, attempts: int = 5) -> None:
+        """Create the BTree index on image_id unless the table has it. Two first runs on a new table race here:
+        Lance refuses the later CreateIndex (a commit conflict), so a failure re-reads the table at its latest
+        version before checking again, and retries while the index is still missing."""
+        for attempt in range(attempts):
+            if self._has_id_index():
+                return
             try:
-                self._features.create_index("image_id", config=BTree(), replace=False)
-            except (RuntimeError, ValueError):  # another process created it in the meantime
-                if not self._has_id_index():
+                self._features.create_index("image_id", config=btree(), replace=False)
+                return
+            except (RuntimeError, ValueError):  # another process committed an index (or anything) in between
+                self._features.checkout_latest()
+                if attempt == attempts - 1 and not self._has_id_index():
                     raise
 
     def _has_id_index(self) -> bool:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .files import write_text_atomic
 from .preannotation import ClickPolicy, ImageResult
 from .prompts import Problem
 
@@ -45,6 +46,7 @@ class PreannotateSummary:
     encoded_on_the_fly: int = 0
     tasks_created: int = 0
     pushed: int = 0
+    pushed_by_another_run: int = 0  # finished here, but another run had pushed this model version meanwhile
     push_failures: list = field(default_factory=list)
     duplicate_tasks: list = field(default_factory=list)
     coco_out: str | None = None
@@ -108,22 +110,22 @@ REPORT_COLUMNS = ["image_id", "key", "label", "prompt", "status", "reason", "cli
 
 
 def write_report(path: Path, problems: list[Problem], results: list[ImageResult]) -> None:
-    """One CSV row per object: how it was segmented, or why not."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(REPORT_COLUMNS)
-        for p in problems:
-            w.writerow([p.image_id or "", p.key, p.label or "", "", "not_usable", p.reason, "", "", "", "", "", "", "",
-                        "", p.detail])
-        for r in sorted(results, key=lambda r: r.key):
-            for o in r.objects:
-                w.writerow([o.image_id, o.key, o.label, o.kind, o.status, o.reason or "", len(o.clicks) if o.ok else "",
-                            o.steps if o.ok else "", "" if o.iou is None else f"{o.iou:.4f}",
-                            "" if o.score is None else f"{o.score:.4f}", o.area if o.ok else "",
-                            "" if o.polygon_iou is None else f"{o.polygon_iou:.4f}", f"{o.ms:.1f}",
-                            "; ".join(o.notes), (o.detail or "").strip().splitlines()[-1] if o.detail else ""])
-    os.replace(tmp, path)
+    """One CSV row per object: how it was segmented, or why not. Written whole (pipeline/files.py), so a reader
+    or a second run writing the same report never sees a torn file."""
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(REPORT_COLUMNS)
+    for p in problems:
+        w.writerow([p.image_id or "", p.key, p.label or "", "", "not_usable", p.reason, "", "", "", "", "", "", "",
+                    "", p.detail])
+    for r in sorted(results, key=lambda r: r.key):
+        for o in r.objects:
+            w.writerow([o.image_id, o.key, o.label, o.kind, o.status, o.reason or "", len(o.clicks) if o.ok else "",
+                        o.steps if o.ok else "", "" if o.iou is None else f"{o.iou:.4f}",
+                        "" if o.score is None else f"{o.score:.4f}", o.area if o.ok else "",
+                        "" if o.polygon_iou is None else f"{o.polygon_iou:.4f}", f"{o.ms:.1f}",
+                        "; ".join(o.notes), (o.detail or "").strip().splitlines()[-1] if o.detail else ""])
+    write_text_atomic(path, f.getvalue())
 
 
 def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
@@ -146,8 +148,10 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
         lines.append(f"  polygons     IoU against their masks: mean {s.polygon_iou_mean:.4f}, min {s.polygon_iou_min:.4f}")
     lines.append(f"  failed       {s.failed}" + (" (" + ", ".join(f"{k} {v}" for k, v in s.reasons.items()) + ")"
                                                  if s.reasons else ""))
-    if s.tasks_created or s.pushed or s.push_failures or s.delivered_before:
+    if s.tasks_created or s.pushed or s.push_failures or s.delivered_before or s.pushed_by_another_run:
         lines.append(f"  label studio {s.tasks_created} tasks created, {s.pushed} predictions pushed"
+                     + (f", {s.pushed_by_another_run} not pushed (another run had pushed them meanwhile)"
+                        if s.pushed_by_another_run else "")
                      + (f", {len(s.push_failures)} refused" if s.push_failures else ""))
         for f in s.push_failures[:problems_shown]:
             lines.append(f"      task {f['task']}: {f['error']}")
@@ -167,6 +171,6 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
 def write_summary(summary: PreannotateSummary) -> Path:
     """RUN_DIR/summary.json: the summary's fields and its two rates."""
     path = Path(summary.run_dir, SUMMARY)
-    path.write_text(json.dumps({**asdict(summary), "objects_per_s": summary.objects_per_s,
-                                "steps_per_s": summary.steps_per_s}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({**asdict(summary), "objects_per_s": summary.objects_per_s,
+                                        "steps_per_s": summary.steps_per_s}, indent=2) + "\n")
     return path

@@ -11,6 +11,7 @@ run with COCO prompts and a COCO output needs no Label Studio at all.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,17 +23,19 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from interformer.checkpoint import model_version as weights_version
 from interformer.click_engine import ClickEngineConfig
+from interformer.training.run_lock import LOCK_FILE, RunFolderBusy, RunFolderLock
 
 from .actor_pool import map_unordered_surviving
-from .coco_output import FORMATS, coco_annotations, coco_results, write_json_atomic
+from .coco_output import FORMATS, coco_annotations, coco_results
 from .encoding import EncoderSpec, build_predictor
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
+from .files import write_json_atomic
 from .ledger import Ledger
 from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec
 from .preannotation_report import REPORT, PreannotateSummary, tally, write_report
-from .prompts import USE_CHOICES, ImageJob, Problem, PromptSet, coco_prompts, read_coco_file
+from .prompts import USE_CHOICES, ImageJob, Problem, PromptFileError, PromptSet, coco_prompts, read_coco_file
 from .ray_runtime import init_ray
-from .run_info import changed_settings, record_settings
+from .run_info import RunInfoError, changed_settings, record_settings
 
 RUN_INFO = "run.json"
 LEDGER = "ledger.jsonl"
@@ -126,6 +129,7 @@ class PredictionPusher(Protocol):
     """Buffers finished images as Label Studio predictions and imports them in batches."""
 
     pushed: int
+    already_there: int  # not pushed: another run had pushed this model version to the task meanwhile
     failures: list[dict]
 
     def add(self, result: ImageResult) -> None: ...
@@ -153,7 +157,7 @@ class OutputError(ValueError):
 
 
 class RunDirError(ValueError):
-    """The run folder holds a run of other settings, or cannot be created."""
+    """The run folder holds a run of other settings, is used by another run now, or cannot be created/read."""
 
 
 class WorkerDied(RuntimeError):
@@ -179,9 +183,20 @@ def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> 
         problems.extend(dropped)
     if cfg.limit is not None:
         jobs = jobs[: cfg.limit]
+    check_unique_keys(jobs)
     check_outputs(cfg, jobs)
     source = source_name(cfg, label_studio)
-    run_dir = prepare_run_dir(cfg, run_info(cfg, source, fingerprint, model_version))
+    run_dir, lock = prepare_run_dir(cfg, run_info(cfg, source, fingerprint, model_version))
+    try:
+        return _run_in(cfg, label_studio, run_dir, prompts, jobs, problems, fingerprint, model_version, source)
+    finally:
+        lock.release()
+
+
+def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_dir: Path, prompts: PromptSet,
+            jobs: list[ImageJob], problems: list[Problem], fingerprint: str, model_version: str,
+            source: str) -> PreannotateSummary:
+    """The run proper, with the run folder locked: resume from the ledger, segment, push, write the outputs."""
     summary = PreannotateSummary(fingerprint, model_version, cfg.encoder.checkpoint is None, source, str(run_dir),
                                  images=len(jobs), objects=sum(len(j.objects) for j in jobs),
                                  not_usable=len(problems), mask_format=cfg.output.kind)
@@ -228,6 +243,7 @@ def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> 
         if pusher is not None:
             pusher.flush()
             summary.pushed, summary.push_failures = pusher.pushed, list(pusher.failures)
+            summary.pushed_by_another_run = pusher.already_there
 
     current = [done[j.key] for j in jobs if j.key in done and done[j.key].digest == j.digest()]
     if cfg.coco_out and not summary.interrupted:
@@ -235,6 +251,17 @@ def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> 
     tally(summary, current, problems, cfg.policy)
     write_report(run_dir / REPORT, problems, current)
     return summary
+
+
+def check_unique_keys(jobs: Sequence[ImageJob]) -> None:
+    """Refuse jobs that share a key: the ledger, the resume and the push all count an image once by its key,
+    so two jobs of one key would overwrite each other's results and push one of them twice."""
+    seen: dict[str, ImageJob] = {}
+    for j in jobs:
+        if j.key in seen:
+            raise PromptFileError(f"two images of the prompts have the same key {j.key!r} (image ids "
+                                  f"{seen[j.key].image_id!r} and {j.image_id!r}): give each image one entry")
+        seen[j.key] = j
 
 
 def check_outputs(cfg: PreannotateConfig, jobs: Sequence[ImageJob]) -> None:
@@ -287,8 +314,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80] or "run"
 
 
-def prepare_run_dir(cfg: PreannotateConfig, info: dict) -> Path:
-    """Create the run folder, or check that it holds a run of the same setting (--fresh starts over)."""
+def prepare_run_dir(cfg: PreannotateConfig, info: dict) -> tuple[Path, RunFolderLock]:
+    """Create and lock the run folder, and check that it holds a run of the same setting (--fresh starts over).
+
+    The lock (an flock on RUN_DIR/writer.lock, dropped by the kernel however the process ends) is held for
+    the whole run: a second run on the same folder would read the same ledger and push the same predictions,
+    so it is refused. The caller releases the returned lock."""
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
     else:
@@ -298,14 +329,55 @@ def prepare_run_dir(cfg: PreannotateConfig, info: dict) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+    lock = lock_run_dir(run_dir)
+    try:
+        check_settings(cfg, run_dir, info)
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
+
+
+def lock_run_dir(run_dir: Path) -> RunFolderLock:
+    """Take the run folder's writer lock, or raise RunDirError naming the run that holds it."""
+    lock = RunFolderLock(run_dir)
+    try:
+        lock.acquire()
+    except RunFolderBusy:
+        raise RunDirError(f"{run_dir} is in use by another pre-annotation run ({_holder(run_dir / LOCK_FILE)}). "
+                          "A run folder takes one run at a time: wait for that run to end (it resumes nothing "
+                          "this one would not) or stop it, then run again; or give this run another --run-dir"
+                          ) from None
+    except OSError as e:
+        raise RunDirError(f"cannot lock the run folder {run_dir}: {e.strerror or e}") from None
+    return lock
+
+
+def _holder(path: Path) -> str:
+    """Who holds a writer lock, from what the holder wrote into it."""
+    try:
+        who = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        who = {}
+    if not isinstance(who, dict) or not who:
+        return "process unknown"
+    return f"process {who.get('pid')} on {who.get('host')}, since {who.get('since')}"
+
+
+def check_settings(cfg: PreannotateConfig, run_dir: Path, info: dict) -> None:
+    """Refuse a folder holding a run of other settings (or an unreadable run.json); --fresh starts over."""
     info_path = run_dir / RUN_INFO
     if cfg.fresh:
         Ledger(run_dir / LEDGER).clear()
-    elif changed := changed_settings(info_path, info):
-        raise RunDirError(f"{run_dir} holds a run with other settings (differs in: {', '.join(changed)}); "
-                          "use another --run-dir, or --fresh to start over there")
+    else:
+        try:
+            changed = changed_settings(info_path, info)
+        except RunInfoError as e:
+            raise RunDirError(f"{e}; or use --fresh to start over in it") from None
+        if changed:
+            raise RunDirError(f"{run_dir} holds a run with other settings (differs in: {', '.join(changed)}); "
+                              "use another --run-dir, or --fresh to start over there")
     record_settings(info_path, info)
-    return run_dir
 
 
 def latest_results(ledger: Ledger) -> dict[str, ImageResult]:

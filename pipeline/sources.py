@@ -40,11 +40,15 @@ class ImageSource:
 
 @dataclass
 class Listing:
-    """Result of listing an input: the images, files skipped for their extension, and id clashes."""
+    """Result of listing an input: the images, files skipped for their extension, id clashes, inputs that
+    cannot be encoded (`unusable`: image id, uri, reason, detail, names in a printable escaped form) and ids
+    that name the same file (`same_uri`: the first id and another one; both are listed and encoded)."""
 
     sources: list[ImageSource]
     ignored: list[str] = field(default_factory=list)
     duplicates: list[tuple[ImageSource, ImageSource]] = field(default_factory=list)
+    unusable: list[tuple[str, str, str, str]] = field(default_factory=list)
+    same_uri: list[tuple[ImageSource, ImageSource]] = field(default_factory=list)
 
 
 def is_uri(path: str) -> bool:
@@ -79,7 +83,51 @@ def list_images(
             listing = Listing([ImageSource(posixpath.basename(info.path), _join_uri(spec, ""))])
         else:
             raise SourceError(f"input {spec!r} does not exist")
-    return _dedupe(listing)
+    return _same_uri(_dedupe(_drop_unstorable(listing)))
+
+
+def printable(text: str) -> str:
+    """`text` with what is not valid UTF-8 escaped: the bytes of an undecodable file name as \\xNN (Python keeps
+    them as lone surrogates), any other lone surrogate as \\udNNN."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _storable(text: str) -> bool:
+    """True when `text` is valid Unicode (no lone surrogates), as Arrow and the feature table need."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _drop_unstorable(listing: Listing) -> Listing:
+    """Move the sources whose id or uri is not valid Unicode (a file name that is not UTF-8, a COCO name with a
+    lone surrogate) to `unusable`: no table can key them, and one of them must not stop the others."""
+    keep, unusable = [], list(listing.unusable)
+    for s in listing.sources:
+        if _storable(s.image_id) and _storable(s.uri):
+            keep.append(s)
+        else:
+            unusable.append((printable(s.image_id), printable(s.uri), UNREADABLE,
+                             "the file name is not valid UTF-8 (shown escaped): rename the file to encode it"))
+    return Listing(keep, listing.ignored, listing.duplicates, unusable, listing.same_uri)
+
+
+def _same_uri(listing: Listing) -> Listing:
+    """Report the ids that name one file ('b.png', './b.png', 'sub/../b.png' in a COCO file): each is stored
+    under its own id, as its prompts look it up, so the file's features are stored once per id."""
+    first: dict[str, ImageSource] = {}
+    same = list(listing.same_uri)
+    for s in listing.sources:
+        if s.uri in first:
+            same.append((first[s.uri], s))
+        else:
+            first[s.uri] = s
+    return Listing(listing.sources, listing.ignored, listing.duplicates, listing.unusable, same)
 
 
 def list_folder(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
@@ -217,7 +265,8 @@ def _dedupe(listing: Listing) -> Listing:
             seen[s.image_id] = s
         elif first.uri != s.uri:
             duplicates.append((first, s))
-    return Listing(sorted(seen.values(), key=lambda s: s.image_id), listing.ignored, duplicates)
+    return Listing(sorted(seen.values(), key=lambda s: s.image_id), listing.ignored, duplicates, listing.unusable,
+                   listing.same_uri)
 
 
 @lru_cache(maxsize=16)

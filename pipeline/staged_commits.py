@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -83,9 +84,24 @@ def read_staged(uri: str) -> list[tuple[str, StagedRecord]]:
     for info in sorted(infos, key=lambda i: i.path):
         if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
             continue
-        with filesystem.open_input_stream(info.path) as f:
-            records.append((info.path, StagedRecord.from_json(f.read().decode())))
+        try:
+            with filesystem.open_input_stream(info.path) as f:
+                text = f.read().decode()
+        except FileNotFoundError:  # another committer (a second run on the table) committed and unstaged it
+            continue
+        records.append((info.path, StagedRecord.from_json(text)))
     return records
+
+
+def unstage(uri: str, paths: list[str]) -> None:
+    """Delete committed records; one already deleted by another committer of the same table is not an error
+    (both committed the same fragments exactly once, and either may unstage them)."""
+    filesystem, _ = _filesystem(uri)
+    for path in paths:
+        try:
+            filesystem.delete_file(path)
+        except FileNotFoundError:
+            pass
 
 
 @dataclass
@@ -126,9 +142,7 @@ class StagedCommitter:
             self.tally.nbytes += sum(f.nbytes for f in fragments if any((i, f.fingerprint) in added for i in f.image_ids))
             self._record_errors([r for _, r in records], outcome.added)
             fault_point("errors_recorded")
-            filesystem, _ = _filesystem(self.uri)
-            for path, _ in records:
-                filesystem.delete_file(path)
+            unstage(self.uri, [path for path, _ in records])
             fault_point("unstaged")
             if time.monotonic() - self._indexed_at >= self.index_interval_s:  # keep fetches by id indexed
                 self.store.optimize_index()  # here, under the lock: never alongside a commit of this process
@@ -150,12 +164,17 @@ class StagedCommitter:
 
 class CommitTimer:
     """Runs `committer.commit_staged()` every `interval` seconds on a thread, independent of when Ray Data
-    hands results to the driver; `stop()` waits for a commit in progress, then commits what is left."""
+    hands results to the driver; `stop()` waits for a commit in progress, then commits what is left.
+
+    A tick that fails (a second run committing the same table, a storage hiccup) is logged and retried at the
+    next tick: its records stay staged, so nothing is lost, and one transient error does not stop the timer
+    for the rest of the run. Only the final commit in `stop()` raises, since after it nothing would retry."""
 
     def __init__(self, committer: StagedCommitter, interval: float):
         self.committer = committer
         self.interval = max(0.05, interval)
-        self.error: BaseException | None = None
+        self.failed_ticks = 0
+        self.last_error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="commit-timer", daemon=True)
 
@@ -165,15 +184,19 @@ class CommitTimer:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.committer.commit_staged()
-            except Exception as e:  # surfaced by stop(); the staged records stay for the next commit
-                self.error = e
-                return
+            self.tick()
+
+    def tick(self) -> None:
+        """One timed commit; an error is logged and left to the next tick (the records stay staged)."""
+        try:
+            self.committer.commit_staged()
+        except Exception as e:
+            self.failed_ticks += 1
+            self.last_error = e
+            print(f"encode: a timed commit failed ({type(e).__name__}: {str(e)[:300]}); its work stays staged "
+                  "and the next commit retries it", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
         self.committer.commit_staged()
-        if self.error is not None:
-            raise self.error

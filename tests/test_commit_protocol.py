@@ -249,3 +249,72 @@ def test_a_staged_fragment_whose_files_are_gone_is_not_committed(tmp_path):
     assert _stored(db) == ["kept"] and committer.tally.stored == {("kept", FP)}
     assert read_staged(committer.uri) == []
     assert store.reader(FP).get("kept").geometry.padded_size == (64, 64)
+
+
+def _wait(predicate, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s  # a bound on a hang, not a speed requirement
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_two_committers_of_one_table_both_finish_when_one_unstages_what_the_other_read(tmp_path, monkeypatch):
+    """Two encode runs on one table: B reads the staged records and holds; A commits and unstages them; B goes on.
+    B must neither crash on the records A already deleted nor store anything twice."""
+    from pipeline.faults import FAULT_DIR_ENV
+
+    store = FeatureStore(str(tmp_path / "db"))
+    _stage(store, ["a", "b"])
+    _stage(store, ["c"], errors=[("bad", "/data/bad", "unreadable", "truncated file")])
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    monkeypatch.setenv(FAULT_ENV, "staged:hold")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(faults))
+    b = StagedCommitter(FeatureStore(str(tmp_path / "db")))
+    outcome: dict = {}
+
+    def commit_b():
+        try:
+            outcome["records"] = b.commit_staged()
+        except BaseException as e:  # reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=commit_b)
+    thread.start()
+    _wait(lambda: list(faults.glob("held-*")), "committer B to hold after reading the staged records")
+    monkeypatch.delenv(FAULT_ENV)  # A (this thread) passes the fault point without holding
+    a = StagedCommitter(store)
+    assert a.commit_staged() == 2 and read_staged(a.uri) == []
+    (faults / "release").touch()
+    thread.join(120)
+    assert "error" not in outcome, f"committer B failed: {outcome.get('error')!r}"
+    assert outcome["records"] == 2
+    assert _stored(tmp_path / "db") == ["a", "b", "c"]
+    assert _errors(tmp_path / "db") == {"bad": "unreadable"}
+    assert read_staged(a.uri) == []
+
+
+def test_the_commit_timer_goes_on_after_a_failed_tick_and_stop_raises_only_when_the_last_commit_fails(tmp_path):
+    """A tick that fails (here: a staged record that cannot be read) is logged and retried at the next tick: the
+    timer keeps committing for the rest of the run, and `stop` raises only if its own final commit fails."""
+    db = tmp_path / "db"
+    store = FeatureStore(str(db))
+    committer = StagedCommitter(store)
+    Path(committer.uri).mkdir(parents=True)
+    broken = Path(committer.uri) / "0-broken.json"
+    broken.write_text("{not json")
+    timer = CommitTimer(committer, 0.05).start()
+    _wait(lambda: getattr(timer, "failed_ticks", 0) >= 2 or not timer._thread.is_alive(), "two failed ticks")
+    assert timer._thread.is_alive(), "the first failed tick stopped the timer for the rest of the run"
+    broken.unlink()
+    _stage(store, ["t1"])
+    _wait(lambda: not read_staged(committer.uri), "a tick after the failures to commit")
+    assert _stored(db) == ["t1"]
+    _stage(store, ["t2"])
+    timer.stop()  # earlier failed ticks are not raised: their work was committed later
+    assert _stored(db) == ["t1", "t2"]
+
+    last = CommitTimer(committer, 60.0).start()
+    broken.write_text("{not json")
+    with pytest.raises(ValueError):
+        last.stop()

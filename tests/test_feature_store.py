@@ -196,3 +196,33 @@ def test_feature_rows_schema_and_dtype_check():
     assert rows.column("level_shapes")[0].as_py() == [v for s in pyramid_shapes((64, 96)) for v in s]
     with pytest.raises(ValueError):
         feature_rows([_item("a")], FP, "int4")
+
+
+def test_two_first_runs_on_a_new_table_race_on_the_index_and_both_open_it(tmp_path, monkeypatch):
+    """Two first runs on a new --db: both find no image_id index, the other run creates it first, and this
+    run's CreateIndex is preempted (Lance's retryable commit conflict). This run must re-read the table, find
+    the index and go on, instead of re-checking a stale handle and raising."""
+    import lancedb
+    import lancedb.table as lancedb_table
+
+    from pipeline.feature_store import ERROR_SCHEMA, FEATURE_SCHEMA
+
+    db = lancedb.connect(str(tmp_path / "db"))
+    db.create_table("features", schema=FEATURE_SCHEMA)
+    db.create_table("features_errors", schema=ERROR_SCHEMA)
+    real = lancedb_table.LanceTable.create_index
+    other: list[FeatureStore] = []
+
+    def the_other_run_first(self, *args, **kwargs):
+        if not other:
+            monkeypatch.setattr(lancedb_table.LanceTable, "create_index", real)
+            other.append(FeatureStore(str(tmp_path / "db")))  # its own connection: it creates the index
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(lancedb_table.LanceTable, "create_index", the_other_run_first)
+    store = FeatureStore(str(tmp_path / "db"))
+    assert other and store._has_id_index()
+    indices = [list(i.columns) for i in store._features.list_indices()]
+    assert indices.count(["image_id"]) == 1
+    store.add(_rows([_item("a")], "fp"))
+    assert store.existing_ids("fp") == {"a"}
