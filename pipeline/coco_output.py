@@ -35,17 +35,19 @@ def _written(o: ObjectResult) -> bool:
 
 
 def coco_results(results: Iterable[ImageResult], jobs: Mapping[str, ImageJob], model_version: str) -> list[dict]:
-    """The results list: one entry per segmented object whose image and category have COCO ids.
+    """The results list: one entry per segmented object whose image and category have COCO ids, on the COCO
+    image entry the object was annotated on (several entries may name one image file: they share one job).
     `jobs` maps ImageJob.key to the job of each result."""
     out = []
     for r in results:
         job = jobs[r.key]
         if job.source_image_id is None:
             raise ValueError(f"image {r.image_id!r} has no COCO image id: write the 'annotations' form instead")
+        entry_of = {p.key: p.source_image_id for p in job.objects if p.source_image_id is not None}
         for o in r.objects:
             if _written(o) and o.category_id is not None:
                 # no bbox: with one, loadRes would take the box area as the object's area
-                out.append({"image_id": job.source_image_id, "category_id": o.category_id,
+                out.append({"image_id": entry_of.get(o.key, job.source_image_id), "category_id": o.category_id,
                             "segmentation": o.segmentation,
                             **_extras(o, model_version)})
     return out

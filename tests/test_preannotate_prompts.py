@@ -272,3 +272,17 @@ def test_ledger_survives_a_torn_last_line(tmp_path):
     ledger.path.write_text('{"n": 1}\nnot json\n{"n": 2}\n')
     with pytest.raises(LedgerError):
         ledger.read()
+
+
+def test_coco_results_put_each_object_on_the_entry_it_was_annotated_on():
+    """Two COCO image entries naming one file share one job (one encoded image); the results file still puts
+    each object on its own entry's id."""
+    doc = {"images": [{"id": 1, "file_name": "img.png", "height": H, "width": W},
+                      {"id": 2, "file_name": "img.png", "height": H, "width": W}],
+           "annotations": [{"id": 11, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+                           {"id": 21, "image_id": 2, "category_id": 1, "bbox": [20, 20, 10, 10]}],
+           "categories": [{"id": 1, "name": "object"}]}
+    (job,) = coco_prompts(doc).images
+    masks = {p.key: square() for p in job.objects}
+    res = coco_results([result_for(masks, {k: "object" for k in masks})], {"img": job}, "mv")
+    assert sorted(e["image_id"] for e in res) == [1, 2]
