@@ -229,6 +229,8 @@ def list_coco(annotation_file: str, image_root: str, coco_id: str = "file_name")
         raise SourceError(f"cannot read COCO file {annotation_file!r}: {e.detail}") from None
     except json.JSONDecodeError as e:
         raise SourceError(f"{annotation_file!r} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise SourceError(f"{annotation_file!r} nests its JSON too deeply to be a COCO annotation file") from None
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise SourceError(f"{annotation_file!r} has no 'images' list: is it a COCO annotation file?")

@@ -168,6 +168,10 @@ def test_coco_file_ids_by_file_name_or_numeric_id(tree: Path, tmp_path: Path):
     bad.write_text(json.dumps({"categories": []}))
     with pytest.raises(SourceError, match="no 'images' list"):
         list_images(str(bad), image_root=str(tree))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(SourceError, match="too deeply"):
+        list_images(str(deep), image_root=str(tree))
 
 
 def test_duplicate_ids_keep_the_first_and_are_reported(tree: Path, tmp_path: Path):
