@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--limit", type=COUNT, default=None, help="encode at most this many of the missing images")
     add("--retry-failed", action="store_true", help="try again the inputs recorded as bad by an earlier run (after "
         "fixing the files or raising --max-pixels); unreadable ones, possibly a transient storage error, are always retried")
-    add("--strict", action="store_true", help="exit 1 unless every listed image is stored")
+    add("--check-content", action="store_true", help="read every stored image of the listing again and compare "
+        "its bytes with the sha256 its features were computed from (without it, only images listed under another "
+        "uri than the one they were encoded from are read)")
+    add("--reencode-changed", action="store_true", help="encode again the stored images whose source has other "
+        "bytes now (their old rows are removed first); without it they are reported and kept")
+    add("--strict", action="store_true", help="exit 1 unless every listed image is stored, from the bytes it has now")
     add("--summary-json", default=None, help="also write the final summary to this JSON file")
     add("--ray-progress", action="store_true", help="show Ray Data's per-stage progress bars instead of one tqdm bar")
     return p
@@ -122,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
         input=a.input, image_root=a.image_root, coco_id=a.coco_id, db=a.db, table=a.table, storage_options=options,
         encoder=encoder, batch_size=a.batch_size, write_batch=a.write_batch, num_encoders=a.num_encoders,
         cpus_per_encoder=a.cpus_per_encoder, address=a.address, num_cpus=a.num_cpus,
-        commit_interval=a.commit_interval, limit=a.limit, retry_failed=a.retry_failed, strict=a.strict,
+        commit_interval=a.commit_interval, limit=a.limit, retry_failed=a.retry_failed,
+        check_content=a.check_content, reencode_changed=a.reencode_changed, strict=a.strict,
         ray_progress=a.ray_progress,
     )
     return cfg, a.summary_json

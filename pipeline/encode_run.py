@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import ray
 from tqdm import tqdm
 
+from .changed_sources import changed_sources, sources_to_check
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, error_rows
 from .images import UNREADABLE
@@ -50,7 +51,8 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_STOPPED = 0, 1, 2, 
 EXIT_CODES_HELP = """exit codes:
   0    the run finished: every listed image is stored, or recorded in the errors table with its reason
        (bad inputs are not a failure of the job; re-running a finished collection exits 0)
-  1    --strict and some listed image is not stored; or the job itself failed (a traceback)
+  1    --strict and some listed image is not stored, or stored from other bytes than its source has now (see
+       --reencode-changed); or the job itself failed (a traceback)
   2    the input cannot be listed or an option is wrong
   3    Ray cannot be reached (address, authentication) or this python lacks the project's packages
   130  stopped (Ctrl-C, SIGTERM, `ray job stop`) after committing what was written: run again to finish
@@ -77,6 +79,8 @@ class EncodeConfig:
     commit_interval: float = 5.0
     limit: int | None = None
     retry_failed: bool = False
+    check_content: bool = False
+    reencode_changed: bool = False
     strict: bool = False
     ray_progress: bool = False
 
@@ -96,6 +100,9 @@ class EncodeSummary:
     encoded: int = 0
     failed: list[dict] = field(default_factory=list)
     same_uri: list[dict] = field(default_factory=list)  # ids naming a file another id names too (stored per id)
+    checked: int = 0  # stored images whose bytes were read to compare with the stored sha256
+    changed: list[dict] = field(default_factory=list)  # stored images whose source now has other bytes
+    replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
     not_stored: int = 0
     bytes_written: int = 0
     commits: int = 0
@@ -152,6 +159,8 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
              "detail": f"the id is also used by {first.uri}, which is the one encoded"}
         )
     done = store.existing_ids(fingerprint)
+    replaced = _check_changed(cfg, store, fingerprint, listing, summary)
+    done, recovered = done - replaced, recovered - replaced
     known_bad = set() if cfg.retry_failed else {
         e["image_id"] for e in store.errors(fingerprint).to_pylist() if e["reason"] != UNREADABLE
     }
@@ -184,6 +193,29 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     stored = store.existing_ids(fingerprint)
     summary.not_stored = sum(1 for s in listing.sources if s.image_id not in stored) + len(listing.unusable)
     return summary
+
+
+def _check_changed(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, listing: Listing,
+                   summary: EncodeSummary) -> set[str]:
+    """Find stored images whose source now has other bytes (read when the uri differs from the stored one, or
+    all with --check-content); with --reencode-changed remove their rows and return their ids to encode."""
+    origins = store.origins(fingerprint)
+    to_read = len(sources_to_check(listing.sources, origins, cfg.check_content))
+    if to_read:
+        print(f"encode: reading {to_read} stored images to compare with the bytes they were encoded from", flush=True)
+    changed, summary.checked = changed_sources(listing.sources, origins, cfg.check_content)
+    summary.changed = [{"image_id": c.image_id, "uri": c.uri, "stored_uri": c.stored_uri} for c in changed]
+    if not changed:
+        return set()
+    if not cfg.reencode_changed:
+        print(f"encode: {len(changed)} stored images differ from their source now, e.g. {changed[0].image_id!r} "
+              f"({changed[0].uri}); their old features are kept: run with --reencode-changed to encode them again",
+              file=sys.stderr, flush=True)
+        return set()
+    summary.replaced = store.remove([c.image_id for c in changed], fingerprint)
+    print(f"encode: {summary.replaced} stored images differ from their source now: their rows are removed and "
+          "they are encoded again", flush=True)
+    return {c.image_id for c in changed}
 
 
 def record_unusable(store: FeatureStore, fingerprint: str, listing: Listing, summary: EncodeSummary) -> None:
@@ -332,7 +364,7 @@ def exit_code(summary: EncodeSummary, strict: bool = False) -> int:
     """The process exit status of a run (see EXIT_CODES_HELP)."""
     if summary.interrupted:
         return EXIT_STOPPED
-    if strict and summary.not_stored:
+    if strict and (summary.not_stored or len(summary.changed) > summary.replaced):
         return EXIT_INCOMPLETE
     return EXIT_OK
 
@@ -347,6 +379,15 @@ def format_summary(s: EncodeSummary) -> str:
     if s.repaired_duplicates:
         lines.append(f"  repaired     {s.repaired_duplicates} duplicate rows removed")
     lines.append(f"  skipped      {s.skipped} (already stored for this encoder)")
+    if s.checked:
+        lines.append(f"  checked      {s.checked} stored images read again to compare their bytes")
+    if s.changed:
+        kept = len(s.changed) - s.replaced
+        lines.append(f"  changed      {len(s.changed)} stored images whose source has other bytes now: "
+                     + (f"{kept} kept with their old features (--reencode-changed)" if kept else "encoded again"))
+        for c in s.changed[:5]:
+            lines.append(f"      {c['image_id']}: {c['uri']}" + (f" (encoded from {c['stored_uri']})"
+                                                                  if c["stored_uri"] != c["uri"] else ""))
     if s.known_failures:
         lines.append(f"  known bad    {s.known_failures} (failed in an earlier run, see the errors table; --retry-failed)")
     lines.append(f"  encoded      {s.encoded} of {s.pending} to do" + ("  (INTERRUPTED: run again to finish)" if s.interrupted else ""))

@@ -79,6 +79,14 @@ _META_COLUMNS = [f.name for f in FEATURE_SCHEMA if f.name != "features"]
 _COMMIT_ATTEMPTS = 12
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a stored row's features came from: the uri and the sha256 of the encoded bytes."""
+
+    uri: str | None
+    sha256: str | None
+
+
 class FeatureStoreError(RuntimeError):
     """The table is missing, unreadable or holds rows that break the store's invariants."""
 
@@ -332,6 +340,25 @@ class FeatureStore:
         """Ids that already have features for this fingerprint."""
         table = self.dataset().to_table(columns=["image_id"], filter=f"fingerprint = {sql_string(fingerprint)}")
         return set(table.column("image_id").to_pylist())
+
+    def origins(self, fingerprint: str) -> dict[str, Origin]:
+        """image id -> the uri and sha256 of the bytes its stored features (for this fingerprint) came from."""
+        table = self.dataset().to_table(columns=["image_id", "uri", "content_sha256"],
+                                        filter=f"fingerprint = {sql_string(fingerprint)}")
+        return {i: Origin(u, h) for i, u, h in zip(*(table.column(c).to_pylist()
+                                                    for c in ("image_id", "uri", "content_sha256")))}
+
+    def remove(self, image_ids: Iterable[str], fingerprint: str) -> int:
+        """Delete the rows of these ids for one fingerprint (features to be encoded again); returns how many.
+        Each chunk is one committed delete: a run killed between them leaves some rows, which the next run
+        finds changed again, and never a second row of an id."""
+        removed = 0
+        ds = self.dataset()
+        for chunk in _chunks(sorted(set(image_ids)), 1000):
+            where = f"fingerprint = {sql_string(fingerprint)} AND image_id IN ({', '.join(map(sql_string, chunk))})"
+            removed += ds.count_rows(where)
+            ds.delete(where)
+        return removed
 
     def count(self, fingerprint: str | None = None) -> int:
         """Number of feature rows, for one fingerprint or all."""
