@@ -100,6 +100,7 @@ class EncodeSummary:
     encoded: int = 0
     failed: list[dict] = field(default_factory=list)
     same_uri: list[dict] = field(default_factory=list)  # ids naming a file another id names too (stored per id)
+    other_dtypes: dict = field(default_factory=dict)  # stored rows of this encoder in another dtype than asked
     checked: int = 0  # stored images whose bytes were read to compare with the stored sha256
     changed: list[dict] = field(default_factory=list)  # stored images whose source now has other bytes
     replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
@@ -160,6 +161,10 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
         )
     done = store.existing_ids(fingerprint)
     replaced = _check_changed(cfg, store, fingerprint, listing, summary)
+    summary.other_dtypes = {d: n for d, n in store.dtypes(fingerprint).items() if d != cfg.encoder.dtype}
+    if summary.other_dtypes:
+        print(f"encode: rows already stored keep their dtype ({_counts(summary.other_dtypes)}); this run writes "
+              f"{cfg.encoder.dtype} for the images it encodes", flush=True)
     done, recovered = done - replaced, recovered - replaced
     known_bad = set() if cfg.retry_failed else {
         e["image_id"] for e in store.errors(fingerprint).to_pylist() if e["reason"] != UNREADABLE
@@ -369,6 +374,10 @@ def exit_code(summary: EncodeSummary, strict: bool = False) -> int:
     return EXIT_OK
 
 
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+
+
 def format_summary(s: EncodeSummary) -> str:
     lines = ["", "encode summary"]
     lines.append(f"  encoder      {s.fingerprint}" + ("   <-- RANDOM WEIGHTS, not for labelling" if s.random_weights else ""))
@@ -379,6 +388,8 @@ def format_summary(s: EncodeSummary) -> str:
     if s.repaired_duplicates:
         lines.append(f"  repaired     {s.repaired_duplicates} duplicate rows removed")
     lines.append(f"  skipped      {s.skipped} (already stored for this encoder)")
+    if s.other_dtypes:
+        lines.append(f"  other dtype  {_counts(s.other_dtypes)} stored rows keep their dtype (each row has its own)")
     if s.checked:
         lines.append(f"  checked      {s.checked} stored images read again to compare their bytes")
     if s.changed:

@@ -16,6 +16,7 @@ import json
 import os
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
@@ -340,6 +341,11 @@ class FeatureStore:
         """Ids that already have features for this fingerprint."""
         table = self.dataset().to_table(columns=["image_id"], filter=f"fingerprint = {sql_string(fingerprint)}")
         return set(table.column("image_id").to_pylist())
+
+    def dtypes(self, fingerprint: str) -> dict[str, int]:
+        """Row count per storage dtype for one encoder fingerprint (the dtype is chosen per row)."""
+        column = self.dataset().to_table(columns=["dtype"], filter=f"fingerprint = {sql_string(fingerprint)}")
+        return dict(Counter(column.column("dtype").to_pylist()))
 
     def origins(self, fingerprint: str) -> dict[str, Origin]:
         """image id -> the uri and sha256 of the bytes its stored features (for this fingerprint) came from."""

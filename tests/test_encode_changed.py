@@ -84,6 +84,7 @@ def test_the_store_gives_each_rows_origin_and_removes_rows_of_one_encoder_only(t
     store.add(feature_rows([_item("a", "/x/a.png", "1" * 64), _item("b'quote", "/x/b.png", "2" * 64)], FP))
     store.add(feature_rows([_item("a", "/x/a.png", "3" * 64)], other))
     assert store.origins(FP) == {"a": Origin("/x/a.png", "1" * 64), "b'quote": Origin("/x/b.png", "2" * 64)}
+    assert store.dtypes(FP) == {"float16": 2} and store.dtypes("none") == {}
     assert store.remove(["a", "b'quote", "missing"], FP) == 2
     assert store.existing_ids(FP) == set() and store.existing_ids(other) == {"a"}
 
@@ -122,10 +123,11 @@ def test_a_rewritten_image_is_reported_fails_strict_and_is_replaced_when_asked(t
     assert [c["image_id"] for c in s["changed"]] == ["a.png"] and s["checked"] == 2 and s["replaced"] == 0
     assert "--reencode-changed" in strict.stderr and _rows(db)["a.png"] == _sha(_png(1))
 
-    again = _encode(folder, db, summary, "--strict", "--check-content", "--reencode-changed")
+    again = _encode(folder, db, summary, "--strict", "--check-content", "--reencode-changed", "--dtype", "float32")
     s = json.loads(summary.read_text())
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert s["replaced"] == 1 and s["encoded"] == 1 and s["skipped"] == 1
+    assert s["other_dtypes"] == {"float16": 1} and "keep their dtype" in again.stdout  # b.png stays float16
     assert _rows(db) == {"a.png": _sha(_png(3)), "b.png": _sha(_png(2))}
 
 
