@@ -78,6 +78,9 @@ def parse_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
     except UnicodeDecodeError as e:
         raise ProtocolError(400, f"request body is not UTF-8 (invalid byte at offset {e.start}); send JSON as "
                                  "UTF-8") from None
+    if b"\x00" in raw:  # never in JSON text; every other byte of UTF-16, 3 of 4 of UTF-32 for ASCII
+        raise ProtocolError(400, "request body is not UTF-8 (it holds NUL bytes: UTF-16 or UTF-32?); send JSON "
+                                 "as UTF-8")
     if nesting_depth(raw) > max_depth:
         raise ProtocolError(400, f"request body nests deeper than {max_depth} levels")
     try:
