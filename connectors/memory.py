@@ -58,8 +58,9 @@ def buffer_bytes(root: Any, exclude: Iterable[Any] = ()) -> int:
 class ByteLRU(Generic[V]):
     """Least-recently-used entries whose measured sizes add up to at most `max_bytes`.
 
-    An entry larger than the whole budget is not kept. Sizes are re-measured with `remeasure` when an
-    entry grows after it was stored (e.g. features gain a model cache on first use).
+    An entry larger than the whole budget is not kept, and evicts nothing: the others stay. Sizes are
+    re-measured with `remeasure` when an entry grows after it was stored (e.g. features gain a model cache
+    on first use); one that outgrows the whole budget is dropped alone.
     """
 
     def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:
@@ -87,16 +88,24 @@ class ByteLRU(Generic[V]):
         return hit[0]
 
     def put(self, key: Hashable, value: V) -> None:
+        """Store `value` (replacing the key's old one), evicting the least recently used to make room; a value
+        larger than the whole budget is not stored and evicts nothing."""
         self.pop(key)
         size = self.size_of(value)
+        if size > self.max_bytes:
+            return
         self._d[key] = (value, size)
         self.nbytes += size
         self._shrink()
 
     def remeasure(self, key: Hashable) -> None:
+        """Re-measure an entry that may have grown; one now larger than the whole budget is dropped alone."""
         hit = self._d.get(key)
         if hit is not None:
             size = self.size_of(hit[0])
+            if size > self.max_bytes:
+                self.pop(key)
+                return
             self._d[key] = (hit[0], size)
             self.nbytes += size - hit[1]
             self._shrink()

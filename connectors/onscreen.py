@@ -20,6 +20,13 @@ Regions this backend returned interactively carry ids starting with `INTERACTIVE
 never a start mask, so a draft that saved the answer being refined does not feed back into it. The
 choice is made once, when the region's session is created, and cached with the session (sessions.py):
 later clicks of the region cost no decode, whatever the drafts hold by then.
+
+What a request can make this cost is bounded whatever its body holds: at most `MAX_CANDIDATES` regions
+are candidates, a polygon of more than `MAX_POLYGON_POINTS` points or with an outline longer than
+`MAX_OUTLINE_PER_SIDE` times the image's height + width, or an RLE longer than any valid stream for the
+image, is treated as undecodable (no start mask), and RLE decoding spends one `START_DECODE_BUDGET` per
+request (rle.py). An RLE is decoded only up to the click unless it covers it, and only polygons with the click
+inside or near their outline are rasterised, at most `MAX_RASTERISED` per request.
 """
 from __future__ import annotations
 
@@ -34,9 +41,15 @@ from pipeline.polygons import rasterize
 
 from .protocol import Prompt, Task
 from .region_meta import StartClicks, parse_click_meta
-from .rle import rle_to_mask
+from .rle import DecodeBudget, RleError, max_rle_bytes, rle_to_mask
 
 INTERACTIVE_ID_PREFIX = "ifx-"
+MAX_CANDIDATES = 64  # regions of one source a click may start from; the rest are no start masks
+MAX_POLYGON_POINTS = 10_000  # points of one polygon region (rasterising costs memory per point and outline)
+MAX_OUTLINE_PER_SIDE = 32  # a polygon's outline may be this many times the image's height + width, in pixels
+START_DECODE_BUDGET = 1 << 18  # RLE records and literal values decoded per request (~0.3 s of Python)
+MAX_RASTERISED = 4  # polygons rasterised per request (those with the click inside or near their outline)
+NEAR_EDGE = 2.0  # pixels: a polygon whose outline passes this close to the click is rasterised to decide
 
 
 def interactive_region_id() -> str:
@@ -68,8 +81,11 @@ def _stamp(item: dict[str, Any]) -> str:
     return str(item.get("updated_at") or item.get("created_at") or "")
 
 
-def _rle_bytes(rle: Any) -> np.ndarray | None:
-    if not isinstance(rle, list) or not rle:
+def _rle_bytes(rle: Any, size: tuple[int, int]) -> np.ndarray | None:
+    """The RLE as uint8 bytes, or None when it is not a list of bytes, or is longer than any valid stream for a
+    mask of `size` or than any stream START_DECODE_BUDGET can decode (checked before converting)."""
+    longest = max_rle_bytes(min(size[0] * size[1] * 4, START_DECODE_BUDGET))
+    if not isinstance(rle, list) or not rle or len(rle) > longest:
         return None
     try:
         arr = np.asarray(rle, dtype=np.int64)
@@ -80,21 +96,37 @@ def _rle_bytes(rle: Any) -> np.ndarray | None:
     return arr.astype(np.uint8)
 
 
-def _points(points: Any) -> np.ndarray | None:
+def outline_pixels(points: np.ndarray, size: tuple[int, int]) -> float:
+    """Length in pixels (the longer axis of each edge, as a rasteriser walks it) of a closed polygon in percent."""
+    xy = points * [size[1] / 100.0, size[0] / 100.0]
+    return float(np.abs(np.roll(xy, -1, axis=0) - xy).max(axis=1).sum())
+
+
+def _points(points: Any, size: tuple[int, int]) -> np.ndarray | None:
+    """A polygon's (k, 2) points in percent, clipped to the image, or None when they are not 3 or more finite
+    number pairs, are more than MAX_POLYGON_POINTS or outline more than MAX_OUTLINE_PER_SIDE x (H + W) pixels."""
+    if not isinstance(points, list) or not 3 <= len(points) <= MAX_POLYGON_POINTS:
+        return None
     try:
         arr = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # not numbers, ragged, or an integer beyond float range
         return None
-    if arr.ndim != 2 or arr.shape[0] < 3 or arr.shape[1] != 2 or not np.isfinite(arr).all():
+    if arr.ndim != 2 or arr.shape[1] != 2 or not np.isfinite(arr).all():
         return None
-    return np.clip(arr, 0.0, 100.0)  # percent: never rasterise far outside the image (cost grows with extent)
+    arr = np.clip(arr, 0.0, 100.0)  # percent: never rasterise far outside the image (cost grows with extent)
+    if outline_pixels(arr, size) > MAX_OUTLINE_PER_SIDE * (size[0] + size[1]):
+        return None
+    return arr
 
 
 def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray, StartClicks | None]]:
     """Shapes (with their meta's clicks) of the brush / polygon regions in `result` with the prompt's label,
     image and size."""
-    out = []
+    out: list[tuple[str, np.ndarray, StartClicks | None]] = []
+    size = tuple(prompt.original_size)
     for r in result if isinstance(result, list) else []:
+        if len(out) == MAX_CANDIDATES:
+            break
         if not isinstance(r, dict) or r.get("type") not in ("brushlabels", "polygonlabels"):
             continue
         if str(r.get("id") or "").startswith(INTERACTIVE_ID_PREFIX):
@@ -105,14 +137,14 @@ def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray, StartCl
         labels = value.get(r["type"])
         if not isinstance(labels, list) or prompt.label not in labels:
             continue
-        if (r.get("original_height"), r.get("original_width")) != tuple(prompt.original_size):
+        if (r.get("original_height"), r.get("original_width")) != size:
             continue
         if r["type"] == "brushlabels" and value.get("format", "rle") == "rle":
-            kind, data = "rle", _rle_bytes(value.get("rle"))
+            kind, data = "rle", _rle_bytes(value.get("rle"), size)
         else:
-            kind, data = "polygon", _points(value.get("points"))
+            kind, data = "polygon", _points(value.get("points"), size)
         if data is not None:
-            out.append((kind, data, parse_click_meta(r.get("meta"), tuple(prompt.original_size))))
+            out.append((kind, data, parse_click_meta(r.get("meta"), size)))
     return out
 
 
@@ -132,20 +164,61 @@ def onscreen_candidates(task: Task, prompt: Prompt) -> StartCandidates | None:
     return _newest(saved, prompt) or _newest((("prediction", p) for p in task.predictions), prompt)
 
 
+def _polygon_near(points: np.ndarray, size: tuple[int, int], row: int, col: int) -> bool:
+    """Whether pixel (row, col)'s centre is inside the polygon (even-odd) or within NEAR_EDGE pixels of its
+    outline: a pixel that is neither is outside the rasterised mask, whatever the rasteriser's edge rule."""
+    a = points * [size[1] / 100.0, size[0] / 100.0]
+    b = np.roll(a, -1, axis=0)
+    x, y = col + 0.5, row + 0.5
+    d = b - a
+    crosses = (a[:, 1] > y) != (b[:, 1] > y)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        at = a[:, 0] + (y - a[:, 1]) * d[:, 0] / d[:, 1]
+    if np.count_nonzero(crosses & (x < at)) % 2:
+        return True
+    p = np.array([x, y]) - a
+    length2 = (d * d).sum(axis=1)
+    t = np.clip(np.divide((p * d).sum(axis=1), length2, out=np.zeros_like(length2), where=length2 > 0), 0.0, 1.0)
+    return bool((((p - t[:, None] * d) ** 2).sum(axis=1)).min() <= NEAR_EDGE ** 2)
+
+
+def _polygon_mask(points: np.ndarray, size: tuple[int, int], click: Click, rasterised: list[int]) -> np.ndarray | None:
+    """The polygon's mask when it covers the click, else None. Only a polygon with the click inside or near
+    its outline is rasterised, at most MAX_RASTERISED per call (`rasterised` counts them)."""
+    h, w = size
+    if len(points) > MAX_POLYGON_POINTS or outline_pixels(points, size) > MAX_OUTLINE_PER_SIDE * (h + w):
+        return None
+    if not _polygon_near(points, size, click.row, click.col) or rasterised[0] == MAX_RASTERISED:
+        return None
+    rasterised[0] += 1
+    mask = rasterize([(points * [w / 100.0, h / 100.0]).reshape(-1).tolist()], (h, w))
+    return mask if mask[click.row, click.col] else None
+
+
 def start_region(candidates: StartCandidates | None, clicks: tuple[Click, ...]) -> OnScreenStart | None:
-    """The first candidate region whose mask is under the first positive click, else None."""
+    """The first candidate region whose mask is under the first positive click, else None.
+
+    At most MAX_CANDIDATES regions are tried, an RLE is decoded only up to the click unless it covers it, all
+    RLE decoding of the call shares one START_DECODE_BUDGET, and at most MAX_RASTERISED polygons are rasterised."""
     first = next((c for c in clicks if c.positive), None)
     if candidates is None or first is None:
         return None
-    h, w = candidates.size
-    for kind, data, start_clicks in candidates.shapes:
+    size = tuple(candidates.size)
+    if not (0 <= first.row < size[0] and 0 <= first.col < size[1]):
+        return None
+    budget, rasterised = DecodeBudget(START_DECODE_BUDGET), [0]
+    for kind, data, start_clicks in candidates.shapes[:MAX_CANDIDATES]:
         try:
             if kind == "rle":
-                mask = rle_to_mask(data, h, w)
+                mask = rle_to_mask(data, size[0], size[1], budget, covering=(first.row, first.col))
             else:
-                mask = rasterize([(data * [w / 100.0, h / 100.0]).reshape(-1).tolist()], (h, w))
+                mask = _polygon_mask(data, size, first, rasterised)
+        except RleError:
+            if budget.left == 0:
+                return None  # the call's decoding budget is spent: no later region is decoded either
+            continue
         except Exception:  # noqa: BLE001 - a region from the request that does not decode is no start mask
             continue
-        if 0 <= first.row < h and 0 <= first.col < w and mask[first.row, first.col]:
+        if mask is not None:
             return OnScreenStart(mask, start_clicks)
     return None

@@ -13,6 +13,7 @@ Everything here is pure (no model, no IO) so that each rule can be tested on its
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 import xml.etree.ElementTree as ET
@@ -27,6 +28,7 @@ from pipeline import box_prompt
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
 MAX_CLICKS = 200  # prompt items per interactive call; InterFormer is evaluated up to 20 clicks
 MAX_LABEL_CONFIG_CHARS = 1_000_000
+MAX_REGION_ID_CHARS = 64  # a longer prompt item id is shortened (with a digest) in the region's key
 
 
 class ProtocolError(Exception):
@@ -49,10 +51,6 @@ class _Lenient(BaseModel):
 MAX_IMAGE_SIDE = 1_000_000  # pixels; Label Studio's original_width/height of any real image is far below
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 class ContextItem(_Lenient):
     type: str
     value: dict[str, Any]
@@ -70,7 +68,7 @@ class ContextItem(_Lenient):
         keys = {"keypointlabels": ("x", "y"), "rectanglelabels": ("x", "y", "width", "height", "rotation")}
         for key in keys.get(self.type, ()):
             v = self.value.get(key)
-            if not (v is None and key == "rotation") and key in self.value and not _is_number(v):
+            if not (v is None and key == "rotation") and key in self.value and not box_prompt.is_finite_number(v):
                 raise ValueError(f"value.{key} must be a finite number")
         return self
 
@@ -113,9 +111,11 @@ def parse_body(model: type[BaseModel], body: Any) -> Any:
         return model.model_validate(body)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<body>'}: {err['msg']}" for err in e.errors()[:5]
+            f"{'.'.join(str(p) for p in err['loc'])[:80] or '<body>'}: {err['msg'][:200]}" for err in e.errors()[:5]
         )
         raise ProtocolError(422, f"invalid {model.__name__}: {problems}") from None
+    except (TypeError, OverflowError, RecursionError) as e:  # raised by a validator on a value it did not expect
+        raise ProtocolError(422, f"invalid {model.__name__}: a value could not be read ({type(e).__name__})") from None
 
 
 def project_id(project: str | None) -> str | None:
@@ -255,10 +255,10 @@ class Prompt:
 
 def percent_to_pixel(pct: float, size: int, what: str) -> int:
     """A percent coordinate (0-100) of an axis of `size` pixels -> the pixel index it falls in."""
-    if not isinstance(pct, (int, float)) or isinstance(pct, bool) or not math.isfinite(pct):
-        raise ProtocolError(422, f"{what} must be a number in percent, got {pct!r}")
+    if not box_prompt.is_finite_number(pct):
+        raise ProtocolError(422, f"{what} must be a number in percent, got {box_prompt.shown(pct)}")
     if pct < 0 or pct > 100:
-        raise ProtocolError(422, f"{what} = {pct} is outside the image (0-100 percent)")
+        raise ProtocolError(422, f"{what} = {box_prompt.shown(pct)} is outside the image (0-100 percent)")
     return min(int(math.floor(pct * size / 100.0)), size - 1)
 
 
@@ -338,9 +338,15 @@ def prompt_from_items(items: list[ContextItem], config: LabelConfig) -> Prompt:
 
 
 def region_key(first: ContextItem | None, clicks: tuple[Click, ...]) -> str:
-    """Key of the region being drawn: the id of its first prompt item (stable while clicks are added)."""
+    """Key of the region being drawn: the id of its first prompt item (stable while clicks are added). An id
+    over MAX_REGION_ID_CHARS is kept as its start and a digest of the whole, so that the key (logged, and a
+    session's key) stays short and still tells regions apart."""
     if first is not None and first.id:
-        return f"id:{first.id}"
+        rid = first.id
+        if len(rid) > MAX_REGION_ID_CHARS:
+            digest = hashlib.sha256(rid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+            rid = f"{rid[:MAX_REGION_ID_CHARS - 33]}~{digest}"
+        return f"id:{rid}"
     if clicks:
         c = clicks[0]
         return f"click:{c.row},{c.col},{int(c.positive)}"

@@ -5,6 +5,11 @@ Routes parse and answer Label Studio's bodies (protocol.py) and hand each region
 within Label Studio's 1 s / 3 s limits while the actors are busy. With basic auth on, every route
 but /webhook needs it (Label Studio sends the backend's credentials on /health, /setup and /predict,
 but its auto-created webhook has none). Every request is logged as one JSON line with its timings.
+
+Bodies are read with a byte limit (1 MiB for the unauthenticated /webhook) and parsed, validated and
+interpreted in a worker thread, so the event loop keeps answering /health; at most `large_body_concurrency`
+bodies over LARGE_BODY_BYTES are read and parsed at once. Anything a client sent is interpreted inside
+`_client_input` (a fault in it is a 4xx, never a 500), and client strings are cut short in the log.
 """
 from __future__ import annotations
 
@@ -16,12 +21,14 @@ import logging
 import secrets
 import time
 import uuid
-from contextlib import contextmanager
+from collections import OrderedDict
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from .json_body import parse_json
 from .logs import get_logger, log_event
@@ -46,6 +53,12 @@ log = get_logger("server")
 
 # Label Studio's auto-created project webhook carries no credentials; /webhook only logs the event type.
 OPEN_PATHS = frozenset({"/webhook"})
+LARGE_BODY_BYTES = 1 << 20  # bodies over this many bytes wait for one of `large_body_concurrency` slots
+MAX_PROJECT_CONFIGS = 32  # label configs kept from /setup (least recently used dropped first) ...
+MAX_PROJECT_CONFIG_CHARS = 4_000_000  # ... and their XML's characters together (~2.6 bytes each once parsed)
+MAX_LOGGED_CHARS = 100  # a client's string in the log (project, hostname, label, region) is cut to this
+MAX_LOGGED_ERROR_CHARS = 300
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ class ServerSettings:
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024  # interactive bodies carry the task's earlier RLE predictions
+    max_webhook_bytes: int = 1 << 20  # /webhook needs no credentials and logs two fields of its body
+    large_body_concurrency: int = 2  # bodies over LARGE_BODY_BYTES read and parsed at once (memory bound)
     batch_concurrency: int = 4  # regions of a batch /predict in flight at once
     max_clicks: int = 100  # clicks of one region per request: each is an interact step and a kept state
 
@@ -64,11 +79,41 @@ class ServerSettings:
         return bool(self.basic_auth_user)
 
 
+class ConfigCache:
+    """Label configs from /setup by project id, weighed by their XML's length; the least recently used are
+    dropped beyond `max_entries` or `max_chars` (so many or large /setup calls cannot grow memory)."""
+
+    def __init__(self, max_entries: int = MAX_PROJECT_CONFIGS, max_chars: int = MAX_PROJECT_CONFIG_CHARS) -> None:
+        self.max_entries, self.max_chars = max_entries, max_chars
+        self._d: OrderedDict[str, tuple[LabelConfig, int]] = OrderedDict()
+        self.chars = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, pid: str) -> LabelConfig | None:
+        hit = self._d.get(pid)
+        if hit is None:
+            return None
+        self._d.move_to_end(pid)
+        return hit[0]
+
+    def put(self, pid: str, config: LabelConfig, chars: int) -> None:
+        old = self._d.pop(pid, None)
+        self.chars -= old[1] if old else 0
+        self._d[pid] = (config, chars)
+        self.chars += chars
+        while len(self._d) > self.max_entries or self.chars > self.max_chars:
+            _, (_, dropped) = self._d.popitem(last=False)
+            self.chars -= dropped
+
+
 @dataclass
 class _State:
     settings: ServerSettings
     segmenter: Segmenter
-    label_configs: dict[str, LabelConfig] = field(default_factory=dict)  # project id -> config from /setup
+    label_configs: ConfigCache = field(default_factory=ConfigCache)  # project id -> config from /setup
+    large_bodies: asyncio.Semaphore | None = None
 
 
 def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
@@ -76,7 +121,9 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
     if settings.basic_auth_user and not settings.basic_auth_pass:
         raise ValueError("basic auth needs a password as well as a user")
     app = FastAPI(title="InterFormer Label Studio ML backend", docs_url=None, redoc_url=None)
-    state = _State(settings, segmenter)
+    if settings.large_body_concurrency < 1:
+        raise ValueError("large_body_concurrency must be at least 1")
+    state = _State(settings, segmenter, large_bodies=asyncio.Semaphore(settings.large_body_concurrency))
     app.state.backend = state
 
     @app.middleware("http")
@@ -93,7 +140,7 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
                 response = await call_next(request)
             except Exception as e:  # a bug or a broken actor: 500, details in the log only, keep serving
                 log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-                request.state.fields["error"] = f"{type(e).__name__}: {e}"
+                request.state.fields["error"] = f"{type(e).__name__}: {e}"[:MAX_LOGGED_ERROR_CHARS]
                 response = JSONResponse(
                     {"error": f"internal error; the backend's log has the details (request id {request_id})"},
                     status_code=500)
@@ -107,18 +154,18 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
         level = logging.INFO if response.status_code < 400 else logging.WARNING
         if request.url.path == "/health" and response.status_code == 200:
             level = logging.DEBUG
-        log_event(log, "request", level, request_id=request_id, method=request.method, path=request.url.path,
+        log_event(log, "request", level, request_id=request_id, method=request.method, path=_loggable(request.url.path),
                   status=response.status_code, total_ms=round(total, 2), **fields)
         return response
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, exc: ProtocolError):
-        request.state.fields["error"] = exc.message
+        request.state.fields["error"] = exc.message[:MAX_LOGGED_ERROR_CHARS]
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(SegmentError)
     async def _segment_error(request: Request, exc: SegmentError):
-        request.state.fields["error"] = exc.message
+        request.state.fields["error"] = exc.message[:MAX_LOGGED_ERROR_CHARS]
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.get("/health")
@@ -129,19 +176,15 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
-        raw = await _read_json(request, settings.max_body_bytes)
-        with _client_input("the /setup body"):
-            body = parse_body(SetupRequest, raw)
-            pid = project_id(body.project)
-            config = parse_label_config(body.label_config) if body.label_config else None
+        body, pid, config = await _read_json(request, settings.max_body_bytes, state.large_bodies, _setup_body)
         if config is not None and pid:
-            state.label_configs[pid] = config
-        request.state.fields.update(project=pid, hostname=body.hostname)
+            state.label_configs.put(pid, config, len(body.label_config or ""))
+        request.state.fields.update(project=_loggable(pid), hostname=_loggable(body.hostname))
         return {"model_version": settings.model_version}
 
     @app.post("/webhook")
     async def webhook(request: Request) -> dict[str, Any]:
-        body = await _read_json(request, settings.max_body_bytes)
+        body = await _read_json(request, settings.max_webhook_bytes, state.large_bodies)
         action = body.get("action") if isinstance(body, dict) else None
         project = body.get("project") if isinstance(body, dict) else None
         project = project.get("id") if isinstance(project, dict) else project
@@ -151,14 +194,11 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
-        raw = await _read_json(request, settings.max_body_bytes)
-        with _client_input("the /predict body"):
-            body = parse_body(PredictRequest, raw)
-            pid = project_id(body.project)
-            config = _label_config(state, body.label_config, pid)
-            context = body.params.context if body.params else None
+        body, pid, config = await _read_json(request, settings.max_body_bytes, state.large_bodies,
+                                             lambda value: _predict_body(state, value))
+        context = body.params.context if body.params else None
         parse_ms = (time.perf_counter() - t0) * 1e3
-        request.state.fields.update(project=pid, parse_ms=round(parse_ms, 2))
+        request.state.fields.update(project=_loggable(pid), parse_ms=round(parse_ms, 2))
         if context is not None:
             answer = await _interactive(state, body, config, request.state.fields)
         else:
@@ -183,26 +223,61 @@ def _authorised(request: Request, settings: ServerSettings) -> bool:
     return bool(sep) and ok_user and ok_pass
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing bodies over `limit` bytes before reading them whole."""
+def _declared_length(request: Request, limit: int) -> int | None:
     declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise ProtocolError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
-        except ValueError:
-            raise ProtocolError(400, f"invalid Content-Length {declared!r}") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProtocolError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise ProtocolError(400, "request body is empty; expected JSON")
-    return parse_json(raw)
+    if declared is None:
+        return None
+    try:
+        length = int(declared)
+    except ValueError:
+        raise ProtocolError(400, f"invalid Content-Length {declared[:40]!r}") from None
+    if length > limit:
+        raise ProtocolError(413, f"request body of {length} bytes is over the limit of {limit} bytes")
+    return length
+
+
+async def _read_json(request: Request, limit: int, large: asyncio.Semaphore,
+                     interpret: Callable[[Any], T] | None = None) -> Any:
+    """The request body as JSON (then `interpret`ed), refusing bodies over `limit` bytes before reading them
+    whole. Parsing and interpreting run in a worker thread; a body over LARGE_BODY_BYTES (declared, or once
+    that much has arrived) first takes a slot of `large`, held until it is parsed."""
+    declared = _declared_length(request, limit)
+    async with AsyncExitStack() as slot:
+        holding = declared is not None and declared > LARGE_BODY_BYTES
+        if holding:
+            await slot.enter_async_context(large)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(413, f"request body is over the limit of {limit} bytes")
+            if size > LARGE_BODY_BYTES and not holding:
+                await slot.enter_async_context(large)
+                holding = True
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        chunks.clear()
+        return await run_in_threadpool(_parse, raw, interpret)
+
+
+def _parse(raw: bytes, interpret: Callable[[Any], T] | None) -> Any:
+    value = parse_json(raw)
+    return value if interpret is None else interpret(value)
+
+
+def _setup_body(value: Any) -> tuple[SetupRequest, str | None, LabelConfig | None]:
+    with _client_input("the /setup body"):
+        body = parse_body(SetupRequest, value)
+        config = parse_label_config(body.label_config) if body.label_config else None
+        return body, project_id(body.project), config
+
+
+def _predict_body(state: _State, value: Any) -> tuple[PredictRequest, str | None, LabelConfig]:
+    with _client_input("the /predict body"):
+        body = parse_body(PredictRequest, value)
+        pid = project_id(body.project)
+        return body, pid, _label_config(state, body.label_config, pid)
 
 
 # Faults that pure parsing of a client's body can raise: they mean the body is malformed, not the server.
@@ -222,19 +297,20 @@ def _client_input(what: str) -> Iterator[None]:
 
 
 def _loggable(value: Any) -> str | int | None:
-    """A webhook field for the log: short scalars only (the webhook is unauthenticated)."""
+    """A client's value for the log: short scalars only (strings cut to MAX_LOGGED_CHARS, integers to 18 digits)."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int):
-        return value
-    return value[:100] if isinstance(value, str) else None
+        return value if abs(value) < 10**18 else None
+    return value[:MAX_LOGGED_CHARS] if isinstance(value, str) else None
 
 
 def _label_config(state: _State, xml: str | None, pid: str | None) -> LabelConfig:
     if xml:
         return parse_label_config(xml)
-    if pid and pid in state.label_configs:
-        return state.label_configs[pid]
+    config = state.label_configs.get(pid) if pid else None
+    if config is not None:
+        return config
     raise ProtocolError(422, "request has no label_config and /setup was not called for this project")
 
 
@@ -272,19 +348,28 @@ def _segment_request(task, prompt: Prompt, config: LabelConfig, max_clicks: int)
     )
 
 
-async def _interactive(state: _State, body: PredictRequest, config: LabelConfig, fields: dict) -> dict:
+def _interactive_request(state: _State, body: PredictRequest, config: LabelConfig) -> tuple[Prompt, SegmentRequest | None]:
+    """The prompt of an interactive call and its request (None for negative clicks only), with the on-screen
+    regions it may start from: everything read from the client's body, so every fault is a 4xx."""
     if len(body.tasks) != 1:
         raise ProtocolError(422, f"an interactive request (with context) must carry one task, got {len(body.tasks)}")
     task = body.tasks[0]
     with _client_input("the interactive context"):
         prompt = prompt_from_items(body.params.context.result, config)
-        fields.update(task=task.id, clicks=len(prompt.clicks), label=prompt.label, mode="interactive")
-        req = _segment_request(task, prompt, config, state.settings.max_clicks) if prompt.has_positive else None
+        if not prompt.has_positive:
+            return prompt, None
+        req = _segment_request(task, prompt, config, state.settings.max_clicks)
+        return prompt, dataclasses.replace(req, start=onscreen_candidates(task, prompt))
+
+
+async def _interactive(state: _State, body: PredictRequest, config: LabelConfig, fields: dict) -> dict:
+    prompt, req = await run_in_threadpool(_interactive_request, state, body, config)
+    fields.update(task=_loggable(body.tasks[0].id), clicks=len(prompt.clicks), label=_loggable(prompt.label),
+                  mode="interactive")
     mv = state.settings.model_version
     if req is None:
         fields.update(outcome="negative_only")
         return {"results": [prediction([], mv)]}
-    req = dataclasses.replace(req, start=onscreen_candidates(task, prompt))
     res = await state.segmenter.segment(req)
     fields.update(image_id=res.image_id, session=res.path, steps=res.steps, actor=res.actor, area=res.area,
                   encoded_on_demand=res.encoded_on_demand, start=res.start, start_kind=res.start_kind,
@@ -294,32 +379,40 @@ async def _interactive(state: _State, body: PredictRequest, config: LabelConfig,
     return {"results": [prediction(regions, mv)]}
 
 
+def _batch_plan(state: _State, body: PredictRequest, config: LabelConfig) -> list[tuple[Any, list, str | None]]:
+    """Per task: the (prompt, request) pairs of its stored prompts, or the reason it gets an empty prediction."""
+    plan = []
+    for task in body.tasks:
+        try:
+            with _client_input(f"task {_loggable(task.id)}'s stored prompts"):
+                prompts = [p for p in stored_prompts(task, config) if p.has_positive]
+                plan.append((task, [(p, _segment_request(task, p, config, state.settings.max_clicks))
+                                    for p in prompts], None))
+        except ProtocolError as e:
+            plan.append((task, [], f"task {_loggable(task.id)}: {e.message}"[:MAX_LOGGED_ERROR_CHARS]))
+    return plan
+
+
 async def _batch(state: _State, body: PredictRequest, config: LabelConfig, fields: dict) -> dict:
     """One prediction per task, from the keypoints/boxes saved in it (none: an empty prediction)."""
     mv = state.settings.model_version
     gate = asyncio.Semaphore(state.settings.batch_concurrency)
-    failures: list[str] = []
+    plan = await run_in_threadpool(_batch_plan, state, body, config)
+    failures: list[str] = [reason for _, _, reason in plan if reason is not None]
 
-    async def one_task(task) -> dict:
-        try:
-            with _client_input(f"task {task.id}'s stored prompts"):
-                prompts = [p for p in stored_prompts(task, config) if p.has_positive]
-                reqs = [(p, _segment_request(task, p, config, state.settings.max_clicks)) for p in prompts]
-        except ProtocolError as e:
-            failures.append(f"task {task.id}: {e.message}")
-            return prediction([], mv)
+    async def one_task(task, reqs) -> dict:
         results = []
         for prompt, req in reqs:
             try:
                 async with gate:
                     res = await state.segmenter.segment(req)
             except SegmentError as e:
-                failures.append(f"task {task.id}: {e.message}")
+                failures.append(f"task {_loggable(task.id)}: {e.message}"[:MAX_LOGGED_ERROR_CHARS])
                 continue
             results.extend(mask_results(prompt, res.score, res.rle, res.polygons))
         return prediction(results, mv)
 
-    predictions = await asyncio.gather(*(one_task(t) for t in body.tasks))
+    predictions = await asyncio.gather(*(one_task(task, reqs) for task, reqs, _ in plan))
     fields.update(mode="batch", tasks=len(body.tasks), regions=sum(len(p["result"]) for p in predictions))
     if failures:
         fields.update(task_errors=failures[:20])

@@ -22,8 +22,21 @@ class BoxPromptError(ValueError):
     """A rectangle that cannot be a prompt; the message says why."""
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def is_finite_number(v: Any) -> bool:
+    """A JSON number usable as a coordinate: an int or float (not a bool) with a finite float value. An
+    integer beyond float range (10**400) is not one: `math.isfinite` would raise OverflowError on it."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def shown(v: Any) -> str:
+    """`repr(v)` for an error message, cut to 40 characters (a request's value may be a 300-digit number)."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def box_to_click(value: dict[str, Any], size: tuple[int, int]) -> tuple[Click, Roi]:
@@ -36,18 +49,18 @@ def box_to_click(value: dict[str, Any], size: tuple[int, int]) -> tuple[Click, R
         if key not in value:
             raise BoxPromptError(f"rectangle value has no {key!r}")
     rotation = value.get("rotation") or 0.0
-    if not _is_number(rotation):
-        raise BoxPromptError(f"rectangle rotation must be a number in degrees, got {rotation!r}")
+    if not is_finite_number(rotation):
+        raise BoxPromptError(f"rectangle rotation must be a number in degrees, got {shown(rotation)}")
     if rotation != 0.0:
         raise BoxPromptError("rotated rectangles are not supported as prompts")
     x, y, bw, bh = (value[k] for k in ("x", "y", "width", "height"))
     for key, v in (("x", x), ("y", y), ("width", bw), ("height", bh)):
-        if not _is_number(v):
-            raise BoxPromptError(f"rectangle {key} must be a number in percent, got {v!r}")
+        if not is_finite_number(v):
+            raise BoxPromptError(f"rectangle {key} must be a number in percent, got {shown(v)}")
     if bw <= 0 or bh <= 0:
-        raise BoxPromptError(f"rectangle has no area (width={bw}, height={bh})")
+        raise BoxPromptError(f"rectangle has no area (width={shown(bw)}, height={shown(bh)})")
     if x < 0 or y < 0 or x + bw > 100.0001 or y + bh > 100.0001:
-        raise BoxPromptError(f"rectangle x={x} y={y} w={bw} h={bh} (percent) leaves the image")
+        raise BoxPromptError(f"rectangle x={shown(x)} y={shown(y)} w={shown(bw)} h={shown(bh)} (percent) leaves the image")
     left, top = x * w / 100.0, y * h / 100.0
     right, bottom = (x + bw) * w / 100.0, (y + bh) * h / 100.0
     centre = Click(min(int((top + bottom) / 2.0), h - 1), min(int((left + right) / 2.0), w - 1), True)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connectors.memory import ByteLRU, buffer_bytes
 
@@ -45,3 +47,40 @@ def test_the_lru_keeps_recent_entries_within_its_byte_budget():
     assert "huge" not in lru and lru.nbytes <= 10_000
     with pytest.raises(ValueError):
         ByteLRU(0, buffer_bytes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 200), st.lists(st.tuples(st.sampled_from(["put", "grow", "get"]), st.integers(0, 5),
+                                               st.integers(0, 300)), max_size=40))
+def test_an_entry_over_the_whole_budget_is_never_kept_and_never_evicts_the_others(budget, ops):
+    """Against a model LRU: an oversized put or remeasure leaves every other entry in place."""
+    sizes: dict[int, int] = {}
+    lru: ByteLRU[int] = ByteLRU(budget, lambda key: sizes[key])
+    model: list[int] = []  # keys, least recently used first
+    for op, key, size in ops:
+        if op == "get":
+            if lru.get(key) is not None:
+                model.remove(key)
+                model.append(key)
+            continue
+        if op == "grow" and key not in model:
+            continue
+        sizes[key] = size
+        if op == "put":
+            lru.put(key, key)
+            model = [k for k in model if k != key] + ([key] if size <= budget else [])
+        else:
+            lru.remeasure(key)
+            if size > budget:
+                model.remove(key)
+        while sum(sizes[k] for k in model) > budget:
+            model.pop(0)
+        assert lru.keys() == model and lru.nbytes == sum(sizes[k] for k in model) <= budget
+
+
+def test_the_auditors_case_an_oversized_put_keeps_the_four_entries():
+    lru: ByteLRU[int] = ByteLRU(100, lambda v: v)
+    for key in "abcd":
+        lru.put(key, 20)
+    lru.put("huge", 101)
+    assert lru.keys() == list("abcd") and lru.nbytes == 80

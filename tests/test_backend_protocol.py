@@ -5,6 +5,10 @@ import math
 
 import pytest
 from backend_support import LABEL_CONFIG, keypoint, rectangle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.label_studio_prompts import task_prompts
 
 from connectors.protocol import (
     ContextItem,
@@ -21,7 +25,7 @@ from connectors.protocol import (
     stored_prompts,
 )
 from interformer.clicks import Click
-from pipeline.box_prompt import BOX_MARGIN
+from pipeline.box_prompt import BOX_MARGIN, is_finite_number
 
 SIZE = (48, 64)  # (H, W)
 
@@ -189,3 +193,43 @@ def test_request_bodies_are_validated_with_clear_messages():
                                        "project": "7.1795474399", "params": {"context": None}})
     assert body.params.context is None
     assert project_id(body.project) == "7"
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers beyond float range: refused as bad input, never an OverflowError
+
+
+_ANY_NUMBER = st.one_of(st.integers(-(10**500), 10**500), st.floats(allow_nan=True, allow_infinity=True),
+                        st.booleans(), st.none(), st.text(max_size=3), st.just(10**400), st.just(-(10**309)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ANY_NUMBER, st.sampled_from(["keypointlabels", "rectanglelabels"]), st.sampled_from(["x", "y", "width",
+                                                                                             "height", "rotation"]))
+def test_number_checks_answer_for_any_value_and_bad_ones_are_protocol_errors(config, value, kind, key):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        expected = False
+    elif isinstance(value, int):
+        expected = abs(value) < 2**1024 - 2**970  # the integers that round to a finite float
+    else:
+        expected = math.isfinite(value)
+    assert is_finite_number(value) == expected
+    base = keypoint(10, 10, SIZE) if kind == "keypointlabels" else rectangle(10, 10, 20, 20, SIZE)
+    raw = {**base, "value": {**base["value"], key: value}}
+    try:
+        prompt_from_items([parse_body(ContextItem, raw)], config)
+    except ProtocolError as e:
+        assert e.status == 422 and len(e.message) < 1000
+    try:
+        percent_to_pixel(value, 64, "x")
+    except ProtocolError as e:
+        assert e.status == 422 and len(e.message) < 200
+
+
+def test_one_saved_keypoint_beyond_float_range_does_not_abort_bulk_prompts(config):
+    bad = {"id": 1, "data": {"image_id": "a"}, "annotations": [{"id": 1, "result": [
+        {**keypoint(10, 10, SIZE), "value": {"x": 10**400, "y": 5, "keypointlabels": ["object"]}}]}]}
+    good = {"id": 2, "data": {"image_id": "b"}, "annotations": [{"id": 2, "result": [keypoint(10, 10, SIZE)]}]}
+    found = task_prompts([bad, good], config, config.brushes["image"])
+    assert [job.image_id for job in found.images] == ["b"]
+    assert len(found.problems) == 1 and "finite number" in found.problems[0].detail

@@ -1,11 +1,14 @@
-"""Brush RLE: our numpy encoder against label-studio-sdk's own encoder (byte for byte) and decoder."""
+"""Brush RLE: our numpy encoder against label-studio-sdk's own encoder (byte for byte) and decoder, and our
+decoder (the one requests' RLE goes through) against the SDK's on any stream, with its cost bounds."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from label_studio_sdk.converter import brush
 
-from connectors.rle import mask_to_rle, rle_to_mask
+from connectors.rle import DecodeBudget, RleError, mask_to_rle, max_rle_bytes, rle_to_mask
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (48, 64), (37, 91), (96, 128)])
@@ -72,3 +75,93 @@ def test_bad_shapes_are_refused():
         mask_to_rle(np.zeros((0, 5), bool))
     with pytest.raises(ValueError, match="expected 3x3"):
         rle_to_mask(mask_to_rle(np.zeros((2, 2), bool)), 3, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoder of request RLE: the SDK's output on any stream it decodes, at a bounded cost
+
+_FIELD_WIDTHS = (3, 4, 8, 16)
+
+
+@st.composite
+def streams(draw) -> tuple[list[int], int, int]:
+    """A brush RLE stream of an (H, W) image built record by record, as any encoder may write it: series and
+    literal records, any length field that holds the length (not only the smallest), then the padding."""
+    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    total, done, bits = h * w * 4, 0, []
+    while done < total:
+        n = draw(st.integers(1, min(total - done, 300)))
+        field = draw(st.sampled_from([k for k, width in enumerate(_FIELD_WIDTHS) if n - 1 < 1 << width]))
+        literal = draw(st.booleans()) and n <= 40
+        head = f"{0 if literal else 1}{field:02b}{n - 1:0{_FIELD_WIDTHS[field]}b}"
+        values = draw(st.lists(st.integers(0, 255), min_size=n, max_size=n)) if literal else [draw(st.integers(0, 255))]
+        bits.append(head + "".join(f"{v:08b}" for v in values))
+        done += n
+    stream = f"{total:032b}00111" + "".join(f"{width - 1:04b}" for width in _FIELD_WIDTHS) + "".join(bits)
+    stream += "0" * (8 - len(stream) % 8)
+    return [int(stream[i:i + 8], 2) for i in range(0, len(stream), 8)], h, w
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams(), st.data())
+def test_the_decoder_gives_the_sdk_decoders_mask_on_any_stream(stream, data):
+    rle, h, w = stream
+    expected = brush.decode_rle(rle).reshape(h, w, 4)[:, :, 3] > 127
+    budget = DecodeBudget(10**6)
+    np.testing.assert_array_equal(rle_to_mask(rle, h, w, budget), expected)
+    assert 0 < budget.spent <= h * w * 4 * 2  # one unit per record and per literal value
+    row, col = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
+    found = rle_to_mask(rle, h, w, covering=(row, col))
+    assert (found is None) == (not expected[row, col])
+    if found is not None:
+        np.testing.assert_array_equal(found, expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(streams(), st.integers(1, 2000), st.integers(0, 255))
+def test_an_rle_longer_than_any_valid_stream_for_its_header_is_refused_before_decoding(stream, extra, fill):
+    rle, h, w = stream
+    longest = max_rle_bytes(h * w * 4)
+    budget = DecodeBudget(10**6)
+    too_long = rle + [fill] * (longest - len(rle) + extra)
+    with pytest.raises(RleError, match="bytes long"):
+        rle_to_mask(too_long, h, w, budget)
+    assert budget.spent == 0  # not one record read
+
+
+def test_trailing_bytes_after_the_last_value_are_never_read():
+    rle = mask_to_rle(np.zeros((64, 96), bool))
+    padded = rle + [0] * (max_rle_bytes(64 * 96 * 4) - len(rle))  # as long as a valid stream can be
+    budget = DecodeBudget(10**6)
+    assert not rle_to_mask(padded, 64, 96, budget).any()
+    assert budget.spent == 1  # one series record covers the 24576 values; the rest is never walked
+    with pytest.raises(RleError, match="bytes long"):  # the auditor's 64x96 header + 1M zero bytes
+        rle_to_mask(rle + [0] * 1_000_000, 64, 96)
+
+
+def test_decoding_stops_at_its_budget_and_at_an_unset_click():
+    mask = np.zeros((40, 50), bool)
+    mask[:, ::2] = True  # 1000 runs of one pixel
+    rle = mask_to_rle(mask)
+    budget = DecodeBudget(100)
+    with pytest.raises(RleError, match="more work"):
+        rle_to_mask(rle, 40, 50, budget)
+    assert budget.spent == 100 and budget.left == 0
+    with pytest.raises(RleError):
+        rle_to_mask(rle, 40, 50, budget)  # a spent budget refuses the next record at once
+    early = DecodeBudget(10**6)
+    assert rle_to_mask(rle, 40, 50, early, covering=(0, 1)) is None  # pixel (0, 1) is off: stop there
+    assert early.spent == 2
+    np.testing.assert_array_equal(rle_to_mask(rle, 40, 50, covering=(39, 48)), mask)
+    with pytest.raises(RleError, match="outside"):
+        rle_to_mask(rle, 40, 50, covering=(40, 0))
+
+
+@pytest.mark.parametrize("rle, message", [
+    ([1, 2], "header"), ([0] * 10, "pixels"), ([300] + [0] * 9, "0-255"), ([[1]] * 8, "0-255"),
+    ([10**400] * 8, "0-255"), ([0, 0, 0, 4, 0xF8] + [0] * 5, "8-bit"),  # a 32-bit word size
+    (mask_to_rle(np.ones((1, 1), bool))[:-2], "ends before"),
+])
+def test_malformed_rle_is_refused_with_a_reason(rle, message):
+    with pytest.raises(RleError, match=message):
+        rle_to_mask(rle, 1, 1)
