@@ -35,8 +35,10 @@ from pipeline.feature_store import (
     EncodedImage,
     FeatureReader,
     FeatureStore,
+    RowIdentity,
     UnknownImageError,
     feature_rows,
+    row_identity,
     sql_string,
     table_uri,
 )
@@ -128,6 +130,8 @@ class SegmentEngine:
         self._uri_to_id: OrderedDict[str, str] = OrderedDict()  # task image reference -> stored image id
         self._aliases: OrderedDict[tuple[str, str], str] = OrderedDict()  # (task image_id, reference) -> stored id
         self._start_sources: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its start
+        self._identity: dict[str, RowIdentity] = {}  # image id -> the row its cached features / sessions came from
+        self._checked_version = self.reader.version  # the table version `_identity` was last checked against
 
     def segment(self, req: SegmentRequest) -> SegmentResult:
         """Answer one request; SegmentError (4xx) for requests that cannot be answered."""
@@ -240,18 +244,51 @@ class SegmentEngine:
         return feats, True, new_id
 
     def _stored(self, image_id: str, cache: bool = True) -> ImageFeatures | None:
-        """Features stored under `image_id` (from the LRU, else the table), or None when there are none."""
+        """Features stored under `image_id` (from the LRU, else the table), or None when there are none. The
+        LRU only answers with the row the table holds at the version the reader sees (`_drop_replaced`)."""
+        with _unexpected(500, "the stored features of the task's image could not be read", image_id=image_id):
+            self._drop_replaced()
         feats = self.features.get(image_id) if cache else None
         if feats is not None:
             return feats
         try:
             with _unexpected(500, "the stored features of the task's image could not be read", image_id=image_id):
-                feats = self.reader.get(image_id)
+                record = self.reader.get_record(image_id)
         except UnknownImageError as e:  # its message names the table's path: for the log only
             log_event(log, "no stored features", image_id=image_id, reason=str(e))
             return None
-        self.features.put(image_id, feats)
-        return feats
+        if self._identity.get(image_id, row_identity(record)) != row_identity(record):
+            self.sessions.drop_image(image_id)  # sessions over the row this one replaced
+        self._identity[image_id] = row_identity(record)
+        self.features.put(image_id, record.features)
+        if len(self._identity) > MAX_ALIASES:  # bounded: forget ids whose features and sessions are all evicted
+            held = set(self.features.keys()) | self.sessions.image_ids()
+            self._identity = {i: v for i, v in self._identity.items() if i in held}
+        return record.features
+
+    def _drop_replaced(self) -> None:
+        """Forget cached features and sessions whose row the table no longer holds.
+
+        `jobs/encode.py --reencode-changed` removes an image's row and stores a new one under the same id:
+        whenever the reader moves to a new table version, the ids this engine holds are re-checked (one
+        indexed query) against the identity (content hash, creation time) of the row they were read from."""
+        version = self.reader.refresh_if_due()
+        if version == self._checked_version:
+            return
+        self._checked_version = version
+        held = set(self.features.keys()) | self.sessions.image_ids()
+        for image_id in [i for i in self._identity if i not in held]:
+            del self._identity[image_id]
+        if not self._identity:
+            return
+        current = self.reader.identities(self._identity)
+        for image_id, identity in list(self._identity.items()):
+            if current.get(image_id) != identity:
+                log_event(log, "stored features replaced", image_id=image_id,
+                          now="removed" if image_id not in current else "re-encoded")
+                self.features.pop(image_id)
+                self.sessions.drop_image(image_id)
+                del self._identity[image_id]
 
     def _candidates(self, req: SegmentRequest, alias: tuple[str, str] | None):
         """Stored ids that may hold the task's image, best first, each computed only when the one before missed:

@@ -78,6 +78,10 @@ class SessionStore:
     def drop(self, key: Hashable) -> None:
         self._entries.pop(key)
 
+    def image_ids(self) -> set:
+        """The image ids (first key element) that stored sessions hold features of."""
+        return {k[0] for k in self._entries.keys() if isinstance(k, tuple) and k}
+
     def drop_image(self, image_id: str) -> None:
         """Forget every session of one image (e.g. after its features were re-encoded)."""
         for key in [k for k in self._entries.keys() if isinstance(k, tuple) and k and k[0] == image_id]:

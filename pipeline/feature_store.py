@@ -77,6 +77,7 @@ ERROR_SCHEMA = pa.schema(
 )
 
 _META_COLUMNS = [f.name for f in FEATURE_SCHEMA if f.name != "features"]
+_IDENTITY_COLUMNS = ["image_id", "fingerprint", "content_sha256", "created_at"]
 _COMMIT_ATTEMPTS = 12
 
 
@@ -120,6 +121,14 @@ class StoredFeatures:
     dtype: str
     created_at: datetime
     features: ImageFeatures
+
+
+RowIdentity = tuple[str, datetime]  # (content_sha256, created_at): tells a row from one stored again under its id
+
+
+def row_identity(record: StoredFeatures) -> RowIdentity:
+    """The identity of a row read back (compare with `FeatureReader.identities`)."""
+    return (record.content_sha256, record.created_at)
 
 
 def sql_string(value: str) -> str:
@@ -576,6 +585,37 @@ class FeatureReader:
             self._open()
         else:
             self._ds.checkout_latest()
+
+    def refresh_if_due(self) -> int | None:
+        """Move to the latest version when `refresh_interval_s` has passed since the last check (as a fetch
+        does); the version seen afterwards. A caller that caches features compares versions to learn when
+        rows may have been replaced (`identities`)."""
+        if time.monotonic() - self._checked_at >= self.refresh_interval_s:
+            self.refresh()
+        return self.version
+
+    def identities(self, image_ids: Iterable[str]) -> dict[str, RowIdentity]:
+        """The identity (content hash, creation time) of the row `get` returns for each id, at the version this
+        reader sees; ids with no row for this encoder are left out. One indexed query per 500 ids: a cache
+        re-checks what it holds when the version moves (a re-encoded image keeps its id, not its row)."""
+        found: dict[str, RowIdentity] = {}
+        if self._ds is None:
+            return found
+        for chunk in _chunks(sorted(set(image_ids)), 500):
+            where = f"image_id IN ({', '.join(map(sql_string, chunk))})"
+            try:
+                table = self._ds.to_table(columns=_IDENTITY_COLUMNS, filter=where)
+            except (OSError, ValueError):  # a file of an old version removed by compaction: read the latest
+                self.refresh()
+                table = self._ds.to_table(columns=_IDENTITY_COLUMNS, filter=where)
+            for row in table.to_pylist():
+                if row["fingerprint"] != self.fingerprint:
+                    continue
+                ident = (row["content_sha256"], row["created_at"])
+                known = found.get(row["image_id"])
+                if known is None or ident[1] > known[1]:  # the newest, as `get` picks
+                    found[row["image_id"]] = ident
+        return found
 
     def get(self, image_id: str) -> ImageFeatures:
         """The image's features (fp32 tensors on CPU); UnknownImageError if this encoder has none for it."""
