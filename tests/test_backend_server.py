@@ -391,7 +391,7 @@ def test_unexpected_failures_reading_or_encoding_features_get_a_fixed_message(en
     assert r.status_code == 502 and "could not be encoded on demand" in r.json()["error"]
     assert "/srv/secret" not in r.text and "31337" not in r.text and "error id" in r.json()["error"]
     assert any("31337" in (rec.exc_text or "") for rec in caplog.records)  # the operator's log has it
-    monkeypatch.setattr(engine.reader, "get", broken)
+    monkeypatch.setattr(engine.reader, "get_record", broken)  # what the engine reads (features + row identity)
     r = _predict(client, {"image_id": "not-cached-anywhere"}, [keypoint(50, 50, SIZE)])
     assert r.status_code == 500 and "stored features of the task's image could not be read" in r.json()["error"]
     assert "/srv/secret" not in r.text
