@@ -49,7 +49,7 @@ from pipeline.polygons import mask_to_polygons
 
 from .logs import get_logger, log_event
 from .memory import ByteLRU, buffer_bytes
-from .onscreen import start_region
+from .onscreen import OnScreenStart, start_region
 from .region_meta import REFINE_STARTS, model_key
 from .rle import mask_to_rle
 from .segment import SegmentError, SegmentRequest, SegmentResult
@@ -147,10 +147,17 @@ class SegmentEngine:
             raise SegmentError(422, size_mismatch(image_id, tuple(req.original_size),
                                                   tuple(feats.geometry.original_size)))
         starts: dict = {}
+        t_start = time.perf_counter()
+        found = start_region(req.start, req.clicks)
+        if req.start is not None:
+            starts["start_mask"] = (time.perf_counter() - t_start) * 1e3
+        # Everything a session bakes in besides the clicks: a change starts another session, so that the answer
+        # is the model's for this request whatever the region's earlier requests chose.
+        variant = (req.box, None if found is None else found.identity)
         try:
             outcome = self.sessions.run(
                 (image_id, req.task_id, req.region_key), req.clicks,
-                lambda: self._new_session(feats, req, starts), variant=req.box,
+                lambda: self._new_session(feats, req, found, starts), variant=variant,
             )
         except ValueError as e:  # InvalidClickError and friends
             raise SegmentError(422, str(e)) from None
@@ -178,12 +185,12 @@ class SegmentEngine:
                              area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand, start=start, start_kind=start_kind,
                              polygons=polygons, polygon_iou=polygon_iou)
 
-    def _new_session(self, feats: ImageFeatures, req: SegmentRequest, timings: dict) -> InteractiveSession:
+    def _new_session(self, feats: ImageFeatures, req: SegmentRequest, found: OnScreenStart | None,
+                     timings: dict) -> InteractiveSession:
         """A session for the region: after the clicks that made the on-screen region under its first positive
-        click (when its meta has them, for this model, and they reproduce it), else from that region's mask,
-        else blank. Chosen once per session (sessions.py keeps it), so later clicks decode and replay nothing."""
+        click (`found`; when its meta has them, for this model, and they reproduce it), else from that region's
+        mask, else blank. The session is kept while the request's start identity stays the same (its variant)."""
         t0 = time.perf_counter()
-        found = start_region(req.start, req.clicks)
         session, kind = None, "blank"
         if (found is not None and found.clicks is not None and self.cfg.refine_from == "clicks" and req.box is None
                 and found.clicks.model == self.model_key):
@@ -196,7 +203,7 @@ class SegmentEngine:
         source = "blank" if found is None else req.start.source
         self._start_sources[session] = (source, kind)
         if req.start is not None:
-            timings["start_mask"] = (time.perf_counter() - t0) * 1e3
+            timings["start_mask"] = timings.get("start_mask", 0.0) + (time.perf_counter() - t0) * 1e3
             log_event(log, "session start", image_id=req.image_id, region=req.region_key, start=source,
                       start_kind=kind, replayed=len(session.start.clicks), candidates=len(req.start.shapes))
         return session

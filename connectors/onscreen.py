@@ -18,8 +18,10 @@ still reproduce the mask on screen.
 
 Regions this backend returned interactively carry ids starting with `INTERACTIVE_ID_PREFIX` and are
 never a start mask, so a draft that saved the answer being refined does not feed back into it. The
-choice is made once, when the region's session is created, and cached with the session (sessions.py):
-later clicks of the region cost no decode, whatever the drafts hold by then.
+choice is made for every request, from that request's click list and body: the start's `identity` (source,
+index of the region, a digest of its shape and its clicks) is part of the session's variant (sessions.py), so
+moving the first positive click onto another region, or off every region, starts another session, and the
+mask never depends on which start an earlier click list chose.
 
 What a request can make this cost is bounded whatever its body holds: at most `MAX_CANDIDATES` regions
 are candidates, a polygon of more than `MAX_POLYGON_POINTS` points or with an outline longer than
@@ -30,9 +32,10 @@ inside or near their outline are rasterised, at most `MAX_RASTERISED` per reques
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable
 
 import numpy as np
 
@@ -75,6 +78,12 @@ class OnScreenStart:
 
     mask: np.ndarray  # bool, original size
     clicks: StartClicks | None = None
+    identity: Hashable = None  # (source, region index, shape digest, clicks): equal identities, equal starts
+
+
+def _digest(data: np.ndarray) -> str:
+    """A short digest of a candidate's shape data (RLE bytes or polygon points)."""
+    return hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=12).hexdigest()
 
 
 def _stamp(item: dict[str, Any]) -> str:
@@ -207,7 +216,7 @@ def start_region(candidates: StartCandidates | None, clicks: tuple[Click, ...]) 
     if not (0 <= first.row < size[0] and 0 <= first.col < size[1]):
         return None
     budget, rasterised = DecodeBudget(START_DECODE_BUDGET), [0]
-    for kind, data, start_clicks in candidates.shapes[:MAX_CANDIDATES]:
+    for index, (kind, data, start_clicks) in enumerate(candidates.shapes[:MAX_CANDIDATES]):
         try:
             if kind == "rle":
                 mask = rle_to_mask(data, size[0], size[1], budget, covering=(first.row, first.col))
@@ -220,5 +229,5 @@ def start_region(candidates: StartCandidates | None, clicks: tuple[Click, ...]) 
         except Exception:  # noqa: BLE001 - a region from the request that does not decode is no start mask
             continue
         if mask is not None:
-            return OnScreenStart(mask, start_clicks)
+            return OnScreenStart(mask, start_clicks, (candidates.source, index, _digest(data), start_clicks))
     return None

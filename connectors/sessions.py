@@ -11,9 +11,12 @@ with the same image and region id must not continue this session, nor start from
 - anything else (another annotator on the same region key, an actor that restarted and lost its
   state, a click moved or removed mid-list)   -> the session is rebuilt from the clicks ("replay").
 
-Replay runs the same per-click sequence as stepping, from the session's start (blank, or the mask that was
-on screen when the session was made: onscreen.py), and undo returns states stepping stored, so the mask
-never depends on the path taken (tests/test_backend_sessions.py, tests/test_session_start.py check it).
+Replay runs the same per-click sequence as stepping, from the session's start (blank, or the mask on screen
+under the request's first positive click: onscreen.py), and undo returns states stepping stored. Whatever
+else a session bakes in (a box prompt, the start's identity, the click engine that answers) is its `variant`:
+a request with another variant gets a new session. So the mask never depends on the path taken
+(tests/test_backend_sessions.py, tests/test_session_start.py, and tests/test_backend_history.py over random edit
+sequences, check it).
 """
 from __future__ import annotations
 

@@ -123,3 +123,110 @@ def test_a_removed_image_is_no_longer_served_from_the_cache(model, tmp_path):
             "params": {"login": None, "password": None, "context": {"result": items}}}
     response = client.post("/predict", json=body)
     assert response.status_code == 404, response.text
+
+
+# --------------------------------------------------------------------------------------------------
+# The mask never depends on the path taken: random edit sequences on a long-lived engine vs a fresh one
+
+
+def _blob(top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    mask = np.zeros(SIZE, bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+PRE_REGIONS = [_blob(10, 5, 54, 45), _blob(5, 50, 40, 90)]  # two pre-annotated objects, side by side
+
+
+def _prediction(masks: list[np.ndarray]) -> dict:
+    from connectors.rle import mask_to_rle
+
+    return {"id": 11, "model_version": "bulk", "created_at": "2026-01-01T00:00:00Z",
+            "result": [{"id": f"p{i}", "type": "brushlabels", "from_name": "tag", "to_name": "image",
+                        "original_width": SIZE[1], "original_height": SIZE[0], "image_rotation": 0,
+                        "value": {"format": "rle", "rle": mask_to_rle(m), "brushlabels": ["object"]}}
+                       for i, m in enumerate(masks)]}
+
+
+@pytest.fixture(scope="module")
+def two_engines(model, tmp_path_factory):
+    """A long-lived engine and a 'fresh' one (its sessions are forgotten before every request) on one table."""
+    ckpt, predictor = model
+    db = tmp_path_factory.mktemp("paths") / "db"
+    _store(db, predictor, [(IMAGE, grabcut_images(1, SIZE)[0][1])])
+    return _serve(db, ckpt), _serve(db, ckpt)
+
+
+def _apply(clicks: list[Click], edit: tuple) -> list[Click]:
+    """One annotator edit of the click list (a no-op where it does not apply)."""
+    kind, i, j, point = edit
+    out = list(clicks)
+    if kind == "add" or not out:
+        out.append(Click(point[0], point[1], point[2]))
+    elif kind == "undo":
+        out.pop()
+    elif kind == "move":
+        out[i % len(out)] = Click(point[0], point[1], out[i % len(out)].positive)
+    elif kind == "flip":
+        c = out[i % len(out)]
+        out[i % len(out)] = Click(c.row, c.col, not c.positive)
+    elif kind == "reorder":
+        a, b = i % len(out), j % len(out)
+        out[a], out[b] = out[b], out[a]
+    return out[:5] or out
+
+
+def _items(clicks: list[Click]) -> list[dict]:
+    """The region's keypoints; the first keeps the region's id whatever click it holds (one region edited)."""
+    return [keypoint_at(c.row, c.col, SIZE, c.positive, f"k{i}") for i, c in enumerate(clicks)]
+
+
+def _edits():
+    from hypothesis import strategies as st
+
+    # spots inside each region on screen, near their edges and outside both, then anywhere
+    spots = st.sampled_from([(30, 20), (50, 40), (20, 70), (8, 88), (60, 60), (2, 2), (45, 92), (30, 47)])
+    anywhere = st.tuples(st.integers(0, SIZE[0] - 1), st.integers(0, SIZE[1] - 1))
+    point = st.tuples(st.one_of(spots, anywhere), st.booleans()).map(lambda p: (*p[0], p[1]))
+    edit = st.tuples(st.sampled_from(["add", "add", "undo", "move", "flip", "reorder"]), st.integers(0, 4),
+                     st.integers(0, 4), point)
+    return st.lists(edit, min_size=2, max_size=6)
+
+
+def test_the_mask_never_depends_on_the_path_taken(two_engines):
+    """Add / undo / move / reorder / flip clicks of one region, with and without masks on screen to start from:
+    after every edit the long-lived engine answers exactly as an engine that never saw the region."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    (_, lived), (fresh_segmenter, fresh) = two_engines
+    task = iter(range(1000, 10_000))
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(edits=_edits(), starts=st.sampled_from([(), (0,), (0, 1)]))
+    def check(edits, starts):
+        predictions = [_prediction([PRE_REGIONS[i] for i in starts])] if starts else []
+        task_id, clicks = next(task), []
+        for edit in edits:
+            clicks = _apply(clicks, edit)
+            if not any(c.positive for c in clicks):
+                continue  # answered without the model (an empty prediction), no session involved
+            items = _items(clicks)
+            served, region = ask(lived, IMAGE, items, task_id, predictions)
+            fresh_segmenter.engine.sessions.drop_image(IMAGE)
+            expected, _ = ask(fresh, IMAGE, items, task_id, predictions)
+            assert (served == expected).all(), (clicks, starts, int((served != expected).sum()))
+
+    check()
+
+
+def test_moving_the_first_click_off_a_region_on_screen_starts_blank(two_engines):
+    """The auditor's case: the first positive click dragged from inside a pre-annotated region to outside it
+    answers from a blank start, not from the region chosen for the earlier click list."""
+    (_, lived), (fresh_segmenter, fresh) = two_engines
+    predictions = [_prediction([PRE_REGIONS[0]])]
+    ask(lived, IMAGE, _items([Click(30, 20, True)]), 77, predictions)
+    moved = _items([Click(30, 80, True)])
+    served, _ = ask(lived, IMAGE, moved, 77, predictions)
+    fresh_segmenter.engine.sessions.drop_image(IMAGE)
+    assert (served == ask(fresh, IMAGE, moved, 77, predictions)[0]).all()
