@@ -20,12 +20,12 @@ import uuid
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import lance
 import numpy as np
 
-from interformer.click_engine import ClickEngineConfig
+from interformer.click_engine import ClickEngine, ClickEngineConfig
 from interformer.config import PreprocessConfig
 from interformer.encode_engine import check_encode_names
 from interformer.features import ImageFeatures
@@ -49,7 +49,7 @@ from pipeline.polygons import mask_to_polygons
 
 from .logs import get_logger, log_event
 from .memory import ByteLRU, buffer_bytes
-from .onscreen import OnScreenStart, start_region
+from .onscreen import OnScreenStart, candidates_digest, start_region
 from .region_meta import REFINE_STARTS, model_key
 from .rle import mask_to_rle
 from .segment import SegmentError, SegmentRequest, SegmentResult
@@ -130,6 +130,7 @@ class SegmentEngine:
         self._uri_to_id: OrderedDict[str, str] = OrderedDict()  # task image reference -> stored image id
         self._aliases: OrderedDict[tuple[str, str], str] = OrderedDict()  # (task image_id, reference) -> stored id
         self._start_sources: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its start
+        self._start_ids: OrderedDict[tuple, tuple] = OrderedDict()  # region key -> ((candidates, click), start identity)
         self._identity: dict[str, RowIdentity] = {}  # image id -> the row its cached features / sessions came from
         self._checked_version = self.reader.version  # the table version `_identity` was last checked against
 
@@ -147,17 +148,16 @@ class SegmentEngine:
             raise SegmentError(422, size_mismatch(image_id, tuple(req.original_size),
                                                   tuple(feats.geometry.original_size)))
         starts: dict = {}
-        t_start = time.perf_counter()
-        found = start_region(req.start, req.clicks)
-        if req.start is not None:
-            starts["start_mask"] = (time.perf_counter() - t_start) * 1e3
-        # Everything a session bakes in besides the clicks: a change starts another session, so that the answer
-        # is the model's for this request whatever the region's earlier requests chose.
-        variant = (req.box, None if found is None else found.identity)
+        key = (image_id, req.task_id, req.region_key)
+        identity, found = self._start_identity(key, req, starts)
         try:
+            # The click engine answering this image's size now: torch until a background conversion is ready.
+            click_engine = self.predictor.click_engine_for(feats)
+            # Everything a session bakes in besides the clicks: a change starts another session, so that the
+            # answer is the model's for this request whatever the region's earlier requests chose.
+            variant = (req.box, identity, click_engine.name)
             outcome = self.sessions.run(
-                (image_id, req.task_id, req.region_key), req.clicks,
-                lambda: self._new_session(feats, req, found, starts), variant=variant,
+                key, req.clicks, lambda: self._new_session(feats, req, found, click_engine, starts), variant=variant,
             )
         except ValueError as e:  # InvalidClickError and friends
             raise SegmentError(422, str(e)) from None
@@ -185,20 +185,49 @@ class SegmentEngine:
                              area=int(mask.sum()), timings_ms=t, encoded_on_demand=on_demand, start=start, start_kind=start_kind,
                              polygons=polygons, polygon_iou=polygon_iou)
 
-    def _new_session(self, feats: ImageFeatures, req: SegmentRequest, found: OnScreenStart | None,
-                     timings: dict) -> InteractiveSession:
+    def _start_identity(self, key: tuple, req: SegmentRequest,
+                        timings: dict) -> tuple[Hashable, Callable[[], OnScreenStart | None]]:
+        """The identity of the request's on-screen start (None: blank) and a function giving the start itself.
+
+        The identity chosen for the region's (candidates, first positive click) is remembered, so a request that
+        keeps both decodes nothing unless a new session must be made."""
+        if req.start is None:
+            return None, lambda: None
+        first = next((c for c in req.clicks if c.positive), None)
+        memo = (candidates_digest(req.start), first)
+        known = self._start_ids.get(key)
+        decoded: list = []
+
+        def found() -> OnScreenStart | None:
+            if not decoded:
+                t0 = time.perf_counter()
+                decoded.append(start_region(req.start, req.clicks))
+                timings["start_mask"] = timings.get("start_mask", 0.0) + (time.perf_counter() - t0) * 1e3
+            return decoded[0]
+
+        if known is not None and known[0] == memo:
+            return known[1], found
+        start = found()
+        identity = None if start is None else start.identity
+        _remember(self._start_ids, key, (memo, identity))
+        return identity, found
+
+    def _new_session(self, feats: ImageFeatures, req: SegmentRequest, start: Callable[[], OnScreenStart | None],
+                     click_engine: ClickEngine, timings: dict) -> InteractiveSession:
         """A session for the region: after the clicks that made the on-screen region under its first positive
         click (`found`; when its meta has them, for this model, and they reproduce it), else from that region's
         mask, else blank. The session is kept while the request's start identity stays the same (its variant)."""
+        found = start()
         t0 = time.perf_counter()
         session, kind = None, "blank"
         if (found is not None and found.clicks is not None and self.cfg.refine_from == "clicks" and req.box is None
                 and found.clicks.model == self.model_key):
-            replayed = self.predictor.session(feats, initial_clicks=found.clicks.clicks)
+            replayed = self.predictor.session(feats, initial_clicks=found.clicks.clicks, engine=click_engine)
             if iou(found.mask, replayed.result.mask) >= REPLAY_AGREEMENT:
                 session, kind = replayed, "clicks"
         if session is None:
-            session = self.predictor.session(feats, box=req.box, initial_mask=None if found is None else found.mask)
+            session = self.predictor.session(feats, box=req.box, initial_mask=None if found is None else found.mask,
+                                             engine=click_engine)
             kind = "blank" if found is None else "mask"
         source = "blank" if found is None else req.start.source
         self._start_sources[session] = (source, kind)

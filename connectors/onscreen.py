@@ -21,7 +21,8 @@ never a start mask, so a draft that saved the answer being refined does not feed
 choice is made for every request, from that request's click list and body: the start's `identity` (source,
 index of the region, a digest of its shape and its clicks) is part of the session's variant (sessions.py), so
 moving the first positive click onto another region, or off every region, starts another session, and the
-mask never depends on which start an earlier click list chose.
+mask never depends on which start an earlier click list chose. An engine remembers, per region, the identity
+chosen for a (`candidates_digest`, first positive click) pair: later clicks that keep both decode nothing.
 
 What a request can make this cost is bounded whatever its body holds: at most `MAX_CANDIDATES` regions
 are candidates, a polygon of more than `MAX_POLYGON_POINTS` points or with an outline longer than
@@ -202,6 +203,18 @@ def _polygon_mask(points: np.ndarray, size: tuple[int, int], click: Click, raste
     rasterised[0] += 1
     mask = rasterize([(points * [w / 100.0, h / 100.0]).reshape(-1).tolist()], (h, w))
     return mask if mask[click.row, click.col] else None
+
+
+def candidates_digest(candidates: StartCandidates) -> str:
+    """A digest of everything a start can be chosen from (source, shapes, their clicks): with the first positive
+    click, it decides the start, so an engine that saw both before knows the start's identity without decoding."""
+    h = hashlib.blake2b(candidates.source.encode("utf-8", "surrogatepass"), digest_size=16)
+    h.update(repr(tuple(candidates.size)).encode())
+    for kind, data, clicks in candidates.shapes[:MAX_CANDIDATES]:
+        h.update(kind.encode())
+        h.update(_digest(data).encode())
+        h.update(repr(clicks).encode())
+    return h.hexdigest()
 
 
 def start_region(candidates: StartCandidates | None, clicks: tuple[Click, ...]) -> OnScreenStart | None:

@@ -54,7 +54,9 @@ class ClickEngineConfig:
     """engine: one of ENGINES; cache_dir: where converted models are kept (None: $INTERFORMER_ENGINE_CACHE,
     else ~/.cache/interformer/click-engine); compile: "blocking" (the first click at a new padded size waits
     for its conversion, so every click runs on the engine asked for) or "background" (the runtime converts
-    in a thread and torch answers that size's clicks until it is ready: no click waits seconds; serving)."""
+    in a thread and torch answers that size's clicks until it is ready: no click waits seconds; serving).
+    A session keeps the engine that answered its first click (`ClickEngine.answering`): its clicks, undo and
+    replay never mix torch states with compiled ones."""
 
     engine: str = "torch"
     cache_dir: str | None = None
@@ -107,6 +109,10 @@ class ClickEngine(Protocol):
     def margin(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache, roi: Roi | None) -> np.ndarray:
         """logit1 - logit0 on the padded canvas (the size of ref_label [1, 1, H, W]), float32 numpy."""
 
+    def answering(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache) -> "ClickEngine":
+        """The engine that answers inputs of these shapes now (itself, or its torch fallback while a background
+        conversion is under way). A session pins it, so that all its clicks run on one engine."""
+
 
 class TorchEngine:
     """The reference: the model's own `decode` in PyTorch fp32."""
@@ -115,6 +121,9 @@ class TorchEngine:
 
     def __init__(self, model: InterFormer) -> None:
         self.model = model
+
+    def answering(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache) -> "TorchEngine":
+        return self
 
     def margin(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache, roi: Roi | None) -> np.ndarray:
         pyramid = [x0, None, None, None]  # with cached keys/values only level 0 is read
@@ -289,6 +298,13 @@ class OpenVINOEngine:
                 return (None, None, None)
             entry = self._compiled[signature] = self._build_or_fallback(signature, inputs)
         return entry
+
+    def answering(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache) -> ClickEngine:
+        """Itself when this size's compiled model is ready (blocking mode: converted now), else the torch
+        fallback: background mode starts the conversion; a size the runtime could not take stays on torch."""
+        inputs = [x0, ref_label, *(t for kv in cache.keys_values for t in kv)]
+        compiled, _, _ = self._request(self._signature(x0, ref_label, cache), inputs)
+        return self if compiled is not None else self._fallback
 
     def margin(self, x0: torch.Tensor, ref_label: torch.Tensor, cache: IMSACache, roi: Roi | None) -> np.ndarray:
         if roi is not None:

@@ -249,7 +249,8 @@ class Predictor:
 
     def session(self, feats: ImageFeatures, box: Roi | None = None, initial_mask: np.ndarray | None = None,
                 start: SessionStart | None = None,
-                initial_clicks: Sequence[Click | tuple] | None = None) -> "InteractiveSession":
+                initial_clicks: Sequence[Click | tuple] | None = None,
+                engine: ClickEngine | None = None) -> "InteractiveSession":
         """A new interactive session (one object) over encoded features.
 
         `box` (left, up, right, bottom, original pixels) fixes the zoom-in region of the refine stages
@@ -257,24 +258,35 @@ class Predictor:
         starts from an existing mask, e.g. a pre-annotation to correct (`SessionStart.from_mask`);
         `initial_clicks` from the state those clicks make (e.g. the pre-annotation's own simulated clicks:
         later clicks answer exactly as if added after them, and undo stops there); `start` from any
-        `SessionStart`, e.g. a given reference-label map (`SessionStart.from_ref_label`).
+        `SessionStart`, e.g. a given reference-label map (`SessionStart.from_ref_label`). Every click of the
+        session runs on one engine: `engine` when given (from `click_engine_for`), else the one answering now.
         """
         if sum(x is not None for x in (initial_mask, start, initial_clicks)) > 1:
             raise ValueError("give at most one of initial_mask, initial_clicks and start")
+        engine = engine if engine is not None else self.click_engine_for(feats)
         if initial_mask is not None:
             start = SessionStart.from_mask(initial_mask, feats.geometry)
         elif initial_clicks is not None:
-            prefix = InteractiveSession(self, feats, box)
+            prefix = InteractiveSession(self, feats, box, engine=engine)
             prefix.replay(initial_clicks)
             start = prefix.snapshot()
-        return InteractiveSession(self, feats, box, start)
+        return InteractiveSession(self, feats, box, start, engine=engine)
+
+    def click_engine_for(self, feats: ImageFeatures) -> ClickEngine:
+        """The engine that answers this image's clicks now: `engine`, or its torch fallback while the compiled
+        model of the image's padded size is converted in the background. A session pins it (`session`)."""
+        cache = self._ensure_cache(feats)
+        ref = torch.from_numpy(initial_ref_label(feats.geometry.padded_size)).to(self.device)[None, None]
+        return self.engine.answering(feats.pyramid[0], ref, cache)
 
     @torch.inference_mode()
-    def predict_margin(self, feats: ImageFeatures, ref_label: np.ndarray, roi: Roi | None) -> np.ndarray:
-        """One interact step: logit1 - logit0 at the padded resolution, as float32 numpy."""
+    def predict_margin(self, feats: ImageFeatures, ref_label: np.ndarray, roi: Roi | None,
+                       engine: ClickEngine | None = None) -> np.ndarray:
+        """One interact step: logit1 - logit0 at the padded resolution, as float32 numpy (on `engine` when
+        given, e.g. a session's pinned one)."""
         cache = self._ensure_cache(feats)
         rl = torch.from_numpy(ref_label).to(self.device)[None, None]
-        return self.engine.margin(feats.pyramid[0], rl, cache, roi)
+        return (engine or self.engine).margin(feats.pyramid[0], rl, cache, roi)
 
 
 def _mask_result(start: SessionStart, geometry: ImageGeometry) -> ClickResult:
@@ -289,9 +301,10 @@ class InteractiveSession:
     """Click-by-click segmentation of one object. State: reference-label map, clicks, last prediction."""
 
     def __init__(self, predictor: Predictor, feats: ImageFeatures, box: Roi | None = None,
-                 start: SessionStart | None = None) -> None:
+                 start: SessionStart | None = None, engine: ClickEngine | None = None) -> None:
         self.predictor = predictor
         self.feats = feats
+        self.engine = engine if engine is not None else predictor.click_engine_for(feats)  # runs every click
         self.geometry = feats.geometry
         self.box = box
         if start is None:
@@ -364,7 +377,7 @@ class InteractiveSession:
         prev = self._states[-1]
         ref = add_click_disk(prev.ref_label, r, c, bool(positive), self.predictor.model.config.clicks.inner_radius)
         self._clicks.append(Click(int(row), int(col), bool(positive)))
-        margin = self.predictor.predict_margin(self.feats, ref, self._roi(prev.pred, ref))
+        margin = self.predictor.predict_margin(self.feats, ref, self._roi(prev.pred, ref), self.engine)
         result = ClickResult(margin, self.geometry, tuple(self._clicks))
         pred = result.padded_mask
         self._states.append(_State(update_by_prediction(ref, pred), pred, result))

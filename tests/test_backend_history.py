@@ -230,3 +230,24 @@ def test_moving_the_first_click_off_a_region_on_screen_starts_blank(two_engines)
     served, _ = ask(lived, IMAGE, moved, 77, predictions)
     fresh_segmenter.engine.sessions.drop_image(IMAGE)
     assert (served == ask(fresh, IMAGE, moved, 77, predictions)[0]).all()
+
+
+def test_a_background_compile_never_mixes_engines_in_a_region(model, tmp_path):
+    """--engine-compile background (the server default): torch answers until the size's compiled model is
+    ready. A region's clicks, steps and undo after that answer exactly (mask and score) as a region that
+    never saw torch: the engine in use is part of the session's variant and each session keeps one engine."""
+    from interformer.click_engine import ClickEngineConfig
+
+    ckpt, predictor = model
+    db = tmp_path / "db"
+    _store(db, predictor, [(IMAGE, grabcut_images(1, SIZE)[0][1])])
+    engine_cfg = ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path / "ir"), compile="background")
+    segmenter, client = _serve(db, ckpt, click_engine=engine_cfg)
+    clicks = [Click(30, 40, True), Click(10, 80, False), Click(50, 20, True)]
+    items = [keypoint_at(c.row, c.col, SIZE, c.positive, f"k{i}") for i, c in enumerate(clicks)]
+    ask(client, IMAGE, items[:1])  # torch answers; the conversion starts
+    assert segmenter.engine.predictor.engine.wait_ready(timeout=300)
+    for n in (2, 3, 1):  # step, step, undo to one click
+        mask, region = ask(client, IMAGE, items[:n])
+        fresh_mask, fresh_region = ask(client, IMAGE, [dict(it, id=f"f{n}-{i}") for i, it in enumerate(items[:n])])
+        assert (mask == fresh_mask).all() and region["score"] == fresh_region["score"], n

@@ -256,6 +256,33 @@ def test_background_compile_answers_with_torch_until_the_size_is_ready(small_mod
         ClickEngineConfig("fast", compile="lazy")
 
 
+def test_a_session_keeps_the_engine_of_its_first_click_across_a_background_compile(small_model, tmp_path):
+    """With background compile torch answers a size until its compiled model is ready; a session started then
+    stays on torch (steps, undo and replay never mix torch states with compiled ones) and a session started
+    after runs wholly on the compiled engine."""
+    from interformer.clicks import Click
+
+    exact = Predictor(small_model, device="cpu")
+    fast = Predictor(small_model, device="cpu",
+                     engine=ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path), compile="background"))
+    feats = exact.encode(np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    clicks = [Click(30, 30, True), Click(10, 50, False), Click(45, 12, True)]
+    early = fast.session(feats)
+    assert early.engine.name == "torch"
+    early.add_click(*clicks[0])
+    assert fast.engine.wait_ready(timeout=300)
+    for n in (2, 3):
+        want = exact.session(feats).replay(clicks[:n]).margin
+        assert np.array_equal(early.add_click(*clicks[n - 1]).margin, want)  # still torch: bit-identical
+    assert np.array_equal(early.undo().margin, exact.session(feats).replay(clicks[:2]).margin)
+    late = fast.session(feats)
+    assert late.engine.name == "openvino-f32"
+    stepped = [late.add_click(*c).margin for c in clicks]
+    assert np.array_equal(late.undo().margin, stepped[1])
+    assert np.array_equal(fast.session(feats).replay(clicks[:2]).margin, stepped[1])
+    np.testing.assert_allclose(stepped[1], exact.session(feats).replay(clicks[:2]).margin, rtol=0, atol=1e-3)
+
+
 def test_compiled_click_networks_do_not_pin_threads_to_cores(small_model, tmp_path):
     """Processes that each run an engine (serving actors, pre-annotation workers) must not all pin their
     threads to the first cores: OpenVINO pins by default, which made two 1-thread actors share one core."""
