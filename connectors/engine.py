@@ -29,7 +29,7 @@ from interformer.click_engine import ClickEngine, ClickEngineConfig
 from interformer.config import PreprocessConfig
 from interformer.encode_engine import check_encode_names
 from interformer.features import ImageFeatures
-from interformer.predictor import InteractiveSession, Predictor, set_cpu_threads
+from interformer.predictor import InteractiveSession, Predictor, mask_to_canvas, set_cpu_threads
 from pipeline.encoding import EncoderSpec, build_predictor
 from pipeline.feature_store import (
     EncodedImage,
@@ -395,14 +395,13 @@ class _unexpected:
 
 
 def _score(margin: np.ndarray, feats: ImageFeatures, mask: np.ndarray) -> float:
-    """Mean foreground probability over the mask, at the network resolution (0 for an empty mask)."""
+    """Mean foreground probability over the returned mask (bool, original size: a box prompt's is cut to the
+    box), at the network resolution: the mask is taken to the network canvas (nearest, as a start mask is), so
+    a rescaled image (--max-side) scores the mask it returns, not the whole canvas. 0 for an empty mask."""
     g = feats.geometry
     h, w = g.resized_size
     m = margin[:h, :w]
-    if g.resized:
-        pos = m > 0
-    else:
-        pos = mask & (m > 0)
+    pos = mask_to_canvas(mask, g)[:h, :w] & (m > 0)
     if not pos.any():
         return 0.0
     return float(np.mean(1.0 / (1.0 + np.exp(-m[pos].astype(np.float64)))))

@@ -251,3 +251,51 @@ def test_a_background_compile_never_mixes_engines_in_a_region(model, tmp_path):
         mask, region = ask(client, IMAGE, items[:n])
         fresh_mask, fresh_region = ask(client, IMAGE, [dict(it, id=f"f{n}-{i}") for i, it in enumerate(items[:n])])
         assert (mask == fresh_mask).all() and region["score"] == fresh_region["score"], n
+
+
+def test_the_score_is_the_mean_probability_over_the_returned_mask_on_a_rescaled_image(model, tmp_path):
+    """--max-side: the network sees the image rescaled. A box prompt's answer is cut to the box; its score is
+    the mean foreground probability over that returned mask at the network resolution (0 when it is empty),
+    never over the model's whole canvas."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from connectors.protocol import box_to_click
+    from interformer.config import PreprocessConfig
+    from interformer.predictor import mask_to_canvas
+    from pipeline.encoding import EncoderSpec, build_predictor
+
+    ckpt, _ = model
+    preprocess = PreprocessConfig(max_side=64)  # the 64x96 image runs at 43x64
+    predictor = build_predictor(EncoderSpec(checkpoint=str(ckpt), variant="small", preprocess=preprocess), device="cpu")
+    db = tmp_path / "db"
+    _store(db, predictor, [(IMAGE, grabcut_images(1, SIZE)[0][1])])
+    _, client = _serve(db, ckpt, preprocess=preprocess)
+    feats = FeatureReader(str(db), predictor.fingerprint, table="features").get(IMAGE)
+    assert feats.geometry.resized
+    h, w = SIZE
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(x=st.integers(0, 90), y=st.integers(0, 58), bw=st.integers(3, 96), bh=st.integers(3, 64))
+    def check(x, y, bw, bh):
+        bw, bh = min(bw, w - x), min(bh, h - y)
+        box = {"original_width": w, "original_height": h, "image_rotation": 0,
+               "value": {"x": x * 100.0 / w, "y": y * 100.0 / h, "width": bw * 100.0 / w, "height": bh * 100.0 / h,
+                         "rotation": 0, "rectanglelabels": ["object"]},
+               "id": "b1", "from_name": "box", "to_name": "image", "type": "rectanglelabels"}
+        returned, region = ask(client, IMAGE, [box])
+        click, (left, up, right, bottom) = box_to_click(box["value"], SIZE)
+        outside = returned.copy()
+        outside[up:bottom, left:right] = False
+        assert not outside.any()  # cut to the box
+        roi = (left, up, right, bottom)
+        margin = predictor.session(feats, box=roi).replay([click]).margin
+        rh, rw = feats.geometry.resized_size
+        m = margin[:rh, :rw]
+        pos = mask_to_canvas(returned, feats.geometry)[:rh, :rw] & (m > 0)
+        want = float(np.mean(1 / (1 + np.exp(-m[pos].astype(np.float64))))) if pos.any() else 0.0
+        score = region["score"] if region else 0.0
+        assert score == pytest.approx(want, abs=1e-9), (x, y, bw, bh, int(returned.sum()))
+        assert (score == 0.0) == (not returned.any())
+
+    check()
