@@ -3,14 +3,22 @@
 Reads the labelling config and the tasks (only the fields needed), creates tasks for images that
 have none (with `image_id` in their data, so the interactive backend finds the features), and pushes
 predictions with `projects.import_predictions` in batches. Which tasks already hold a prediction of a
-model version is read from Label Studio itself (`predictions_model_versions`), which is what makes a
-re-run add nothing twice even when the job was killed between a push and its own bookkeeping.
+model version is read from Label Studio itself (the predictions' own `model_version`, compared exactly),
+which is what makes a re-run add nothing twice even when the job was killed between a push and its own
+bookkeeping.
+
+Imports are never retried by the SDK: an import whose answer is lost may have been committed, and a second
+send would add everything twice. Such an import raises `ImportInDoubt`; only a definite answer is acted on
+(400/413/422: some items are bad, the batch is halved to find them; 429: wait and send again; 401/403 and
+the other refusals: `LabelStudioError`).
 """
 from __future__ import annotations
 
+import email.utils
 import json
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .protocol import ControlTag, LabelConfig, ProtocolError, parse_label_config
 
@@ -19,21 +27,26 @@ class LabelStudioError(RuntimeError):
     """Label Studio cannot be reached, refuses the credentials, or the project cannot be used."""
 
 
+class ImportInDoubt(LabelStudioError):
+    """An import got no definite answer (a dropped connection, a timeout, a 5xx): it may have been committed."""
+
+
 @dataclass(frozen=True)
 class TaskRef:
     """What a bulk job needs to know about a task."""
 
     id: int
     image_id: str | None  # data.image_id, else the image URL (the id the backend's on-demand encoder uses)
-    model_versions: frozenset[str]
 
 
 _TITLES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
 _FORMAT_OF = {"brushlabels": "rle", "polygonlabels": "polygon"}
 
 
-def _versions(text: str | None) -> frozenset[str]:
-    return frozenset(v for v in (text or "").split(",") if v)
+NO_RETRY = {"max_retries": 0}  # an import is sent once: see the module docstring
+SPLIT_STATUSES = (400, 413, 422)  # definite refusals of some items of a batch
+MAX_THROTTLE_WAITS = 5
+MAX_THROTTLE_WAIT_S = 60.0
 
 
 class LabelStudioProject:
@@ -49,6 +62,7 @@ class LabelStudioProject:
         if not url or not api_key:
             raise LabelStudioError("Label Studio URL and API key are required (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)")
         self.client = LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout_s)
+        self.sleep: Callable[[float], None] = time.sleep  # waits after a 429 (a test replaces it)
         self.project_id = int(project_id)
         try:
             project = self.client.projects.get(id=self.project_id)
@@ -65,7 +79,7 @@ class LabelStudioProject:
 
     def _pick_output(self, kind: str | None, name: str | None) -> ControlTag:
         """The tag of `kind` named `name`, or the only one; a config without one is refused with what it has."""
-        tags = {"brushlabels": list(self.config.brushes.values()), "polygonlabels": list(self.config.polygons.values())}
+        tags = {k: self.config.outputs_of(k) for k in ("brushlabels", "polygonlabels")}
         candidates = tags[kind] if kind else tags["brushlabels"] + tags["polygonlabels"]
         title = _TITLES.get(kind, "BrushLabels/PolygonLabels")
         if not candidates:
@@ -76,9 +90,12 @@ class LabelStudioProject:
                 f"{_FORMAT_OF[kind]} (it has {_TITLES[other]} {has}): use --mask-format {_FORMAT_OF[other]}, or "
                 f"add a <{title}> tag to the config")
         if name is not None:
-            for t in candidates:
-                if t.name == name:
-                    return t
+            named = [t for t in candidates if t.name == name]
+            if len(named) == 1:
+                return named[0]
+            if named:
+                raise LabelStudioError(f"project {self.project_id} has {len(named)} {title} tags named {name!r}: "
+                                       "give each tag of the labelling config its own name")
             raise LabelStudioError(f"project {self.project_id} has no {title} named {name!r} "
                                    f"(it has {[t.name for t in candidates]})")
         if len(candidates) != 1:
@@ -91,80 +108,193 @@ class LabelStudioProject:
     def labels(self) -> tuple[str, ...]:
         return self.brush.labels
 
-    def _list(self, include: str | None, page_size: int = 200) -> list[dict[str, Any]]:
-        kwargs = {"include": include} if include else {}
-        try:
-            pager = self.client.tasks.list(project=self.project_id, page_size=page_size, **kwargs)
-            return [t.model_dump(exclude_none=True) for t in pager]
-        except Exception as e:
-            raise LabelStudioError(f"cannot list the tasks of project {self.project_id}: {_describe(e)}") from None
+    def _pages(self, include: str | None, filters: Sequence[dict] = (), page_size: int = 200) -> Iterator[dict]:
+        """The project's tasks (filtered by data manager `filters`) in id order, read by id ranges.
+
+        Each request asks for the tasks after the last id seen, never for a page number: a task deleted (or
+        created) while the list is read then cannot shift another task past a page boundary, and a shorter
+        list cannot end the read early (the SDK's pager takes a 404 on a vanished page for the end)."""
+        after = 0
+        while True:
+            items = [*filters, {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after}]
+            query = json.dumps({"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]})
+            kwargs = {"include": include} if include else {}
+            try:
+                page = self.client.tasks.list(project=self.project_id, query=query, page=1, page_size=page_size,
+                                              **kwargs).items or []
+                tasks = [t.model_dump(exclude_none=True) for t in page]
+            except Exception as e:
+                raise LabelStudioError(f"cannot list the tasks of project {self.project_id}: {_describe(e)}") from None
+            ids = [_task_id(t) for t in tasks]
+            if any(i is None or i <= after for i in ids):
+                raise LabelStudioError(f"project {self.project_id}: Label Studio listed tasks out of id order; "
+                                       "its task list cannot be read reliably")
+            yield from tasks
+            if len(tasks) < page_size:
+                return
+            after = ids[-1]
 
     def task_refs(self) -> list[TaskRef]:
-        """Every task's id, image id and the model versions of its predictions (no result payloads)."""
+        """Every task's id and image id (no result payloads)."""
         refs = []
-        for t in self._list("id,data,predictions_model_versions", page_size=500):
-            data = t.get("data") or {}
+        for t in self._pages("id,data", page_size=500):
+            data = t.get("data") if isinstance(t.get("data"), dict) else {}
             image_id = data.get("image_id") or data.get(self.image_key)
-            refs.append(TaskRef(int(t["id"]), str(image_id) if image_id else None,
-                                _versions(t.get("predictions_model_versions"))))
+            refs.append(TaskRef(_task_id(t), str(image_id) if image_id else None))
         return refs
 
-    def model_versions_of(self, task_ids: Iterable[int], chunk: int = 200) -> dict[int, frozenset[str]]:
-        """The model versions of the predictions each of `task_ids` holds now (a task deleted meanwhile is absent).
+    def tasks_holding(self, model_version: str, task_ids: Iterable[int] | None = None,
+                      chunk: int = 200) -> set[int]:
+        """The tasks (of `task_ids`, else of the project) holding a prediction whose model_version is exactly
+        `model_version`, read now.
 
-        Read just before a push, so that a prediction another run pushed since this run started is not pushed
-        again; the data manager's `selectedItems` query lists only these tasks."""
-        ids = sorted({int(t) for t in task_ids})
-        out: dict[int, frozenset[str]] = {}
-        for start in range(0, len(ids), chunk):
-            query = json.dumps({"selectedItems": {"all": False, "included": ids[start : start + chunk]}})
-            try:
-                pager = self.client.tasks.list(project=self.project_id, query=query,
-                                               include="id,predictions_model_versions", page_size=chunk)
-                tasks = [t.model_dump(exclude_none=True) for t in pager]
-            except Exception as e:
-                raise LabelStudioError(f"cannot read the predictions of {len(ids)} tasks of project "
-                                       f"{self.project_id}: {_describe(e)}") from None
-            out.update((int(t["id"]), _versions(t.get("predictions_model_versions"))) for t in tasks)
+        The data manager narrows the tasks first (its `contains` filter runs on the stored predictions: every
+        task holding the version is among its answer, perhaps with others holding a longer or differently
+        cased one); each candidate's predictions are then read and compared exactly. The task field
+        `predictions_model_versions` is never used: it is a display string cut at 500 characters."""
+        narrow = [{"filter": "filter:tasks:predictions_model_versions", "operator": "contains", "type": "List",
+                   "value": [model_version]}]
+        candidates: list[int] = []
+        if task_ids is None:
+            candidates = [_task_id(t) for t in self._pages("id", narrow, page_size=500)]
+        else:
+            ids = sorted({int(t) for t in task_ids})
+            for start in range(0, len(ids), chunk):
+                query = json.dumps({"filters": {"conjunction": "and", "items": narrow},
+                                    "selectedItems": {"all": False, "included": ids[start : start + chunk]}})
+                try:
+                    page = self.client.tasks.list(project=self.project_id, query=query, include="id", page=1,
+                                                  page_size=chunk).items or []
+                except Exception as e:
+                    raise LabelStudioError(f"cannot read the predictions of {len(ids)} tasks of project "
+                                           f"{self.project_id}: {_describe(e)}") from None
+                candidates += [_task_id(t.model_dump(exclude_none=True)) for t in page]
+        return {t for t, versions in self._prediction_versions(candidates).items() if model_version in versions}
+
+    def _prediction_versions(self, task_ids: Sequence[int], per_task_max: int = 50) -> dict[int, set[str]]:
+        """task id -> the exact model versions of its predictions; one request per task for a few tasks, else
+        one request for the project's predictions."""
+        wanted = set(task_ids)
+        if not wanted:
+            return {}
+        try:
+            if len(wanted) <= per_task_max:
+                predictions = [p for t in sorted(wanted) for p in self.client.predictions.list(task=t)]
+            else:
+                predictions = self.client.predictions.list(project=self.project_id)
+        except Exception as e:
+            raise LabelStudioError(f"cannot read the predictions of {len(wanted)} tasks of project "
+                                   f"{self.project_id}: {_describe(e)}") from None
+        out: dict[int, set[str]] = {}
+        for p in predictions:
+            if p.task in wanted and isinstance(p.model_version, str):
+                out.setdefault(p.task, set()).add(p.model_version)
         return out
 
     def tasks_with_regions(self) -> list[dict[str, Any]]:
         """Tasks with their full annotations and predictions (`include` would return annotation ids only)."""
-        return self._list(None, page_size=100)
+        return list(self._pages(None, page_size=100))
 
     def create_tasks(self, items: Sequence[tuple[str, str]], batch: int = 500) -> int:
-        """Create one task per (image_id, image URL) with data {image key: URL, "image_id": id}; returns the count."""
+        """Create one task per (image_id, image URL) with data {image key: URL, "image_id": id}; returns the count.
+
+        Each import is sent once; one without a definite answer raises `ImportInDoubt` (look the images up
+        before creating any of them again)."""
         created = 0
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
             request = [{"data": {self.image_key: url, "image_id": image_id}} for image_id, url in chunk]
+            what = f"creating {len(chunk)} tasks in project {self.project_id}"
             try:
-                self.client.projects.import_tasks(id=self.project_id, request=request)
-            except Exception as e:
-                raise LabelStudioError(f"could not create {len(chunk)} tasks in project {self.project_id}: "
-                                       f"{_describe(e)}") from None
+                self._send(lambda: self.client.projects.import_tasks(id=self.project_id, request=request,
+                                                                     request_options=NO_RETRY), what)
+            except _Refused as e:
+                raise LabelStudioError(f"{what} was refused: {e}") from None
             created += len(chunk)
         return created
 
-    def push(self, predictions: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int, str]]]:
-        """Import predictions in one call; if Label Studio refuses the batch, halve it to find the bad ones.
-
-        Returns (created, [(task id, error)]) so that one bad task never stops the others.
-        """
+    def push(self, predictions: Sequence[dict[str, Any]]) -> PushResult:
+        """Import predictions in one call; if Label Studio refuses some of them (400/413/422), halve the batch
+        to find the bad ones, so that one bad task never stops the others. A part without a definite answer
+        is returned in `in_doubt`, never sent again here."""
         if not predictions:
-            return 0, []
+            return PushResult()
+        what = f"pushing {len(predictions)} predictions to project {self.project_id}"
         try:
-            response = self.client.projects.import_predictions(id=self.project_id, request=list(predictions))
-            return int(getattr(response, "created", len(predictions)) or 0), []
-        except Exception as e:
-            if len(predictions) == 1 or not _is_client_error(e):
-                if _is_client_error(e):
-                    return 0, [(int(predictions[0]["task"]), _describe(e))]
-                raise LabelStudioError(f"pushing {len(predictions)} predictions failed: {_describe(e)}") from None
-        half = len(predictions) // 2
-        a = self.push(predictions[:half])
-        b = self.push(predictions[half:])
-        return a[0] + b[0], a[1] + b[1]
+            response = self._send(lambda: self.client.projects.import_predictions(
+                id=self.project_id, request=list(predictions), request_options=NO_RETRY), what)
+        except ImportInDoubt as e:
+            return PushResult(in_doubt=list(predictions), error=str(e))
+        except _Refused as e:
+            if len(predictions) == 1:
+                return PushResult(refused=[(int(predictions[0]["task"]), str(e))])
+            half = len(predictions) // 2
+            return self.push(predictions[:half]) + self.push(predictions[half:])
+        created = getattr(response, "created", None)
+        return PushResult(created=int(created) if isinstance(created, int) else len(predictions))
+
+    def _send(self, call: Callable[[], Any], what: str) -> Any:
+        """`call()` once, or again after a 429 (Retry-After honoured, bounded); a definite refusal of some
+        items raises `_Refused`, any other refusal `LabelStudioError`, no definite answer `ImportInDoubt`."""
+        for attempt in range(MAX_THROTTLE_WAITS + 1):
+            try:
+                return call()
+            except Exception as e:
+                status = _status(e)
+                if status == 429 and attempt < MAX_THROTTLE_WAITS:
+                    self.sleep(throttle_wait(getattr(e, "headers", None), attempt))
+                    continue
+                if status in SPLIT_STATUSES:
+                    raise _Refused(_describe(e)) from None
+                if status in (401, 403):
+                    raise LabelStudioError(f"{what}: Label Studio refuses the API key ({_describe(e)}); check "
+                                           "LABEL_STUDIO_API_KEY and the key's access to the project") from None
+                if status == 429:
+                    raise LabelStudioError(f"{what}: Label Studio still answers 429 (too many requests) after "
+                                           f"{MAX_THROTTLE_WAITS} waits; run again later") from None
+                if status is not None and 400 <= status < 500 and status != 408:
+                    raise LabelStudioError(f"{what} was refused: {_describe(e)}") from None
+                raise ImportInDoubt(f"{what}: no definite answer ({_describe(e)})") from None
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class PushResult:
+    """What one push did: predictions created, (task id, error) refused, and those sent without a definite
+    answer (perhaps created: see `LabelStudioProject.tasks_holding`)."""
+
+    created: int = 0
+    refused: list[tuple[int, str]] = field(default_factory=list)
+    in_doubt: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None  # why the in-doubt part has no answer
+
+    def __add__(self, other: "PushResult") -> "PushResult":
+        return PushResult(self.created + other.created, self.refused + other.refused,
+                          self.in_doubt + other.in_doubt, self.error or other.error)
+
+
+class _Refused(Exception):
+    """Label Studio answered 400/413/422: nothing of the request was stored."""
+
+
+def throttle_wait(headers: Any, attempt: int) -> float:
+    """Seconds to wait after a 429: its Retry-After (seconds or an HTTP date), else 1, 2, 4... seconds;
+    at most MAX_THROTTLE_WAIT_S."""
+    value = None
+    if isinstance(headers, dict):
+        value = next((v for k, v in headers.items() if str(k).lower() == "retry-after"), None)
+    seconds = 2.0 ** attempt
+    if isinstance(value, str) and value.strip():
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                pass
+    if seconds != seconds:  # NaN
+        seconds = 1.0
+    return min(max(seconds, 0.0), MAX_THROTTLE_WAIT_S)
 
 
 def index_tasks(refs: Iterable[TaskRef]) -> tuple[dict[str, TaskRef], list[tuple[str, int]]]:
@@ -194,9 +324,14 @@ def url_template(template: str) -> Callable[[str, str | None, str | None], str]:
     return make
 
 
-def _is_client_error(e: Exception) -> bool:
+def _status(e: Exception) -> int | None:
     status = getattr(e, "status_code", None)
-    return isinstance(status, int) and 400 <= status < 500
+    return status if isinstance(status, int) else None
+
+
+def _task_id(task: dict) -> int | None:
+    tid = task.get("id")
+    return tid if isinstance(tid, int) and not isinstance(tid, bool) else None
 
 
 def _describe(e: Exception) -> str:

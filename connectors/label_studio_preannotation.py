@@ -16,7 +16,7 @@ from pipeline.preannotation import ImageResult
 from pipeline.preannotation_run import PreannotateConfig, TaskAttachment
 from pipeline.prompts import ImageJob, Problem, PromptSet, filter_labels
 
-from .label_studio_client import LabelStudioProject, index_tasks, url_template
+from .label_studio_client import ImportInDoubt, LabelStudioError, LabelStudioProject, index_tasks, url_template
 from .label_studio_prompts import prediction_for, task_prompts
 
 
@@ -60,28 +60,44 @@ class ProjectLink:
 
     def attach_tasks(self, jobs: list[ImageJob], model_version: str) -> TaskAttachment:
         """Give every job its task (creating tasks for images that have none); jobs read from tasks keep their
-        own task. `delivered` holds the jobs whose task already has a prediction of `model_version`."""
+        own task. `delivered` holds the jobs whose task already has a prediction of `model_version`; `lost` the
+        jobs whose task was deleted meanwhile.
+
+        An image is given a new task only when two reads of the project agree that it has none, and a task
+        import without a definite answer is never sent again: the run stops, and the next run looks the
+        images up before creating anything."""
         project = self.project
         refs = project.task_refs()
         index, extra = index_tasks(refs)
-        missing = [j for j in jobs if j.task_id is None and j.image_id not in index]
         created = 0
+        missing = [j for j in jobs if j.task_id is None and j.image_id not in index]
         if missing:
-            make_url = url_template(self.cfg.image_url)
-            created = project.create_tasks([(j.image_id, make_url(j.image_id, j.file_name, j.uri)) for j in missing])
             refs = project.task_refs()
             index, extra = index_tasks(refs)
+            missing = [j for j in missing if j.image_id not in index]
+        if missing:
+            make_url = url_template(self.cfg.image_url)
+            unique = {j.image_id: make_url(j.image_id, j.file_name, j.uri) for j in missing}
+            try:
+                created = project.create_tasks(list(unique.items()))
+            except ImportInDoubt as e:
+                raise LabelStudioError(f"{e}. Its tasks may exist now: run again, the next run looks every image "
+                                       "up before it creates a task") from None
+            refs = project.task_refs()
+            index, extra = index_tasks(refs)
+        holding = project.tasks_holding(model_version)
         by_task = {r.id: r for r in refs}
-        out, delivered = [], set()
+        out, delivered, lost = [], set(), []
         for j in jobs:
             ref = by_task.get(j.task_id) if j.task_id is not None else index.get(j.image_id)
             if ref is None:  # a task deleted while the job runs
+                lost.append({"image_id": j.image_id, "task": j.task_id})
                 continue
             j = replace(j, task_id=ref.id)
             out.append(j)
-            if model_version in ref.model_versions:
+            if ref.id in holding:
                 delivered.add(j.key)
-        return TaskAttachment(out, delivered, created, [{"image_id": i, "task": t} for i, t in extra])
+        return TaskAttachment(out, delivered, created, [{"image_id": i, "task": t} for i, t in extra], lost)
 
     def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str) -> "Pusher":
         return Pusher(self.project, model_version, self.cfg.push_batch, task_of, fingerprint)
@@ -94,7 +110,12 @@ class Pusher:
     Just before each import the batch's tasks are read again, and a task that already holds a prediction of
     this model version (another run pushed it since this one read the project) is left out and counted in
     `already_there`. Two runs can then push the same task twice only if both re-read it inside the same
-    batch window, between one's re-read and its import."""
+    batch window, between one's re-read and its import.
+
+    An import without a definite answer (a lost connection, a timeout, a 5xx, the run stopped during it) is
+    never sent again by this process, since Label Studio may have stored it, perhaps only after the answer
+    was lost: `finish` reads those tasks again and counts the ones that hold the prediction as pushed; the
+    others stay `in_doubt`, for the next run, which reads the project before it pushes anything."""
 
     def __init__(self, project: LabelStudioProject, model_version: str, batch: int, task_of: dict[str, int],
                  fingerprint: str) -> None:
@@ -107,6 +128,7 @@ class Pusher:
         self.pushed = 0
         self.already_there = 0
         self.failures: list[dict] = []
+        self.in_doubt: list[dict] = []  # {"task", "error"} of predictions sent without a definite answer
 
     def add(self, result: ImageResult) -> None:
         task_id = self.task_of.get(result.key)
@@ -119,18 +141,42 @@ class Pusher:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buffer:
+        """Push the buffer (emptied first: whatever happens, no prediction of it is sent twice)."""
+        batch, self.buffer = self.buffer, []
+        if not batch:
             return
-        versions = self.project.model_versions_of(p["task"] for p in self.buffer)
-        fresh = not_yet_delivered(self.buffer, versions, self.model_version)
-        created, failures = self.project.push(fresh)
-        self.already_there += len(self.buffer) - len(fresh)
-        self.pushed += created
-        self.failures.extend({"task": t, "error": e} for t, e in failures)
-        self.buffer = []
+        try:
+            held = self.project.tasks_holding(self.model_version, (p["task"] for p in batch))
+        except LabelStudioError as e:
+            self.failures.extend({"task": p["task"], "error": f"not pushed: {e}"} for p in batch)
+            raise
+        fresh = [p for p in batch if int(p["task"]) not in held]
+        self.already_there += len(batch) - len(fresh)
+        try:
+            outcome = self.project.push(fresh)
+        except LabelStudioError as e:
+            self.failures.extend({"task": p["task"], "error": f"not pushed: {e}"} for p in fresh)
+            raise
+        except BaseException:  # stopped (SIGTERM, Ctrl-C) while the import was on its way
+            self.in_doubt.extend({"task": p["task"], "error": "the run stopped during the import"} for p in fresh)
+            raise
+        self.pushed += outcome.created
+        self.failures.extend({"task": t, "error": e} for t, e in outcome.refused)
+        self.in_doubt.extend({"task": p["task"], "error": outcome.error} for p in outcome.in_doubt)
 
+    def finish(self) -> None:
+        """Push what is left, then count the in-doubt predictions that Label Studio holds as pushed."""
+        try:
+            self.flush()
+        finally:
+            self._settle()
 
-def not_yet_delivered(predictions: list[dict], versions: dict[int, frozenset[str]], model_version: str) -> list[dict]:
-    """The predictions whose task holds no prediction of `model_version` yet (a task that is gone is kept: its
-    import fails and is reported as a push failure, as before)."""
-    return [p for p in predictions if model_version not in versions.get(int(p["task"]), frozenset())]
+    def _settle(self) -> None:
+        if not self.in_doubt:
+            return
+        try:
+            held = self.project.tasks_holding(self.model_version, (d["task"] for d in self.in_doubt))
+        except LabelStudioError:
+            return
+        self.pushed += sum(int(d["task"]) in held for d in self.in_doubt)
+        self.in_doubt = [d for d in self.in_doubt if int(d["task"]) not in held]

@@ -31,6 +31,7 @@ from pipeline.prompts import (
 )
 
 from .protocol import (
+    MAX_REGION_ID_CHARS,
     PROMPT_TYPES,
     ContextItem,
     ControlTag,
@@ -53,18 +54,38 @@ def _label(item: ContextItem) -> str | None:
     return labels[0] if isinstance(labels, list) and labels and isinstance(labels[0], str) else None
 
 
-def _newest_with_prompts(entries: Iterable[dict], model_version: str | None, skip_version: str | None) -> list[dict]:
-    """Prompt regions of the newest annotation/prediction that has any (cancelled annotations skipped)."""
+def _on_image(region: dict, config: LabelConfig, image: str) -> bool:
+    """Whether a region is drawn on the Image tag `image` (the output tag's image): its to_name says so (or it
+    names none and the config has one image only), and its from_name is not a prompt tag of another image."""
+    to_name, from_name = region.get("to_name"), region.get("from_name")
+    if to_name is None:
+        on = len(config.images) == 1 and image in config.images
+    else:
+        on = to_name == image
+    tag = config.prompts.get(from_name) if isinstance(from_name, str) else None
+    return on and (tag is None or tag.to_name == image)
+
+
+def _newest_with_prompts(entries: list, model_version: str | None, skip_version: str | None,
+                         config: LabelConfig, image: str) -> list[tuple[int, dict]]:
+    """(index in its result, region) of the prompt regions on `image` of the newest annotation/prediction that
+    has any (cancelled annotations skipped; malformed entries ignored)."""
     candidates = []
-    for e in entries or []:
+    for e in entries:
         if not isinstance(e, dict) or e.get("was_cancelled"):
             continue
         mv = e.get("model_version")
         if (model_version is not None and mv != model_version) or (skip_version is not None and mv == skip_version):
             continue
-        regions = [r for r in e.get("result") or [] if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
+        result = e.get("result")
+        if not isinstance(result, list):
+            continue
+        regions = [(n, r) for n, r in enumerate(result)
+                   if isinstance(r, dict) and r.get("type") in PROMPT_TYPES and _on_image(r, config, image)]
         if regions:
-            candidates.append((str(e.get("updated_at") or e.get("created_at") or ""), int(e.get("id") or 0), regions))
+            when = e.get("updated_at") or e.get("created_at") or ""
+            eid = e.get("id")
+            candidates.append((str(when), eid if isinstance(eid, int) and not isinstance(eid, bool) else 0, regions))
     if not candidates:
         return []
     return max(candidates, key=lambda c: (c[0], c[1]))[2]
@@ -78,28 +99,44 @@ def task_prompts(
     prompt_model_version: str | None = None,
     skip_model_version: str | None = None,
 ) -> PromptSet:
-    """Image jobs (one per task with prompt regions) and per-object problems.
+    """Image jobs (one per task with prompt regions on the output tag's image) and per-object problems.
 
     source: "annotations" or "predictions" (then only those of `prompt_model_version` when given, and never
-    those of `skip_model_version`, the version this job writes).
+    those of `skip_model_version`, the version this job writes). A malformed task is a problem of its own,
+    never an exception.
     """
     if source not in PROMPT_SOURCES:
         raise ValueError(f"source must be one of {PROMPT_SOURCES}, got {source!r}")
     image_key = config.image_key(brush.to_name)
     out = PromptSet()
-    for task in tasks:
-        tid = int(task["id"])
-        entries = task.get(source) or []
+    for n, task in enumerate(tasks):
+        tid = task.get("id") if isinstance(task, dict) else None
+        if not isinstance(tid, int) or isinstance(tid, bool):
+            out.problems.append(Problem(f"ls:task-{n}", None, None, BAD_IMAGE_ENTRY,
+                                        f"task number {n} of the project's list has no integer id: {_shown(tid)}"))
+            continue
+        entries = task.get(source)
+        if not isinstance(entries, list):
+            if entries is not None:
+                out.problems.append(Problem(f"ls:{tid}", None, None, BAD_IMAGE_ENTRY,
+                                            f"task {tid}: {source} is not a list: {_shown(entries)}"))
+            continue
         regions = _newest_with_prompts(entries, prompt_model_version if source == "predictions" else None,
-                                       skip_model_version if source == "predictions" else None)
+                                       skip_model_version if source == "predictions" else None,
+                                       config, brush.to_name)
         if not regions:
             continue
-        data = task.get("data") or {}
+        data = task.get("data")
+        if not isinstance(data, dict):
+            out.problems.append(Problem(f"ls:{tid}", None, None, BAD_IMAGE_ENTRY,
+                                        f"task {tid}: data is not an object: {_shown(data)}"))
+            continue
         ref = data.get(image_key)
         image_id = data.get("image_id") or ref
-        if not image_id:
+        if not image_id or not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
             out.problems.append(Problem(f"ls:{tid}", None, None, MISSING_IMAGE_ENTRY,
-                                        f"task {tid} has neither data.image_id nor data.{image_key}"))
+                                        f"task {tid} has neither data.image_id nor data.{image_key} "
+                                        f"(a string): {_shown(image_id)}"))
             continue
         image_id = str(image_id)
         job, problems = _task_job(tid, image_id, ref if isinstance(ref, str) else None, regions)
@@ -110,11 +147,34 @@ def task_prompts(
     return out
 
 
-def _task_job(tid: int, image_id: str, ref: str | None, regions: list[dict]) -> tuple[ImageJob | None, list[Problem]]:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def region_key(tid: int, index: int, region: dict) -> str:
+    """The object key of a region of task `tid`: its Label Studio id (a digest of a long one), else its index
+    in the result (Label Studio accepts regions without an id)."""
+    rid = region.get("id")
+    if not isinstance(rid, str) or not rid:
+        return f"ls:{tid}:#{index}"
+    if len(rid) > MAX_REGION_ID_CHARS:
+        rid = "sha1-" + hashlib.sha1(rid.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"ls:{tid}:{rid}"
+
+
+def _task_job(tid: int, image_id: str, ref: str | None,
+              regions: list[tuple[int, dict]]) -> tuple[ImageJob | None, list[Problem]]:
     problems: list[Problem] = []
-    items: list[ContextItem] = []
-    for n, r in enumerate(regions):
-        key = f"ls:{tid}:{r.get('id') or n}"
+    items: list[tuple[str, ContextItem]] = []
+    seen: set[str] = set()
+    for n, r in regions:
+        key = region_key(tid, n, r)
+        if key in seen:
+            problems.append(Problem(key, image_id, None, BAD_IMAGE_ENTRY,
+                                    f"task {tid} has several regions with the id {r.get('id')!r}: only the first is used"))
+            continue
+        seen.add(key)
         try:
             item = parse_body(ContextItem, r)
         except ProtocolError as e:
@@ -123,18 +183,22 @@ def _task_job(tid: int, image_id: str, ref: str | None, regions: list[dict]) -> 
         if _label(item) is None:
             problems.append(Problem(key, image_id, None, BAD_POINTS, f"{item.type} region has no label"))
             continue
-        items.append(item)
-    sizes = {(it.original_height, it.original_width) for it in items}
+        if item.image_rotation:
+            problems.append(Problem(key, image_id, _label(item), BAD_IMAGE_ENTRY,
+                                    f"rotated images are not supported (image_rotation={item.image_rotation:g}): "
+                                    "draw the prompt on the image unrotated"))
+            continue
+        items.append((key, item))
+    sizes = {(it.original_height, it.original_width) for _, it in items}
     if len(sizes) > 1:
-        problems += [Problem(f"ls:{tid}:{it.id}", image_id, _label(it), BAD_IMAGE_ENTRY,
-                             f"regions disagree on the image size: {sorted(sizes)}") for it in items]
+        problems += [Problem(key, image_id, _label(it), BAD_IMAGE_ENTRY,
+                             f"regions disagree on the image size: {sorted(sizes)}") for key, it in items]
         return None, problems
     if not items:
         return None, problems
     size = sizes.pop()
     boxes: list[dict[str, Any]] = []
-    for it in (i for i in items if i.type == "rectanglelabels"):
-        key = f"ls:{tid}:{it.id}"
+    for key, it in ((k, i) for k, i in items if i.type == "rectanglelabels"):
         try:
             click, region = box_to_click(it.value, size)
         except ProtocolError as e:
@@ -144,13 +208,13 @@ def _task_job(tid: int, image_id: str, ref: str | None, regions: list[dict]) -> 
             continue
         boxes.append({"key": key, "label": _label(it), "click": click, "region": region, "extra": []})
     groups: dict[str, list[Click]] = {}
-    for it in (i for i in items if i.type == "keypointlabels"):
+    for key, it in ((k, i) for k, i in items if i.type == "keypointlabels"):
         try:
             click = Click(percent_to_pixel(it.value.get("y"), size[0], "keypoint y"),
                           percent_to_pixel(it.value.get("x"), size[1], "keypoint x"),
                           True if it.is_positive is None else bool(it.is_positive))
         except ProtocolError as e:
-            problems.append(Problem(f"ls:{tid}:{it.id}", image_id, _label(it), BAD_POINTS, e.message))
+            problems.append(Problem(key, image_id, _label(it), BAD_POINTS, e.message))
             continue
         inside = [b for b in boxes if b["label"] == _label(it) and _contains(b["region"], click)]
         if inside:
@@ -163,6 +227,11 @@ def _task_job(tid: int, image_id: str, ref: str | None, regions: list[dict]) -> 
         key = f"ls:{tid}:points:{label}"
         if not any(c.positive for c in clicks):
             problems.append(Problem(key, image_id, label, BAD_POINTS, "only negative keypoints: nothing to segment"))
+            continue
+        if key in seen:
+            problems.append(Problem(key, image_id, label, BAD_IMAGE_ENTRY,
+                                    f"task {tid} has a region with the id 'points:{label}', the key of its "
+                                    f"{label!r} keypoints: give that region another id"))
             continue
         objects.append(ObjectPrompt(key, image_id, label, "points", size, clicks=tuple(clicks)))
     if not objects:

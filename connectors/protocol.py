@@ -147,6 +147,13 @@ class LabelConfig:
     brushes: dict[str, ControlTag]  # Image tag name -> its BrushLabels tag
     prompts: dict[str, ControlTag] = field(default_factory=dict)  # tag name -> KeyPoint/Rectangle labels
     polygons: dict[str, ControlTag] = field(default_factory=dict)  # Image tag name -> its PolygonLabels tag
+    # every BrushLabels and PolygonLabels tag in document order: an image may have several of one kind, of
+    # which `brushes`/`polygons` keep the last; a bulk job picks among all of them (or refuses to guess)
+    outputs: tuple[ControlTag, ...] = ()
+
+    def outputs_of(self, kind: str) -> list[ControlTag]:
+        """Every output tag of `kind` ("brushlabels" or "polygonlabels"), in document order."""
+        return [t for t in self.outputs if t.type == kind]
 
     def output_for(self, to_name: str | None, label: str) -> ControlTag:
         """The tag a mask labelled `label` on image `to_name` is returned in: the image's PolygonLabels when
@@ -204,6 +211,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         raise ProtocolError(422, f"label config is not valid XML: {e}") from None
     images: dict[str, str] = {}
     outputs: dict[str, dict[str, ControlTag]] = {"brushlabels": {}, "polygonlabels": {}}
+    every_output: list[ControlTag] = []
     prompts: dict[str, ControlTag] = {}
     for el in root.iter():
         tag = el.tag.lower() if isinstance(el.tag, str) else ""
@@ -217,18 +225,18 @@ def parse_label_config(xml: str) -> LabelConfig:
             ctl = ControlTag(name, tag, to_name, labels)
             if tag in outputs:
                 outputs[tag][to_name] = ctl
+                every_output.append(ctl)
             else:
                 prompts[name] = ctl
     if not images:
         raise ProtocolError(422, "label config has no <Image> tag")
     if not any(outputs.values()):
         raise ProtocolError(422, "label config has no <BrushLabels> (or <PolygonLabels>) tag to receive the masks")
-    for tag, by_image in outputs.items():
-        for to_name in by_image:
-            if to_name not in images:
-                title = "BrushLabels" if tag == "brushlabels" else "PolygonLabels"
-                raise ProtocolError(422, f"<{title} toName={to_name!r}> points at no <Image> tag")
-    return LabelConfig(images, outputs["brushlabels"], prompts, outputs["polygonlabels"])
+    for ctl in every_output:
+        if ctl.to_name not in images:
+            title = "BrushLabels" if ctl.type == "brushlabels" else "PolygonLabels"
+            raise ProtocolError(422, f"<{title} toName={ctl.to_name!r}> points at no <Image> tag")
+    return LabelConfig(images, outputs["brushlabels"], prompts, outputs["polygonlabels"], tuple(every_output))
 
 
 # --------------------------------------------------------------------------------------------------

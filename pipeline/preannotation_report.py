@@ -47,7 +47,9 @@ class PreannotateSummary:
     tasks_created: int = 0
     pushed: int = 0
     pushed_by_another_run: int = 0  # finished here, but another run had pushed this model version meanwhile
-    push_failures: list = field(default_factory=list)
+    push_failures: list = field(default_factory=list)  # {"task", "error"}: refused, or not pushed
+    push_in_doubt: list = field(default_factory=list)  # {"task", "error"}: sent, no answer, not in the project
+    tasks_gone: list = field(default_factory=list)  # {"image_id", "task"}: the task was deleted during the run
     duplicate_tasks: list = field(default_factory=list)
     coco_out: str | None = None
     coco_annotations: int = 0
@@ -128,6 +130,11 @@ def write_report(path: Path, problems: list[Problem], results: list[ImageResult]
     write_text_atomic(path, f.getvalue())
 
 
+def push_incomplete(s: PreannotateSummary) -> int:
+    """How many predictions this run could not be sure to deliver (refused, not pushed, or in doubt)."""
+    return len(s.push_failures) + len(s.push_in_doubt)
+
+
 def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
     lines = ["", "preannotate summary"]
     lines.append(f"  model        {s.model_version} (features {s.fingerprint})"
@@ -148,13 +155,19 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
         lines.append(f"  polygons     IoU against their masks: mean {s.polygon_iou_mean:.4f}, min {s.polygon_iou_min:.4f}")
     lines.append(f"  failed       {s.failed}" + (" (" + ", ".join(f"{k} {v}" for k, v in s.reasons.items()) + ")"
                                                  if s.reasons else ""))
-    if s.tasks_created or s.pushed or s.push_failures or s.delivered_before or s.pushed_by_another_run:
+    if (s.tasks_created or s.pushed or s.push_failures or s.delivered_before or s.pushed_by_another_run
+            or s.push_in_doubt):
         lines.append(f"  label studio {s.tasks_created} tasks created, {s.pushed} predictions pushed"
                      + (f", {s.pushed_by_another_run} not pushed (another run had pushed them meanwhile)"
                         if s.pushed_by_another_run else "")
-                     + (f", {len(s.push_failures)} refused" if s.push_failures else ""))
-        for f in s.push_failures[:problems_shown]:
+                     + (f", {len(s.push_failures)} not pushed" if s.push_failures else "")
+                     + (f", {len(s.push_in_doubt)} in doubt (sent, no answer, not found in the project since: "
+                        "run again, it pushes those that are missing)" if s.push_in_doubt else ""))
+        for f in (s.push_failures + s.push_in_doubt)[:problems_shown]:
             lines.append(f"      task {f['task']}: {f['error']}")
+    if s.tasks_gone:
+        lines.append(f"  note         {len(s.tasks_gone)} images lost their task during the run (deleted in Label "
+                     "Studio): " + ", ".join(str(g["image_id"]) for g in s.tasks_gone[:problems_shown]))
     if s.duplicate_tasks:
         lines.append(f"  note         {len(s.duplicate_tasks)} images have several tasks; the lowest task id is used")
     if s.coco_out:

@@ -123,6 +123,7 @@ class TaskAttachment:
     delivered: set[str]  # ImageJob.key of the jobs whose task has a prediction of this model version
     tasks_created: int = 0
     duplicate_tasks: list[dict] = field(default_factory=list)
+    lost: list[dict] = field(default_factory=list)  # {"image_id", "task"} of jobs whose task was deleted meanwhile
 
 
 class PredictionPusher(Protocol):
@@ -130,11 +131,13 @@ class PredictionPusher(Protocol):
 
     pushed: int
     already_there: int  # not pushed: another run had pushed this model version to the task meanwhile
-    failures: list[dict]
+    failures: list[dict]  # {"task", "error"}: refused by Label Studio, or not pushed
+    in_doubt: list[dict]  # {"task", "error"}: sent without a definite answer, not found in the project since
 
     def add(self, result: ImageResult) -> None: ...
 
-    def flush(self) -> None: ...
+    def finish(self) -> None:
+        """Push what is buffered; settle what was sent without a definite answer."""
 
 
 class LabelStudioLink(Protocol):
@@ -208,6 +211,7 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
         attached = label_studio.attach_tasks(jobs, model_version)
         jobs, delivered = attached.jobs, attached.delivered
         summary.tasks_created, summary.duplicate_tasks = attached.tasks_created, attached.duplicate_tasks
+        summary.tasks_gone = attached.lost
     by_key = {j.key: j for j in jobs}
     finished = {k for k, j in by_key.items() if k in done and done[k].final and done[k].digest == j.digest()}
     needs_mask = [j for j in jobs if j.key not in finished and (cfg.coco_out or j.key not in delivered)]
@@ -241,9 +245,12 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
         signal.signal(signal.SIGTERM, previous)
         summary.seconds = time.monotonic() - t0
         if pusher is not None:
-            pusher.flush()
-            summary.pushed, summary.push_failures = pusher.pushed, list(pusher.failures)
-            summary.pushed_by_another_run = pusher.already_there
+            try:
+                pusher.finish()
+            finally:
+                summary.pushed, summary.push_failures = pusher.pushed, list(pusher.failures)
+                summary.push_in_doubt = list(pusher.in_doubt)
+                summary.pushed_by_another_run = pusher.already_there
 
     current = [done[j.key] for j in jobs if j.key in done and done[j.key].digest == j.digest()]
     if cfg.coco_out and not summary.interrupted:

@@ -1,0 +1,261 @@
+"""Delivery of bulk predictions into a real Label Studio 1.23.2 (the session fixture `label_studio`): a task
+never gets two predictions of one model version, whatever answer an import gets.
+
+- "already predicted" is read from the predictions themselves, exactly: a task holding many long model
+  versions (Label Studio's display field is cut at 500 characters), one holding a longer version that
+  contains ours, one holding ours in other case;
+- an import whose answer is lost after Label Studio committed it (a 502, a dropped connection, a client
+  timeout, the run stopped during it) is sent once, and counted as pushed once the project shows it; task
+  imports likewise, and the next run creates nothing twice;
+- definite refusals: 401/403 stop the run with a clear error after one request, 429 waits for Retry-After
+  and sends again, 400/422 name the bad task;
+- the task list is read by id ranges: a task deleted during the read does not hide another one.
+A loopback proxy (tests/ls_proxy.py) misbehaves on the chosen requests after forwarding them; every step is
+ordered by events, never by sleeps.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ls_proxy import LabelStudioProxy
+
+import pipeline.preannotation_run as run_module
+from connectors.label_studio_client import LabelStudioError, LabelStudioProject
+from connectors.label_studio_preannotation import ProjectLink, Pusher
+from interformer.clicks import Click
+from pipeline.preannotation import ImageResult, ObjectResult
+from pipeline.prompts import ImageJob, ObjectPrompt, PromptSet, encode_mask
+
+pytestmark = pytest.mark.slow
+
+XML = """<View><Image name="image" value="$image"/>
+<BrushLabels name="br" toName="image"><Label value="obj"/></BrushLabels></View>"""
+MV = "interformer-small-light-pth-3f9a1c2e"
+
+
+@pytest.fixture(scope="module")
+def ls(label_studio):
+    return label_studio
+
+
+@pytest.fixture
+def project(ls, request):
+    client = ls.client()
+    p = client.projects.create(title=request.node.name[:50], label_config=XML)
+    yield client, p.id
+    client.projects.delete(id=p.id)
+
+
+def make_tasks(client, project_id: int, names) -> list[int]:
+    return client.projects.import_tasks(id=project_id, return_task_ids=True, request=[
+        {"data": {"image": f"/data/{n}.png", "image_id": n}} for n in names]).task_ids
+
+
+def ours_per_task(client, project_id: int, mv: str = MV) -> Counter:
+    return Counter(p.task for p in client.predictions.list(project=project_id) if p.model_version == mv)
+
+
+def result(key: str) -> ImageResult:
+    m = np.zeros((8, 8), bool)
+    m[1:5, 2:6] = True
+    o = ObjectResult(f"{key}:o", key, "obj", "points", "ok", clicks=[[2, 3, 1]], score=0.9, area=int(m.sum()),
+                     rle=encode_mask(m))
+    return ImageResult(key, key, "d", [8, 8], [o])
+
+
+def opened(ls, project_id: int, url: str | None = None, timeout_s: float = 60.0) -> LabelStudioProject:
+    p = LabelStudioProject(url or ls.url, ls.token, project_id, timeout_s=timeout_s)
+    p.sleep = lambda s: pytest.fail(f"waited {s} s without a 429")
+    return p
+
+
+def test_already_predicted_is_read_exactly_from_the_predictions(ls, project):
+    client, pid = project
+    a, b, c, d = make_tasks(client, pid, "abcd")
+    older = [{"task": a, "result": [], "model_version": f"interformer-small-round{i:02d}-pth-{i:08x}"} for i in range(24)]
+    client.projects.import_predictions(id=pid, request=older + [{"task": a, "result": [], "model_version": MV}])
+    client.projects.import_predictions(id=pid, request=[
+        {"task": b, "result": [], "model_version": MV + "-finetuned"},  # contains ours: not ours
+        {"task": c, "result": [], "model_version": MV.upper()}])  # ours in other case: not ours
+    p = opened(ls, pid)
+    assert p.tasks_holding(MV) == {a}
+    assert p.tasks_holding(MV, [a, b, c, d]) == {a}
+    assert p.tasks_holding(MV + "-finetuned") == {b} and p.tasks_holding(MV[:-1]) == set()
+
+    pusher = Pusher(p, MV, 10, {k: t for k, t in zip("abcd", (a, b, c, d))}, "fp")
+    for k in "abcd":
+        pusher.add(result(k))
+    pusher.finish()
+    assert pusher.pushed == 3 and pusher.already_there == 1 and not pusher.failures and not pusher.in_doubt
+    assert ours_per_task(client, pid) == {a: 1, b: 1, c: 1, d: 1}
+
+
+@pytest.mark.parametrize("misbehaviour", [("after", 502, {}), ("after", 503, {}), "drop", "hold"])
+def test_an_import_whose_answer_is_lost_is_never_sent_twice(ls, project, misbehaviour):
+    client, pid = project
+    tasks = make_tasks(client, pid, ["a", "b", "c"])
+    first = {"done": False}
+
+    def rule(method, path):
+        if method == "POST" and "/import/predictions" in path and not first["done"]:
+            first["done"] = True
+            return misbehaviour
+        return None
+
+    proxy = LabelStudioProxy(ls.url, rule)
+    try:
+        p = opened(ls, pid, proxy.url, timeout_s=2.0 if misbehaviour == "hold" else 60.0)
+        pusher = Pusher(p, MV, 2, dict(zip("abc", tasks)), "fp")
+        for k in "abc":
+            pusher.add(result(k))  # the first batch (a, b) gets no answer; c is pushed by finish
+        if misbehaviour == "hold":
+            assert [e[2] for e in proxy.posts("/import/predictions")] == ["hold"]
+            proxy.release.set()  # Label Studio committed before the client gave up
+        pusher.finish()
+        assert len(proxy.posts("/import/predictions")) == 2  # no retry, no re-push
+    finally:
+        proxy.close()
+    assert ours_per_task(client, pid) == {t: 1 for t in tasks}
+    assert pusher.pushed == 3 and not pusher.in_doubt and not pusher.failures
+
+
+def test_a_push_stopped_during_the_import_is_not_sent_again_by_the_run(ls, project, tmp_path, monkeypatch):
+    """The real run loop (`_run_in`): SIGTERM arrives while an import is on its way (Label Studio committed
+    it); the run's final flush must not send it again, and the next run pushes nothing twice."""
+    client, pid = project
+    jobs = [ImageJob(f"im{i}", (8, 8), (ObjectPrompt(f"coco:{i}", f"im{i}", "obj", "points", (8, 8),
+                                                     clicks=(Click(2, 2, True),)),)) for i in range(4)]
+    make_tasks(client, pid, [j.image_id for j in jobs])
+
+    def fake_segment_all(cfg, todo, summary, image_access=None):
+        for j in todo:
+            r = result(j.key)
+            r.digest = j.digest()
+            yield r
+
+    monkeypatch.setattr(run_module, "segment_all", fake_segment_all)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", ls.token)
+    cfg = run_module.PreannotateConfig(coco="x.json", ls_project=pid, ls_url=ls.url, push=True, push_batch=2,
+                                       run_dir=str(tmp_path))
+
+    def run(stop_in_import: bool):
+        link = ProjectLink(cfg)
+        project_ = opened(ls, pid)
+        if stop_in_import:
+            real = project_.client.projects.import_predictions
+
+            def committed_then_stopped(**kwargs):
+                real(**kwargs)
+                raise KeyboardInterrupt  # what the run's SIGTERM handler raises
+
+            project_.client.projects.import_predictions = committed_then_stopped
+        link.__dict__["project"] = project_
+        return run_module._run_in(cfg, link, Path(tmp_path), PromptSet(images=jobs), jobs, [], "fp", MV, "x")
+
+    first = run(stop_in_import=True)
+    assert first.interrupted and first.pushed == 2 and first.push_in_doubt == []
+    assert sum(ours_per_task(client, pid).values()) == 2
+    second = run(stop_in_import=False)
+    assert second.delivered_before == 2 and second.pushed == 2
+    assert set(ours_per_task(client, pid).values()) == {1} and sum(ours_per_task(client, pid).values()) == 4
+
+
+@pytest.mark.parametrize("misbehaviour", [("after", 502, {}), "drop"])
+def test_a_task_import_whose_answer_is_lost_creates_no_second_task(ls, project, tmp_path, misbehaviour):
+    client, pid = project
+    first = {"done": False}
+
+    def rule(method, path):
+        if method == "POST" and "/import" in path and "predictions" not in path and not first["done"]:
+            first["done"] = True
+            return misbehaviour
+        return None
+
+    proxy = LabelStudioProxy(ls.url, rule)
+    cfg = run_module.PreannotateConfig(coco="x.json", ls_project=pid, ls_url=ls.url, push=True, run_dir=str(tmp_path))
+    jobs = [ImageJob(n, (8, 8), ()) for n in "abc"]
+    try:
+        link = ProjectLink(cfg)
+        link.__dict__["project"] = opened(ls, pid, proxy.url)
+        with pytest.raises(LabelStudioError, match="run again"):
+            link.attach_tasks(jobs, MV)
+        assert len(proxy.posts("/import")) == 1
+    finally:
+        proxy.close()
+    link = ProjectLink(cfg)
+    link.__dict__["project"] = opened(ls, pid)
+    attached = link.attach_tasks(jobs, MV)
+    assert attached.tasks_created == 0 and attached.duplicate_tasks == [] and len(attached.jobs) == 3
+    assert Counter(t.data["image_id"] for t in client.tasks.list(project=pid, include="id,data")) == {
+        "a": 1, "b": 1, "c": 1}
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_stop_the_push_after_one_request(ls, project, status):
+    client, pid = project
+    tasks = make_tasks(client, pid, [f"i{n}" for n in range(8)])
+    proxy = LabelStudioProxy(ls.url, lambda m, p: ("refuse", status, {}) if "/import/predictions" in p else None)
+    try:
+        pusher = Pusher(opened(ls, pid, proxy.url), MV, 8, {f"i{n}": t for n, t in enumerate(tasks)}, "fp")
+        with pytest.raises(LabelStudioError, match="API key"):
+            for n in range(8):
+                pusher.add(result(f"i{n}"))
+        assert len(proxy.posts("/import/predictions")) == 1
+        assert len(pusher.failures) == 8 and all("not pushed" in f["error"] for f in pusher.failures)
+    finally:
+        proxy.close()
+    assert ours_per_task(client, pid) == {}
+
+
+def test_too_many_requests_waits_for_retry_after_and_sends_again(ls, project):
+    client, pid = project
+    tasks = make_tasks(client, pid, ["a", "b"])
+    answers = iter([("refuse", 429, {"Retry-After": "7"}), ("refuse", 429, {"Retry-After": "100000"})])
+    proxy = LabelStudioProxy(ls.url, lambda m, p: next(answers, None) if "/import/predictions" in p else None)
+    waits: list[float] = []
+    try:
+        p = opened(ls, pid, proxy.url)
+        p.sleep = waits.append
+        pusher = Pusher(p, MV, 10, dict(zip("ab", tasks)), "fp")
+        pusher.add(result("a"))
+        pusher.add(result("b"))
+        pusher.finish()
+        assert [e[2] for e in proxy.posts("/import/predictions")] == [429, 429, 201]
+    finally:
+        proxy.close()
+    assert waits == [7.0, 60.0]  # Retry-After honoured, bounded
+    assert pusher.pushed == 2 and ours_per_task(client, pid) == {t: 1 for t in tasks}
+
+
+def test_a_bad_prediction_is_named_and_the_others_are_pushed(ls, project):
+    client, pid = project
+    tasks = make_tasks(client, pid, ["a", "b", "c"])
+    p = opened(ls, pid)
+    good = [{"task": t, "result": [], "model_version": MV} for t in tasks]
+    bad = {"task": 10**9, "result": [], "model_version": MV}  # no such task: Label Studio answers 400
+    outcome = p.push([good[0], bad, good[1], good[2]])
+    assert outcome.created == 3 and [t for t, _ in outcome.refused] == [10**9] and outcome.in_doubt == []
+    assert ours_per_task(client, pid) == {t: 1 for t in tasks}
+
+
+def test_a_task_deleted_during_the_listing_hides_no_other_task(ls, project):
+    client, pid = project
+    tasks = make_tasks(client, pid, [f"i{n:02d}" for n in range(10)])
+    state = {"pages": 0}
+
+    def before(method, path):
+        if method == "GET" and "/api/tasks" in path:
+            state["pages"] += 1
+            if state["pages"] == 2:  # between the first and the second page
+                client.tasks.delete(id=tasks[0])
+
+    proxy = LabelStudioProxy(ls.url, before=before)
+    try:
+        p = opened(ls, pid, proxy.url)
+        listed = [t["id"] for t in p._pages("id", page_size=3)]
+    finally:
+        proxy.close()
+    assert listed == tasks  # the first page was read before the deletion

@@ -1,0 +1,176 @@
+"""Prompts read from Label Studio tasks for bulk pre-annotation, and the project's output tag, against
+hostile and unusual input: a prompt is used only on the output tag's image, every object key is unique
+within a job (regions without an id included), a rotated image and a malformed task are per-task problems,
+never an exception, and a config with two output tags on one image makes the job ask which one to fill.
+"""
+from __future__ import annotations
+
+import pytest
+from backend_support import keypoint, rectangle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connectors.label_studio_client import LabelStudioError, LabelStudioProject
+from connectors.label_studio_prompts import task_prompts
+from connectors.protocol import parse_label_config
+
+TWO_IMAGES = """<View>
+  <Image name="left" value="$left"/><Image name="right" value="$right"/>
+  <BrushLabels name="tag" toName="right"><Label value="object"/></BrushLabels>
+  <RectangleLabels name="box_l" toName="left"><Label value="object"/></RectangleLabels>
+  <RectangleLabels name="box" toName="right"><Label value="object"/></RectangleLabels>
+  <KeyPointLabels name="kp" toName="right"><Label value="object"/></KeyPointLabels>
+</View>"""
+ONE_IMAGE = """<View><Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels>
+  <RectangleLabels name="box" toName="image"><Label value="object"/></RectangleLabels>
+  <KeyPointLabels name="kp" toName="image"><Label value="object"/></KeyPointLabels></View>"""
+RIGHT, LEFT = (40, 60), (300, 500)
+
+
+def prompts(config_xml: str, tasks: list) -> tuple:
+    config = parse_label_config(config_xml)
+    brush = next(iter(config.brushes.values()))
+    out = task_prompts(tasks, config, brush)
+    return out.images, out.problems
+
+
+def on(region: dict, to_name: str, from_name: str) -> dict:
+    return {**region, "to_name": to_name, "from_name": from_name}
+
+
+def test_only_regions_on_the_output_tags_image_are_prompts():
+    right_box = on(rectangle(10, 10, 30, 30, RIGHT, item_id="r1"), "right", "box")
+    left_box = on(rectangle(50, 50, 40, 40, LEFT, item_id="l1"), "left", "box_l")  # another image, another size
+    mislabelled = on(rectangle(20, 20, 30, 30, RIGHT, item_id="l2"), "right", "box_l")  # a left tool on right?
+    task = {"id": 7, "data": {"left": "/l.png", "right": "/r.png", "image_id": "r"},
+            "annotations": [{"id": 1, "result": [right_box, left_box, mislabelled]}]}
+    (job,), problems = prompts(TWO_IMAGES, [task])
+    assert problems == []
+    assert [o.key for o in job.objects] == ["ls:7:r1"] and job.size == RIGHT and job.uri == "/r.png"
+
+    only_left = {**task, "annotations": [{"id": 1, "result": [left_box]}]}
+    assert prompts(TWO_IMAGES, [only_left]) == ([], [])
+
+
+def test_a_rotated_image_is_a_problem_as_in_the_backend():
+    rotated = {**rectangle(10, 10, 30, 30, RIGHT, item_id="b1"), "image_rotation": 90}
+    task = {"id": 3, "data": {"image": "/a.png"}, "annotations": [{"result": [rotated, keypoint(80, 80, RIGHT,
+                                                                                                 item_id="k1")]}]}
+    (job,), problems = prompts(ONE_IMAGE, [task])
+    assert [p.key for p in problems] == ["ls:3:b1"] and "rotated images are not supported" in problems[0].detail
+    assert [o.key for o in job.objects] == ["ls:3:points:object"]
+
+
+region_ids = st.one_of(st.none(), st.just(""), st.sampled_from(["a", "b", "points:object"]), st.integers(0, 3))
+
+
+@st.composite
+def task_with_regions(draw, tid: int) -> dict:
+    regions = []
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["box", "kp"]))
+        x, y = draw(st.floats(0, 80)), draw(st.floats(0, 80))
+        r = rectangle(x, y, 10, 10, RIGHT) if kind == "box" else keypoint(x, y, RIGHT, draw(st.booleans()))
+        rid = draw(region_ids)
+        if rid is None:
+            r.pop("id")
+        else:
+            r["id"] = rid
+        regions.append(r)
+    return {"id": tid, "data": {"image": f"/{tid}.png"}, "annotations": [{"id": 1, "result": regions}]}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=4, unique=True).flatmap(
+    lambda ids: st.tuples(*(task_with_regions(t) for t in ids))))
+def test_object_keys_are_unique_within_a_job_with_or_without_region_ids(tasks):
+    images, problems = prompts(ONE_IMAGE, list(tasks))
+    keys = [o.key for j in images for o in j.objects]
+    assert len(keys) == len(set(keys)) and all("None" not in k for k in keys)
+    for job in images:
+        assert all(o.key.startswith(f"ls:{job.task_id}:") for o in job.objects)
+    regions = sum(len(t["annotations"][0]["result"]) for t in tasks)
+    boxes = sum(1 for j in images for o in j.objects if o.kind == "box")
+    assert boxes + len(problems) <= regions
+
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**12), st.floats(allow_nan=True),
+                      st.text(max_size=8))
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=12)
+hostile_region = st.one_of(json_value, st.fixed_dictionaries({
+    "type": st.sampled_from(["rectanglelabels", "keypointlabels"]),
+    "value": json_value, "original_width": json_value, "original_height": json_value,
+    "image_rotation": json_value, "id": json_value, "to_name": st.sampled_from(["image", None, 5]),
+    "from_name": json_value, "is_positive": json_value}))
+hostile_task = st.one_of(json_value, st.fixed_dictionaries({
+    "id": st.one_of(st.integers(1, 10**6), json_value),
+    "data": st.one_of(st.fixed_dictionaries({"image": json_value, "image_id": json_value}), json_value),
+    "annotations": st.one_of(json_value, st.lists(st.one_of(json_value, st.fixed_dictionaries({
+        "id": json_value, "updated_at": json_value, "was_cancelled": json_value,
+        "result": st.one_of(json_value, st.lists(hostile_region, max_size=4))})), max_size=3))}))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(hostile_task, max_size=4))
+def test_hostile_task_json_gives_prompts_or_problems_never_an_exception(tasks):
+    images, problems = prompts(ONE_IMAGE, tasks)
+    assert all(isinstance(p.detail, str) and p.key for p in problems)
+    assert all(j.task_id is not None and j.objects for j in images)
+
+
+@pytest.mark.parametrize("task", [
+    {"id": "abc", "data": {"image": "/a.png"}, "annotations": [{"result": [rectangle(1, 1, 5, 5, RIGHT)]}]},
+    {"id": 4, "data": ["/a.png"], "annotations": [{"result": [rectangle(1, 1, 5, 5, RIGHT)]}]},
+    {"id": 4, "data": {"image": "/a.png"}, "annotations": 5},
+])
+def test_the_audited_malformed_tasks_are_problems(task):
+    images, problems = prompts(ONE_IMAGE, [task, {"id": 9, "data": {"image": "/b.png"},
+                                                  "annotations": [{"result": [rectangle(1, 1, 5, 5, RIGHT)]}]}])
+    assert [j.task_id for j in images] == [9] and len(problems) == 1
+
+
+TWO_BRUSHES = """<View><Image name="image" value="$image"/>
+  <BrushLabels name="people" toName="image"><Label value="person"/></BrushLabels>
+  <BrushLabels name="things" toName="image"><Label value="car"/></BrushLabels>
+  <PolygonLabels name="poly_a" toName="image"><Label value="person"/></PolygonLabels>
+  <PolygonLabels name="poly_b" toName="image"><Label value="car"/></PolygonLabels></View>"""
+
+
+def test_every_output_tag_of_an_image_is_kept():
+    config = parse_label_config(TWO_BRUSHES)
+    assert [t.name for t in config.outputs_of("brushlabels")] == ["people", "things"]
+    assert [t.name for t in config.outputs_of("polygonlabels")] == ["poly_a", "poly_b"]
+
+
+class _Project:
+    def __init__(self, xml: str) -> None:
+        self.label_config = xml
+
+
+@pytest.mark.parametrize("output, name, expect", [
+    ("brushlabels", None, "name the one to fill (--ls-brush)"),
+    ("polygonlabels", None, "name the one to fill (--ls-polygon)"),
+    ("brushlabels", "things", "things"),
+    ("polygonlabels", "poly_a", "poly_a"),
+    ("brushlabels", "nope", "has no BrushLabels named 'nope'"),
+])
+def test_several_output_tags_on_one_image_must_be_named(monkeypatch, output, name, expect):
+    import label_studio_sdk
+
+    class FakeProjects:
+        def get(self, id):
+            return _Project(TWO_BRUSHES)
+
+    class FakeClient:
+        def __init__(self, **kwargs):
+            self.projects = FakeProjects()
+
+    monkeypatch.setattr(label_studio_sdk, "LabelStudio", FakeClient)
+    if expect in ("things", "poly_a"):
+        p = LabelStudioProject("http://127.0.0.1:9", "k", 1, brush_name=name, output=output)
+        assert p.brush.name == expect and p.image_key == "image"
+    else:
+        with pytest.raises(LabelStudioError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+            LabelStudioProject("http://127.0.0.1:9", "k", 1, brush_name=name, output=output)
