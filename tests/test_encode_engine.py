@@ -113,7 +113,10 @@ def test_the_cached_conversion_is_reused_and_keyed_by_the_weights(small_model, f
     assert OpenVINOEncoder(other.backbone, "fp32", f32_encoder.cache_dir).ir_path() != path
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "garbage graph", "one weight byte changed", "no digest"])
+# Which damage is found is the digest's business (tests/test_engine_cache.py: any changed byte of either file, a
+# missing file); each kind then takes one repair path, shown here for the encoder by the damage OpenVINO would
+# read without complaint. Each case converts the whole encoder (~10 s), so the kinds are not repeated here.
+@pytest.mark.parametrize("damage", ["one weight byte changed"])
 def test_a_damaged_cache_entry_is_converted_again(small_model, tmp_path, caplog, damage):
     first = OpenVINOEncoder(small_model.backbone, "fp32", tmp_path)
     img = torch.randn(1, 3, 128, 96, generator=torch.Generator().manual_seed(3))
