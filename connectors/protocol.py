@@ -361,10 +361,46 @@ def region_key(first: ContextItem | None, clicks: tuple[Click, ...]) -> str:
     return "empty"
 
 
-def stored_prompts(task: Task, config: LabelConfig) -> list[Prompt]:
-    """Prompts from keypoints/boxes saved in a task's newest annotation or draft: one per label.
+def stored_objects(items: list[ContextItem]) -> list[list[ContextItem]]:
+    """Group saved prompt regions into objects: each rectangle with the keypoints of its label inside it (the
+    smallest such rectangle takes a keypoint), then the other keypoints, one group per label (Label Studio
+    saves each click as its own keypoint region). No rectangle is ever merged into another's object."""
+    boxes = [it for it in items if it.type == "rectanglelabels"]
+    objects: list[list[ContextItem]] = [[b] for b in boxes]
+    loose: dict[str, list[ContextItem]] = {}
+    for it in items:
+        if it.type != "keypointlabels":
+            continue
+        inside = [n for n, b in enumerate(boxes) if _item_label(b) == _item_label(it) and _box_holds(b.value, it.value)]
+        if inside:
+            objects[min(inside, key=lambda n: _box_area(boxes[n].value))].append(it)
+        else:
+            loose.setdefault(_item_label(it), []).append(it)
+    return objects + list(loose.values())
 
-    Used by batch predictions (no context): a task whose annotators left smart keypoints gets masks
+
+def _box_area(box: dict[str, Any]) -> float:
+    try:
+        return float(box["width"]) * float(box["height"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return float("inf")
+
+
+def _box_holds(box: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Whether a keypoint (percent x, y) lies inside a rectangle (percent x, y, width, height)."""
+    try:
+        x, y = float(point["x"]), float(point["y"])
+        left, top = float(box["x"]), float(box["y"])
+        return left <= x <= left + float(box["width"]) and top <= y <= top + float(box["height"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return False
+
+
+def stored_prompts(task: Task, config: LabelConfig) -> list[Prompt]:
+    """Prompts from keypoints/boxes saved in a task's newest annotation or draft: one per object
+    (`stored_objects`).
+
+    Used by batch predictions (no context): a task whose annotators left smart keypoints or boxes gets masks
     for them; a task without any gets none.
     """
     candidates = [a for a in (task.annotations + task.drafts) if isinstance(a, dict) and a.get("result")]
@@ -373,10 +409,7 @@ def stored_prompts(task: Task, config: LabelConfig) -> list[Prompt]:
         if not raw:
             continue
         items = [parse_body(ContextItem, r) for r in raw]
-        by_label: dict[str, list[ContextItem]] = {}
-        for it in items:
-            by_label.setdefault(_item_label(it), []).append(it)
-        return [prompt_from_items(group, config) for group in by_label.values()]
+        return [prompt_from_items(group, config) for group in stored_objects(items)]
     return []
 
 

@@ -233,3 +233,29 @@ def test_one_saved_keypoint_beyond_float_range_does_not_abort_bulk_prompts(confi
     found = task_prompts([bad, good], config, config.brushes["image"])
     assert [job.image_id for job in found.images] == ["b"]
     assert len(found.problems) == 1 and "finite number" in found.problems[0].detail
+
+
+_BOX = st.tuples(st.integers(0, 80), st.integers(0, 80), st.integers(1, 20), st.integers(1, 20),
+                 st.sampled_from(["object", "background_thing"]))
+_POINT = st.tuples(st.integers(0, 99), st.integers(0, 99), st.sampled_from(["object", "background_thing"]),
+                   st.booleans())
+
+
+@settings(max_examples=80, deadline=None)
+@given(boxes=st.lists(_BOX, max_size=4), points=st.lists(_POINT, max_size=6))
+def test_saved_regions_give_one_prompt_per_box_and_per_label_of_the_other_keypoints(config, boxes, points):
+    """Batch predictions: every saved rectangle is its own object (with the keypoints of its label inside it);
+    keypoints outside every box of their label form one object per label, in their saved order."""
+    result = [rectangle(x, y, w, h, SIZE, label=lab, item_id=f"b{n}") for n, (x, y, w, h, lab) in enumerate(boxes)]
+    result += [keypoint(x, y, SIZE, pos, label=lab, item_id=f"k{n}") for n, (x, y, lab, pos) in enumerate(points)]
+    task = Task(id=1, data={"image": "x"}, annotations=[{"result": result}])
+    prompts = stored_prompts(task, config)
+
+    def inside(p, b):
+        return b[4] == p[2] and b[0] <= p[0] <= b[0] + b[2] and b[1] <= p[1] <= b[1] + b[3]
+
+    loose_labels = {p[2] for p in points if not any(inside(p, b) for b in boxes)}
+    assert len(prompts) == len(boxes) + len(loose_labels)
+    regions = [p.box for p in prompts if p.box is not None]
+    assert len(regions) == len(boxes)  # no box dropped or merged
+    assert sum(len(p.clicks) for p in prompts) == len(boxes) + len(points)  # every click used once
