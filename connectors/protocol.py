@@ -156,16 +156,19 @@ class LabelConfig:
         return [t for t in self.outputs if t.type == kind]
 
     def output_for(self, to_name: str | None, label: str) -> ControlTag:
-        """The tag a mask labelled `label` on image `to_name` is returned in: the image's PolygonLabels when
-        it has that label, else its BrushLabels (the only image when `to_name` is None)."""
+        """The tag a mask labelled `label` on image `to_name` is returned in: the image's first PolygonLabels tag
+        with that label, else its first BrushLabels tag with it (the only image when `to_name` is None). An
+        image may have several tags of one kind (people and cars); the label picks among them."""
         if to_name is None:
             names = set(self.brushes) | set(self.polygons)
             if len(names) != 1:
                 raise ProtocolError(422, "prompt has no to_name and the label config has several output images")
             to_name = names.pop()
+        for kind in ("polygonlabels", "brushlabels"):
+            for tag in self.outputs:
+                if tag.type == kind and tag.to_name == to_name and label in tag.labels:
+                    return tag
         polygon = self.polygons.get(to_name)
-        if polygon is not None and label in polygon.labels:
-            return polygon
         if polygon is not None and to_name not in self.brushes:
             raise ProtocolError(
                 422, f"label {label!r} is not one of the PolygonLabels {polygon.name!r} labels {list(polygon.labels)}")

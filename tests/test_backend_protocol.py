@@ -259,3 +259,17 @@ def test_saved_regions_give_one_prompt_per_box_and_per_label_of_the_other_keypoi
     regions = [p.box for p in prompts if p.box is not None]
     assert len(regions) == len(boxes)  # no box dropped or merged
     assert sum(len(p.clicks) for p in prompts) == len(boxes) + len(points)  # every click used once
+
+
+def test_the_label_picks_among_several_output_tags_of_one_image():
+    """Two BrushLabels tags on one image (people, cars): a click labelled 'person' is answered in 'people'."""
+    xml = """<View><Image name="image" value="$image"/>
+      <BrushLabels name="people" toName="image"><Label value="person"/></BrushLabels>
+      <BrushLabels name="cars" toName="image"><Label value="car"/></BrushLabels>
+      <KeyPointLabels name="kp" toName="image" smart="true"><Label value="person"/><Label value="car"/></KeyPointLabels>
+    </View>"""
+    config = parse_label_config(xml)
+    assert config.output_for("image", "person").name == "people"
+    assert config.output_for("image", "car").name == "cars"
+    with pytest.raises(ProtocolError, match="not one of the BrushLabels"):
+        config.output_for("image", "bike")
