@@ -165,12 +165,22 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict
             key = "backbone." + key
         out[key] = value
     if foreign_vit:
+        named = dict(items)
         for key, value in items:
-            if key.endswith("attn.q_bias"):
-                prefix = "backbone." + re.sub(r"^blocks\.", "layers.", key[: -len("q_bias")])
-                v_bias = dict(items)[key[: -len("q_bias")] + "v_bias"]
-                out[prefix + "qkv.bias"] = torch.cat([value, torch.zeros_like(value), v_bias])
+            if key.endswith("attn.q_bias") or key.endswith("attn.v_bias"):
+                stem = key[: -len("q_bias")]
+                q_bias, v_bias = named.get(stem + "q_bias"), named.get(stem + "v_bias")
+                if q_bias is None or v_bias is None or q_bias.shape != v_bias.shape or q_bias.dim() != 1:
+                    raise CheckpointError(
+                        f"ViT weights hold {stem}q_bias {_shape(q_bias)} and {stem}v_bias {_shape(v_bias)}: MAE "
+                        "attention needs both, as vectors of one length (they become the qkv bias)")
+                prefix = "backbone." + re.sub(r"^blocks\.", "layers.", stem)
+                out[prefix + "qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
     return out
+
+
+def _shape(t: torch.Tensor | None) -> str:
+    return "(absent)" if t is None else str(tuple(t.shape))
 
 
 def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:

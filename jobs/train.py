@@ -32,6 +32,7 @@ from interformer.checkpoint import CheckpointError  # noqa: E402
 from interformer.cli_types import integer  # noqa: E402
 from interformer.training.cli import add_dataclass_arguments, build_dataclass  # noqa: E402
 from interformer.training.config import TrainConfig  # noqa: E402
+from interformer.training.data import DataError  # noqa: E402
 from interformer.training.launch import TrainingFailed  # noqa: E402
 from interformer.training.run_lock import RunFolderBusy, RunFolderLock  # noqa: E402
 from interformer.training.runlog import ScheduleChanged  # noqa: E402
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             last = f"iterations {summary['start_iter']} -> {summary['end_iter']}; {summary.get('last', {})}"
         else:
             last = run_on_ray(cfg, args.address, args.max_failures)
-    except (RunFolderBusy, DatasetError, ScheduleChanged, FeatureTableError, RayStartError, TrainingFailed,
+    except (RunFolderBusy, DatasetError, DataError, ScheduleChanged, FeatureTableError, RayStartError, TrainingFailed,
             CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,9 +16,12 @@ from typing import Any
 import torch
 
 from interformer.training.config import SCHEDULE_FIELDS, TrainConfig
+from interformer.training.data import TrainSource, check_source
+from interformer.training.init import check_init
 from interformer.training.launch import WorkerHooks, run_ray_train
 from interformer.training.launch import run_local as run_in_process
 from interformer.training.runlog import refuse_schedule_changes
+from interformer.training.trainer import open_sources
 
 from .datasets import SampleRef, default_data_root, resolve
 from .ray_runtime import init_ray
@@ -28,12 +31,17 @@ EVAL_ROOT_OPTION = "--eval-data-root"
 
 def checked_before_start(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with its held-out data root made explicit, after the checks that would otherwise fail only once
-    workers run: the held-out set is readable, a resumed run keeps its schedule, the feature table holds
-    this model's features. Raises DatasetError, ScheduleChanged or FeatureTableError."""
+    workers run: the held-out set is readable, a resumed run keeps its schedule, --init fits the variant, every
+    training sample's files exist and its annotations parse, and the feature table holds this model's features
+    for every training image. Raises DatasetError, ScheduleChanged, CheckpointError, DataError or
+    FeatureTableError."""
     cfg = with_eval_data(cfg)
     refuse_schedule_changes(Path(cfg.out_dir), cfg.to_dict(), SCHEDULE_FIELDS)
+    check_init(cfg.variant, cfg.init)
+    source = open_sources(cfg)
+    check_source(source)
     if cfg.features:
-        features_fingerprint(cfg)
+        check_feature_coverage(cfg, source, features_fingerprint(cfg))
     return cfg
 
 
@@ -97,17 +105,29 @@ class FeatureTableError(ValueError):
     """The feature table holds no features of the model being trained."""
 
 
+def model_part(fingerprint: str) -> str:
+    """The variant and weights id of an encoder fingerprint (`variant:weights:max_side=..:div=..`)."""
+    return ":".join(fingerprint.split(":")[:2])
+
+
 def features_fingerprint(cfg: TrainConfig) -> str:
-    """The encoder fingerprint of the stored features to train on, after checking the table holds it."""
+    """The encoder fingerprint of the stored features to train on, after checking the table holds it.
+
+    --features-fingerprint may choose other preprocessing (max_side, div) of the same encoder, never features of
+    another variant or other weights: the neck would learn on a backbone it is not trained with."""
     from interformer.config import PreprocessConfig
     from interformer.training.init import initial_model
 
     from .feature_store import FeatureStore
 
-    fingerprint = cfg.features_fingerprint
-    if fingerprint is None:
-        torch.manual_seed(cfg.seed)
-        fingerprint = initial_model(cfg.variant, cfg.init)[0].fingerprint(PreprocessConfig())
+    torch.manual_seed(cfg.seed)
+    own = initial_model(cfg.variant, cfg.init)[0].fingerprint(PreprocessConfig())
+    fingerprint = cfg.features_fingerprint or own
+    if model_part(fingerprint) != model_part(own):
+        raise FeatureTableError(
+            f"--features-fingerprint {fingerprint!r} names features of encoder {model_part(fingerprint)!r}, but the "
+            f"model being trained is {model_part(own)!r} (--variant, --init, --seed); it may differ from "
+            f"{own!r} only in max_side/div")
     found = FeatureStore(cfg.features, cfg.features_table).fingerprints()
     if fingerprint not in found:
         raise FeatureTableError(
@@ -116,12 +136,25 @@ def features_fingerprint(cfg: TrainConfig) -> str:
     return fingerprint
 
 
+def check_feature_coverage(cfg: TrainConfig, source: TrainSource, fingerprint: str, shown: int = 5) -> None:
+    """FeatureTableError when some training image has no stored features of `fingerprint` (found before any
+    work, not as a worker's lookup error mid-run)."""
+    from .feature_store import FeatureStore
+
+    stored = FeatureStore(cfg.features, cfg.features_table).existing_ids(fingerprint)
+    missing = sorted({source.key(i) for i in range(len(source))} - stored)
+    if missing:
+        raise FeatureTableError(
+            f"the feature table {cfg.features}/{cfg.features_table} lacks features of encoder {fingerprint!r} for "
+            f"{len(missing)} of the {len(source)} training images (e.g. {missing[:shown]}); encode them first "
+            "(interformer-encode with the same --init and data)")
+
+
 def feature_stream(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Any, Any]:
     """The frozen-backbone sample stream over the feature table, or (None, None) when the run trains on images."""
     if not cfg.features:
         return None, None
     from interformer.training.feature_stream import FeatureSampleStream, collate_by_size
-    from interformer.training.trainer import open_sources
 
     fetch = StoredFeatureFetch(cfg.features, cfg.features_table, features_fingerprint(cfg))
     stream = FeatureSampleStream(open_sources(cfg), fetch, cfg.augment.crop_size, cfg.seed, rank, world_size)

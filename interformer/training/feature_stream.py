@@ -19,6 +19,7 @@ from ..config import PYRAMID_STRIDES
 from ..features import ImageFeatures
 from .augment import NoObjectError, sample_object
 from .data import DataError, TrainSource
+from .stream import candidates, has_object, no_object_anywhere, note_no_object
 
 Fetch = Callable[[str], ImageFeatures]
 
@@ -62,6 +63,7 @@ class FeatureSampleStream(Dataset):
         self.source, self.make_fetch, self.crop_size = source, make_fetch, crop_size
         self.seed, self.rank, self.world_size, self.max_tries = int(seed), rank, world_size, max_tries
         self._fetch: Fetch | None = None
+        self.skipped: set[int] = set()  # images found to have no object
 
     def __len__(self) -> int:
         return 2 ** 62
@@ -69,23 +71,29 @@ class FeatureSampleStream(Dataset):
     def __getitem__(self, n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         p = n * self.world_size + self.rank
         epoch, pos = divmod(p, len(self.source))
-        index = int(np.random.default_rng([self.seed, epoch]).permutation(len(self.source))[pos])
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
         if self._fetch is None:
             self._fetch = self.make_fetch()
-        key = self.source.key(index)
-        feats = self._fetch(key)
-        for attempt in range(self.max_tries):
-            rng = np.random.default_rng([self.seed, 1, p, attempt])
-            _, seg = self.source.load(index, rng)
-            canvas = label_canvas(seg.astype(np.int32), feats)
-            window = crop_window(feats.geometry.padded_size, self.crop_size, rng)
-            top, left, h, w = window
-            try:
-                label = sample_object(canvas[top:top + h, left:left + w], rng)
-            except NoObjectError:
-                continue
-            return crop_pyramid(feats.pyramid, window), torch.from_numpy(label)
-        raise DataError(f"sample {key!r}: no object inside {self.max_tries} random crops")
+        for index in candidates(permutation, pos, self.skipped):
+            key = self.source.key(index)
+            feats = self._fetch(key)
+            for attempt in range(self.max_tries):
+                rng = np.random.default_rng([self.seed, 1, p, attempt])
+                _, seg = self.source.load(index, rng)
+                if attempt == 0 and not has_object(seg):
+                    note_no_object(self.skipped, index, key)
+                    break
+                canvas = label_canvas(seg.astype(np.int32), feats)
+                window = crop_window(feats.geometry.padded_size, self.crop_size, rng)
+                top, left, h, w = window
+                try:
+                    label = sample_object(canvas[top:top + h, left:left + w], rng)
+                except NoObjectError:
+                    continue
+                return crop_pyramid(feats.pyramid, window), torch.from_numpy(label)
+            else:
+                raise DataError(f"sample {key!r}: its objects fell outside {self.max_tries} random crops in a row")
+        raise no_object_anywhere(len(self.source))
 
 
 def collate_by_size(batch: Sequence[tuple[list[torch.Tensor], torch.Tensor]]):

@@ -94,10 +94,45 @@ def run_ray_train(cfg: TrainConfig, max_failures: int, hooks: WorkerHooks = Work
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     with LogProgress(cfg):
-        result = trainer.fit()
-    if result.error is not None:
-        raise TrainingFailed(f"training failed: {result.error}")
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:  # Train v2 raises: WorkerGroupError, ControllerError
+            raise TrainingFailed(f"training failed: {failure_message(e)}") from None
+    if getattr(result, "error", None) is not None:  # Train v1 returned the error in the result
+        raise TrainingFailed(f"training failed: {failure_message(result.error)}")
     return last_log_row(cfg)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception behind a Ray wrapper (RayTaskError.cause, __cause__ chains)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message` of an exception, without a traceback Ray may have folded into its text."""
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        text = lines[-1]
+    return text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+
+
+def failure_message(error: BaseException) -> str:
+    """What went wrong in a failed Ray Train run: each failed worker's root cause, one line each."""
+    failures = getattr(error, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"worker {rank}: {_one_line(root_cause(e))}" for rank, e in sorted(failures.items()))
+    controller = getattr(error, "controller_failure", None)
+    if isinstance(controller, BaseException):
+        return _one_line(root_cause(controller))
+    return _one_line(root_cause(error))
 
 
 class LogProgress:

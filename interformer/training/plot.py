@@ -16,6 +16,16 @@ def read_log(path: str | Path) -> dict[str, np.ndarray]:
     return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
+def has_rows(path: str | Path) -> bool:
+    """Whether a log.csv exists and holds at least one logged iteration (a checkpoint can come before the first
+    row when --checkpoint-interval is smaller than --log-interval)."""
+    try:
+        with open(path, newline="") as f:
+            return next(csv.DictReader(f), None) is not None
+    except FileNotFoundError:
+        return False
+
+
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over up to `window` values (shorter at the start)."""
     c = np.cumsum(np.insert(x, 0, 0.0))

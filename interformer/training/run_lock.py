@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 LOCK_FILE = "writer.lock"
+_HELD_FDS: set[int] = set()  # lock fds of this process, closed in forked children (see close_inherited_locks)
 
 
 class RunFolderBusy(RuntimeError):
@@ -49,9 +50,11 @@ class RunFolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         self._fd = fd
+        _HELD_FDS.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -64,6 +67,18 @@ class RunFolderLock:
         self.release()
 
 
+def close_inherited_locks(*_: object) -> None:
+    """Close, in a forked child (a DataLoader worker: use as its worker_init_fn), the lock fds inherited from
+    the writer. An flock lives as long as any process holds its file open, so otherwise a worker that outlives
+    a killed writer would keep the run folder locked."""
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
 def _holder(fd: int) -> dict:
     try:
         return json.loads(os.pread(fd, 4096, 0) or b"{}")
@@ -71,9 +86,24 @@ def _holder(fd: int) -> dict:
         return {}
 
 
+def liveness(holder: dict) -> str:
+    """Whether the recorded holder still runs (known on this host only)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return ""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return ("; that process has exited, so a process it started (e.g. a data-loader worker) still has the "
+                "lock file open")
+    except PermissionError:
+        pass
+    return "; it is still running"
+
+
 def busy_message(out_dir: Path, holder: dict) -> str:
-    who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})" if holder
-           else "another process")
+    who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')}){liveness(holder)}"
+           if holder else "another process")
     return (f"{out_dir} is being written by {who}. A run folder has one writer at a time: wait until that process "
             "has exited (a killed driver's Ray training worker can go on for a few seconds) or stop it, then run "
             "again; or use another --out-dir.")

@@ -40,12 +40,26 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete checkpoint temp files (`.iter_N.pth.<pid>.<id>.tmp`) a killed writer left; call with the run
+    folder's writer lock held, when no other process can be writing one. Returns how many were removed."""
+    folder = out_dir / "checkpoints"
+    stale = [p for p in folder.glob(".iter_*.tmp")] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def save_training_checkpoint(model: InterFormer, optimizer: torch.optim.Optimizer, out_dir: Path, iteration: int,
-                             config: dict[str, Any], keep: int = 0) -> Path:
-    """Write iter_N.pth (model in the official layout, optimiser state alongside) and prune old ones."""
+                             config: dict[str, Any], keep: int = 0,
+                             log_window: Sequence[dict[str, float]] = ()) -> Path:
+    """Write iter_N.pth (model in the official layout, optimiser state alongside) and prune old ones.
+    `log_window` holds the metrics of iterations not yet averaged into a log.csv row, so that a resumed run's
+    next row averages over the same iterations as the uninterrupted run's."""
     path = checkpoint_path(out_dir, iteration)
     meta = {"iter": iteration, "train_config": config}
-    save_checkpoint(model, path, meta=meta, extra={"optimizer": optimizer.state_dict()})
+    save_checkpoint(model, path, meta=meta, extra={"optimizer": optimizer.state_dict(),
+                                                   "log_window": [{k: float(v) for k, v in m.items()} for m in log_window]})
     if keep > 0:
         for _, old in list_checkpoints(out_dir)[:-keep]:
             old.unlink(missing_ok=True)

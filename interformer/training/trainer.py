@@ -24,10 +24,10 @@ from .config import SCHEDULE_FIELDS, TrainConfig
 from .data import ConcatSource, TrainSource
 from .init import initial_model
 from .optim import build_optimizer, set_lr
-from .plot import plot_loss
-from .run_lock import RunFolderLock
+from .plot import has_rows, plot_loss
+from .run_lock import RunFolderLock, close_inherited_locks
 from .runlog import (EVAL_FIELDS, LOG_FIELDS, CsvLog, check_resume_config, list_checkpoints,
-                     load_training_checkpoint, save_training_checkpoint)
+                     load_training_checkpoint, remove_stale_temporaries, save_training_checkpoint)
 from .step import TrainForward, training_step
 from .stream import RangeSampler, SampleStream
 
@@ -97,12 +97,32 @@ def run_worker(cfg: TrainConfig, ctx: WorkerContext = WorkerContext(), evaluator
     lock = RunFolderLock(cfg.out_dir) if ctx.rank == 0 else None
     if lock is not None:
         lock.acquire(ctx.lock_wait_s)
+        remove_stale_temporaries(Path(cfg.out_dir))
     try:
         with torch_settings(cfg):
             return _train(cfg, ctx, evaluator, sample_stream, collate)
     finally:
         if lock is not None:
             lock.release()
+
+
+def evaluate(evaluator: Evaluator, model: InterFormer, iteration: int, eval_log: CsvLog) -> dict[str, Any]:
+    """Run the held-out evaluation of the model at `iteration` and append its eval.csv row."""
+    t_eval = time.perf_counter()
+    result = evaluator(model)
+    result.update(iter=iteration, sec=time.perf_counter() - t_eval)
+    eval_log.append([result])
+    print(f"[eval] iteration {iteration}: " + ", ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+    return result
+
+
+def missed_evaluation(cfg: TrainConfig, start: int, eval_log: CsvLog) -> bool:
+    """Whether the checkpoint a run resumes from sits at an evaluation point (a multiple of --eval-interval, or
+    the end of the schedule) without its eval.csv row: the checkpoint is written before the evaluation, so a
+    kill during the evaluation loses the row, and the resumed run must evaluate that checkpoint first."""
+    if start == 0 or not cfg.eval_interval or (start % cfg.eval_interval and start != cfg.max_iters):
+        return False
+    return not any(r.get("iter") == str(start) for r in eval_log.rows())
 
 
 def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
@@ -119,10 +139,12 @@ def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
     checkpoints = list_checkpoints(out_dir)
     start = 0
     state = None
+    pending: list[dict[str, Any]] = []
     if checkpoints:
         start, path = checkpoints[-1]
         state = load_training_checkpoint(path)
         model.load_state_dict(state["state_dict"])
+        pending = list(state.get("log_window", []))
         origin = f"resumed from {path} (iteration {start})"
     model.to(ctx.device)
     optimizer = build_optimizer(model, cfg.optim, model.config.vit.depth, model.config.layer_decay_rate)
@@ -140,6 +162,8 @@ def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
         print(f"[train] InterFormer-{cfg.variant}: {origin}; iterations {start} -> {cfg.last_iter} of {cfg.max_iters}",
               flush=True)
     summary: dict[str, Any] = {"start_iter": start, "end_iter": start, "origin": origin}
+    if is_main and evaluator is not None and missed_evaluation(cfg, start, eval_log):
+        summary["eval"] = evaluate(evaluator, model, start, eval_log)  # a kill during it lost its row
     if start >= cfg.last_iter:
         return summary
 
@@ -148,9 +172,8 @@ def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
         collate = _collate_images
     loader = DataLoader(sample_stream, batch_size=cfg.batch_size,
                         sampler=RangeSampler(start * cfg.batch_size, cfg.last_iter * cfg.batch_size),
-                        num_workers=cfg.loader_workers, collate_fn=collate,
+                        num_workers=cfg.loader_workers, collate_fn=collate, worker_init_fn=close_inherited_locks,
                         persistent_workers=False, prefetch_factor=2 if cfg.loader_workers > 0 else None)
-    pending: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.last_iter - start, desc="train", disable=not (is_main and ctx.progress),
                dynamic_ncols=True)
     t_data = time.perf_counter()
@@ -178,17 +201,13 @@ def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
             pending = []
         if done % cfg.checkpoint_interval == 0 or final:
             if is_main:
-                save_training_checkpoint(model, optimizer, out_dir, done, config_dict, cfg.keep_checkpoints)
-                plot_loss(out_dir / "log.csv", out_dir / "loss.png")
+                save_training_checkpoint(model, optimizer, out_dir, done, config_dict, cfg.keep_checkpoints, pending)
+                if has_rows(out_dir / "log.csv"):
+                    plot_loss(out_dir / "log.csv", out_dir / "loss.png")
             if ctx.barrier is not None:
                 ctx.barrier()
         if evaluator is not None and cfg.eval_interval and (done % cfg.eval_interval == 0 or final) and is_main:
-            t_eval = time.perf_counter()
-            result = evaluator(model)
-            result.update(iter=done, sec=time.perf_counter() - t_eval)
-            eval_log.append([result])
-            print(f"[eval] iteration {done}: " + ", ".join(f"{k}={v}" for k, v in result.items()), flush=True)
-            summary["eval"] = result
+            summary["eval"] = evaluate(evaluator, model, done, eval_log)
         t_data = time.perf_counter()
     bar.close()
     summary["end_iter"] = it + 1
