@@ -18,6 +18,8 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from interformer.coco_rle import RLEError, checked_counts
+
 MASK_RITM_GRABCUT = "ritm_grabcut"  # channel 0; 128 ignore, > 128 object
 MASK_RITM_DAVIS = "ritm_davis"  # max over BGR channels > 0 object
 MASK_BINARY = "binary"  # single channel (channel 0), > 0 object, optional ignore value
@@ -199,39 +201,11 @@ def check_segmentation(segmentation: Any, size: tuple[int, int]) -> list[list[fl
     rle_size = segmentation.get("size")
     if not isinstance(rle_size, list) or rle_size != [h, w]:
         raise DatasetError(f"RLE size {rle_size!r} differs from the image size [{h}, {w}]")
-    counts = segmentation["counts"]
-    if isinstance(counts, str):
-        counts = _rle_string_counts(counts)
-    if not isinstance(counts, list) or not all(_is_int(c) and c >= 0 for c in counts):
-        raise DatasetError("RLE counts must be a list of non-negative integers or a COCO count string")
-    if sum(counts) != h * w:
-        raise DatasetError(f"RLE counts add up to {sum(counts)}, not {h} * {w} = {h * w} pixels")
+    try:
+        counts = checked_counts(segmentation["counts"], h, w)
+    except RLEError as e:
+        raise DatasetError(str(e)) from None
     return {"size": [h, w], "counts": counts}
-
-
-def _rle_string_counts(text: str) -> list[int]:
-    """The counts of COCO's compressed RLE string: 5 bits per character (offset 48), bit 0x20 continues a
-    number, bit 0x10 of its last character is the sign; from the fourth count on, each is stored as the
-    difference from the count two before."""
-    counts: list[int] = []
-    value, shift = 0, 0
-    for ch in text:
-        c = ord(ch) - 48
-        if not 0 <= c < 64:
-            raise DatasetError(f"RLE count string has the character {ch!r}, outside COCO's alphabet")
-        value |= (c & 0x1F) << shift
-        shift += 5
-        if c & 0x20:
-            continue
-        if c & 0x10:
-            value -= 1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-        value, shift = 0, 0
-    if shift:
-        raise DatasetError("RLE count string ends in the middle of a number")
-    return counts
 
 
 def _stem(path: Path) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from interformer.clicks import Click, Roi
+from interformer.coco_rle import RLEError, checked_counts
 
 from .box_prompt import BoxPromptError, box_to_click
 from .polygons import PolygonError, checked_polygons, polygons_rle
@@ -257,50 +258,13 @@ def segmentation_to_rle(segmentation: Any, size: tuple[int, int]) -> tuple[dict,
         raise PromptError(BAD_SEGMENTATION, f"RLE size must be [height, width] integers, got {str(rle_size)[:80]}")
     if rle_size != [h, w]:
         raise PromptError(BAD_SEGMENTATION, f"RLE size {rle_size} differs from the image size {[h, w]}")
-    if isinstance(counts, list):
-        _check_counts(counts, h * w)
-        return _rle_json(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)), False
+    try:
+        runs = checked_counts(counts, h, w)
+    except RLEError as e:
+        raise PromptError(BAD_SEGMENTATION, str(e)) from None
     if isinstance(counts, str):
-        _check_counts(rle_string_counts(counts), h * w)
         return {"size": [h, w], "counts": counts}, False
-    raise PromptError(BAD_SEGMENTATION, f"RLE counts must be a list of run lengths or a COCO compressed string, "
-                                        f"got {type(counts).__name__}")
-
-
-def _check_counts(counts: Sequence[Any], pixels: int) -> None:
-    """Run lengths that cover an image of `pixels` exactly, or PromptError(BAD_SEGMENTATION)."""
-    if not all(_is_int(c) and c >= 0 for c in counts):
-        bad = next(c for c in counts if not (_is_int(c) and c >= 0))
-        raise PromptError(BAD_SEGMENTATION, f"RLE counts must be non-negative integers, got {str(bad)[:40]}")
-    total = sum(counts)
-    if total != pixels:
-        raise PromptError(BAD_SEGMENTATION, f"RLE counts sum to {total} pixels, the image has {pixels}")
-
-
-def rle_string_counts(counts: str) -> list[int]:
-    """The run lengths of a COCO compressed RLE string, read as pycocotools reads it: 5 bits a character from
-    '0' (0x20: more follow, 0x10 on the last: negative), at most 6 characters a number (pycocotools shifts a
-    32-bit int), and runs from the fourth on as deltas to the run two before.
-
-    PromptError(BAD_SEGMENTATION) for a character outside the code, a number too long, or a string that ends
-    inside a number."""
-    out: list[int] = []
-    value = shift = 0
-    for n, ch in enumerate(counts):
-        c = ord(ch) - 48
-        if not 0 <= c < 64 or shift >= 30:
-            raise PromptError(BAD_SEGMENTATION, f"not a COCO compressed RLE string: {ch!r} at position {n}")
-        value |= (c & 0x1F) << shift
-        shift += 5
-        if c & 0x20:
-            continue
-        if c & 0x10:
-            value -= 1 << shift
-        out.append(value + out[-2] if len(out) > 2 else value)
-        value = shift = 0
-    if shift:
-        raise PromptError(BAD_SEGMENTATION, "not a COCO compressed RLE string: it ends inside a run length")
-    return out
+    return _rle_json(mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w)), False
 
 
 def _rle_json(rle: dict) -> dict:

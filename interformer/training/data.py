@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..coco_rle import RLEError, checked_counts
 from ..polygons import PolygonError, checked_polygons, rasterize
 from .augment import IGNORE_SEGMENT
 
@@ -150,30 +151,6 @@ def _record_name(info: dict) -> str:
     return repr(name) if isinstance(name, str) and name else f"image id {info.get('id')!r}"
 
 
-def rle_string_counts(counts: str, where: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string (pycocotools' 6-bit, delta-coded format), checked as read."""
-    out: list[int] = []
-    i = 0
-    while i < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if i >= len(counts) or shift > 60:
-                raise DataError(f"{where}: RLE counts string is malformed")
-            c = ord(counts[i]) - 48
-            if not 0 <= c < 64:
-                raise DataError(f"{where}: RLE counts string holds {counts[i]!r}, not a COCO RLE character")
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            shift += 5
-            i += 1
-            if not more and c & 0x10:
-                value -= 1 << shift
-        if len(out) > 2:
-            value += out[-2]
-        out.append(value)
-    return out
-
-
 def _check_rle(rle: dict, h: int, w: int, where: str) -> dict:
     """A COCO RLE dict for pycocotools (counts as bytes when compressed), after checking it covers h x w."""
     size = rle.get("size")
@@ -182,14 +159,10 @@ def _check_rle(rle: dict, h: int, w: int, where: str) -> dict:
     if tuple(size) != (h, w):
         raise DataError(f"{where}: RLE size {size[1]}x{size[0]} (WxH) differs from the image's {w}x{h}")
     counts = rle.get("counts")
-    if isinstance(counts, str):
-        runs = rle_string_counts(counts, where)
-    elif isinstance(counts, list) and all(_is_int(v) for v in counts):
-        runs = [int(v) for v in counts]
-    else:
-        raise DataError(f"{where}: RLE 'counts' must be a string or a list of integers, got {str(counts)[:60]}")
-    if any(r < 0 for r in runs) or sum(runs) != h * w:
-        raise DataError(f"{where}: RLE runs cover {sum(runs)} pixels (or are negative), the {w}x{h} image has {h * w}")
+    try:
+        runs = checked_counts(counts, h, w)
+    except RLEError as e:
+        raise DataError(f"{where}: {e}") from None
     return {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else runs}
 
 
