@@ -7,6 +7,7 @@ checkpoint loader) picks a variant by name from `CONFIGS`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from numbers import Integral
 
 # Input normalisation, RGB on the 0-255 scale (spec §2).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -133,5 +134,22 @@ class PreprocessConfig:
     size_divisor: int = SIZE_DIVISOR
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would silently produce unusable input (a 1x1 image, clicks mapped to negative
+        pixels, a canvas the /32 pyramid cannot divide) or fail deep inside preprocessing."""
+        if self.max_side is not None and (not _is_int(self.max_side) or self.max_side < SIZE_DIVISOR):
+            raise ValueError(f"PreprocessConfig.max_side must be None (native size) or an integer >= {SIZE_DIVISOR}, "
+                             f"got {self.max_side!r}")
+        if not _is_int(self.size_divisor) or self.size_divisor <= 0 or self.size_divisor % SIZE_DIVISOR:
+            raise ValueError(f"PreprocessConfig.size_divisor must be a positive multiple of {SIZE_DIVISOR} (the "
+                             f"pyramid's coarsest stride), got {self.size_divisor!r}")
+        if not _is_int(self.max_pixels) or self.max_pixels < 1:
+            raise ValueError(f"PreprocessConfig.max_pixels must be an integer >= 1, got {self.max_pixels!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (numpy integers included)."""
+    return isinstance(value, Integral) and not isinstance(value, bool)

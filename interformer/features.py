@@ -17,17 +17,22 @@ from fp32 tensors):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import PYRAMID_CHANNELS, PYRAMID_STRIDES
+from .config import PYRAMID_CHANNELS, PYRAMID_STRIDES, SIZE_DIVISOR
 
 # Storage dtype -> the numpy element type of the flat array `to_flat` returns.
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.uint8,
                   "int8sqrt": np.uint8}
+# The largest magnitude a storage dtype keeps finite (fp32 values above it round to inf).
+# The coded dtypes store each channel's span (max - min) in fp32, which overflows beyond half of fp32's range.
+_FINITE_LIMIT = {"float16": float(np.finfo(np.float16).max), "bfloat16": float(torch.finfo(torch.bfloat16).max),
+                 "int8": float(np.finfo(np.float32).max) / 2, "int8sqrt": float(np.finfo(np.float32).max) / 2}
 CODED = ("int8", "int8sqrt")  # the 8-bit coded dtypes: a header of per-channel scales and offsets, then codes
 
 
@@ -45,6 +50,22 @@ class ImageGeometry:
     resized_size: tuple[int, int]
     padded_size: tuple[int, int]
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        """Refuse sizes no encoder produces: a canvas smaller than the image (masks cut short), one the /32
+        pyramid cannot divide, or zero sizes (a division by zero much later)."""
+        sizes = {"original_size": self.original_size, "resized_size": self.resized_size,
+                 "padded_size": self.padded_size}
+        for name, size in sizes.items():
+            if len(size) != 2 or not all(int(v) == v and v >= 1 for v in size):
+                raise ValueError(f"ImageGeometry.{name} must be two positive integers (H, W), got {size!r}")
+        if any(r > p for r, p in zip(self.resized_size, self.padded_size)):
+            raise ValueError(f"ImageGeometry.padded_size {self.padded_size!r} is smaller than resized_size "
+                             f"{self.resized_size!r}")
+        if any(v % SIZE_DIVISOR for v in self.padded_size):
+            raise ValueError(f"ImageGeometry.padded_size {self.padded_size!r} must be a multiple of {SIZE_DIVISOR}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"ImageGeometry.scale must be a finite number > 0, got {self.scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +137,7 @@ class ImageFeatures:
         np_dtype = _storage_dtype(dtype)
         shapes = [list(p.shape[1:]) for p in self.pyramid]
         levels = [p.detach().to("cpu", torch.float32).contiguous() for p in self.pyramid]
+        check_storable(levels, dtype)
         if dtype in CODED:
             return _quantize(levels, companded=dtype == "int8sqrt"), shapes
         if dtype == "bfloat16":
@@ -144,6 +166,19 @@ class ImageFeatures:
             raise ValueError(f"a {dtype} feature array holds {np.dtype(_storage_dtype(dtype))}, got {flat.dtype}")
         values = flat_to_float32(torch.from_numpy(np.ascontiguousarray(flat)), dtype, shapes).to(device)
         return cls(tuple(levels_of(values, shapes)), geometry)
+
+
+def check_storable(levels: list[torch.Tensor], dtype: str) -> None:
+    """Raise ValueError when a level holds NaN/inf, or (float16) a value beyond the dtype's finite range:
+    stored, it would become inf, and under int8/int8sqrt one such value turns its whole channel into NaN."""
+    limit = _FINITE_LIMIT.get(dtype, math.inf)
+    for i, t in enumerate(levels):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"pyramid level {i} holds NaN or inf values; such features cannot be stored "
+                             f"(re-encode the image; damaged weights produce them)")
+        if limit < math.inf and t.numel() and float(t.abs().max()) > limit:
+            raise ValueError(f"pyramid level {i} holds values up to {float(t.abs().max()):.4g}, beyond {dtype}'s "
+                             f"finite range (+-{limit:.6g}); store it as float32 or bfloat16")
 
 
 def _storage_dtype(dtype: str) -> type:

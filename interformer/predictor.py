@@ -25,8 +25,8 @@ from .modeling import InterFormer
 from .modeling.imsa import IMSACache
 from .preprocess import preprocess
 
-__all__ = ["Click", "ClickResult", "InteractiveSession", "InvalidMaskError", "Predictor", "SessionStart",
-           "default_device", "mask_to_canvas", "set_cpu_threads"]
+__all__ = ["Click", "ClickResult", "InteractiveSession", "InvalidMaskError", "NonFiniteOutputError", "Predictor",
+           "SessionStart", "default_device", "mask_to_canvas", "set_cpu_threads"]
 
 
 def default_device() -> torch.device:
@@ -39,7 +39,36 @@ def set_cpu_threads(n: int) -> None:
 
 
 class InvalidClickError(ValueError):
-    """A click outside the image."""
+    """A click or box outside the image (or an empty box)."""
+
+
+def check_box(box: Sequence[float], original_size: tuple[int, int]) -> None:
+    """Raise InvalidClickError unless a zoom-in box (left, up, right, bottom; original pixels, exclusive ends)
+    is 4 finite numbers, non-empty and inside the image: an empty box would give the refine stages an empty
+    region, an inverted one a meaningless one."""
+    h0, w0 = original_size
+    try:
+        values = tuple(float(v) for v in box)
+    except (TypeError, ValueError):
+        raise InvalidClickError(f"box {box!r} must be 4 numbers (left, up, right, bottom)") from None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise InvalidClickError(f"box {box!r} must be 4 finite numbers (left, up, right, bottom)")
+    left, up, right, bottom = values
+    if not (0 <= left < right <= w0 and 0 <= up < bottom <= h0):
+        raise InvalidClickError(f"box {tuple(box)!r} (left, up, right, bottom) must satisfy 0 <= left < right <= "
+                                f"{w0} and 0 <= up < bottom <= {h0} for the {h0}x{w0} image")
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model produced NaN or inf (damaged weights or features): refused rather than shown as an empty mask."""
+
+
+def check_finite(values: torch.Tensor | np.ndarray, what: str) -> None:
+    """Raise NonFiniteOutputError naming `what` unless every value is finite (one pass over the tensor)."""
+    finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
+    if not bool(finite):
+        raise NonFiniteOutputError(f"{what}: are the weights or the stored features damaged? Check the "
+                                   f"checkpoint and re-encode the image")
 
 
 class InvalidMaskError(ValueError):
@@ -233,8 +262,11 @@ class Predictor:
     @torch.inference_mode()
     def encode_pyramid(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Normalised, padded images [B, 3, H, W] on the device -> the pyramid in fp32, on `encode_engine` at
-        `encode_precision`."""
-        return self.encoder(batch)
+        `encode_precision`; raises NonFiniteOutputError when a level holds NaN or inf."""
+        pyramid = self.encoder(batch)
+        for i, level in enumerate(pyramid):
+            check_finite(level, f"the encoder produced non-finite features (pyramid level {i})")
+        return pyramid
 
     def _ensure_cache(self, feats: ImageFeatures) -> IMSACache:
         key = ("imsa", id(self.model))
@@ -286,7 +318,9 @@ class Predictor:
         given, e.g. a session's pinned one)."""
         cache = self._ensure_cache(feats)
         rl = torch.from_numpy(ref_label).to(self.device)[None, None]
-        return (engine or self.engine).margin(feats.pyramid[0], rl, cache, roi)
+        margin = (engine or self.engine).margin(feats.pyramid[0], rl, cache, roi)
+        check_finite(margin, "the click decoder produced a non-finite margin")
+        return margin
 
 
 def _mask_result(start: SessionStart, geometry: ImageGeometry) -> ClickResult:
@@ -302,6 +336,8 @@ class InteractiveSession:
 
     def __init__(self, predictor: Predictor, feats: ImageFeatures, box: Roi | None = None,
                  start: SessionStart | None = None, engine: ClickEngine | None = None) -> None:
+        if box is not None:
+            check_box(box, feats.geometry.original_size)
         self.predictor = predictor
         self.feats = feats
         self.engine = engine if engine is not None else predictor.click_engine_for(feats)  # runs every click

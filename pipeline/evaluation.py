@@ -106,8 +106,19 @@ def pad_to(mask: np.ndarray, size: tuple[int, int], value: int = 0) -> np.ndarra
     return np.pad(mask, ((0, hp - h), (0, wp - w)), mode="constant", constant_values=value)
 
 
+def check_has_object(sample: Sample) -> None:
+    """Raise ValueError naming the sample when its ground truth has no object pixel (gt == 1)."""
+    if not np.any(np.asarray(sample.gt) == 1):
+        raise ValueError(f"sample {sample.sample_id!r} of dataset {sample.dataset!r} has no object pixel (its ground "
+                         f"truth is empty or all ignore): it cannot be evaluated; remove it from the dataset")
+
+
 def evaluate_sample(segmenter: Any, sample: Sample, config: EvalConfig = EvalConfig(), load_s: float = 0.0) -> SampleResult:
-    """Run `config.max_clicks` simulated clicks on one sample and record IoU, clicks and timings."""
+    """Run `config.max_clicks` simulated clicks on one sample and record IoU, clicks and timings.
+
+    A sample without an object pixel (empty, or all ignore) is refused with a ValueError: its IoU would be a
+    perfect 1.0 at every click (NoC 1), which would flatter the dataset's averages."""
+    check_has_object(sample)
     t0 = time.perf_counter()
     session = segmenter.start(sample.image, sample.image_id)
     encode_s = time.perf_counter() - t0
