@@ -96,7 +96,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     obj = load_torch_file(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
-    meta = obj.get("meta") or {}
+    meta = obj.get("meta")
+    meta = {} if meta is None else meta
     if not isinstance(meta, Mapping):
         raise CheckpointError(f"checkpoint {path}: 'meta' is a {type(meta).__name__}, expected a dict")
     state_dict = None

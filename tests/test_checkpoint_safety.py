@@ -176,3 +176,12 @@ def test_every_entry_point_reports_a_bad_checkpoint_as_a_user_error(tmp_path, sm
         assert code == 2, (kind, err[-2000:])
         assert "error" in err and str(path) in err and "Traceback" not in err, (kind, err[-2000:])
         assert not (tmp_path / "code-ran").exists()
+
+
+@pytest.mark.parametrize("meta", [torch.ones(3), torch.zeros(()), np.array([1, 2]), "text", [1, 2]])
+def test_a_meta_that_is_not_a_dict_is_a_checkpoint_error(tmp_path, small_model, meta):
+    """Found by the property above: a tensor `meta` made `obj.get('meta') or {}` ask a tensor for its truth."""
+    path = tmp_path / "meta.pth"
+    torch.save({"meta": meta, "state_dict": small_model.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="'meta'"):
+        load_model(path)
