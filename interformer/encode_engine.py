@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .modeling.fpn import MAEWithSimpleFPN
-from .modeling.vit import nearest_grid_index
+from .modeling.vit import keeps_training_tables, nearest_grid_index
 from .runtime import compile_settings, native_bf16, openvino_available, read_or_convert, weights_key
 
 log = logging.getLogger("interformer.encode_engine")
@@ -43,7 +43,10 @@ def token_index(grid: tuple[int, int], window: int) -> torch.Tensor:
     """[1 + h*w] long: the cls token, then for each patch of an h x w grid the index (1-based, after cls) of the
     training-window token that torch's nearest resize picks for it: the gather that resizes the position
     embedding and, applied to both axes, the relative-position bias (`MAEViT.resized_pos_embed`,
-    `RelPosAttention.bias_matrix`). At the training grid it is the identity."""
+    `RelPosAttention.bias_matrix`). At the training token count it is the identity, as the official code
+    resizes only when the count differs (`keeps_training_tables`)."""
+    if keeps_training_tables(grid, window):
+        return torch.arange(1 + grid[0] * grid[1])
     idx = nearest_grid_index((window, window), grid) + 1
     return torch.cat([idx.new_zeros(1), idx])
 

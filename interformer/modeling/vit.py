@@ -4,7 +4,9 @@ Parameter names follow the official mmseg layout (layers.{i}.ln1, attn.qkv, ffn.
 so official checkpoints load 1:1. At the training grid (32x32 tokens for 512x512) this is a plain BEiT
 layer; at other sizes the absolute position embedding and the [heads, 1+N, 1+N] bias matrix are
 nearest-resized from the training grid, exactly as `FlexSizeMAEAttention` does, instead of being
-re-derived from relative offsets.
+re-derived from relative offsets. As there, what decides is the token count, not the grid's shape: a grid
+with as many tokens as the training grid (16x64 for a 32x32 window) uses the tables unresized, in row-major
+order (`keeps_training_tables`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,13 @@ def beit_relative_position_index(window: int) -> torch.Tensor:
     index[1:, 0] = num_rel + 1
     index[0, 0] = num_rel + 2
     return index
+
+
+def keeps_training_tables(grid: tuple[int, int], window: int) -> bool:
+    """Whether an h x w patch grid uses the trained position tables as they are. The official code resizes them
+    only when the token count differs (`pos_embed.size(1) != h*w + 1`, `attn.size() != bias.size()`), so a
+    non-square grid with window² tokens reads the square tables row-major, unresized."""
+    return grid[0] * grid[1] == window * window
 
 
 def nearest_grid_index(src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
@@ -72,11 +81,11 @@ class RelPosAttention(nn.Module):
         self.register_buffer("relative_position_index", beit_relative_position_index(window), persistent=True)
 
     def bias_matrix(self, grid: tuple[int, int]) -> torch.Tensor:
-        """[heads, 1+h*w, 1+h*w] bias; nearest-resized from the training window when grid differs."""
+        """[heads, 1+h*w, 1+h*w] bias; nearest-resized from the training window when the token count differs."""
         n = self.window * self.window
         full = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         full = full.view(n + 1, n + 1, self.num_heads).permute(2, 0, 1)
-        if tuple(grid) == (self.window, self.window):
+        if keeps_training_tables(grid, self.window):
             return full.contiguous()
         idx = nearest_grid_index((self.window, self.window), grid).to(full.device) + 1
         idx = torch.cat([idx.new_zeros(1), idx])
@@ -130,7 +139,7 @@ class MAEViT(nn.Module):
 
     def resized_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         w = self.cfg.window
-        if tuple(grid) == (w, w):
+        if keeps_training_tables(grid, w):
             return self.pos_embed
         patch = self.pos_embed[:, 1:].reshape(1, w, w, -1).permute(0, 3, 1, 2)
         patch = F.interpolate(patch, size=grid, mode="nearest").flatten(2).transpose(1, 2)
