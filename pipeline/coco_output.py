@@ -13,7 +13,7 @@ form it is left out, as it would have nothing to show.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from .preannotation import ImageResult, ObjectResult
 from .prompts import ImageJob
@@ -58,10 +58,12 @@ def coco_annotations(
     jobs: Mapping[str, ImageJob],
     model_version: str,
     categories: Mapping[int, str] | None = None,
-    image_entries: Mapping[str, dict] | None = None,
+    image_entries: Mapping[str, Sequence[dict]] | None = None,
 ) -> dict[str, Any]:
     """A COCO dataset of the segmented objects. Image entries and categories are the prompt file's when
-    given; otherwise images get ids 1.. (file_name = the feature-table id) and categories ids 1.. by label."""
+    given (several entries may name one image file: they share one job, and each object goes on the entry it
+    was annotated on, as in `coco_results`); otherwise images get ids 1.. (file_name = the feature-table id)
+    and categories ids 1.. by label."""
     results = sorted(results, key=lambda r: r.key)
     image_entries = image_entries or {}
     cats = dict(categories or {})
@@ -79,21 +81,26 @@ def coco_annotations(
                 cats[cid] = o.label
                 by_name[o.label] = cid
     images, annotations = [], []
-    next_image = max((e["id"] for e in image_entries.values() if isinstance(e.get("id"), int)), default=0) + 1
+    next_image = max((e["id"] for es in image_entries.values() for e in es if isinstance(e.get("id"), int)),
+                     default=0) + 1
     for r in results:
         job = jobs[r.key]
-        entry = image_entries.get(r.image_id)
-        if entry is None:
+        entries = list(image_entries.get(r.image_id) or ())
+        if not entries:
             entry = {"id": next_image, "file_name": r.image_id, "height": r.size[0], "width": r.size[1]}
             next_image += 1
             if job.task_id is not None:
                 entry["ls_task_id"] = job.task_id
-        images.append(entry)
+            entries = [entry]
+        images.extend(entries)
+        ids = {e.get("id") for e in entries}
+        entry_of = {p.key: p.source_image_id for p in job.objects if p.source_image_id in ids}
         for o in r.objects:
             if not _written(o):
                 continue
             cid = o.category_id if o.category_id is not None else by_name[o.label]
-            annotations.append({"id": len(annotations) + 1, "image_id": entry["id"], "category_id": cid,
+            image_id = entry_of.get(o.key, entries[0]["id"])
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cid,
                                 "segmentation": o.segmentation, "area": o.area, "bbox": o.bbox, "iscrowd": 0,
                                 **_extras(o, model_version)})
     return {

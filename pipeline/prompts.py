@@ -154,7 +154,7 @@ class PromptSet:
     images: list[ImageJob] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     categories: dict[int, str] = field(default_factory=dict)  # id -> name (COCO sources)
-    image_entries: dict[str, dict] = field(default_factory=dict)  # image id -> COCO image entry
+    image_entries: dict[str, list[dict]] = field(default_factory=dict)  # image id -> its COCO entries, file order
 
     @property
     def num_objects(self) -> int:
@@ -456,7 +456,7 @@ def coco_prompts(doc: dict, image_root: str | None = None, id_from: str = "file_
         uri = join_uri(image_root, file_name) if image_root is not None and file_name else None
         out.images.append(ImageJob(image_id, _entry_size(entry), tuple(prompts), uri,
                                    coco_id if _is_int(coco_id) else None, file_name))
-        out.image_entries[image_id] = entry
+        out.image_entries[image_id] = [entries.by_id[i][1] for i in entries.images[image_id]]
     out.images.sort(key=lambda j: j.image_id)
     return out
 

@@ -173,7 +173,7 @@ def test_entries_naming_one_file_share_one_job_and_each_object_keeps_its_coco_im
     (job,) = ps.images
     assert ps.problems == [] and job.key == "coffee.jpg" and job.uri == "/imgs/coffee.jpg"
     assert [(o.key, o.source_image_id) for o in job.objects] == [("coco:10", 1), ("coco:11", 2)]
-    assert job.source_image_id == 1 and ps.image_entries["coffee.jpg"]["id"] == 1
+    assert job.source_image_id == 1 and ps.image_entries["coffee.jpg"][0]["id"] == 1
 
 
 def test_a_repeated_image_id_is_a_problem_for_every_object_on_it():

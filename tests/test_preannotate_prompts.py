@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from backend_support import LABEL_CONFIG, keypoint, rectangle
 
 from connectors.label_studio_prompts import prediction_for, region_id, task_prompts
@@ -286,3 +288,46 @@ def test_coco_results_put_each_object_on_the_entry_it_was_annotated_on():
     masks = {p.key: square() for p in job.objects}
     res = coco_results([result_for(masks, {k: "object" for k in masks})], {"img": job}, "mv")
     assert sorted(e["image_id"] for e in res) == [1, 2]
+
+
+@settings(max_examples=30, deadline=None)
+@given(files=st.integers(1, 3), per_file=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+       placement=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=1, max_size=8))
+def test_both_coco_forms_put_every_object_on_its_own_image_entry(tmp_path_factory, files, per_file, placement):
+    """COCO files where several image entries name one file (merged datasets): whichever form is written, each
+    object keeps the image id it was annotated on, every entry holding objects is written once, and
+    pycocotools reads the annotations form back with each object on that entry."""
+    images, entry_ids = [], []
+    for f in range(files):
+        ids = [100 * f + k + 1 for k in range(per_file[f])]
+        images += [{"id": i, "file_name": f"f{f}.png", "height": H, "width": W} for i in ids]
+        entry_ids.append(ids)
+    annotations, want = [], {}
+    for n, (f, k) in enumerate(placement):
+        ids = entry_ids[f % files]
+        image_id = ids[k % len(ids)]
+        annotations.append({"id": n + 1, "image_id": image_id, "category_id": 1, "bbox": [2, 2, 10, 10]})
+        want[f"coco:{n + 1}"] = image_id
+    ps = coco_prompts({"images": images, "annotations": annotations,
+                       "categories": [{"id": 1, "name": "object"}]})
+    assert not ps.problems
+    jobs = {j.key: j for j in ps.images}
+    results = []
+    for job in ps.images:
+        objects = [ObjectResult(p.key, job.image_id, "object", "box", "ok", category_id=1, clicks=[[1, 2, 1]],
+                                score=0.7, area=144, bbox=[20, 10, 12, 12], rle=encode_mask(square()))
+                   for p in job.objects]
+        results.append(ImageResult(job.key, job.image_id, "d", [H, W], objects))
+    res = coco_results(results, jobs, "mv")
+    assert {e["source_key"]: e["image_id"] for e in res} == want
+    ann = coco_annotations(results, jobs, "mv", ps.categories, ps.image_entries)
+    assert {a["source_key"]: a["image_id"] for a in ann["annotations"]} == want
+    written = [e["id"] for e in ann["images"]]
+    assert len(written) == len(set(written)) and set(want.values()) <= set(written)
+    path = tmp_path_factory.mktemp("coco") / "out.json"
+    path.write_text(json.dumps(ann))
+    from pycocotools.coco import COCO
+    coco = COCO(str(path))
+    for image_id in set(want.values()):
+        keys = {coco.anns[i]["source_key"] for i in coco.getAnnIds(imgIds=[image_id])}
+        assert keys == {k for k, v in want.items() if v == image_id}
