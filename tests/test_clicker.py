@@ -1,6 +1,8 @@
 """The simulated annotator: hand-made masks whose right click is known, and properties against scipy's EDT."""
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from scipy import ndimage
 
 from pipeline.clicker import (
     Click,
+    exact_maxima,
     interformer_next_click,
     mark_clicked,
     new_not_clicked,
@@ -134,25 +137,71 @@ def test_mismatched_shapes_are_refused():
 masks = arrays(np.int8, st.tuples(st.integers(1, 24), st.integers(1, 24)), elements=st.sampled_from([-1, 0, 1]))
 
 
-@settings(max_examples=150, deadline=None)
+def _edt(mask: np.ndarray) -> np.ndarray:
+    """Exact padded distances, independently of the module: float64 roots of integer squared distances."""
+    return ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+
+
+@settings(max_examples=300, deadline=None)
 @given(gt=masks, data=st.data())
-def test_ritm_click_matches_an_independent_scipy_computation(gt, data):
+def test_ritm_click_is_the_first_exact_maximum(gt, data):
+    """Spec §1.2 on exact distances, with no tolerance: positive iff the false-negative maximum is strictly
+    larger (ties, 0 == 0 included, are negative), at the first pixel in raster order that attains it."""
     pred = data.draw(arrays(bool, gt.shape))
     not_clicked = data.draw(arrays(bool, gt.shape, elements=st.sampled_from([True, True, True, False])))
     obj, valid = gt == 1, gt != -1
-    fn, fp = obj & ~pred & valid, ~obj & pred & valid
-    fn_d = ndimage.distance_transform_edt(np.pad(fn, 1))[1:-1, 1:-1] * not_clicked
-    fp_d = ndimage.distance_transform_edt(np.pad(fp, 1))[1:-1, 1:-1] * not_clicked
-    positive = fn_d.max() > fp_d.max() + 1e-4
-    tie = abs(fn_d.max() - fp_d.max()) <= 1e-4
-    click = ritm_next_click(gt, pred, not_clicked)
-    if not tie:
-        assert click.positive == positive
-    chosen = fn_d if click.positive else fp_d
-    assert chosen[click.row, click.col] == pytest.approx(chosen.max(), abs=1e-4)
-    # First maximum in raster order (distances of exact EDT differ by far more than float32 rounding).
-    first = np.flatnonzero(chosen.ravel() >= chosen.max() - 1e-4)[0]
-    assert (click.row, click.col) == divmod(int(first), gt.shape[1])
+    fn_d = _edt(obj & ~pred & valid) * not_clicked
+    fp_d = _edt(~obj & pred & valid) * not_clicked
+    positive = fn_d.max() > fp_d.max()
+    chosen = fn_d if positive else fp_d
+    first = np.flatnonzero(chosen.ravel() == chosen.max())[0]
+    assert ritm_next_click(gt, pred, not_clicked) == Click(*divmod(int(first), gt.shape[1]), positive)
+
+
+def _off_by_one_ulp(data) -> callable:
+    """A float32 transform like OpenCV's when a buffer's alignment changes its rounding: the true distances,
+    each nudged by at most one unit in the last place, up or down, at pixels hypothesis picks (zeros stay exact)."""
+    def transform(mask: np.ndarray) -> np.ndarray:
+        dist = _edt(np.asarray(mask, bool)).astype(np.float32)
+        nudge = data.draw(arrays(np.int8, dist.shape, elements=st.sampled_from([-1, 0, 0, 1])))
+        dist = np.where((nudge > 0) & (dist > 0), np.nextafter(dist, np.float32(np.inf)), dist)
+        dist = np.where((nudge < 0) & (dist > 0), np.nextafter(dist, np.float32(0)), dist)
+        return dist.astype(np.float32)
+    return transform
+
+
+tie_shapes = st.sampled_from([(7, 9), (58, 32), (3, 40), (12, 12), (5, 31)])
+
+
+@settings(max_examples=80, deadline=None)
+@given(gt=masks, shape=tie_shapes, data=st.data())
+def test_the_click_does_not_depend_on_float32_rounding(gt, shape, data):
+    """Fault injection of the mechanism: OpenCV's float32 transform can return two pixels at one true distance
+    one unit in the last place apart, depending on where its buffer sits in memory (the same sample got two
+    click sequences in one process). With the transform's values nudged by one ulp anywhere, both rule sets
+    still click exactly where the exact distances say."""
+    for g in (gt, np.pad(np.ones(shape, np.int8), 1)):
+        pred = data.draw(arrays(bool, g.shape, elements=st.sampled_from([False, False, False, True])))
+        not_clicked = np.ones(g.shape, bool)
+        want_ritm = ritm_next_click(g, pred, not_clicked)
+        want_inter = interformer_next_click(g, pred, [], np.random.default_rng(7))
+        for by_rounding_up_to in (1024.0, 0.0):  # both ways of making the candidates exact
+            with patch("pipeline.clicker.padded_distance", _off_by_one_ulp(data)), \
+                    patch("pipeline.clicker._EXACT_BY_ROUNDING", by_rounding_up_to):
+                assert ritm_next_click(g, pred, not_clicked) == want_ritm
+                assert interformer_next_click(g, pred, [], np.random.default_rng(7)) == want_inter
+
+
+@settings(max_examples=150, deadline=None)
+@given(mask=arrays(bool, st.tuples(st.integers(1, 40), st.integers(1, 40))), data=st.data())
+@pytest.mark.parametrize("by_rounding_up_to", [1024.0, 0.0])  # 0: every depth takes the exact-crop path
+def test_exact_maxima_are_the_maxima_of_the_exact_transform(mask, data, by_rounding_up_to):
+    keep = data.draw(arrays(bool, mask.shape, elements=st.sampled_from([True, True, False])))
+    want = _edt(mask) * keep
+    with patch("pipeline.clicker._EXACT_BY_ROUNDING", by_rounding_up_to):
+        peak, at = exact_maxima(mask, keep)
+    assert peak == want.max()
+    assert at.tolist() == np.argwhere(want == want.max()).tolist()
 
 
 @settings(max_examples=100, deadline=None)
@@ -167,5 +216,6 @@ def test_interformer_click_is_a_maximum_of_the_chosen_error_map(gt, data):
         assert click is None
         return
     chosen = fn_d if click.positive else fp_d
-    assert chosen[click.row, click.col] == pytest.approx(chosen.max(), abs=1e-4)
+    assert chosen[click.row, click.col] == chosen.max()
+    assert click.positive == (fn_d.max() > fp_d.max())
     assert click.positive == (obj[click.row, click.col] and not pred[click.row, click.col])
