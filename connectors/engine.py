@@ -121,7 +121,8 @@ def size_mismatch(image_id: str, shown: tuple[int, int], stored: tuple[int, int]
         return (text + ": the file probably carries an EXIF orientation tag, which the browser applies, and its "
                 "features were stored before the encoder recorded the tag; re-encode the image (remove its row "
                 "and run jobs/encode.py again) so that its orientation is recorded, or rotate the pixels of the "
-                "file itself (e.g. `exiftran -ai`) and re-import and re-encode it")
+                "file itself (e.g. `exiftran -ai`), re-import it and re-encode it (--check-content "
+                "--reencode-changed)")
     return text + ": is the task pointing at another file?"
 
 

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from interformer.clicks import Click
-from pipeline.orientation import Orientation, displayed_size, mask_to_displayed, mask_to_stored, normalize_tag
 
 TAGS = list(range(1, 9))
 
@@ -50,6 +49,8 @@ def stored_masks(draw):
 @settings(max_examples=60, deadline=None)
 @given(stored=stored_masks(), tag=st.sampled_from(TAGS))
 def test_stored_to_displayed_is_what_pillow_shows_and_displayed_to_stored_undoes_it(stored, tag):
+    from pipeline.orientation import Orientation, displayed_size, mask_to_displayed, mask_to_stored
+
     shown = mask_to_displayed(stored, tag)
     assert np.array_equal(shown, shown_by_pillow(stored, tag))
     assert shown.shape == displayed_size(stored.shape, tag)
@@ -61,6 +62,8 @@ def test_stored_to_displayed_is_what_pillow_shows_and_displayed_to_stored_undoes
 @settings(max_examples=60, deadline=None)
 @given(size=sizes, tag=st.sampled_from(TAGS), data=st.data())
 def test_a_displayed_point_maps_to_the_stored_pixel_a_one_pixel_mask_there_maps_to(size, tag, data):
+    from pipeline.orientation import Orientation, mask_to_stored
+
     view = Orientation(size, tag)
     dh, dw = view.displayed_size
     row, col = data.draw(st.integers(0, dh - 1)), data.draw(st.integers(0, dw - 1))
@@ -77,6 +80,8 @@ def test_a_displayed_point_maps_to_the_stored_pixel_a_one_pixel_mask_there_maps_
 @settings(max_examples=60, deadline=None)
 @given(size=sizes, tag=st.sampled_from(TAGS), data=st.data())
 def test_a_box_maps_to_the_box_of_its_mapped_corners_which_holds_exactly_its_pixels(size, tag, data):
+    from pipeline.orientation import Orientation, mask_to_stored
+
     view = Orientation(size, tag)
     dh, dw = view.displayed_size
     up, left = data.draw(st.integers(0, dh - 1)), data.draw(st.integers(0, dw - 1))
@@ -86,15 +91,17 @@ def test_a_box_maps_to_the_box_of_its_mapped_corners_which_holds_exactly_its_pix
     corners = [view.point_to_stored(r, c) for r in (up, bottom - 1) for c in (left, right - 1)]
     rows, cols = [c[0] for c in corners], [c[1] for c in corners]
     assert got == (min(cols), min(rows), max(cols) + 1, max(rows) + 1)
-    shown = np.zeros((dh, dw), dtype=bool)
-    shown[up:bottom, left:right] = True
+    drawn = np.zeros((dh, dw), dtype=bool)
+    drawn[up:bottom, left:right] = True
     inside = np.zeros(size, dtype=bool)
     inside[got[1]:got[3], got[0]:got[2]] = True
-    assert np.array_equal(mask_to_stored(shown, tag), inside)
+    assert np.array_equal(mask_to_stored(drawn, tag), inside)
     assert view.box_to_displayed(got) == box
 
 
 def test_tags_browsers_ignore_are_the_identity_and_a_bad_tag_is_refused():
+    from pipeline.orientation import Orientation, normalize_tag
+
     for raw in (None, 0, 9, -1, 3.0, "6", (6,), True, b"\x06"):
         assert normalize_tag(raw) == 1
     assert [normalize_tag(t) for t in TAGS] == TAGS
@@ -391,3 +398,128 @@ def test_a_row_stored_before_the_tag_was_recorded_is_refused_with_how_to_record_
     assert "EXIF orientation" in r.json()["error"] and "re-encode" in r.json()["error"]
     r = predict(client, file_name(6), [keypoint(40, 55, STORED)])  # a known tag: the stored size is wrong now
     assert r.status_code == 422 and "another file" in r.json()["error"]
+
+
+# --- Label Studio pre-annotation: task prompts -> worker -> prediction, in-process ------------------------------
+
+PRE_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="object"/></PolygonLabels>
+  <KeyPointLabels name="kp" toName="image"><Label value="object"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image"><Label value="object"/></RectangleLabels>
+</View>"""
+
+
+@pytest.fixture(scope="module")
+def workers(env):
+    from pipeline.encoding import EncoderSpec
+    from pipeline.preannotation import MaskFormat, PreannotateWorker, WorkerSpec
+
+    spec = WorkerSpec(encoder=EncoderSpec(checkpoint=str(env["ckpt"])), db=str(env["tmp"] / "db"), table="features")
+    return {"brushlabels": PreannotateWorker(spec),
+            "polygonlabels": PreannotateWorker(WorkerSpec(**{**spec.__dict__, "output": MaskFormat("polygon")}))}
+
+
+def ls_task(tag: int) -> dict:
+    """A task whose annotation holds a rectangle and two keypoints outside it, drawn on the displayed grid."""
+    from backend_support import keypoint, rectangle
+
+    size = displayed_size_of(tag)
+    regions = [rectangle(20, 25, 45, 50, size, item_id="r1"), keypoint(80, 80, size, item_id="p1"),
+               keypoint(10, 90, size, positive=False, item_id="p2")]
+    return {"id": 100 + tag, "data": {"image": f"/data/{file_name(tag)}", "image_id": file_name(tag)},
+            "annotations": [{"id": 1, "result": regions, "updated_at": "2024-01-01"}], "predictions": []}
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_preannotation_of_label_studio_prompts_is_pushed_on_the_displayed_grid(env, workers, tag):
+    from backend_support import pixel
+
+    from connectors.label_studio_prompts import prediction_for, region_id, task_prompts
+    from connectors.protocol import box_to_click, parse_label_config
+    from connectors.rle import rle_to_mask
+    from pipeline.polygons import rasterize
+    from pipeline.prompts import decode_rle
+
+    size = displayed_size_of(tag)
+    image_id = file_name(tag)
+    config = parse_label_config(PRE_CONFIG)
+    prompt_set = task_prompts([ls_task(tag)], config, config.brushes["image"])
+    assert not prompt_set.problems and len(prompt_set.images) == 1
+    job = prompt_set.images[0]
+    box_click, region = box_to_click({"x": 20, "y": 25, "width": 45, "height": 50}, size)
+    want_box = reference(env, image_id, [stored_click(box_click, STORED, tag)], stored_box(region, STORED, tag))
+    shown_points = [pixel(80, 80, size), pixel(10, 90, size, False)]
+    want_points = reference(env, image_id, [stored_click(c, STORED, tag) for c in shown_points])
+    result = workers["brushlabels"].run(job)
+    assert all(o.ok for o in result.objects), [o.detail for o in result.objects]
+    assert tuple(result.size) == STORED  # results (and COCO output) stay in the stored grid
+    by_kind = {o.kind: o for o in result.objects}
+    assert np.array_equal(decode_rle(by_kind["box"].rle), want_box)
+    assert np.array_equal(decode_rle(by_kind["points"].rle), want_points)
+    pushed = prediction_for(result, 100 + tag, config.brushes["image"], MV, env["fingerprint"])
+    regions = {r["id"]: r for r in pushed["result"]}
+    for kind, want in (("box", want_box), ("points", want_points)):
+        r = regions[region_id(by_kind[kind].key)]
+        assert (r["original_height"], r["original_width"]) == size
+        assert np.array_equal(rle_to_mask(r["value"]["rle"], *size), shown(want, tag))
+    meta = regions[region_id(by_kind["points"].key)]["meta"]["interformer"]["clicks"]
+    assert meta == [[c.row, c.col, int(c.positive)] for c in shown_points]  # what the backend replays
+    result = workers["polygonlabels"].run(job)
+    pushed = prediction_for(result, 100 + tag, config.polygons["image"], MV, env["fingerprint"])
+    stored_polygons = {o.key: o.polygons for o in result.objects}
+    for o in result.objects:
+        parts = [r for r in pushed["result"] if r["id"].startswith(region_id(o.key) + "-")]
+        assert parts and all((r["original_height"], r["original_width"]) == size for r in parts)
+        drawn = rasterize([(np.asarray(r["value"]["points"]) * [size[1] / 100.0, size[0] / 100.0]).reshape(-1).tolist()
+                           for r in parts], size)
+        assert np.array_equal(drawn, shown(rasterize(stored_polygons[o.key], STORED), tag))
+
+
+# --- a feature table made before the column existed ----------------------------------------------------------
+
+
+def test_a_table_made_before_the_orientation_column_is_read_and_written(tmp_path):
+    import lance
+    import lancedb
+    import pyarrow as pa
+    import torch
+
+    from interformer.features import ImageFeatures, ImageGeometry, pyramid_shapes
+    from pipeline.feature_store import (
+        ERROR_SCHEMA,
+        FEATURE_SCHEMA,
+        EncodedImage,
+        FeatureReader,
+        FeatureStore,
+        feature_rows,
+        write_feature_fragments,
+    )
+
+    def features(seed: int) -> ImageFeatures:
+        gen = torch.Generator().manual_seed(seed)
+        geometry = ImageGeometry((40, 70), (40, 70), (64, 96), 1.0)
+        return ImageFeatures(tuple(torch.randn(1, *s, generator=gen) for s in pyramid_shapes((64, 96))), geometry)
+
+    old_schema = pa.schema([f for f in FEATURE_SCHEMA if f.name != "exif_orientation"])
+    old_rows = feature_rows([EncodedImage(i, f"/data/{i}", f"{n:064x}", features(n)) for n, i in enumerate("ab")],
+                            "fp", "float32").select(old_schema.names)
+    db = lancedb.connect(str(tmp_path / "db"))
+    db.create_table("features", data=old_rows, schema=old_schema)
+    db.create_table("features_errors", schema=ERROR_SCHEMA)
+
+    reader = FeatureReader(str(tmp_path / "db"), "fp", table="features", refresh_interval_s=0)
+    assert reader.get_record("a").exif_orientation is None  # a reader needs no writer to have opened it first
+    store = FeatureStore(str(tmp_path / "db"))  # a writer gives the old table the column, all null
+    FeatureStore(str(tmp_path / "db"))  # and a second one finds it there
+    assert "exif_orientation" in lance.dataset(store.features_uri).schema.names
+    assert store.add(feature_rows([EncodedImage("c", "/data/c", "c" * 64, features(2), 6)], "fp", "float32")) == 1
+    written = write_feature_fragments(store.features_uri, feature_rows(
+        [EncodedImage("d", "/data/d", "d" * 64, features(3), 3)], "fp", "float32"))  # the encode job's way
+    assert store.commit_fragments(written).added == [("d", "fp")]
+    got = {i: reader.get_record(i) for i in "abcd"}
+    assert {i: r.exif_orientation for i, r in got.items()} == {"a": None, "b": None, "c": 6, "d": 3}
+    for n, i in enumerate("abcd"):
+        assert all(torch.equal(x, y) for x, y in zip(got[i].features.pyramid, features(n).pyramid))
+    assert store.existing_ids("fp") == set("abcd")
