@@ -8,6 +8,10 @@ the clicks that made it when a pre-annotation stored them (region_meta.py). `OnD
 is the body of the encoder actor: it fetches an image that has no features yet (only from allowed
 sources, pipeline/image_access.py), encodes it on CPU and stores the row, so that the engine can answer,
 slower, instead of failing.
+A request's coordinates (clicks, box, masks on screen, a region's stored clicks) are in the grid Label Studio
+shows, which is the stored pixel grid turned by the file's EXIF orientation tag; the features are of the stored
+grid. The engine maps the request into the stored grid and the mask back (pipeline/orientation.py), using the
+tag the encoder recorded with the features.
 Both are plain classes so that they run the same inside Ray actors and in-process.
 """
 from __future__ import annotations
@@ -43,8 +47,9 @@ from pipeline.feature_store import (
     table_uri,
 )
 from pipeline.image_access import ImageAccess, ImageAccessError, read_image_bytes
-from pipeline.images import TOO_LARGE, ImageDecodeError, decode_image
+from pipeline.images import TOO_LARGE, ImageDecodeError, decode_image_oriented
 from pipeline.metrics import iou
+from pipeline.orientation import Orientation, normalize_tag
 from pipeline.polygons import mask_to_polygons
 
 from .logs import get_logger, log_event
@@ -102,15 +107,22 @@ def _load_predictor(cfg: EngineConfig, interact_only: bool) -> Predictor:
 EncodeMissing = Callable[[str, str, "int | None"], dict]  # (image_id, image_ref, task_id) -> info
 
 
-def size_mismatch(image_id: str, shown: tuple[int, int], stored: tuple[int, int]) -> str:
-    """Why Label Studio's size of an image (H, W) differs from its features': a transposed size is what a
-    photo with an EXIF rotation tag gives (browsers show it rotated; features use the stored pixel grid)."""
+def size_mismatch(image_id: str, shown: tuple[int, int], stored: tuple[int, int], tag: int | None = None) -> str:
+    """Why Label Studio's size of an image (H, W) differs from the size its features show at: `stored` is the
+    stored pixel grid and `tag` the EXIF orientation the encoder recorded (None: a row stored before the tag
+    was recorded, then compared as the stored grid). A transposed size with no recorded tag is what a photo
+    with a 90-degree EXIF tag gives (browsers show it turned): encoding it again records the tag."""
     text = (f"Label Studio sizes image {image_id!r} at {shown[1]}x{shown[0]} (WxH) but its features were computed "
             f"at {stored[1]}x{stored[0]}")
-    if shown == stored[::-1]:
-        return (text + ": the file probably carries an EXIF orientation tag, which the browser applies and the "
-                "encoder does not; rotate the pixels of the file itself (e.g. `exiftran -ai`), re-import and "
-                "re-encode it")
+    if tag is not None and tag != 1:
+        expected = Orientation(tuple(stored), tag).displayed_size
+        text += f", which its EXIF orientation tag {tag} shows at {expected[1]}x{expected[0]}"
+    if tag is None and tuple(shown) == tuple(stored)[::-1]:
+        return (text + ": the file probably carries an EXIF orientation tag, which the browser applies, and its "
+                "features were stored before the encoder recorded the tag; re-encode the image (remove its row "
+                "and run jobs/encode.py again) so that its orientation is recorded, or rotate the pixels of the "
+                "file itself (e.g. `exiftran -ai`), re-import it and re-encode it (--check-content "
+                "--reencode-changed)")
     return text + ": is the task pointing at another file?"
 
 
@@ -132,6 +144,7 @@ class SegmentEngine:
         self._start_sources: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its start
         self._start_ids: OrderedDict[tuple, tuple] = OrderedDict()  # region key -> ((candidates, click), start identity)
         self._identity: dict[str, RowIdentity] = {}  # image id -> the row its cached features / sessions came from
+        self._orientation: dict[str, int | None] = {}  # image id -> its row's EXIF orientation (None: unknown)
         self._checked_version = self.reader.version  # the table version `_identity` was last checked against
 
     def segment(self, req: SegmentRequest) -> SegmentResult:
@@ -144,20 +157,23 @@ class SegmentEngine:
         _check_text(req.image_ref, "image reference")
         feats, on_demand, image_id = self._features(req, t)
         t1 = time.perf_counter()
-        if tuple(feats.geometry.original_size) != tuple(req.original_size):
+        tag = self._orientation.get(image_id)
+        view = Orientation(tuple(feats.geometry.original_size), normalize_tag(tag))
+        if view.displayed_size != tuple(req.original_size):
             raise SegmentError(422, size_mismatch(image_id, tuple(req.original_size),
-                                                  tuple(feats.geometry.original_size)))
+                                                  tuple(feats.geometry.original_size), tag))
         starts: dict = {}
         key = (image_id, req.task_id, req.region_key)
         identity, found = self._start_identity(key, req, starts)
         try:
+            clicks, box = view.clicks_to_stored(req.clicks), view.box_to_stored(req.box)
             # The click engine answering this image's size now: torch until a background conversion is ready.
             click_engine = self.predictor.click_engine_for(feats)
             # Everything a session bakes in besides the clicks: a change starts another session, so that the
             # answer is the model's for this request whatever the region's earlier requests chose.
-            variant = (req.box, identity, click_engine.name)
+            variant = (box, identity, click_engine.name)
             outcome = self.sessions.run(
-                key, req.clicks, lambda: self._new_session(feats, req, found, click_engine, starts), variant=variant,
+                key, clicks, lambda: self._new_session(feats, req, found, click_engine, starts, view), variant=variant,
             )
         except ValueError as e:  # InvalidClickError and friends
             raise SegmentError(422, str(e)) from None
@@ -165,12 +181,13 @@ class SegmentEngine:
         start, start_kind = self._start_sources.get(outcome.session, ("blank", "blank"))
         result = outcome.result
         mask = result.mask
-        if req.box is not None:
-            left, up, right, bottom = req.box
+        if box is not None:
+            left, up, right, bottom = box
             bounded = np.zeros_like(mask)
             bounded[up:bottom, left:right] = mask[up:bottom, left:right]
             mask = bounded
         score = _score(result.margin, feats, mask)
+        mask = view.mask_to_displayed(mask)  # Label Studio draws it on the grid the browser shows
         t2 = time.perf_counter()
         rle, polygons, polygon_iou = [], None, None
         if req.output == "polygonlabels":
@@ -213,20 +230,23 @@ class SegmentEngine:
         return identity, found
 
     def _new_session(self, feats: ImageFeatures, req: SegmentRequest, start: Callable[[], OnScreenStart | None],
-                     click_engine: ClickEngine, timings: dict) -> InteractiveSession:
+                     click_engine: ClickEngine, timings: dict, view: Orientation) -> InteractiveSession:
         """A session for the region: after the clicks that made the on-screen region under its first positive
         click (`found`; when its meta has them, for this model, and they reproduce it), else from that region's
-        mask, else blank. The session is kept while the request's start identity stays the same (its variant)."""
+        mask, else blank. The session is kept while the request's start identity stays the same (its variant).
+        What is on screen is in the displayed grid: `view` maps it into the features' stored grid."""
         found = start()
         t0 = time.perf_counter()
         session, kind = None, "blank"
+        mask = None if found is None else view.mask_to_stored(found.mask)
         if (found is not None and found.clicks is not None and self.cfg.refine_from == "clicks" and req.box is None
                 and found.clicks.model == self.model_key):
-            replayed = self.predictor.session(feats, initial_clicks=found.clicks.clicks, engine=click_engine)
-            if iou(found.mask, replayed.result.mask) >= REPLAY_AGREEMENT:
+            replayed = self.predictor.session(feats, initial_clicks=view.clicks_to_stored(found.clicks.clicks),
+                                              engine=click_engine)
+            if iou(mask, replayed.result.mask) >= REPLAY_AGREEMENT:
                 session, kind = replayed, "clicks"
         if session is None:
-            session = self.predictor.session(feats, box=req.box, initial_mask=None if found is None else found.mask,
+            session = self.predictor.session(feats, box=view.box_to_stored(req.box), initial_mask=mask,
                                              engine=click_engine)
             kind = "blank" if found is None else "mask"
         source = "blank" if found is None else req.start.source
@@ -296,10 +316,12 @@ class SegmentEngine:
         if self._identity.get(image_id, row_identity(record)) != row_identity(record):
             self.sessions.drop_image(image_id)  # sessions over the row this one replaced
         self._identity[image_id] = row_identity(record)
+        self._orientation[image_id] = record.exif_orientation
         self.features.put(image_id, record.features)
         if len(self._identity) > MAX_ALIASES:  # bounded: forget ids whose features and sessions are all evicted
             held = set(self.features.keys()) | self.sessions.image_ids()
             self._identity = {i: v for i, v in self._identity.items() if i in held}
+            self._orientation = {i: v for i, v in self._orientation.items() if i in held}
         return record.features
 
     def _drop_replaced(self) -> None:
@@ -315,6 +337,7 @@ class SegmentEngine:
         held = set(self.features.keys()) | self.sessions.image_ids()
         for image_id in [i for i in self._identity if i not in held]:
             del self._identity[image_id]
+            self._orientation.pop(image_id, None)
         if not self._identity:
             return
         current = self.reader.identities(self._identity)
@@ -435,7 +458,7 @@ class OnDemandEncoder:
         t0 = time.perf_counter()
         try:
             data = read_image_bytes(image_ref, self.cfg.access, task_id)
-            image = decode_image(data, self.cfg.preprocess.max_pixels)
+            image, orientation = decode_image_oriented(data, self.cfg.preprocess.max_pixels)
         except ImageAccessError as e:
             raise SegmentError(e.status, f"the task's image has no features and cannot be read: {e.message}") from None
         except ImageDecodeError as e:  # its detail may quote the file's first bytes: only the reason goes out
@@ -446,11 +469,12 @@ class OnDemandEncoder:
         t1 = time.perf_counter()
         feats = self.predictor.encode(image)
         t2 = time.perf_counter()
-        item = EncodedImage(image_id, image_ref, hashlib.sha256(data).hexdigest(), feats)
+        item = EncodedImage(image_id, image_ref, hashlib.sha256(data).hexdigest(), feats, orientation)
         self.store.add(feature_rows([item], self.fingerprint))
         t3 = time.perf_counter()
         return {"fetch_image_ms": round((t1 - t0) * 1e3, 1), "vit_ms": round((t2 - t1) * 1e3, 1),
-                "store_ms": round((t3 - t2) * 1e3, 1), "height": image.shape[0], "width": image.shape[1]}
+                "store_ms": round((t3 - t2) * 1e3, 1), "height": image.shape[0], "width": image.shape[1],
+                "exif_orientation": orientation}
 
 
 class InProcessSegmenter:

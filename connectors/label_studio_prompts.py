@@ -8,6 +8,10 @@ Prompts come from each task's newest annotation (or prediction) holding `rectang
 The image is `data.image_id` when the task has one (the feature-table id), else the image URL: the
 worker then finds the row whose `uri` is that URL, or the row the backend's on-demand encoder stored
 under that URL as id, as the interactive backend does.
+
+Coordinates read from tasks are in the grid Label Studio shows (an image's stored pixels turned by its EXIF
+orientation tag); the worker maps them into the stored grid of the features (pipeline/preannotation.py), and
+`prediction_for` maps its stored-grid results back (pipeline/orientation.py).
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Any, Iterable
 
 from interformer.clicks import Click
 
+from pipeline.orientation import Orientation, normalize_tag
+from pipeline.polygons import MaskPolygons
 from pipeline.preannotation import ImageResult
 from pipeline.prompts import (
     BAD_IMAGE_ENTRY,
@@ -253,27 +259,45 @@ def region_id(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+def _clicks_shown(view: Orientation, clicks: list[list[int]]) -> list[list[int]] | None:
+    """[row, col, positive] clicks of the stored grid in the displayed grid; None if one is outside the image."""
+    try:
+        return [[*view.point_to_displayed(int(r), int(c)), int(p)] for r, c, p in clicks]
+    except (TypeError, ValueError):
+        return None
+
+
 def prediction_for(result: ImageResult, task_id: int, output: ControlTag, model_version: str,
                    fingerprint: str | None = None) -> dict | None:
     """The task's prediction: per segmented object, one brush region or (an `output` PolygonLabels tag, masks
     delivered as polygons) one polygon region per part; None when no object has a region. With the model's
     `fingerprint`, each region of an object prompted by clicks or a mask carries the clicks that made it in
-    its `meta` (connectors/region_meta.py), so that the backend can continue that session."""
+    its `meta` (connectors/region_meta.py), so that the backend can continue that session.
+
+    The result is in the image's stored pixel grid; the prediction is in the grid Label Studio shows (the stored
+    one turned by the result's EXIF orientation tag): masks, polygons, clicks and the original size are mapped."""
     polygon = output.type == "polygonlabels"
+    view = Orientation((int(result.size[0]), int(result.size[1])), normalize_tag(result.exif_orientation))
+    size = view.displayed_size
     regions = []
     for o in result.objects:
         if not o.ok:
             continue
-        size = (int(result.size[0]), int(result.size[1]))
         prompt = Prompt(clicks=(), label=o.label, brush_name=output.name, image_name=output.to_name,
                         original_size=size, output_type=output.type)
         if polygon:
-            points = o.mask_polygons(size).label_studio_points()
-            found = mask_results(prompt, o.score or 0.0, polygons=points, region_id=region_id(o.key))
-        else:
-            found = mask_results(prompt, o.score or 0.0, rle=mask_to_rle(decode_rle(o.rle)),
+            stored = o.mask_polygons(view.stored_size)
+            shown = MaskPolygons([view.xy_to_displayed(p) for p in stored.polygons], size, stored.iou,
+                                 stored.holes, stored.tolerance)
+            found = mask_results(prompt, o.score or 0.0, polygons=shown.label_studio_points(),
                                  region_id=region_id(o.key))
-        meta = click_meta(o.clicks, fingerprint) if fingerprint is not None and o.kind != "box" else None
+        else:
+            found = mask_results(prompt, o.score or 0.0, rle=mask_to_rle(view.mask_to_displayed(decode_rle(o.rle))),
+                                 region_id=region_id(o.key))
+        meta = None
+        if fingerprint is not None and o.kind != "box":
+            shown_clicks = _clicks_shown(view, o.clicks)
+            meta = click_meta(shown_clicks, fingerprint) if shown_clicks is not None else None
         regions.extend({**r, "meta": meta} if meta else r for r in found)
     if not regions:
         return None

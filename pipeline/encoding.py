@@ -34,7 +34,7 @@ from .feature_store import (
     write_feature_fragments,
 )
 from .faults import fault_point
-from .images import ImageDecodeError, decode_image
+from .images import ImageDecodeError, decode_image_oriented
 from .sources import read_bytes
 from .staged_commits import StagedRecord, stage
 
@@ -46,7 +46,8 @@ DECODED_SCHEMA = pa.schema(
         pa.field("uri", pa.string()),
         pa.field("content_sha256", pa.string()),
         *GEOMETRY_FIELDS,
-        pa.field("pixels", pa.large_binary()),  # resized RGB uint8, row-major (H, W, 3)
+        pa.field("exif_orientation", pa.int32()),  # the file's EXIF orientation tag, 1..8 (pipeline/orientation.py)
+        pa.field("pixels", pa.large_binary()),  # resized RGB uint8, row-major (H, W, 3), the stored pixel grid
         *_ERROR_FIELDS,
     ]
 )
@@ -101,7 +102,7 @@ def decode_stage(batch: pa.Table, preprocess: PreprocessConfig) -> pa.Table:
         try:
             data = read_bytes(uri)
             row["content_sha256"] = hashlib.sha256(data).hexdigest()
-            image = decode_image(data, max_pixels=preprocess.max_pixels)
+            image, orientation = decode_image_oriented(data, max_pixels=preprocess.max_pixels)
         except ImageDecodeError as e:
             row.update(reason=e.reason, detail=e.detail)
             rows.append(row)
@@ -115,6 +116,7 @@ def decode_stage(batch: pa.Table, preprocess: PreprocessConfig) -> pa.Table:
             padded_height=geometry.padded_size[0],
             padded_width=geometry.padded_size[1],
             scale=float(geometry.scale),
+            exif_orientation=orientation,
             pixels=np.ascontiguousarray(resize_image(image, geometry)).tobytes(),
         )
         rows.append(row)
@@ -141,7 +143,7 @@ class EncoderStage:
         good = batch.filter(ok_mask).to_pylist()
         bad = batch.filter(pc.invert(ok_mask))
         items = [
-            EncodedImage(row["image_id"], row["uri"], row["content_sha256"], feats)
+            EncodedImage(row["image_id"], row["uri"], row["content_sha256"], feats, row["exif_orientation"])
             for row, feats in zip(good, self._encode(good))
         ]
         encoded = feature_rows(items, self.fingerprint, self.spec.dtype)

@@ -9,6 +9,12 @@ compression switched off: of the layouts measured (bench/bench_feature_store.py 
 it is the fastest to fetch that also holds any image size and both storage dtypes in one column.
 Reads go through pylance directly (the LanceDB query builder adds a few ms per fetch) with a BTREE
 index on `image_id`.
+
+`exif_orientation` (added after the first tables were made) is the EXIF orientation tag of the image file (1..8,
+1 when it has none, pipeline/orientation.py): the features are of the stored pixel grid, and the tag tells the
+Label Studio boundary how a browser turns it. Rows stored before it existed hold null (unknown). A table made
+before the column existed is given it (all null, a metadata-only schema change) when a `FeatureStore` opens
+it; readers take a table with or without it.
 """
 from __future__ import annotations
 
@@ -62,8 +68,11 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("level_shapes", pa.list_(pa.int32())),  # [C, h, w] of each level, flattened
         pa.field("features", pa.large_binary(), metadata=_NO_COMPRESSION),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        pa.field("exif_orientation", pa.int32()),  # 1..8; null: stored before the tag was recorded
     ]
 )
+# Columns added to FEATURE_SCHEMA after tables were made with it: a writer adds them (all null) to an older table.
+ADDED_COLUMNS = ("exif_orientation",)
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -108,6 +117,7 @@ class EncodedImage:
     uri: str
     content_sha256: str
     features: ImageFeatures
+    exif_orientation: int | None = None  # the file's EXIF orientation tag (1..8); None: not read
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,7 @@ class StoredFeatures:
     dtype: str
     created_at: datetime
     features: ImageFeatures
+    exif_orientation: int | None = None  # 1..8; None: stored before the encoder recorded it
 
 
 RowIdentity = tuple[str, datetime]  # (content_sha256, created_at): tells a row from one stored again under its id
@@ -179,6 +190,7 @@ def feature_rows(items: Sequence[EncodedImage], fingerprint: str, dtype: str = "
         cols["level_shapes"].append([int(v) for shp in shapes for v in shp])
         cols["features"].append(flat.tobytes())
         cols["created_at"].append(now)
+        cols["exif_orientation"].append(item.exif_orientation)
     return pa.table(cols, schema=FEATURE_SCHEMA)
 
 
@@ -219,6 +231,7 @@ def row_to_features(row: dict) -> StoredFeatures:
         dtype=dtype,
         created_at=row["created_at"],
         features=_unflatten(row["features"], dtype, shapes, geometry),
+        exif_orientation=row.get("exif_orientation"),
     )
 
 
@@ -335,12 +348,32 @@ class FeatureStore:
             table = self._db.open_table(name)
         except ValueError:  # LanceDB's "Table '...' was not found"
             table = self._db.create_table(name, schema=schema, exist_ok=True)
+        added = [f for f in schema if f.name in ADDED_COLUMNS and f.name not in table.schema.names]
+        if added:
+            self._add_columns(table_uri(self.root, name), added)
+            table = self._db.open_table(name)
         missing = [f.name for f in schema if f.name not in table.schema.names]
         if missing:
             raise FeatureStoreError(
                 f"table {name!r} under {self.root} exists with another schema (missing columns {missing})"
             )
         return table
+
+    def _add_columns(self, uri: str, fields: list[pa.Field], attempts: int = 5) -> None:
+        """Give a table made before `fields` were part of its schema those columns, all null (Lance schema
+        evolution: no data is rewritten). Writers opening the table together race here: a failed change is
+        checked again on the latest version."""
+        for attempt in range(attempts):
+            ds = lance.dataset(uri, storage_options=self.storage_options)
+            todo = [f for f in fields if f.name not in ds.schema.names]
+            if not todo:
+                return
+            try:
+                ds.add_columns(todo)
+                return
+            except (OSError, ValueError, RuntimeError):  # another writer changed the table meanwhile
+                if attempt == attempts - 1:
+                    raise
 
     def dataset(self) -> lance.LanceDataset:
         """The features table as a pylance dataset at its latest version."""
@@ -664,7 +697,7 @@ class FeatureReader:
             # A file of an old version may have been removed by compaction/cleanup: retry on the latest.
             self.refresh()
             table = self._ds.to_table(filter=where)
-        rows = table.select(_META_COLUMNS).to_pylist()
+        rows = table.select([c for c in _META_COLUMNS if c in table.column_names]).to_pylist()
         mine = [i for i, r in enumerate(rows) if r["fingerprint"] == self.fingerprint]
         if not mine:
             return None

@@ -6,6 +6,10 @@ and whose `detail` is a human sentence. Pillow is used because it reports trunca
 silently returns a partly grey image) and reads the header before decoding, so the pixel limit is
 enforced without allocating the image. The caller's `max_pixels` is the only pixel limit: Pillow's own
 decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, 89.5 M by default) is raised to it while a decode runs.
+
+Pixels are returned in the file's STORED grid: an EXIF orientation tag is not applied. `decode_image_oriented`
+also returns the tag (1..8, pipeline/orientation.py), read from the same header, which the encoder records with
+the features so that the Label Studio boundary can map to the grid a browser shows.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .orientation import IDENTITY, normalize_tag
+
 # Reason codes carried by ImageDecodeError (and stored in the errors table).
 EMPTY = "empty"
 NOT_AN_IMAGE = "not_an_image"
@@ -30,6 +36,7 @@ UNREADABLE = "unreadable"
 REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_LARGE, CORRUPT, UNREADABLE)
 
 DEFAULT_MAX_PIXELS = 50_000_000
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageDecodeError(ValueError):
@@ -50,6 +57,25 @@ def image_size(data: bytes) -> tuple[int, int]:
     """(height, width) from the header only; raises ImageDecodeError for non-images."""
     with _open(data) as img:
         return img.height, img.width
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1..8) from the header only, without decoding pixels; a missing, invalid or
+    unreadable tag is 1, as browsers take it. Raises ImageDecodeError for non-images."""
+    with _open(data) as img:
+        return _orientation(img)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The orientation tag of an opened image, read from what Pillow parsed with the header. A PNG's eXIf chunk
+    after the image data is not read (getexif would decode the pixels to reach it; the PNG spec puts the chunk
+    before the data)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return IDENTITY
+    try:
+        return normalize_tag(img.getexif().get(EXIF_ORIENTATION))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is no tag, as for a browser
+        return IDENTITY
 
 
 _pillow_lock = threading.Lock()
@@ -90,12 +116,19 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     8 bits; for multi-frame files the first frame is used. Images with more than `max_pixels` pixels
     are refused before their pixels are decoded.
     """
+    return decode_image_oriented(data, max_pixels)[0]
+
+
+def decode_image_oriented(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int]:
+    """`decode_image`, and the file's EXIF orientation tag (1..8, see `exif_orientation`) from the same header:
+    the pixels stay in the stored grid; the tag says how a browser turns them."""
     with _pillow_limit(max_pixels):
         return _decode(data, max_pixels)
 
 
-def _decode(data: bytes, max_pixels: int | None) -> np.ndarray:
+def _decode(data: bytes, max_pixels: int | None) -> tuple[np.ndarray, int]:
     with _open(data, max_pixels) as img:
+        orientation = _orientation(img)
         w, h = img.size
         if w == 0 or h == 0:
             raise ImageDecodeError(CORRUPT, f"image header declares a size of {w}x{h}")
@@ -115,7 +148,7 @@ def _decode(data: bytes, max_pixels: int | None) -> np.ndarray:
                 CORRUPT, f"{img.format} data cannot be decoded ({type(e).__name__}: {e})"
             ) from None
         try:
-            return _to_rgb(img)
+            return _to_rgb(img), orientation
         except ImageDecodeError:
             raise
         except (ValueError, OSError, TypeError) as e:  # an odd mode Pillow cannot convert

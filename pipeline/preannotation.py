@@ -8,13 +8,18 @@ only, unless it may encode), a feature reader opened once, and answers one `Imag
 an `ImageResult`: masks as COCO compressed RLE or, with `MaskFormat("polygon")`, as COCO polygons
 (`pipeline.polygons`, converted here so the mask never leaves the worker) with their IoU against the
 mask; never feature tensors.
+
+Masks, clicks and sizes in results are in the image's STORED pixel grid, as the features and COCO files are;
+each `ImageResult` carries the file's EXIF orientation tag, so that the Label Studio side shows them on the
+grid the browser shows (connectors/label_studio_prompts.py). Prompts read from Label Studio are drawn on that
+displayed grid: the worker maps them into the stored grid first (`prompt_to_stored`, pipeline/orientation.py).
 """
 from __future__ import annotations
 
 import hashlib
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +31,7 @@ from interformer.predictor import ClickResult, InteractiveSession, InvalidClickE
 from .clicker import mark_clicked, new_not_clicked, ritm_next_click
 from .faults import fault_point
 from .metrics import iou
+from .orientation import Orientation, normalize_tag
 from .polygons import DEFAULT_TOLERANCE, MaskPolygons, mask_to_polygons
 from .prompts import (
     BAD_POINTS,
@@ -136,6 +142,7 @@ class ImageResult:
     encoded_on_the_fly: bool = False
     ms: float = 0.0  # wall time in the worker
     cpu_ms: float = 0.0  # CPU time of the worker process meanwhile (all its threads)
+    exif_orientation: int | None = None  # the image file's EXIF tag (1..8) as stored with its features; None: unknown
 
     @property
     def final(self) -> bool:
@@ -149,7 +156,8 @@ class ImageResult:
     def from_dict(cls, d: dict[str, Any]) -> "ImageResult":
         objects = [ObjectResult(**o) for o in d["objects"]]
         return cls(d["key"], d["image_id"], d["digest"], list(d["size"]), objects,
-                   bool(d.get("encoded_on_the_fly")), float(d.get("ms", 0.0)), float(d.get("cpu_ms", 0.0)))
+                   bool(d.get("encoded_on_the_fly")), float(d.get("ms", 0.0)), float(d.get("cpu_ms", 0.0)),
+                   d.get("exif_orientation"))
 
 
 def mask_score(prob: np.ndarray, mask: np.ndarray) -> float:
@@ -233,6 +241,30 @@ def segment_object(predictor: Predictor, feats: Any, prompt: ObjectPrompt, polic
     )
 
 
+def prompt_to_stored(prompt: ObjectPrompt, view: Orientation) -> ObjectPrompt:
+    """A prompt drawn on the displayed grid of `view` (a Label Studio region) in the features' stored grid:
+    clicks, box and coarse mask mapped exactly; ValueError for a click outside the displayed grid."""
+    if view.identity:
+        return prompt
+    coarse = None if prompt.coarse is None else encode_mask(view.mask_to_stored(decode_rle(prompt.coarse)))
+    return replace(prompt, size=view.stored_size, clicks=view.clicks_to_stored(prompt.clicks),
+                   box=view.box_to_stored(prompt.box), coarse=coarse)
+
+
+def size_mismatch_detail(job: ImageJob, stored: tuple[int, int], tag: int | None, view: Orientation) -> str:
+    """Why the prompts' size of an image differs from its features'."""
+    h, w = stored
+    text = (f"the prompts size image {job.image_id!r} {job.size[1]}x{job.size[0]} (WxH), its features were "
+            f"computed at {w}x{h}")
+    if not view.identity:
+        text += f", which its EXIF orientation tag {view.tag} shows at {view.displayed_size[1]}x{view.displayed_size[0]}"
+    if job.via_label_studio and tag is None and tuple(job.size) == tuple(stored)[::-1]:
+        return (text + ": the file probably carries an EXIF orientation tag, which Label Studio applies, and its "
+                "features were stored before the encoder recorded the tag; re-encode the image so that its "
+                "orientation is recorded")
+    return text + ": is the id pointing at another file?"
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """What each worker builds: the model (as jobs/encode.py did), the feature table, the click policy.
@@ -299,55 +331,63 @@ class PreannotateWorker:
         t0, c0 = time.perf_counter(), time.process_time()
         digest = job.digest()
         try:
-            feats, encoded = self._features(job)
+            feats, encoded, tag = self._features(job)
         except ImageUnavailable as e:
             return self._all_failed(job, digest, e.reason, e.detail, t0, c0)
         except Exception:  # a broken table row, an IO error: reported, the job goes on
             return self._all_failed(job, digest, INTERNAL_ERROR, traceback.format_exc(limit=4), t0, c0)
-        if tuple(feats.geometry.original_size) != tuple(job.size):
-            h, w = feats.geometry.original_size
-            return self._all_failed(
-                job, digest, SIZE_MISMATCH,
-                f"the prompts size image {job.image_id!r} {job.size[1]}x{job.size[0]} (WxH), its features were "
-                f"computed at {w}x{h}: is the id pointing at another file?", t0, c0)
+        stored = tuple(feats.geometry.original_size)
+        # Label Studio prompts are drawn on the grid the browser shows; COCO prompts on the stored grid.
+        view = Orientation(stored, normalize_tag(tag) if job.via_label_studio else 1)
+        if view.displayed_size != tuple(job.size):
+            return self._all_failed(job, digest, SIZE_MISMATCH, size_mismatch_detail(job, stored, tag, view), t0, c0)
         results = []
         for prompt in job.objects:
             try:
-                results.append(segment_object(self.predictor, feats, prompt, self.spec.policy, self.spec.output))
+                mapped = prompt_to_stored(prompt, view)
+            except ValueError as e:
+                results.append(ObjectResult.failure(prompt, BAD_POINTS, str(e)))
+                continue
+            try:
+                results.append(segment_object(self.predictor, feats, mapped, self.spec.policy, self.spec.output))
             except Exception:
                 results.append(ObjectResult.failure(prompt, INTERNAL_ERROR, traceback.format_exc(limit=4)))
-        return ImageResult(job.key, job.image_id, digest, list(job.size), results, encoded, *_elapsed(t0, c0))
+        return ImageResult(job.key, job.image_id, digest, list(stored), results, encoded, *_elapsed(t0, c0),
+                           exif_orientation=tag)
 
     def _all_failed(self, job: ImageJob, digest: str, reason: str, detail: str, t0: float, c0: float) -> ImageResult:
         return ImageResult(job.key, job.image_id, digest, list(job.size),
                            [ObjectResult.failure(p, reason, detail) for p in job.objects], False, *_elapsed(t0, c0))
 
-    def _features(self, job: ImageJob) -> tuple[Any, bool]:
+    def _features(self, job: ImageJob) -> tuple[Any, bool, int | None]:
+        """(features, encoded now, the file's EXIF orientation tag as stored with them: None when unknown)."""
         from .feature_store import UnknownImageError
 
         try:
-            return self.reader.get(job.image_id), False
+            record = self.reader.get_record(job.image_id)
+            return record.features, False, record.exif_orientation
         except UnknownImageError as e:
             miss = str(e)
         if job.via_label_studio and job.uri and job.image_id == job.uri:
             stored_id = self._id_of_uri(job.uri)  # a task without image_id: its URL in the uri column
             if stored_id is not None:
-                return self.reader.get(stored_id), False
+                record = self.reader.get_record(stored_id)
+                return record.features, False, record.exif_orientation
         if not self.spec.encode_missing:
             raise ImageUnavailable(NO_FEATURES, f"{miss}; run jobs/encode.py on it first, or pass --encode-missing")
         if not job.uri:
             raise ImageUnavailable(NO_FEATURES, f"{miss}; and no image file is known to encode it from "
                                                 "(give --image-root)")
         data = self._read(job)
-        from .images import ImageDecodeError, decode_image
+        from .images import ImageDecodeError, decode_image_oriented
 
         try:
-            image = decode_image(data, self.spec.encoder.preprocess.max_pixels)
+            image, tag = decode_image_oriented(data, self.spec.encoder.preprocess.max_pixels)
         except ImageDecodeError as e:
             raise ImageUnavailable(IMAGE_UNREADABLE, f"{job.uri}: {e.reason}: {e.detail}") from None
         feats = self.predictor.encode(image)
-        self._save(job, data, feats)
-        return feats, True
+        self._save(job, data, feats, tag)
+        return feats, True, tag
 
     def _id_of_uri(self, uri: str) -> str | None:
         """The id of this encoder's row whose `uri` is `uri` (as the interactive backend looks tasks up)."""
@@ -379,11 +419,11 @@ class PreannotateWorker:
         except ImageDecodeError as e:
             raise ImageUnavailable(IMAGE_UNREADABLE, e.detail) from None
 
-    def _save(self, job: ImageJob, data: bytes, feats: Any) -> None:
+    def _save(self, job: ImageJob, data: bytes, feats: Any, tag: int) -> None:
         """Store the new features, so that later runs and the interactive backend find them."""
         from .feature_store import EncodedImage, FeatureStore, feature_rows
 
         if self._store is None:
             self._store = FeatureStore(self.spec.db, self.spec.table, storage_options=self.spec.storage_options)
-        item = EncodedImage(job.image_id, job.uri or "", hashlib.sha256(data).hexdigest(), feats)
+        item = EncodedImage(job.image_id, job.uri or "", hashlib.sha256(data).hexdigest(), feats, tag)
         self._store.add(feature_rows([item], self.fingerprint, self.spec.encoder.dtype))
