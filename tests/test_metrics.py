@@ -70,12 +70,18 @@ def test_miou_at_k_and_the_curve():
 
 
 def test_timing_splits_encode_and_click_time():
-    t = timing(encode_s=[1.0, 3.0], click_s=[[0.1, 0.3], [0.2]], total_s=[2.0, 4.0])
+    t = timing(encode_s=[1.0, 3.0], click_s=[[0.1, 0.3], [0.2]], total_s=[2.0, 4.0], load_s=[0.5, 0.5],
+               ious=[[0.5, 0.95], [0.95]])
     assert t.encode_s_per_image == pytest.approx(2.0)
     assert t.interact_s_per_click == pytest.approx(0.2)
-    assert t.total_s_per_click == pytest.approx(2.0)
+    assert t.run_s_per_click == pytest.approx(2.0)
+    # RITM's SPC: sample 1 stops at click 2, sample 2 at click 1 -> (0.5 + 1 + 0.4 + 0.5 + 3 + 0.2) / 3
+    assert t.spc == pytest.approx(5.6 / 3)
     # None marks a click with no model call (InterFormer protocol with nothing left to correct)
-    assert timing([1.0], [[0.1, None, 0.3]], [1.0]).interact_s_per_click == pytest.approx(0.2)
+    t = timing([1.0], [[0.1, None, 0.3]], [1.0], [0.0], [[0.1, 0.2, 0.3]])
+    assert t.interact_s_per_click == pytest.approx(0.2) and t.spc == pytest.approx(1.4 / 3)
+    with pytest.raises(ValueError, match="same number of samples"):
+        timing([1.0], [[0.1]], [1.0], [0.0], [])
 
 
 def test_summary_of_a_run():
