@@ -89,8 +89,10 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
 
 def write_csv(results: Sequence[SampleResult], path: str | Path) -> None:
     """One row per sample (each once, `unique_results`) and click: dataset, sample_id, image_id, click, row,
-    col, positive, iou, seconds. Written whole (pipeline.files); a file name that is not UTF-8 appears with
-    its odd bytes as escapes (\\udcff), as in results.jsonl."""
+    col, positive, iou, seconds. Floats are written as Python's repr (the shortest text that reads back as the
+    same float), so NoC recomputed from the file is the summary's: a rounded IoU just under a threshold would
+    read as reaching it. Written whole (pipeline.files); a file name that is not UTF-8 appears with its odd
+    bytes as escapes (\\udcff), as in results.jsonl."""
     ordered = sorted(unique_results(results), key=lambda r: (r.dataset, r.sample_id))
     f = io.StringIO(newline="")
     w = csv.writer(f)
@@ -98,8 +100,8 @@ def write_csv(results: Sequence[SampleResult], path: str | Path) -> None:
     for r in ordered:
         for k, (c, v, t) in enumerate(zip(r.clicks, r.ious, r.click_s), start=1):
             row, col, pos = c if c is not None else ("", "", "")
-            sec = f"{t:.6f}" if t is not None else ""
-            w.writerow([r.dataset, r.sample_id, r.image_id, r.protocol, k, row, col, pos, f"{v:.6f}", sec])
+            sec = repr(float(t)) if t is not None else ""
+            w.writerow([r.dataset, r.sample_id, r.image_id, r.protocol, k, row, col, pos, repr(float(v)), sec])
     write_bytes_atomic(path, f.getvalue().encode("utf-8", "backslashreplace"))
 
 
