@@ -92,16 +92,25 @@ def test_summary_of_a_run():
     assert s.to_dict()["miou"][0] == pytest.approx(0.725)
 
 
-masks = arrays(np.int8, st.tuples(st.integers(1, 16), st.integers(1, 16)), elements=st.sampled_from([0, 1]))
+masks = arrays(np.int8, st.tuples(st.integers(1, 16), st.integers(1, 16)), elements=st.sampled_from([-1, 0, 1]))
 
 
 @settings(max_examples=200, deadline=None)
 @given(gt=masks, data=st.data())
-def test_iou_is_symmetric_and_in_unit_interval(gt, data):
-    other = data.draw(arrays(np.int8, gt.shape, elements=st.sampled_from([0, 1])))
-    a = iou(gt, other == 1)
+def test_iou_is_symmetric_once_the_ignore_region_goes_with_it_and_in_unit_interval(gt, data):
+    """IoU of two 0/1 masks is symmetric; with ignore pixels in gt it is symmetric only if the swapped pair
+    keeps the same ignore region (the other mask as gt, -1 there), and it equals the IoU of the remaining
+    pixels alone. (Swapping without the ignore region is false: gt [[1, -1]], pred [[1, 1]] gives 1.0 vs 0.5.)"""
+    pred = data.draw(arrays(bool, gt.shape))
+    valid = gt != -1
+    a = iou(gt, pred)
     assert 0.0 <= a <= 1.0
-    assert a == pytest.approx(iou(other, gt == 1))
+    as_gt = np.where(valid, pred, -1).astype(np.int8)
+    assert a == iou(as_gt, gt == 1)
+    if valid.all():
+        assert a == iou(pred.astype(np.int8), gt == 1)
+    if valid.any():
+        assert a == iou(gt[valid][None, :], pred[valid][None, :])
     assert iou(gt, gt == 1) == 1.0
 
 
