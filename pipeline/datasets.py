@@ -5,7 +5,8 @@ workers turn into a `Sample` (RGB uint8 image + int8 ground truth with 1 object,
 with `load()`. Conventions follow RITM's loaders (spec §1.1, `../shared/data/README.md`):
 
 * images: every file of the image folder, sorted by name; the mask has the same stem (text before the first '.');
-* GrabCut / Berkeley masks: channel 0 of the mask read as BGR; 128 -> ignore, > 128 -> object, else background;
+* GrabCut / Berkeley masks: channel 0 of the mask read as BGR; 128 -> ignore, 1 and > 128 -> object, else
+  background (what RITM's `GrabCutDataset` + `DSample` give: see `ritm_grabcut_gt`);
 * DAVIS masks: maximum over the BGR channels; > 0 -> object; no ignore.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from interformer.coco_rle import RLEError, checked_counts
 
-MASK_RITM_GRABCUT = "ritm_grabcut"  # channel 0; 128 ignore, > 128 object
+MASK_RITM_GRABCUT = "ritm_grabcut"  # channel 0; 128 ignore, 1 and > 128 object
 MASK_RITM_DAVIS = "ritm_davis"  # max over BGR channels > 0 object
 MASK_BINARY = "binary"  # single channel (channel 0), > 0 object, optional ignore value
 MASK_COCO = "coco"  # polygon / RLE segmentation from a COCO annotation
@@ -135,10 +136,14 @@ def _shown(path: str | Path) -> str:
 
 
 def ritm_grabcut_gt(mask_bgr: np.ndarray) -> np.ndarray:
-    """GrabCut / Berkeley convention: channel 0; 128 -> -1 (ignore), > 128 -> 1, everything else 0."""
+    """GrabCut / Berkeley convention, exactly RITM's ground truth: channel 0; 128 -> -1 (ignore), 1 and > 128
+    -> 1, everything else (0, 2..127) -> 0.
+
+    RITM's `GrabCutDataset` sets 128 to -1 and > 128 to 1 but leaves 1..127 as stored, and `DSample` then
+    takes the value 1 as the object: a stored 1 is object, a stored 2..127 background."""
     ch = mask_bgr[:, :, 0] if mask_bgr.ndim == 3 else mask_bgr
     gt = np.zeros(ch.shape, dtype=np.int8)
-    gt[ch > 128] = 1
+    gt[(ch > 128) | (ch == 1)] = 1
     gt[ch == 128] = -1
     return gt
 

@@ -25,7 +25,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -63,7 +63,9 @@ class SampleResult:
     ious[k-1]: IoU after click k. clicks[k-1]: [row, col, positive] of click k, or None when the InterFormer
     simulator had nothing left to click. extra: protocol notes (InterFormer: "outside_clicks").
     Seconds: load_s (read image and mask), encode_s (`start`), click_s[k-1] (the `add_click` of click k, None
-    when no call was made), total_s (the whole sample, RITM's notion for SPC).
+    when no call was made), total_s (the whole sample with all its clicks: reading, encoding, clicker, IoU and
+    model). RITM's SPC is computed from load_s, encode_s and click_s up to the click reaching IoU 0.90
+    (`pipeline.metrics.ritm_spc_share`).
     """
 
     dataset: str
@@ -113,20 +115,25 @@ def check_has_object(sample: Sample) -> None:
                          f"truth is empty or all ignore): it cannot be evaluated; remove it from the dataset")
 
 
-def evaluate_sample(segmenter: Any, sample: Sample, config: EvalConfig = EvalConfig(), load_s: float = 0.0) -> SampleResult:
-    """Run `config.max_clicks` simulated clicks on one sample and record IoU, clicks and timings.
+Clock = Callable[[], float]
+
+
+def evaluate_sample(segmenter: Any, sample: Sample, config: EvalConfig = EvalConfig(), load_s: float = 0.0,
+                    clock: Clock = time.perf_counter) -> SampleResult:
+    """Run `config.max_clicks` simulated clicks on one sample and record IoU, clicks and timings (seconds of
+    `clock`, which tests replace to give the segmenter known costs).
 
     A sample without an object pixel (empty, or all ignore) is refused with a ValueError: its IoU would be a
     perfect 1.0 at every click (NoC 1), which would flatter the dataset's averages."""
     check_has_object(sample)
-    t0 = time.perf_counter()
+    t0 = clock()
     session = segmenter.start(sample.image, sample.image_id)
-    encode_s = time.perf_counter() - t0
+    encode_s = clock() - t0
     if config.protocol == "ritm":
-        ious, clicks, click_s, extra = _ritm_loop(session, sample.gt, config)
+        ious, clicks, click_s, extra = _ritm_loop(session, sample.gt, config, clock)
     else:
-        ious, clicks, click_s, extra = _interformer_loop(session, sample, config)
-    total_s = load_s + time.perf_counter() - t0
+        ious, clicks, click_s, extra = _interformer_loop(session, sample, config, clock)
+    total_s = load_s + clock() - t0
     h, w = sample.gt.shape
     return SampleResult(
         dataset=sample.dataset,
@@ -145,16 +152,17 @@ def evaluate_sample(segmenter: Any, sample: Sample, config: EvalConfig = EvalCon
     )
 
 
-def _ritm_loop(session: Any, gt: np.ndarray, config: EvalConfig) -> tuple[list[float], list, list[float], dict]:
+def _ritm_loop(session: Any, gt: np.ndarray, config: EvalConfig,
+               clock: Clock) -> tuple[list[float], list, list[float], dict]:
     pred = np.zeros(gt.shape, dtype=bool)
     not_clicked = new_not_clicked(gt.shape)
     ious, clicks, click_s = [], [], []
     for _ in range(config.max_clicks):
         click = ritm_next_click(gt, pred, not_clicked)
         mark_clicked(not_clicked, click)
-        t = time.perf_counter()
+        t = clock()
         res = session.add_click(click.row, click.col, click.positive)
-        click_s.append(time.perf_counter() - t)
+        click_s.append(clock() - t)
         prob = getattr(res, "prob", None)
         pred = np.asarray(prob) > config.pred_thr if prob is not None else np.asarray(res.mask, dtype=bool)
         if pred.shape != gt.shape:
@@ -164,7 +172,8 @@ def _ritm_loop(session: Any, gt: np.ndarray, config: EvalConfig) -> tuple[list[f
     return ious, clicks, click_s, {}
 
 
-def _interformer_loop(session: Any, sample: Sample, config: EvalConfig) -> tuple[list[float], list, list[float], dict]:
+def _interformer_loop(session: Any, sample: Sample, config: EvalConfig,
+                      clock: Clock) -> tuple[list[float], list, list[float], dict]:
     canvas = tuple(int(v) for v in session.canvas_size)
     gt = pad_to(sample.gt, canvas, value=0)
     h, w = sample.gt.shape
@@ -190,9 +199,9 @@ def _interformer_loop(session: Any, sample: Sample, config: EvalConfig) -> tuple
             clicks.append([click.row, click.col, click.positive])
             click_s.append(None)
             continue
-        t = time.perf_counter()
+        t = clock()
         res = session.add_click(click.row, click.col, click.positive)
-        click_s.append(time.perf_counter() - t)
+        click_s.append(clock() - t)
         pred = np.asarray(res.padded_mask, dtype=bool)
         if pred.shape != canvas:
             raise ValueError(f"segmenter returned a {pred.shape} padded mask for a {canvas} canvas")
@@ -202,11 +211,13 @@ def _interformer_loop(session: Any, sample: Sample, config: EvalConfig) -> tuple
     return ious, clicks, click_s, {"outside_clicks": outside} if outside else {}
 
 
-def evaluate_ref(segmenter: Any, ref: SampleRef, config: EvalConfig = EvalConfig()) -> SampleResult:
-    """Load a sample and evaluate it; the load time counts in the sample's total (as in RITM's SPC)."""
-    t = time.perf_counter()
+def evaluate_ref(segmenter: Any, ref: SampleRef, config: EvalConfig = EvalConfig(),
+                 clock: Clock = time.perf_counter) -> SampleResult:
+    """Load a sample and evaluate it; the load time counts in the sample's total and in RITM's SPC (its
+    elapsed time includes reading each sample)."""
+    t = clock()
     sample = ref.load()
-    return evaluate_sample(segmenter, sample, config, load_s=time.perf_counter() - t)
+    return evaluate_sample(segmenter, sample, config, load_s=clock() - t, clock=clock)
 
 
 def read_results(path: str | Path, repair: bool = False) -> list[SampleResult]:

@@ -45,7 +45,8 @@ def summarize_run(run: str, results: Sequence[SampleResult], max_clicks: int) ->
         if n_clicks < max_clicks:
             raise ValueError(f"run {run!r}, dataset {name}: a sample has {n_clicks} clicks, the summary needs {max_clicks}")
         timed = any(t is not None for r in rs for t in r.click_s)
-        t = timing([r.encode_s for r in rs], [r.click_s for r in rs], [r.total_s for r in rs]) if timed else None
+        t = timing([r.encode_s for r in rs], [r.click_s for r in rs], [r.total_s for r in rs], [r.load_s for r in rs],
+                   [r.ious for r in rs]) if timed else None
         rows.append(Row(run, name, summarize([r.ious for r in rs], t, max_clicks)))
     return rows
 
@@ -59,7 +60,7 @@ HEADER = (
 def table_cells(row: Row) -> list[str]:
     s = row.summary
     t = s.timing
-    times = [f"{t.encode_s_per_image:.3f}", f"{t.interact_s_per_click:.3f}", f"{t.total_s_per_click:.3f}"] if t else ["-"] * 3
+    times = [f"{t.encode_s_per_image:.3f}", f"{t.interact_s_per_click:.3f}", f"{t.spc:.3f}"] if t else ["-"] * 3
     return [
         row.run, row.dataset, str(s.samples), f"{s.noc85:.2f}", f"{s.noc90:.2f}", str(s.nof85), str(s.nof90),
         f"{s.success85:.3f}", f"{s.success90:.3f}", *(f"{s.miou[k - 1]:.3f}" if len(s.miou) >= k else "-" for k in (1, 3, 5)), *times,
@@ -80,15 +81,18 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
         "NoF@t: samples whose NoC@t is the click cap (RITM's '>=20@t'; includes samples first reaching t at the last click); "
         "SR@t: InterFormer's success ratio (best IoU over all clicks >= t); "
         "enc s/img: encoder or feature read per image; s/click: add_click per click; "
-        "SPC: whole sample time (load, clicker, IoU, model) per click."
+        "SPC: RITM's seconds per click, its run stopped at IoU 0.90 (reading, encoding and model calls of the clicks "
+        "made) / clicks made."
     )
     return "\n".join(lines) + "\n" + legend
 
 
 def write_csv(results: Sequence[SampleResult], path: str | Path) -> None:
     """One row per sample (each once, `unique_results`) and click: dataset, sample_id, image_id, click, row,
-    col, positive, iou, seconds. Written whole (pipeline.files); a file name that is not UTF-8 appears with
-    its odd bytes as escapes (\\udcff), as in results.jsonl."""
+    col, positive, iou, seconds. Floats are written as Python's repr (the shortest text that reads back as the
+    same float), so NoC recomputed from the file is the summary's: a rounded IoU just under a threshold would
+    read as reaching it. Written whole (pipeline.files); a file name that is not UTF-8 appears with its odd
+    bytes as escapes (\\udcff), as in results.jsonl."""
     ordered = sorted(unique_results(results), key=lambda r: (r.dataset, r.sample_id))
     f = io.StringIO(newline="")
     w = csv.writer(f)
@@ -96,8 +100,8 @@ def write_csv(results: Sequence[SampleResult], path: str | Path) -> None:
     for r in ordered:
         for k, (c, v, t) in enumerate(zip(r.clicks, r.ious, r.click_s), start=1):
             row, col, pos = c if c is not None else ("", "", "")
-            sec = f"{t:.6f}" if t is not None else ""
-            w.writerow([r.dataset, r.sample_id, r.image_id, r.protocol, k, row, col, pos, f"{v:.6f}", sec])
+            sec = repr(float(t)) if t is not None else ""
+            w.writerow([r.dataset, r.sample_id, r.image_id, r.protocol, k, row, col, pos, repr(float(v)), sec])
     write_bytes_atomic(path, f.getvalue().encode("utf-8", "backslashreplace"))
 
 

@@ -95,32 +95,70 @@ def paired_difference_interval(baseline: Sequence[float], candidate: Sequence[fl
     return float(low), float(high)
 
 
+SPC_STOP_IOU = 0.90
+
+
+def ritm_clicks_made(ious: Sequence[float], stop_iou: float = SPC_STOP_IOU) -> int:
+    """Clicks RITM's evaluation makes on a sample with early stopping at `stop_iou` (its `evaluate_sample`
+    with max_iou_thr 0.90): up to and including the first click whose IoU >= stop_iou, else all of them.
+
+    RITM stops on the float64 IoU, so this compares in float64; NoC compares in float32 (`noc`) and can be
+    one click lower for an IoU a float32 rounding below the threshold."""
+    for k, v in enumerate(ious, start=1):
+        if float(v) >= stop_iou:
+            return k
+    return len(ious)
+
+
+def ritm_spc_share(load_s: float, encode_s: float, click_s: Sequence[float | None], ious: Sequence[float],
+                   stop_iou: float = SPC_STOP_IOU) -> tuple[float, int]:
+    """(seconds, clicks) that one sample adds to RITM's SPC: its reading, its encoding and its model calls up
+    to the click that reaches `stop_iou` (all of them when none does), and that number of clicks
+    (`ritm_clicks_made`). A click without a model call (None) adds no seconds but counts as a click."""
+    k = ritm_clicks_made(ious, stop_iou)
+    return load_s + encode_s + sum(t for t in click_s[:k] if t is not None), k
+
+
 @dataclass(frozen=True)
 class Timing:
     """Seconds per image for encoding and per click for interaction (spec §1.6, our split), plus RITM's SPC.
 
     encode_s_per_image: image encoder (or feature-table read) time, amortised over images.
     interact_s_per_click: model time per click (the `add_click` call), encoder excluded.
-    total_s_per_click: RITM-style SPC, the whole per-sample wall time (reading, clicker, IoU, model) / clicks.
+    spc: RITM's SPC (spec §1.6): the time of the run RITM makes, early-stopped at IoU 0.90 (reading, encoding
+        and the model calls of the clicks made), divided by the clicks made (`ritm_spc_share`).
+    run_s_per_click: the whole wall time of the samples as run here (every click up to the cap, with the
+        clicker and the IoU) divided by the clicks run.
     """
 
     encode_s_per_image: float
     interact_s_per_click: float
-    total_s_per_click: float
+    spc: float
+    run_s_per_click: float
 
 
 def timing(
-    encode_s: Sequence[float], click_s: Sequence[Sequence[float | None]], total_s: Sequence[float]
+    encode_s: Sequence[float],
+    click_s: Sequence[Sequence[float | None]],
+    total_s: Sequence[float],
+    load_s: Sequence[float],
+    ious: Sequence[Sequence[float]],
+    stop_iou: float = SPC_STOP_IOU,
 ) -> Timing:
-    """Aggregate per-sample timings: encode seconds, per-click seconds (None: no model call), whole-sample seconds."""
+    """Aggregate per-sample timings: encode seconds, per-click seconds (None: no model call), whole-sample
+    seconds, reading seconds and the IoU after each click (which says where RITM would have stopped)."""
     _require_samples(encode_s)
+    if not len(encode_s) == len(click_s) == len(total_s) == len(load_s) == len(ious):
+        raise ValueError("timing needs the same number of samples in every list")
     timed = [t for per_sample in click_s for t in per_sample if t is not None]
     if not timed:
         raise ValueError("no clicks were timed")
+    shares = [ritm_spc_share(*parts, stop_iou) for parts in zip(load_s, encode_s, click_s, ious)]
     return Timing(
         encode_s_per_image=float(np.mean(encode_s)),
         interact_s_per_click=float(sum(timed) / len(timed)),
-        total_s_per_click=float(sum(total_s) / len(timed)),
+        spc=float(sum(s for s, _ in shares) / sum(k for _, k in shares)),
+        run_s_per_click=float(sum(total_s) / sum(len(c) for c in click_s)),
     )
 
 

@@ -70,12 +70,18 @@ def test_miou_at_k_and_the_curve():
 
 
 def test_timing_splits_encode_and_click_time():
-    t = timing(encode_s=[1.0, 3.0], click_s=[[0.1, 0.3], [0.2]], total_s=[2.0, 4.0])
+    t = timing(encode_s=[1.0, 3.0], click_s=[[0.1, 0.3], [0.2]], total_s=[2.0, 4.0], load_s=[0.5, 0.5],
+               ious=[[0.5, 0.95], [0.95]])
     assert t.encode_s_per_image == pytest.approx(2.0)
     assert t.interact_s_per_click == pytest.approx(0.2)
-    assert t.total_s_per_click == pytest.approx(2.0)
+    assert t.run_s_per_click == pytest.approx(2.0)
+    # RITM's SPC: sample 1 stops at click 2, sample 2 at click 1 -> (0.5 + 1 + 0.4 + 0.5 + 3 + 0.2) / 3
+    assert t.spc == pytest.approx(5.6 / 3)
     # None marks a click with no model call (InterFormer protocol with nothing left to correct)
-    assert timing([1.0], [[0.1, None, 0.3]], [1.0]).interact_s_per_click == pytest.approx(0.2)
+    t = timing([1.0], [[0.1, None, 0.3]], [1.0], [0.0], [[0.1, 0.2, 0.3]])
+    assert t.interact_s_per_click == pytest.approx(0.2) and t.spc == pytest.approx(1.4 / 3)
+    with pytest.raises(ValueError, match="same number of samples"):
+        timing([1.0], [[0.1]], [1.0], [0.0], [])
 
 
 def test_summary_of_a_run():
@@ -86,16 +92,25 @@ def test_summary_of_a_run():
     assert s.to_dict()["miou"][0] == pytest.approx(0.725)
 
 
-masks = arrays(np.int8, st.tuples(st.integers(1, 16), st.integers(1, 16)), elements=st.sampled_from([0, 1]))
+masks = arrays(np.int8, st.tuples(st.integers(1, 16), st.integers(1, 16)), elements=st.sampled_from([-1, 0, 1]))
 
 
 @settings(max_examples=200, deadline=None)
 @given(gt=masks, data=st.data())
-def test_iou_is_symmetric_and_in_unit_interval(gt, data):
-    other = data.draw(arrays(np.int8, gt.shape, elements=st.sampled_from([0, 1])))
-    a = iou(gt, other == 1)
+def test_iou_is_symmetric_once_the_ignore_region_goes_with_it_and_in_unit_interval(gt, data):
+    """IoU of two 0/1 masks is symmetric; with ignore pixels in gt it is symmetric only if the swapped pair
+    keeps the same ignore region (the other mask as gt, -1 there), and it equals the IoU of the remaining
+    pixels alone. (Swapping without the ignore region is false: gt [[1, -1]], pred [[1, 1]] gives 1.0 vs 0.5.)"""
+    pred = data.draw(arrays(bool, gt.shape))
+    valid = gt != -1
+    a = iou(gt, pred)
     assert 0.0 <= a <= 1.0
-    assert a == pytest.approx(iou(other, gt == 1))
+    as_gt = np.where(valid, pred, -1).astype(np.int8)
+    assert a == iou(as_gt, gt == 1)
+    if valid.all():
+        assert a == iou(pred.astype(np.int8), gt == 1)
+    if valid.any():
+        assert a == iou(gt[valid][None, :], pred[valid][None, :])
     assert iou(gt, gt == 1) == 1.0
 
 
