@@ -5,11 +5,12 @@ clicks that made the mask and a key of the model that answered them:
 
     "meta": {"interformer": {"model": "<16 hex digits>", "clicks": [[row, col, positive], ...]}}
 
-rows and columns in pixels of the image as Label Studio displays it (EXIF orientation applied), positive 1
-or 0. When an annotator clicks on that region, the backend (same model only) starts the session after those
-clicks (`Predictor.session(initial_clicks=...)`) instead of from the mask alone: on GrabCut / Berkeley with the trained small model that takes 0.5 / 0.7 fewer
-corrective clicks to IoU 0.9 (bench/bench_refine.py, docs/label-studio-backend.md). The key is a digest of the
-feature fingerprint, not the fingerprint itself, so a prediction names no path or weights file.
+rows and columns in pixels of the image as Label Studio displays it (EXIF orientation applied), positive 1 or 0.
+When an annotator clicks on that region, the backend (same model only) starts the session after those clicks
+(`Predictor.session(initial_clicks=...)`) instead of from the mask alone: on GrabCut / Berkeley with the trained
+small model that takes 0.5 / 0.7 fewer corrective clicks to IoU 0.9 (bench/bench_refine.py,
+docs/label-studio-backend.md). The key is a digest of the feature fingerprint, not the fingerprint itself, so a
+prediction names no path or weights file.
 
 Box prompts get no clicks: their region bounds the mask, and replaying the centre click without it would not
 reproduce what is on screen. The backend's `--refine-from mask` ignores the clicks (no replay on a region's first
