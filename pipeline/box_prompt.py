@@ -18,8 +18,22 @@ BOX_MARGIN = 0.2  # a box prompt's region: the box grown by this fraction of its
 # the expand ratio InterFormer's own zoom-in uses around the object)
 
 
+# Why a rectangle cannot be a prompt: reason codes of pipeline.prompts (defined here, where they are raised).
+DEGENERATE_BOX = "degenerate_box"  # malformed: not an object, a missing or non-finite coordinate, no area
+BOX_OUTSIDE = "box_outside"  # leaves the image
+ROTATED_BOX = "rotated_box"  # a rotated rectangle (Label Studio): only axis-aligned boxes are prompts
+
+
 class BoxPromptError(ValueError):
-    """A rectangle that cannot be a prompt; the message says why."""
+    """A rectangle that cannot be a prompt; the message says why, `reason` is its code (DEGENERATE_BOX,
+    BOX_OUTSIDE or ROTATED_BOX)."""
+
+    def __init__(self, message: str, reason: str = DEGENERATE_BOX) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep the reason when the error is pickled
+        return (type(self), (str(self), self.reason))
 
 
 def is_finite_number(v: Any) -> bool:
@@ -52,7 +66,8 @@ def box_to_click(value: dict[str, Any], size: tuple[int, int]) -> tuple[Click, R
     if not is_finite_number(rotation):
         raise BoxPromptError(f"rectangle rotation must be a number in degrees, got {shown(rotation)}")
     if rotation != 0.0:
-        raise BoxPromptError("rotated rectangles are not supported as prompts")
+        raise BoxPromptError("rotated rectangles are not supported as prompts: set the rectangle's rotation to 0",
+                             ROTATED_BOX)
     x, y, bw, bh = (value[k] for k in ("x", "y", "width", "height"))
     for key, v in (("x", x), ("y", y), ("width", bw), ("height", bh)):
         if not is_finite_number(v):
@@ -60,7 +75,8 @@ def box_to_click(value: dict[str, Any], size: tuple[int, int]) -> tuple[Click, R
     if bw <= 0 or bh <= 0:
         raise BoxPromptError(f"rectangle has no area (width={shown(bw)}, height={shown(bh)})")
     if x < 0 or y < 0 or x + bw > 100.0001 or y + bh > 100.0001:
-        raise BoxPromptError(f"rectangle x={shown(x)} y={shown(y)} w={shown(bw)} h={shown(bh)} (percent) leaves the image")
+        raise BoxPromptError(f"rectangle x={shown(x)} y={shown(y)} w={shown(bw)} h={shown(bh)} (percent) leaves the image",
+                             BOX_OUTSIDE)
     left, top = x * w / 100.0, y * h / 100.0
     right, bottom = (x + bw) * w / 100.0, (y + bh) * h / 100.0
     centre = Click(min(int((top + bottom) / 2.0), h - 1), min(int((left + right) / 2.0), w - 1), True)

@@ -28,6 +28,7 @@ from pycocotools import mask as mask_utils
 from interformer.clicks import Click, Roi
 from interformer.coco_rle import RLEError, checked_counts
 
+from . import box_prompt as _box
 from .box_prompt import BoxPromptError, box_to_click
 from .polygons import PolygonError, checked_polygons, polygons_rle
 
@@ -40,8 +41,9 @@ BAD_IMAGE_ENTRY = "bad_image_entry"  # image entry without a usable size, or ent
 DUPLICATE_ID = "duplicate_id"  # two different image entries (or annotations) share one COCO id
 UNKNOWN_CATEGORY = "unknown_category"  # category id not in `categories`
 NO_PROMPT = "no_prompt"  # nothing usable for the requested prompt kind
-DEGENERATE_BOX = "degenerate_box"  # width or height <= 0, or not finite numbers
-BOX_OUTSIDE = "box_outside"  # the box does not overlap the image
+DEGENERATE_BOX = _box.DEGENERATE_BOX  # width or height <= 0, or not finite numbers
+BOX_OUTSIDE = _box.BOX_OUTSIDE  # the box does not overlap the image
+ROTATED_BOX = _box.ROTATED_BOX  # a rotated rectangle (Label Studio); only axis-aligned boxes are prompts
 DEGENERATE_POLYGON = "degenerate_polygon"  # fewer than 3 vertices, not numbers, or too complex to rasterise
 POLYGON_OUTSIDE = "polygon_outside"  # every vertex lies outside the image
 EMPTY_MASK = "empty_mask"  # the coarse mask covers no pixel of the image
@@ -53,8 +55,9 @@ IMAGE_UNREADABLE = "image_unreadable"  # encoding on the fly failed to read/deco
 SIZE_MISMATCH = "size_mismatch"  # the prompt file sizes the image differently from its features
 INTERNAL_ERROR = "internal_error"  # an unexpected error in a worker (with its traceback)
 
-# Failures that a later run may not repeat (features encoded meanwhile, a worker crash): not final.
-RETRYABLE = frozenset({NO_FEATURES, IMAGE_UNREADABLE, INTERNAL_ERROR})
+# Failures that a later run may not repeat (features encoded meanwhile, a worker crash, an image re-encoded
+# since its size disagreed, e.g. now that its EXIF orientation is recorded): not final.
+RETRYABLE = frozenset({NO_FEATURES, IMAGE_UNREADABLE, INTERNAL_ERROR, SIZE_MISMATCH})
 
 # Images larger than this cannot be held by pycocotools' RLE (32-bit pixel positions), nor decoded sanely.
 MAX_IMAGE_PIXELS = 1 << 31
@@ -209,7 +212,7 @@ def box_prompt(bbox: Sequence[float], size: tuple[int, int]) -> tuple[Click, Roi
     try:
         return box_to_click(value, size)
     except BoxPromptError as e:
-        raise PromptError(DEGENERATE_BOX, str(e)) from None
+        raise PromptError(e.reason, str(e)) from None
 
 
 def polygons_to_rle(polygons: Any, size: tuple[int, int]) -> tuple[dict, bool]:
