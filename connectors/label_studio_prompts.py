@@ -5,9 +5,11 @@ Prompts come from each task's newest annotation (or prediction) holding `rectang
   - every rectangle is one object: its centre click and region, as `protocol.box_to_click` makes them;
   - a keypoint inside a rectangle of the same label (the smallest, when several) adds a click to it;
   - the other keypoints of a label form one object together (Alt-click negatives included).
-The image is `data.image_id` when the task has one (the feature-table id), else the image URL: the
-worker then finds the row whose `uri` is that URL, or the row the backend's on-demand encoder stored
-under that URL as id, as the interactive backend does.
+Labels compare by value: a region labelled with a Label's alias (as Label Studio writes it) is that Label.
+The image is the output tag's image, identified as the interactive backend does (`protocol.task_image`):
+`data.image_id_<Image tag name>`, or `data.image_id` in a config with one Image tag (the feature-table id),
+else the tag's image URL: the worker then finds the row whose `uri` is that URL, or the row the backend's
+on-demand encoder stored under that URL as id.
 
 Coordinates read from tasks are in the grid Label Studio shows (an image's stored pixels turned by its EXIF
 orientation tag); the worker maps them into the stored grid of the features (pipeline/preannotation.py), and
@@ -20,14 +22,13 @@ from typing import Any, Iterable
 
 from interformer.clicks import Click
 
+from pipeline import box_prompt
 from pipeline.orientation import Orientation, normalize_tag
 from pipeline.polygons import MaskPolygons
 from pipeline.preannotation import ImageResult
 from pipeline.prompts import (
     BAD_IMAGE_ENTRY,
     BAD_POINTS,
-    BOX_OUTSIDE,
-    DEGENERATE_BOX,
     MISSING_IMAGE_ENTRY,
     ImageJob,
     ObjectPrompt,
@@ -44,10 +45,10 @@ from .protocol import (
     LabelConfig,
     Prompt,
     ProtocolError,
-    box_to_click,
     mask_results,
     parse_body,
     percent_to_pixel,
+    task_image,
 )
 from .region_meta import click_meta
 from .rle import mask_to_rle
@@ -113,7 +114,6 @@ def task_prompts(
     """
     if source not in PROMPT_SOURCES:
         raise ValueError(f"source must be one of {PROMPT_SOURCES}, got {source!r}")
-    image_key = config.image_key(brush.to_name)
     out = PromptSet()
     for n, task in enumerate(tasks):
         tid = task.get("id") if isinstance(task, dict) else None
@@ -137,15 +137,12 @@ def task_prompts(
             out.problems.append(Problem(f"ls:{tid}", None, None, BAD_IMAGE_ENTRY,
                                         f"task {tid}: data is not an object: {_shown(data)}"))
             continue
-        ref = data.get(image_key)
-        image_id = data.get("image_id") or ref
-        if not image_id or not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
-            out.problems.append(Problem(f"ls:{tid}", None, None, MISSING_IMAGE_ENTRY,
-                                        f"task {tid} has neither data.image_id nor data.{image_key} "
-                                        f"(a string): {_shown(image_id)}"))
+        try:
+            image_id, ref = task_image(data, config, brush.to_name, f"task {tid}")
+        except ProtocolError as e:
+            out.problems.append(Problem(f"ls:{tid}", None, None, MISSING_IMAGE_ENTRY, e.message))
             continue
-        image_id = str(image_id)
-        job, problems = _task_job(tid, image_id, ref if isinstance(ref, str) else None, regions)
+        job, problems = _task_job(tid, image_id or ref, ref, regions, config, brush)
         out.problems.extend(problems)
         if job is not None:
             out.images.append(job)
@@ -169,10 +166,20 @@ def region_key(tid: int, index: int, region: dict) -> str:
     return f"ls:{tid}:{rid}"
 
 
-def _task_job(tid: int, image_id: str, ref: str | None,
-              regions: list[tuple[int, dict]]) -> tuple[ImageJob | None, list[Problem]]:
+def object_label(item: ContextItem, config: LabelConfig, output: ControlTag) -> str | None:
+    """A region's label as the value of its Label (an alias and its value are one label): by its prompt tag
+    (`from_name`), then by the output tag; None when it has none."""
+    raw = _label(item)
+    if raw is None:
+        return None
+    label = config.canonical_label(raw, item.from_name)
+    return output.canonical(label) or label
+
+
+def _task_job(tid: int, image_id: str, ref: str | None, regions: list[tuple[int, dict]], config: LabelConfig,
+              output: ControlTag) -> tuple[ImageJob | None, list[Problem]]:
     problems: list[Problem] = []
-    items: list[tuple[str, ContextItem]] = []
+    items: list[tuple[str, ContextItem, str]] = []
     seen: set[str] = set()
     for n, r in regions:
         key = region_key(tid, n, r)
@@ -186,47 +193,46 @@ def _task_job(tid: int, image_id: str, ref: str | None,
         except ProtocolError as e:
             problems.append(Problem(key, image_id, None, BAD_IMAGE_ENTRY, e.message))
             continue
-        if _label(item) is None:
+        label = object_label(item, config, output)
+        if label is None:
             problems.append(Problem(key, image_id, None, BAD_POINTS, f"{item.type} region has no label"))
             continue
         if item.image_rotation:
-            problems.append(Problem(key, image_id, _label(item), BAD_IMAGE_ENTRY,
+            problems.append(Problem(key, image_id, label, BAD_IMAGE_ENTRY,
                                     f"rotated images are not supported (image_rotation={item.image_rotation:g}): "
                                     "draw the prompt on the image unrotated"))
             continue
-        items.append((key, item))
-    sizes = {(it.original_height, it.original_width) for _, it in items}
+        items.append((key, item, label))
+    sizes = {(it.original_height, it.original_width) for _, it, _ in items}
     if len(sizes) > 1:
-        problems += [Problem(key, image_id, _label(it), BAD_IMAGE_ENTRY,
-                             f"regions disagree on the image size: {sorted(sizes)}") for key, it in items]
+        problems += [Problem(key, image_id, label, BAD_IMAGE_ENTRY,
+                             f"regions disagree on the image size: {sorted(sizes)}") for key, _, label in items]
         return None, problems
     if not items:
         return None, problems
     size = sizes.pop()
     boxes: list[dict[str, Any]] = []
-    for key, it in ((k, i) for k, i in items if i.type == "rectanglelabels"):
+    for key, it, label in ((k, i, lab) for k, i, lab in items if i.type == "rectanglelabels"):
         try:
-            click, region = box_to_click(it.value, size)
-        except ProtocolError as e:
-            w, h = it.value.get("width"), it.value.get("height")
-            degenerate = not isinstance(w, (int, float)) or not isinstance(h, (int, float)) or w <= 0 or h <= 0
-            problems.append(Problem(key, image_id, _label(it), DEGENERATE_BOX if degenerate else BOX_OUTSIDE, e.message))
+            click, region = box_prompt.box_to_click(it.value, size)
+        except box_prompt.BoxPromptError as e:
+            problems.append(Problem(key, image_id, label, e.reason, str(e)))
             continue
-        boxes.append({"key": key, "label": _label(it), "click": click, "region": region, "extra": []})
+        boxes.append({"key": key, "label": label, "click": click, "region": region, "extra": []})
     groups: dict[str, list[Click]] = {}
-    for key, it in ((k, i) for k, i in items if i.type == "keypointlabels"):
+    for key, it, label in ((k, i, lab) for k, i, lab in items if i.type == "keypointlabels"):
         try:
             click = Click(percent_to_pixel(it.value.get("y"), size[0], "keypoint y"),
                           percent_to_pixel(it.value.get("x"), size[1], "keypoint x"),
                           True if it.is_positive is None else bool(it.is_positive))
         except ProtocolError as e:
-            problems.append(Problem(key, image_id, _label(it), BAD_POINTS, e.message))
+            problems.append(Problem(key, image_id, label, BAD_POINTS, e.message))
             continue
-        inside = [b for b in boxes if b["label"] == _label(it) and _contains(b["region"], click)]
+        inside = [b for b in boxes if b["label"] == label and _contains(b["region"], click)]
         if inside:
             min(inside, key=lambda b: _area(b["region"]))["extra"].append(click)
         else:
-            groups.setdefault(_label(it), []).append(click)
+            groups.setdefault(label, []).append(click)
     objects = [ObjectPrompt(b["key"], image_id, b["label"], "box", size, clicks=(b["click"], *b["extra"]),
                             box=b["region"]) for b in boxes]
     for label, clicks in groups.items():
@@ -283,7 +289,7 @@ def prediction_for(result: ImageResult, task_id: int, output: ControlTag, model_
     for o in result.objects:
         if not o.ok:
             continue
-        prompt = Prompt(clicks=(), label=o.label, brush_name=output.name, image_name=output.to_name,
+        prompt = Prompt(clicks=(), label=output.shown(o.label), brush_name=output.name, image_name=output.to_name,
                         original_size=size, output_type=output.type)
         if polygon:
             stored = o.mask_polygons(view.stored_size)

@@ -130,8 +130,8 @@ def _points(points: Any, size: tuple[int, int]) -> np.ndarray | None:
 
 
 def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray, StartClicks | None]]:
-    """Shapes (with their meta's clicks) of the brush / polygon regions in `result` with the prompt's label,
-    image and size."""
+    """Shapes (with their meta's clicks) of the brush / polygon regions in `result` with the prompt's label (by
+    its value or its alias: Label Studio saves the alias), image and size."""
     out: list[tuple[str, np.ndarray, StartClicks | None]] = []
     size = tuple(prompt.original_size)
     for r in result if isinstance(result, list) else []:
@@ -145,7 +145,7 @@ def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray, StartCl
             continue
         value = r.get("value") if isinstance(r.get("value"), dict) else {}
         labels = value.get(r["type"])
-        if not isinstance(labels, list) or prompt.label not in labels:
+        if not isinstance(labels, list) or not any(name in labels for name in prompt.names):
             continue
         if (r.get("original_height"), r.get("original_width")) != size:
             continue

@@ -131,12 +131,46 @@ def project_id(project: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class ControlTag:
-    """One control tag of the labelling config (BrushLabels, KeyPointLabels or RectangleLabels)."""
+    """One control tag of the labelling config (BrushLabels, KeyPointLabels or RectangleLabels).
+
+    A `<Label value="Object" alias="o"/>` is known by both names: Label Studio's editor writes the alias into the
+    results it saves and sends (and accepts either when it reads them), so an incoming label may be either;
+    `labels` holds the values (the canonical names), `aliases` each one's alias (None: none)."""
 
     name: str
     type: str  # lower-case tag name, e.g. "brushlabels"
     to_name: str
     labels: tuple[str, ...]
+    aliases: tuple[str | None, ...] = ()  # parallel to `labels` (empty: no Label has an alias)
+
+    def _named(self) -> list[tuple[str, str | None]]:
+        return [(v, self.aliases[n] if n < len(self.aliases) else None) for n, v in enumerate(self.labels)]
+
+    def canonical(self, label: str) -> str | None:
+        """The value of this tag's first Label named `label` by its value or its alias (as Label Studio's
+        findLabel matches), else None."""
+        for value, alias in self._named():
+            if label == value or label == alias:
+                return value
+        return None
+
+    def shown(self, value: str) -> str:
+        """How Label Studio writes the Label of value `value` in a result: its alias when it has one."""
+        for v, alias in self._named():
+            if v == value:
+                return alias or v
+        return value
+
+    def names(self, label: str) -> tuple[str, ...]:
+        """Every name (value, alias) of the Label that `label` names here; just `label` when none does."""
+        value = self.canonical(label)
+        if value is None:
+            return (label,)
+        return tuple(dict.fromkeys(n for v, a in self._named() if v == value for n in (v, a) if n))
+
+    def listed(self) -> list[str]:
+        """The labels for an error message: each value, with its alias when it has one."""
+        return [f"{v} (alias {a})" if a else v for v, a in self._named()]
 
 
 @dataclass(frozen=True)
@@ -166,18 +200,25 @@ class LabelConfig:
             to_name = names.pop()
         for kind in ("polygonlabels", "brushlabels"):
             for tag in self.outputs:
-                if tag.type == kind and tag.to_name == to_name and label in tag.labels:
+                if tag.type == kind and tag.to_name == to_name and tag.canonical(label) is not None:
                     return tag
         polygon = self.polygons.get(to_name)
         if polygon is not None and to_name not in self.brushes:
             raise ProtocolError(
-                422, f"label {label!r} is not one of the PolygonLabels {polygon.name!r} labels {list(polygon.labels)}")
+                422, f"label {label!r} is not one of the PolygonLabels {polygon.name!r} labels {polygon.listed()}")
         brush = self.brush_for(to_name)
-        if label not in brush.labels:
+        if brush.canonical(label) is None:
             raise ProtocolError(
-                422, f"label {label!r} is not one of the BrushLabels {brush.name!r} labels {list(brush.labels)}"
+                422, f"label {label!r} is not one of the BrushLabels {brush.name!r} labels {brush.listed()}"
             )
         return brush
+
+    def canonical_label(self, label: str, from_name: str | None) -> str:
+        """An incoming label as its Label's value in the prompt tag `from_name` (an alias there is the same
+        label as the value elsewhere); unchanged when that tag is unknown or has no such Label."""
+        tag = self.prompts.get(from_name) if from_name is not None else None
+        value = tag.canonical(label) if tag is not None else None
+        return label if value is None else value
 
     def brush_for(self, to_name: str | None) -> ControlTag:
         """The BrushLabels tag that receives masks for the image `to_name` (the only image when None)."""
@@ -223,9 +264,11 @@ def parse_label_config(xml: str) -> LabelConfig:
             images[name] = (el.get("value") or "").lstrip("$")
         elif tag in (*outputs, *PROMPT_TYPES) and name:
             to_name = el.get("toName") or el.get("toname") or ""
-            labels = tuple(lab.get("value") for lab in el if isinstance(lab.tag, str)
-                           and lab.tag.lower() == "label" and lab.get("value") is not None)
-            ctl = ControlTag(name, tag, to_name, labels)
+            found = [lab for lab in el if isinstance(lab.tag, str) and lab.tag.lower() == "label"
+                     and lab.get("value") is not None]
+            aliases = tuple(lab.get("alias") or None for lab in found)
+            ctl = ControlTag(name, tag, to_name, tuple(lab.get("value") for lab in found),
+                             aliases if any(aliases) else ())
             if tag in outputs:
                 outputs[tag][to_name] = ctl
                 every_output.append(ctl)
@@ -240,6 +283,49 @@ def parse_label_config(xml: str) -> LabelConfig:
             title = "BrushLabels" if ctl.type == "brushlabels" else "PolygonLabels"
             raise ProtocolError(422, f"<{title} toName={ctl.to_name!r}> points at no <Image> tag")
     return LabelConfig(images, outputs["brushlabels"], prompts, outputs["polygonlabels"], tuple(every_output))
+
+
+# --------------------------------------------------------------------------------------------------
+# Task data: which image a prompt is on
+
+IMAGE_ID_KEY = "image_id"
+MAX_IMAGE_ID_CHARS = 1024
+MAX_IMAGE_REF_CHARS = 4096
+
+
+def image_id_keys(config: LabelConfig, image_name: str) -> tuple[str, ...]:
+    """The task data keys that may hold the feature-table id of the Image tag `image_name`, best first:
+    `image_id_<name>`, then `image_id` only when the config has that one Image tag (with several, which image a
+    plain `image_id` names is unknown, so it is never used: a click on one image must not be served from
+    another image's features)."""
+    keys = [f"{IMAGE_ID_KEY}_{image_name}"]
+    if list(config.images) == [image_name]:
+        keys.append(IMAGE_ID_KEY)
+    return tuple(keys)
+
+
+def task_image(data: dict[str, Any], config: LabelConfig, image_name: str,
+               task: str = "task") -> tuple[str | None, str | None]:
+    """(feature-table id, image URL/path) of the Image tag `image_name` in a task's `data`: the id from
+    `image_id_keys` (None when the task gives none), the reference from the tag's own data key (None when
+    absent). The one identity rule of the interactive, batch and bulk paths. A wrongly typed or overlong
+    value, or a task giving neither, is a 422 naming the key (and `task`, e.g. "task 7")."""
+    ref_key = config.image_key(image_name)
+    id_key = next((k for k in image_id_keys(config, image_name) if data.get(k) not in (None, "")), None)
+    image_id = data.get(id_key) if id_key is not None else None
+    image_ref = data.get(ref_key)
+    if image_id is not None and (isinstance(image_id, bool) or not isinstance(image_id, (str, int))):
+        raise ProtocolError(422, f"task data {id_key} must be a string, got {type(image_id).__name__}")
+    if image_ref is not None and not isinstance(image_ref, str):
+        raise ProtocolError(422, f"task data {ref_key} (the image) must be a URL or path string")
+    if image_id is not None and len(str(image_id)) > MAX_IMAGE_ID_CHARS:
+        raise ProtocolError(422, f"task data {id_key} is longer than {MAX_IMAGE_ID_CHARS} characters")
+    if image_ref is not None and len(image_ref) > MAX_IMAGE_REF_CHARS:
+        raise ProtocolError(422, f"task image reference is longer than {MAX_IMAGE_REF_CHARS} characters")
+    if image_id is None and not image_ref:
+        ids = " nor data.".join(image_id_keys(config, image_name)[::-1])
+        raise ProtocolError(422, f"{task} has neither data.{ids} nor data.{ref_key}")
+    return (str(image_id) if image_id is not None else None), (image_ref or None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,6 +344,12 @@ class Prompt:
     box: Roi | None = None  # (left, up, right, bottom) region of a box prompt, exclusive right/bottom
     region_key: str = ""
     output_type: str = "brushlabels"  # the type of `brush_name`'s tag: "brushlabels" or "polygonlabels"
+    label_names: tuple[str, ...] = ()  # every name (value, alias) of `label` in the output tag; () = just `label`
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names a region of this prompt's label may carry (Label Studio writes the alias or the value)."""
+        return self.label_names or (self.label,)
 
     @property
     def has_positive(self) -> bool:
@@ -288,12 +380,18 @@ def _item_label(item: ContextItem) -> str:
     return labels[0]
 
 
+def item_label(item: ContextItem, config: LabelConfig) -> str:
+    """An item's label as its Label's value (`LabelConfig.canonical_label`): an alias and its value are one label."""
+    return config.canonical_label(_item_label(item), item.from_name)
+
+
 def prompt_from_items(items: list[ContextItem], config: LabelConfig) -> Prompt:
     """Turn the prompt regions of one call into a `Prompt`.
 
     Keypoints keep their order; the last rectangle (if any) becomes the first click and the region.
     The label is that of the last item (as in Label Studio's SAM examples) and must be one of the
-    BrushLabels labels, since the mask is returned under it.
+    output tag's labels (by value or alias), since the mask is returned under it: under the output tag's
+    alias of it when it has one, as Label Studio itself writes it, else its value.
     """
     items = [it for it in items if it.type in PROMPT_TYPES]
     if not items:
@@ -314,8 +412,9 @@ def prompt_from_items(items: list[ContextItem], config: LabelConfig) -> Prompt:
         if it.from_name is not None and it.from_name in config.prompts:
             if config.prompts[it.from_name].type != it.type:
                 raise ProtocolError(422, f"item from {it.from_name!r} has type {it.type}, tag is another type")
-        config.output_for(to_name, _item_label(it))  # every label must have a tag to be returned in
-    output = config.output_for(to_name, _item_label(items[-1]))
+        config.output_for(to_name, item_label(it, config))  # every label must have a tag to be returned in
+    output = config.output_for(to_name, item_label(items[-1], config))
+    value = output.canonical(item_label(items[-1], config)) or item_label(items[-1], config)
     keypoints: list[Click] = []
     box_click: Click | None = None
     region: Roi | None = None
@@ -338,13 +437,14 @@ def prompt_from_items(items: list[ContextItem], config: LabelConfig) -> Prompt:
     clicks = tuple(([box_click] if box_click else []) + keypoints)
     return Prompt(
         clicks=clicks,
-        label=_item_label(items[-1]),
+        label=output.shown(value),
         brush_name=output.name,
         image_name=output.to_name,
         original_size=size,
         box=region,
         region_key=region_key(key_item, clicks),
         output_type=output.type,
+        label_names=output.names(value),
     )
 
 
@@ -364,21 +464,26 @@ def region_key(first: ContextItem | None, clicks: tuple[Click, ...]) -> str:
     return "empty"
 
 
-def stored_objects(items: list[ContextItem]) -> list[list[ContextItem]]:
-    """Group saved prompt regions into objects: each rectangle with the keypoints of its label inside it (the
-    smallest such rectangle takes a keypoint), then the other keypoints, one group per label (Label Studio
-    saves each click as its own keypoint region). No rectangle is ever merged into another's object."""
+def stored_objects(items: list[ContextItem], config: LabelConfig) -> list[list[ContextItem]]:
+    """Group saved prompt regions into objects: each rectangle with the keypoints of its image and label inside it
+    (the smallest such rectangle takes a keypoint), then the other keypoints, one group per (image, label)
+    (Label Studio saves each click as its own keypoint region). No rectangle is ever merged into another's
+    object, and no group mixes images: a label used on two images is two objects. Labels compare by value
+    (`item_label`), so an alias and its value are one label."""
+    def key(it: ContextItem) -> tuple[str | None, str]:
+        return it.to_name, item_label(it, config)
+
     boxes = [it for it in items if it.type == "rectanglelabels"]
     objects: list[list[ContextItem]] = [[b] for b in boxes]
-    loose: dict[str, list[ContextItem]] = {}
+    loose: dict[tuple[str | None, str], list[ContextItem]] = {}
     for it in items:
         if it.type != "keypointlabels":
             continue
-        inside = [n for n, b in enumerate(boxes) if _item_label(b) == _item_label(it) and _box_holds(b.value, it.value)]
+        inside = [n for n, b in enumerate(boxes) if key(b) == key(it) and _box_holds(b.value, it.value)]
         if inside:
             objects[min(inside, key=lambda n: _box_area(boxes[n].value))].append(it)
         else:
-            loose.setdefault(_item_label(it), []).append(it)
+            loose.setdefault(key(it), []).append(it)
     return objects + list(loose.values())
 
 
@@ -399,9 +504,9 @@ def _box_holds(box: dict[str, Any], point: dict[str, Any]) -> bool:
         return False
 
 
-def stored_prompts(task: Task, config: LabelConfig) -> list[Prompt]:
+def stored_prompts(task: Task, config: LabelConfig) -> tuple[list[Prompt], list[str]]:
     """Prompts from keypoints/boxes saved in a task's newest annotation or draft: one per object
-    (`stored_objects`).
+    (`stored_objects`), and why each object that cannot be one was refused (the others still are prompts).
 
     Used by batch predictions (no context): a task whose annotators left smart keypoints or boxes gets masks
     for them; a task without any gets none.
@@ -411,9 +516,23 @@ def stored_prompts(task: Task, config: LabelConfig) -> list[Prompt]:
         raw = [r for r in ann["result"] if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
         if not raw:
             continue
-        items = [parse_body(ContextItem, r) for r in raw]
-        return [prompt_from_items(group, config) for group in stored_objects(items)]
-    return []
+        prompts: list[Prompt] = []
+        refused: list[str] = []
+        items = []
+        for r in raw:
+            try:
+                item = parse_body(ContextItem, r)
+                _item_label(item)
+                items.append(item)
+            except ProtocolError as e:
+                refused.append(e.message)
+        for group in stored_objects(items, config):
+            try:
+                prompts.append(prompt_from_items(group, config))
+            except ProtocolError as e:
+                refused.append(e.message)
+        return prompts, refused
+    return [], []
 
 
 # --------------------------------------------------------------------------------------------------

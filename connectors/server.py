@@ -46,6 +46,7 @@ from .protocol import (
     project_id,
     prompt_from_items,
     stored_prompts,
+    task_image,
 )
 from .segment import SegmentError, Segmenter, SegmentRequest
 
@@ -314,33 +315,17 @@ def _label_config(state: _State, xml: str | None, pid: str | None) -> LabelConfi
     raise ProtocolError(422, "request has no label_config and /setup was not called for this project")
 
 
-MAX_IMAGE_ID_CHARS = 1024
-MAX_IMAGE_REF_CHARS = 4096
-
-
 def _segment_request(task, prompt: Prompt, config: LabelConfig, max_clicks: int) -> SegmentRequest:
+    """The request of a prompt: its clicks, on the image of the Image tag it was drawn on (`task_image`)."""
     if len(prompt.clicks) > max_clicks:
         raise ProtocolError(413, f"the region has {len(prompt.clicks)} clicks; at most {max_clicks} are served "
                                  "per request")
-    image_id = task.data.get("image_id")
-    image_ref = task.data.get(config.image_key(prompt.image_name))
-    if image_id is not None and (isinstance(image_id, bool) or not isinstance(image_id, (str, int))):
-        raise ProtocolError(422, f"task data image_id must be a string, got {type(image_id).__name__}")
-    if image_ref is not None and not isinstance(image_ref, str):
-        raise ProtocolError(422, "task image must be a URL or path string")
-    if image_id is not None and len(str(image_id)) > MAX_IMAGE_ID_CHARS:
-        raise ProtocolError(422, f"task data image_id is longer than {MAX_IMAGE_ID_CHARS} characters")
-    if image_ref is not None and len(image_ref) > MAX_IMAGE_REF_CHARS:
-        raise ProtocolError(422, f"task image reference is longer than {MAX_IMAGE_REF_CHARS} characters")
-    if image_id in (None, "") and not image_ref:
-        raise ProtocolError(
-            422, f"task {task.id} has neither data.image_id nor data.{config.image_key(prompt.image_name)}"
-        )
+    image_id, image_ref = task_image(task.data, config, prompt.image_name, f"task {task.id}")
     return SegmentRequest(
         clicks=prompt.clicks,
         original_size=prompt.original_size,
-        image_id=str(image_id) if image_id not in (None, "") else None,
-        image_ref=image_ref or None,
+        image_id=image_id,
+        image_ref=image_ref,
         task_id=task.id,
         box=prompt.box,
         region_key=prompt.region_key,
@@ -379,17 +364,26 @@ async def _interactive(state: _State, body: PredictRequest, config: LabelConfig,
     return {"results": [prediction(regions, mv)]}
 
 
-def _batch_plan(state: _State, body: PredictRequest, config: LabelConfig) -> list[tuple[Any, list, str | None]]:
-    """Per task: the (prompt, request) pairs of its stored prompts, or the reason it gets an empty prediction."""
+def _batch_plan(state: _State, body: PredictRequest, config: LabelConfig) -> list[tuple[Any, list, list[str]]]:
+    """Per task: the (prompt, request) pairs of its stored prompts, and why each object that gets no mask was
+    refused (one refused object never costs the task its other objects)."""
     plan = []
     for task in body.tasks:
+        pairs, reasons = [], []
         try:
             with _client_input(f"task {_loggable(task.id)}'s stored prompts"):
-                prompts = [p for p in stored_prompts(task, config) if p.has_positive]
-                plan.append((task, [(p, _segment_request(task, p, config, state.settings.max_clicks))
-                                    for p in prompts], None))
+                prompts, refused = stored_prompts(task, config)
+                reasons.extend(refused)
+                for p in prompts:
+                    if not p.has_positive:
+                        continue
+                    try:
+                        pairs.append((p, _segment_request(task, p, config, state.settings.max_clicks)))
+                    except ProtocolError as e:
+                        reasons.append(e.message)
         except ProtocolError as e:
-            plan.append((task, [], f"task {_loggable(task.id)}: {e.message}"[:MAX_LOGGED_ERROR_CHARS]))
+            reasons.append(e.message)
+        plan.append((task, pairs, [f"task {_loggable(task.id)}: {r}"[:MAX_LOGGED_ERROR_CHARS] for r in reasons]))
     return plan
 
 
@@ -398,7 +392,7 @@ async def _batch(state: _State, body: PredictRequest, config: LabelConfig, field
     mv = state.settings.model_version
     gate = asyncio.Semaphore(state.settings.batch_concurrency)
     plan = await run_in_threadpool(_batch_plan, state, body, config)
-    failures: list[str] = [reason for _, _, reason in plan if reason is not None]
+    failures: list[str] = [reason for _, _, reasons in plan for reason in reasons]
 
     async def one_task(task, reqs) -> dict:
         results = []

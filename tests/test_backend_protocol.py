@@ -162,10 +162,10 @@ def test_stored_keypoints_of_the_newest_annotation_give_one_prompt_per_label(con
         {"type": "brushlabels", "value": {"rle": [1, 2]}},
     ]}
     task = Task(id=3, data={"image": "x"}, annotations=[old], drafts=[new])
-    prompts = stored_prompts(task, config)
-    assert [p.label for p in prompts] == ["object", "background_thing"]
+    prompts, refused = stored_prompts(task, config)
+    assert [p.label for p in prompts] == ["object", "background_thing"] and refused == []
     assert len(prompts[0].clicks) == 2 and len(prompts[1].clicks) == 1
-    assert stored_prompts(Task(id=4, data={"image": "x"}), config) == []
+    assert stored_prompts(Task(id=4, data={"image": "x"}), config) == ([], [])
 
 
 def test_brush_result_has_what_label_studio_needs():
@@ -249,7 +249,8 @@ def test_saved_regions_give_one_prompt_per_box_and_per_label_of_the_other_keypoi
     result = [rectangle(x, y, w, h, SIZE, label=lab, item_id=f"b{n}") for n, (x, y, w, h, lab) in enumerate(boxes)]
     result += [keypoint(x, y, SIZE, pos, label=lab, item_id=f"k{n}") for n, (x, y, lab, pos) in enumerate(points)]
     task = Task(id=1, data={"image": "x"}, annotations=[{"result": result}])
-    prompts = stored_prompts(task, config)
+    prompts, refused = stored_prompts(task, config)
+    assert refused == []
 
     def inside(p, b):
         return b[4] == p[2] and b[0] <= p[0] <= b[0] + b[2] and b[1] <= p[1] <= b[1] + b[3]
