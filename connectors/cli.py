@@ -11,7 +11,7 @@ from interformer.checkpoint import CheckpointError, check_checkpoint, model_vers
 from interformer.cli_types import COUNT, POSITIVE, SEED, integer
 from interformer.click_engine import add_click_engine_arguments, click_engine_config
 from interformer.encode_engine import add_encode_engine_argument
-from interformer.config import CONFIGS, PreprocessConfig
+from interformer.config import CONFIGS, DEFAULT_MAX_ENCODE_MEMORY_GIB, PreprocessConfig
 
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
 from pipeline.ray_runtime import LOCAL, RayStartError, init_ray
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the random init without --checkpoint, as given to jobs/encode.py (default: 0)")
     p.add_argument("--max-side", type=integer(32), default=None,
                    help="the longest-side resize jobs/encode.py used (part of the feature fingerprint)")
+    p.add_argument("--max-encode-memory", type=POSITIVE, default=DEFAULT_MAX_ENCODE_MEMORY_GIB, metavar="GIB",
+                   help="GiB of attention memory encoding an image on demand may take (as jobs/encode.py): a larger "
+                   "image is answered 422 too_large, naming the --max-side that fits (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on, 0.0.0.0 for every interface (default: %(default)s)")
     p.add_argument("--port", type=integer(0, 65535), default=9090, help="TCP port to listen on (default: %(default)s)")
@@ -150,7 +153,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         checkpoint=checkpoint,
         variant=variant,
         seed=args.seed,
-        preprocess=PreprocessConfig(max_side=args.max_side),
+        preprocess=PreprocessConfig(max_side=args.max_side, max_encode_memory_gib=args.max_encode_memory),
         feature_cache_bytes=_mib(args.feature_cache_mb),
         session_cache_bytes=_mib(args.session_cache_mb),
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.actors),

@@ -34,7 +34,7 @@ from interformer.config import PreprocessConfig
 from interformer.encode_engine import check_encode_names
 from interformer.features import ImageFeatures
 from interformer.predictor import InteractiveSession, Predictor, mask_to_canvas, set_cpu_threads
-from pipeline.encoding import EncoderSpec, build_predictor
+from pipeline.encoding import EncoderSpec, build_predictor, check_encode_memory
 from pipeline.feature_store import (
     EncodedImage,
     FeatureReader,
@@ -459,6 +459,7 @@ class OnDemandEncoder:
         try:
             data = read_image_bytes(image_ref, self.cfg.access, task_id)
             image, orientation = decode_image_oriented(data, self.cfg.preprocess.max_pixels)
+            check_encode_memory(image.shape[:2], self.cfg.preprocess, self.predictor.model.config.vit)
         except ImageAccessError as e:
             raise SegmentError(e.status, f"the task's image has no features and cannot be read: {e.message}") from None
         except ImageDecodeError as e:  # its detail may quote the file's first bytes: only the reason goes out

@@ -10,7 +10,7 @@ import os
 
 from interformer.cli_types import COUNT, FRACTION, POSITIVE, SEED, integer, real
 from interformer.click_engine import add_click_engine_arguments, click_engine_config
-from interformer.config import CONFIGS, PreprocessConfig
+from interformer.config import CONFIGS, DEFAULT_MAX_ENCODE_MEMORY_GIB, PreprocessConfig
 from interformer.encode_engine import add_encode_engine_argument
 from pipeline.coco_output import FORMATS
 from pipeline.encoding import EncoderSpec
@@ -92,6 +92,9 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     model.add_argument("--seed", type=SEED, default=0, help="seed of the random initialisation (default: %(default)s)")
     model.add_argument("--max-side", type=integer(32), default=None, help="the --max-side jobs/encode.py used (part of "
                        "the feature fingerprint; default: native size)")
+    model.add_argument("--max-encode-memory", type=POSITIVE, default=DEFAULT_MAX_ENCODE_MEMORY_GIB, metavar="GIB",
+                       help="GiB of attention memory encoding an image on demand (--encode-missing) may take, as "
+                       "jobs/encode.py: a larger image fails as too_large (default: %(default)s)")
     model.add_argument("--model-version", help="model_version written with predictions and COCO entries (default: "
                        "the backend's, interformer-<variant>-<checkpoint>-<sha256[:8]>); a re-run with the same one "
                        "adds no duplicates")
@@ -144,7 +147,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         parser.error("--polygon-tolerance goes with --mask-format polygon")
     variant = a.variant or (None if a.checkpoint else "light")
     encoder = EncoderSpec(checkpoint=os.path.abspath(a.checkpoint) if a.checkpoint else None, variant=variant,
-                          preprocess=PreprocessConfig(max_side=a.max_side), seed=a.seed, engine=a.encode_engine,
+                          preprocess=PreprocessConfig(max_side=a.max_side, max_encode_memory_gib=a.max_encode_memory), seed=a.seed, engine=a.encode_engine,
                           engine_cache=a.engine_cache)
     try:
         return PreannotateConfig(

@@ -9,12 +9,13 @@
 from .checkpoint import CheckpointError, load_model, save_checkpoint
 from .clicks import Click
 from .config import CONFIGS, ModelConfig, PreprocessConfig, get_config
+from .encode_memory import ImageTooLargeError
 from .features import ImageFeatures, ImageGeometry
 from .predictor import ClickResult, InteractiveSession, InvalidClickError, InvalidMaskError, Predictor, SessionStart
 from .preprocess import InvalidImageError
 
 __all__ = [
-    "CONFIGS", "CheckpointError", "Click", "ClickResult", "ImageFeatures", "ImageGeometry", "InteractiveSession",
-    "InvalidClickError", "InvalidImageError", "InvalidMaskError", "ModelConfig", "Predictor", "PreprocessConfig",
-    "SessionStart", "get_config", "load_model", "save_checkpoint",
+    "CONFIGS", "CheckpointError", "Click", "ClickResult", "ImageFeatures", "ImageGeometry", "ImageTooLargeError",
+    "InteractiveSession", "InvalidClickError", "InvalidImageError", "InvalidMaskError", "ModelConfig", "Predictor",
+    "PreprocessConfig", "SessionStart", "get_config", "load_model", "save_checkpoint",
 ]

@@ -6,8 +6,9 @@ checkpoint loader) picks a variant by name from `CONFIGS`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
-from numbers import Integral
+from numbers import Integral, Real
 
 # Input normalisation, RGB on the 0-255 scale (spec §2).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -15,6 +16,7 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISOR = 32
 PYRAMID_CHANNELS = (32, 64, 128, 256)
 PYRAMID_STRIDES = (4, 8, 16, 32)
+DEFAULT_MAX_ENCODE_MEMORY_GIB = 16.0  # one encoder on a 24 GiB machine: Light up to 10413 tokens (1920x1080 fits)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class PreprocessConfig:
     max_side: int | None = None  # resize so the longest side is at most this (None: native size)
     size_divisor: int = SIZE_DIVISOR
     max_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
+    # GiB the encoder's attention may take for one image (interformer.encode_memory); larger ones are refused
+    max_encode_memory_gib: float = DEFAULT_MAX_ENCODE_MEMORY_GIB
 
     def __post_init__(self) -> None:
         """Refuse settings that would silently produce unusable input (a 1x1 image, clicks mapped to negative
@@ -145,6 +149,10 @@ class PreprocessConfig:
                              f"pyramid's coarsest stride), got {self.size_divisor!r}")
         if not _is_int(self.max_pixels) or self.max_pixels < 1:
             raise ValueError(f"PreprocessConfig.max_pixels must be an integer >= 1, got {self.max_pixels!r}")
+        budget = self.max_encode_memory_gib
+        if isinstance(budget, bool) or not isinstance(budget, Real) or not math.isfinite(budget) or budget <= 0:
+            raise ValueError(f"PreprocessConfig.max_encode_memory_gib must be a finite number > 0 (GiB), "
+                             f"got {budget!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

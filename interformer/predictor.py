@@ -20,10 +20,11 @@ from .click_engine import ClickEngine, ClickEngineConfig, build_engine
 from .clicks import DEF_FG, Click, Roi, add_click_disk, initial_ref_label, update_by_prediction, zoom_in_roi
 from .config import PreprocessConfig
 from .encode_engine import OpenVINOEncoder, TorchEncoder, build_encoder, check_encode_names
+from .encode_memory import check_encode_memory, images_per_pass
 from .features import ImageFeatures, ImageGeometry
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache
-from .preprocess import preprocess
+from .preprocess import preprocess, validate_image
 
 __all__ = ["Click", "ClickResult", "InteractiveSession", "InvalidMaskError", "NonFiniteOutputError", "Predictor",
            "SessionStart", "default_device", "mask_to_canvas", "set_cpu_threads"]
@@ -242,15 +243,21 @@ class Predictor:
 
     @torch.inference_mode()
     def encode_batch(self, images: Sequence[np.ndarray], max_batch: int = 8) -> list[ImageFeatures]:
-        """Encode several images; images with the same padded size share a forward pass."""
+        """Encode several images; images with the same padded size share a forward pass, as many as fit the
+        attention memory budget. Raises ImageTooLargeError (an InvalidImageError) before any encoding when an
+        image alone would need more than `preprocess.max_encode_memory_gib`."""
+        vit = self.model.config.vit
+        for img in images:
+            check_encode_memory(validate_image(img, self.preprocess.max_pixels).shape[:2], self.preprocess, vit)
         prepared = [preprocess(img, self.preprocess) for img in images]
         out: list[ImageFeatures | None] = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (_, geo) in enumerate(prepared):
             groups.setdefault(geo.padded_size, []).append(i)
-        for idxs in groups.values():
-            for start in range(0, len(idxs), max_batch):
-                chunk = idxs[start : start + max_batch]
+        for padded, idxs in groups.items():
+            step = min(max_batch, images_per_pass(padded, self.preprocess, vit))
+            for start in range(0, len(idxs), step):
+                chunk = idxs[start : start + step]
                 batch = torch.cat([prepared[i][0] for i in chunk]).to(self.device)
                 pyramid = self.encode_pyramid(batch)
                 for j, i in enumerate(chunk):

@@ -24,7 +24,7 @@ from dataclasses import asdict  # noqa: E402
 
 from interformer.checkpoint import CheckpointError  # noqa: E402
 from interformer.cli_types import COUNT, POSITIVE, SEED, integer  # noqa: E402
-from interformer.config import CONFIGS, PreprocessConfig  # noqa: E402
+from interformer.config import CONFIGS, DEFAULT_MAX_ENCODE_MEMORY_GIB, PreprocessConfig  # noqa: E402
 from interformer.encode_engine import ENCODE_PRECISIONS, add_encode_engine_argument  # noqa: E402
 from interformer.features import STORAGE_DTYPES  # noqa: E402
 from interformer.runtime import CACHE_ENV  # noqa: E402
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "this many pixels (default: native size, as in the paper); part of the encoder fingerprint")
     add("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS,
         help="images with more pixels than this are refused and recorded as errors")
+    add("--max-encode-memory", type=POSITIVE, default=DEFAULT_MAX_ENCODE_MEMORY_GIB, metavar="GIB",
+        help="GiB of memory the encoder's global attention may take per image (it grows with the square of the "
+        "token count, (H/16)*(W/16)): larger images are refused as too_large, naming the --max-side that fits")
     add("--dtype", choices=sorted(STORAGE_DTYPES), default="float16",
         help="storage dtype of the features: float16 halves the table, int8 / int8sqrt (8-bit codes, per-channel "
         "scale and offset; int8sqrt companded, closer to fp32 where the values crowd) halve it again; the model "
@@ -120,8 +123,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
     if a.checkpoint is not None and not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint!r} is not a file")
     encoder = EncoderSpec(checkpoint=a.checkpoint, variant=a.variant or (None if a.checkpoint else "light"),
-                          preprocess=PreprocessConfig(max_side=a.max_side, max_pixels=a.max_pixels), dtype=a.dtype,
-                          seed=a.seed, precision=a.precision, engine=a.encode_engine,
+                          preprocess=PreprocessConfig(max_side=a.max_side, max_pixels=a.max_pixels,
+                                                       max_encode_memory_gib=a.max_encode_memory),
+                          dtype=a.dtype, seed=a.seed, precision=a.precision, engine=a.encode_engine,
                           engine_cache=a.engine_cache)
     cfg = EncodeConfig(
         input=a.input, image_root=a.image_root, coco_id=a.coco_id, db=a.db, table=a.table, storage_options=options,

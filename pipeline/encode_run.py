@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 import ray
 from tqdm import tqdm
 
+from interformer.config import ViTConfig
+
 from .changed_sources import changed_sources, sources_to_check
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, error_rows
@@ -137,7 +139,7 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
             "fingerprint marked 'random'. Pass --checkpoint for real features."
         )
     predictor = build_predictor(cfg.encoder, device="cpu")  # fail fast on a bad checkpoint; gives the fingerprint
-    fingerprint = predictor.fingerprint
+    fingerprint, vit = predictor.fingerprint, predictor.model.config.vit
     del predictor
 
     if "://" not in cfg.db and not os.path.isabs(cfg.db) and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
@@ -192,7 +194,7 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     if pending:
         init_ray(cfg.address, num_cpus=cfg.num_cpus, job="encode")
         try:
-            _encode(cfg, store, fingerprint, pending, summary)
+            _encode(cfg, store, fingerprint, pending, summary, vit)
         finally:
             ray.shutdown()
     stored = store.existing_ids(fingerprint)
@@ -251,7 +253,8 @@ def _recover(store: FeatureStore, fingerprint: str, summary: EncodeSummary) -> s
     return {i for i, fp in committer.tally.stored if fp == fingerprint}
 
 
-def _encode(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list, summary: EncodeSummary) -> None:
+def _encode(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list, summary: EncodeSummary,
+            vit: ViTConfig) -> None:
     """Run the pipeline until every pending image is stored or recorded as bad. When the cluster loses part of
     the pipeline in a way Ray Data does not recover from (an actor pool that cannot be rebuilt after a lost node),
     the written work is committed and the pipeline runs again on what is left, up to PIPELINE_ATTEMPTS times."""
@@ -261,7 +264,7 @@ def _encode(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: l
     try:
         for attempt in range(1, PIPELINE_ATTEMPTS + 1):
             try:
-                _run_pipeline(cfg, store, fingerprint, todo, summary, committer)
+                _run_pipeline(cfg, store, fingerprint, todo, summary, committer, vit)
                 break
             except _CLUSTER_FAILURES as e:
                 if attempt == PIPELINE_ATTEMPTS:
@@ -298,8 +301,9 @@ def _wait_for_free_cpus(timeout: float) -> None:
 
 
 def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: list,
-                  summary: EncodeSummary, committer: StagedCommitter) -> None:
-    """One Ray Data pass over `pending`; the committer commits on its timer and once more at the end."""
+                  summary: EncodeSummary, committer: StagedCommitter, vit: ViTConfig) -> None:
+    """One Ray Data pass over `pending`; the committer commits on its timer and once more at the end. `vit`
+    (the encoder's) sizes the attention memory check of the decode tasks."""
     resources = ray.cluster_resources()
     plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder)
     device = f"{plan.num_encoders} GPU" if plan.gpus_per_encoder else f"{plan.num_encoders} CPU"
@@ -316,7 +320,7 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
     # as tasks on the CPUs left free, in parallel with encoding.
     ds = ds.map_batches(
         decode_stage, batch_size=_DECODE_BATCH, batch_format="pyarrow", num_cpus=plan.cpus_per_task,
-        memory=_DECODE_TASK_MEMORY, fn_kwargs={"preprocess": spec.preprocess},
+        memory=_DECODE_TASK_MEMORY, fn_kwargs={"preprocess": spec.preprocess, "vit": vit},
     )
     ds = ds.map_batches(
         EncoderStage, batch_size=cfg.batch_size, batch_format="pyarrow",

@@ -20,10 +20,11 @@ import torch
 
 from interformer.checkpoint import load_model
 from interformer.click_engine import ClickEngineConfig
-from interformer.config import PreprocessConfig
+from interformer.config import PreprocessConfig, ViTConfig
 from interformer.encode_engine import check_encode_names
+from interformer.encode_memory import encode_memory_problem, images_per_pass
 from interformer.features import ImageFeatures, ImageGeometry
-from interformer.predictor import Predictor, set_cpu_threads
+from interformer.predictor import NonFiniteOutputError, Predictor, set_cpu_threads
 from interformer.preprocess import compute_geometry, normalize_and_pad, resize_image
 
 from .feature_store import (
@@ -34,7 +35,7 @@ from .feature_store import (
     write_feature_fragments,
 )
 from .faults import fault_point
-from .images import ImageDecodeError, decode_image_oriented
+from .images import ENCODE_FAILED, TOO_LARGE, ImageDecodeError, decode_image_oriented
 from .sources import read_bytes
 from .staged_commits import StagedRecord, stage
 
@@ -55,6 +56,15 @@ DECODED_SCHEMA = pa.schema(
 ENCODED_SCHEMA = pa.schema(list(FEATURE_SCHEMA) + _ERROR_FIELDS)
 
 RESULT_SCHEMA = pa.schema([pa.field("image_id", pa.string()), pa.field("uri", pa.string()), *_ERROR_FIELDS])
+
+# What encoding one image may raise without the encoder being broken: an allocation failure (torch raises
+# RuntimeError, Python MemoryError), NaN/inf features (NonFiniteOutputError), values the storage dtype cannot
+# hold (ValueError from feature_rows). EncoderStage retries a failed batch image by image with these.
+PER_IMAGE_ERRORS = (RuntimeError, MemoryError, ValueError, NonFiniteOutputError)
+# A blank 32x32 decoded row: what EncoderStage encodes to tell a broken encoder from a batch of bad images.
+_PROBE = {"image_id": "probe", "uri": "", "content_sha256": "", "original_height": 32, "original_width": 32,
+          "resized_height": 32, "resized_width": 32, "padded_height": 32, "padded_width": 32, "scale": 1.0,
+          "pixels": bytes(32 * 32 * 3)}
 
 
 @dataclass(frozen=True)
@@ -94,8 +104,17 @@ def build_predictor(spec: EncoderSpec, device: str | torch.device | None = None,
                      encode_precision=spec.precision, encode_engine=spec.engine)
 
 
-def decode_stage(batch: pa.Table, preprocess: PreprocessConfig) -> pa.Table:
-    """(image_id, uri) rows -> DECODED_SCHEMA rows; unreadable or bad images get a reason instead of pixels."""
+def check_encode_memory(size: tuple[int, int], preprocess: PreprocessConfig, vit: ViTConfig) -> None:
+    """Refuse an image whose encoding would need more attention memory than --max-encode-memory, as TOO_LARGE
+    (the detail names the --max-side that fits), before it reaches an encoder."""
+    problem = encode_memory_problem(size, preprocess, vit)
+    if problem is not None:
+        raise ImageDecodeError(TOO_LARGE, problem)
+
+
+def decode_stage(batch: pa.Table, preprocess: PreprocessConfig, vit: ViTConfig | None = None) -> pa.Table:
+    """(image_id, uri) rows -> DECODED_SCHEMA rows; unreadable or bad images get a reason instead of pixels.
+    With the encoder's `vit`, images over the attention memory budget are refused too."""
     rows = []
     for image_id, uri in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist()):
         row: dict = {"image_id": image_id, "uri": uri}
@@ -103,6 +122,8 @@ def decode_stage(batch: pa.Table, preprocess: PreprocessConfig) -> pa.Table:
             data = read_bytes(uri)
             row["content_sha256"] = hashlib.sha256(data).hexdigest()
             image, orientation = decode_image_oriented(data, max_pixels=preprocess.max_pixels)
+            if vit is not None:
+                check_encode_memory(image.shape[:2], preprocess, vit)
         except ImageDecodeError as e:
             row.update(reason=e.reason, detail=e.detail)
             rows.append(row)
@@ -141,12 +162,12 @@ class EncoderStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok_mask = pc.is_null(batch.column("reason"))
         good = batch.filter(ok_mask).to_pylist()
-        bad = batch.filter(pc.invert(ok_mask))
-        items = [
-            EncodedImage(row["image_id"], row["uri"], row["content_sha256"], feats, row["exif_orientation"])
-            for row, feats in zip(good, self._encode(good))
-        ]
-        encoded = feature_rows(items, self.fingerprint, self.spec.dtype)
+        bad = batch.filter(pc.invert(ok_mask)).select(["image_id", "uri", "content_sha256", "reason", "detail"])
+        bad = bad.to_pylist()
+        try:
+            encoded = self._feature_rows(good)
+        except PER_IMAGE_ERRORS:
+            encoded = self._one_by_one(good, bad)
         encoded = encoded.append_column(_ERROR_FIELDS[0], pa.nulls(encoded.num_rows, pa.string()))
         encoded = encoded.append_column(_ERROR_FIELDS[1], pa.nulls(encoded.num_rows, pa.string()))
         failed = pa.Table.from_pylist(
@@ -156,15 +177,44 @@ class EncoderStage:
                     "fingerprint": self.fingerprint,
                     "dtype": self.spec.dtype,
                 }
-                for row in bad.select(["image_id", "uri", "content_sha256", "reason", "detail"]).to_pylist()
+                for row in bad
             ],
             schema=ENCODED_SCHEMA,
         )
         return pa.concat_tables([encoded.cast(ENCODED_SCHEMA), failed])
 
+    def _feature_rows(self, rows: list[dict]) -> pa.Table:
+        items = [
+            EncodedImage(row["image_id"], row["uri"], row["content_sha256"], feats, row.get("exif_orientation"))
+            for row, feats in zip(rows, self._encode(rows))
+        ]
+        return feature_rows(items, self.fingerprint, self.spec.dtype)
+
+    def _one_by_one(self, good: list[dict], bad: list[dict]) -> pa.Table:
+        """Encode a batch that failed image by image: the images that fail again join `bad` as ENCODE_FAILED.
+        When every one fails, a blank probe image decides: if it fails too the encoder itself is broken and the
+        job stops (RuntimeError) rather than recording every image as bad."""
+        tables = []
+        for row in good:
+            try:
+                tables.append(self._feature_rows([row]))
+            except PER_IMAGE_ERRORS as e:
+                bad.append({**{k: row[k] for k in ("image_id", "uri", "content_sha256")}, "reason": ENCODE_FAILED,
+                            "detail": f"the encoder failed on this image: {type(e).__name__}: {e}"[:1000]})
+        if not tables:
+            try:
+                self._feature_rows([_PROBE])
+            except PER_IMAGE_ERRORS as e:
+                raise RuntimeError(
+                    f"the encoder failed on each of {len(good)} images and on a blank {_PROBE['padded_height']}x"
+                    f"{_PROBE['padded_width']} probe ({type(e).__name__}: {e}): the model or its runtime is broken, "
+                    "not the images; nothing was recorded for them") from e
+            return feature_rows([], self.fingerprint, self.spec.dtype)
+        return pa.concat_tables(tables)
+
     @torch.inference_mode()
     def _encode(self, rows: list[dict]) -> list[ImageFeatures]:
-        """One forward pass per group of images with the same padded size."""
+        """One forward pass per group of images with the same padded size (split to fit --max-encode-memory)."""
         geometries = [
             ImageGeometry(
                 (r["original_height"], r["original_width"]),
@@ -179,7 +229,12 @@ class EncoderStage:
             groups.setdefault(g.padded_size, []).append(i)
         out: list[ImageFeatures | None] = [None] * len(rows)
         device = self.predictor.device
-        for padded, idxs in groups.items():
+        vit = self.predictor.model.config.vit
+        passes = []
+        for size, idxs in groups.items():
+            n = images_per_pass(size, self.spec.preprocess, vit)
+            passes += [(size, idxs[k : k + n]) for k in range(0, len(idxs), n)]
+        for padded, idxs in passes:
             tensors = []
             for i in idxs:
                 h, w = geometries[i].resized_size

@@ -33,7 +33,8 @@ TRUNCATED = "truncated"
 TOO_LARGE = "too_large"
 CORRUPT = "corrupt"
 UNREADABLE = "unreadable"
-REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_LARGE, CORRUPT, UNREADABLE)
+ENCODE_FAILED = "encode_failed"  # decoded, but the encoder raised for this image (pipeline.encoding.EncoderStage)
+REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_LARGE, CORRUPT, UNREADABLE, ENCODE_FAILED)
 
 DEFAULT_MAX_PIXELS = 50_000_000
 EXIF_ORIENTATION = 0x0112

@@ -43,9 +43,10 @@ from pipeline.staged_commits import StagedCommitter, read_staged
 ROOT = Path(__file__).resolve().parents[1]
 ENCODE = [sys.executable, "-m", "jobs.encode"]
 MAX_PIXELS = 60_000
+MAX_ENCODE_MEMORY = 0.001  # GiB: the small ViT's attention for the good images (<= 100 tokens), not 240x240's
 BAD = {"broken.jpg": "truncated", "empty.png": "empty", "notes.png": "not_an_image", "huge.png": "too_large",
-       "dangling.png": "unreadable", "folder.jpg": "unreadable"}
-COMMON = ["--variant", "small", "--max-pixels", str(MAX_PIXELS)]
+       "dangling.png": "unreadable", "folder.jpg": "unreadable", "wide.png": "too_large"}
+COMMON = ["--variant", "small", "--max-pixels", str(MAX_PIXELS), "--max-encode-memory", str(MAX_ENCODE_MEMORY)]
 FINGERPRINT = build_predictor(EncoderSpec(variant="small")).fingerprint
 
 
@@ -63,7 +64,7 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory) -> tuple[Path, list[str]]:
-    """12 good images in nested folders (PNG and JPEG, three sizes) and six kinds of bad input."""
+    """12 good images in nested folders (PNG and JPEG, three sizes) and seven kinds of bad input."""
     root = tmp_path_factory.mktemp("collection") / "images"
     good = []
     sizes = [(160, 160), (128, 192), (192, 128)]
@@ -80,6 +81,7 @@ def collection(tmp_path_factory) -> tuple[Path, list[str]]:
     (root / "empty.png").write_bytes(b"")
     (root / "notes.png").write_text("not an image\n")
     Image.fromarray(_image(250, 250, 98)).save(root / "huge.png")  # 62,500 pixels > MAX_PIXELS
+    Image.fromarray(_image(240, 240, 97)).save(root / "wide.png")  # 256 tokens: over MAX_ENCODE_MEMORY
     (root / "dangling.png").symlink_to(root / "deleted.png")
     (root / "folder.jpg").mkdir()
     return root, sorted(good)
@@ -333,7 +335,7 @@ def test_submitted_job_stopped_then_killed_then_rerun_is_exactly_once_and_bit_ex
     again = subprocess.run([*ENCODE, str(root), "--db", str(db), *COMMON, "--address", ray_head["gcs"]], cwd=ROOT,
                            env=_client_env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]  # only unreadable inputs were left
-    assert f"skipped      {len(good)}" in again.stdout and "known bad    4" in again.stdout
+    assert f"skipped      {len(good)}" in again.stdout and "known bad    5" in again.stdout
     assert "encoded      0 of 2 to do" in again.stdout  # the unreadable two are tried again, and fail again
     assert _stored(db) == good and _errors(db) == BAD
 
