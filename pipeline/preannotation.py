@@ -385,7 +385,12 @@ class PreannotateWorker:
             image, tag = decode_image_oriented(data, self.spec.encoder.preprocess.max_pixels)
         except ImageDecodeError as e:
             raise ImageUnavailable(IMAGE_UNREADABLE, f"{job.uri}: {e.reason}: {e.detail}") from None
-        feats = self.predictor.encode(image)
+        from interformer.encode_memory import ImageTooLargeError
+
+        try:
+            feats = self.predictor.encode(image)
+        except ImageTooLargeError as e:  # over --max-encode-memory: refused before any encoding
+            raise ImageUnavailable(IMAGE_UNREADABLE, f"{job.uri}: too_large: {e}") from None
         self._save(job, data, feats, tag)
         return feats, True, tag
 

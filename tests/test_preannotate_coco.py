@@ -205,6 +205,23 @@ def test_missing_images_are_encoded_on_the_fly_when_asked(env, first_run):
     assert fx.unencoded not in FeatureStore(str(env["tmp"] / "db"), "features").existing_ids(s["fingerprint"])
 
 
+def test_an_image_over_the_encode_memory_budget_fails_clearly_and_is_not_stored(env, first_run):
+    """--encode-missing with an image whose attention would need more than --max-encode-memory: the image's
+    objects fail as image_unreadable naming too_large and the --max-side that fits (retried by a later run
+    with a larger budget), never an internal error; the other images are segmented."""
+    fx = env["fx"]
+    run = fork_first_run(env, first_run, "encode-too-large", with_db=True)
+    rc, s = run_inline(env, run["run_dir"], "--coco-out", str(run["out"]), "--workers", "0", "--encode-missing",
+                       "--max-encode-memory", "0.00001", db=run["db"])
+    rows = report(env, run["run_dir"])
+    too_large = [rows[f"coco:{k}"] for k in fx.kinds if fx.image_of[k] == fx.unencoded]
+    assert too_large and all(r["reason"] == "image_unreadable" and "too_large" in r["detail"]
+                             and "--max-side" in r["detail"] for r in too_large)
+    assert "internal_error" not in s["reasons"]
+    fp = FeatureStore(str(env["tmp"] / run["db"]), "features")
+    assert fx.unencoded not in fp.existing_ids(s["fingerprint"])
+
+
 def test_results_format_loads_against_the_prompt_file(env, first_run):
     from pycocotools.coco import COCO
 
