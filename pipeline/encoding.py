@@ -30,6 +30,7 @@ from .feature_store import (
     FEATURE_SCHEMA,
     GEOMETRY_FIELDS,
     EncodedImage,
+    encoder_provenance,
     feature_rows,
     write_feature_fragments,
 )
@@ -146,7 +147,7 @@ class EncoderStage:
             EncodedImage(row["image_id"], row["uri"], row["content_sha256"], feats, row["exif_orientation"])
             for row, feats in zip(good, self._encode(good))
         ]
-        encoded = feature_rows(items, self.fingerprint, self.spec.dtype)
+        encoded = feature_rows(items, self.fingerprint, self.spec.dtype, encoder_provenance(self.predictor))
         encoded = encoded.append_column(_ERROR_FIELDS[0], pa.nulls(encoded.num_rows, pa.string()))
         encoded = encoded.append_column(_ERROR_FIELDS[1], pa.nulls(encoded.num_rows, pa.string()))
         failed = pa.Table.from_pylist(
