@@ -4,6 +4,10 @@ The feature table keys rows by (image id, encoder), and a rerun of the encode jo
 holds. That is right unless the id now names other pixels: a file rewritten in place, or an id another file
 has taken (two COCO files whose numeric ids overlap, a list file that points elsewhere). Each stored row keeps
 the uri and the sha256 of the bytes it was encoded from; `changed_sources` compares them with the listing.
+
+A row can also be stale with the same bytes: computed by an older version of the encoder code that gives other
+features at its geometry, or at another precision than this run's. Each row records its feature version, engine
+and precision (not part of the fingerprint); `stale_rows` finds those.
 """
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from .feature_store import Origin
+from interformer.config import ViTConfig
+from interformer.modeling.interformer import stale_reason
+
+from .feature_store import Origin, RowProvenance
 from .images import ImageDecodeError
 from .sources import ImageSource, read_bytes
 
@@ -53,3 +60,36 @@ def changed_sources(sources: Iterable[ImageSource], stored: Mapping[str, Origin]
     changed = [ChangedSource(s.image_id, s.uri, stored[s.image_id].uri) for s, d in zip(todo, digests)
                if d is not None and stored[s.image_id].sha256 is not None and d != stored[s.image_id].sha256]
     return changed, len(todo)
+
+
+@dataclass(frozen=True)
+class StaleRow:
+    """A listed image whose stored row this run would compute differently, and why."""
+
+    image_id: str
+    uri: str
+    reason: str
+
+
+def row_stale_reason(row: RowProvenance, vit: ViTConfig, precision: str) -> str | None:
+    """Why a stored row differs from what an encoder of `vit` at `precision` computes now: an older feature
+    version at a geometry a later version changed, or another precision. A row of unknown precision (stored
+    before it was recorded) is not judged on it; an unknown version is version 1."""
+    reason = stale_reason(row.feature_version, row.padded_size, vit)
+    if reason is not None:
+        return reason
+    if row.precision is not None and row.precision != precision:
+        return f"encoded at {row.precision} precision, this run encodes at {precision}"
+    return None
+
+
+def stale_rows(sources: Iterable[ImageSource], stored: Mapping[str, RowProvenance], vit: ViTConfig,
+               precision: str) -> list[StaleRow]:
+    """The listed images whose stored row is stale (`row_stale_reason`), in listing order."""
+    found = []
+    for source in sources:
+        row = stored.get(source.image_id)
+        reason = None if row is None else row_stale_reason(row, vit, precision)
+        if reason is not None:
+            found.append(StaleRow(source.image_id, source.uri, reason))
+    return found
