@@ -34,7 +34,7 @@ from tqdm import tqdm
 from interformer.config import ViTConfig
 from interformer.encode_engine import resolve_encode_engine
 
-from .changed_sources import changed_sources, sources_to_check, stale_rows
+from .changed_sources import check_content, sources_to_check, stale_rows
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, error_rows
 from .images import UNREADABLE
@@ -114,6 +114,7 @@ class EncodeSummary:
     checked: int = 0  # stored images whose bytes were read to compare with the stored sha256
     changed: list[dict] = field(default_factory=list)  # stored images whose source now has other bytes
     replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
+    orientation_filled: int = 0  # rows stored before the EXIF tag was recorded, given it from their source read now
     stale: list[dict] = field(default_factory=list)  # stored rows an older feature version or another precision made
     stale_replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
     not_stored: int = 0
@@ -222,7 +223,12 @@ def _check_changed(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, lis
     to_read = len(sources_to_check(listing.sources, origins, cfg.check_content))
     if to_read:
         print(f"encode: reading {to_read} stored images to compare with the bytes they were encoded from", flush=True)
-    changed, summary.checked = changed_sources(listing.sources, origins, cfg.check_content)
+    result = check_content(listing.sources, origins, cfg.check_content)
+    changed, summary.checked = result.changed, result.read
+    if result.orientations:
+        summary.orientation_filled = store.fill_exif_orientation(result.orientations, fingerprint)
+        print(f"encode: recorded the EXIF orientation tag of {summary.orientation_filled} stored images read now "
+              "(stored before the tag was recorded)", flush=True)
     summary.changed = [{"image_id": c.image_id, "uri": c.uri, "stored_uri": c.stored_uri} for c in changed]
     if not changed:
         return set()
@@ -435,7 +441,8 @@ def format_summary(s: EncodeSummary) -> str:
     if s.other_dtypes:
         lines.append(f"  other dtype  {_counts(s.other_dtypes)} stored rows keep their dtype (each row has its own)")
     if s.checked:
-        lines.append(f"  checked      {s.checked} stored images read again to compare their bytes")
+        lines.append(f"  checked      {s.checked} stored images read again to compare their bytes"
+                     + (f" ({s.orientation_filled} given their EXIF orientation tag)" if s.orientation_filled else ""))
     if s.changed:
         kept = len(s.changed) - s.replaced
         lines.append(f"  changed      {len(s.changed)} stored images whose source has other bytes now: "

@@ -102,10 +102,12 @@ _COMMIT_ATTEMPTS = 12
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a stored row's features came from: the uri and the sha256 of the encoded bytes."""
+    """Where a stored row's features came from: the uri and the sha256 of the encoded bytes, and the file's EXIF
+    orientation tag recorded with them (None: stored before the tag was recorded)."""
 
     uri: str | None
     sha256: str | None
+    exif_orientation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -467,10 +469,25 @@ class FeatureStore:
 
     def origins(self, fingerprint: str) -> dict[str, Origin]:
         """image id -> the uri and sha256 of the bytes its stored features (for this fingerprint) came from."""
-        table = self.dataset().to_table(columns=["image_id", "uri", "content_sha256"],
-                                        filter=f"fingerprint = {sql_string(fingerprint)}")
-        return {i: Origin(u, h) for i, u, h in zip(*(table.column(c).to_pylist()
-                                                    for c in ("image_id", "uri", "content_sha256")))}
+        columns = ["image_id", "uri", "content_sha256", "exif_orientation"]
+        table = self.dataset().to_table(columns=columns, filter=f"fingerprint = {sql_string(fingerprint)}")
+        return {i: Origin(u, h, t) for i, u, h, t in zip(*(table.column(c).to_pylist() for c in columns))}
+
+    def fill_exif_orientation(self, tags: dict[str, int], fingerprint: str) -> int:
+        """Record the EXIF orientation tag of rows (of this fingerprint) stored before it was recorded (null), read
+        from their unchanged source: a Lance update of that column, no re-encode; a row that has a tag keeps it.
+        Returns how many rows were updated."""
+        updated = 0
+        by_tag: dict[int, list[str]] = {}
+        for image_id, tag in tags.items():
+            by_tag.setdefault(int(tag), []).append(image_id)
+        for tag, ids in sorted(by_tag.items()):
+            for chunk in _chunks(sorted(ids), 500):
+                where = (f"fingerprint = {sql_string(fingerprint)} AND exif_orientation IS NULL AND "
+                         f"image_id IN ({', '.join(map(sql_string, chunk))})")
+                result = self.dataset().update({"exif_orientation": str(tag)}, where=where)
+                updated += int(result["num_rows_updated"] if isinstance(result, dict) else result.num_rows_updated)
+        return updated
 
     def provenance(self, fingerprint: str) -> dict[str, RowProvenance]:
         """image id -> what computed its stored row (for this fingerprint) and at which padded size."""

@@ -242,3 +242,44 @@ def test_stale_rows_judge_listed_rows_of_an_older_version_at_an_affected_size_or
     assert [(s.image_id, s.uri) for s in stale_rows(sources, stored, SMALL.vit, "fp32")] == [("a", "/a.png")]
     assert row_stale_reason(RowProvenance(2, "openvino", "fp32", (64, 64)), SMALL.vit, "fp32") is None
     assert row_stale_reason(RowProvenance(2, None, None, (64, 64)), SMALL.vit, "bf16") is None
+
+
+def test_check_content_records_the_orientation_tag_of_rows_stored_before_it_without_encoding(tmp_path, monkeypatch):
+    """--check-content reads every stored source anyway: an unchanged one whose row has no tag (stored before the
+    tag was recorded) gets it from the header, by an update of that column; its features and identity stay."""
+    from pipeline import encode_run
+    from pipeline.encode_run import EncodeConfig, EncoderSpec
+    from pipeline.sources import list_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "turned.jpg", "JPEG", exif=exif.tobytes())
+    Image.fromarray(pixels).save(folder / "known.jpg", "JPEG", exif=exif.tobytes())
+    (folder / "rewritten.png").write_bytes(_png(5))
+    uris = {s.image_id: s.uri for s in list_images(str(folder)).sources}
+    store = FeatureStore(str(tmp_path / "db"))
+    fp = _job_fingerprint()
+    for name, tag, sha in (("turned.jpg", None, None), ("known.jpg", 3, None), ("rewritten.png", None, _sha(_png(4)))):
+        item = _item(name, uris[name], sha or _sha((folder / name).read_bytes()))
+        store.add(feature_rows([EncodedImage(item.image_id, item.uri, item.content_sha256, item.features, tag)], fp))
+    before = {r.image_id: r for r in (store.reader(fp).get_record(i) for i in uris)}
+    monkeypatch.setattr(encode_run, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(encode_run, "_encode", _encode_in_process)
+
+    def run(**kwargs):
+        return encode_run.run(EncodeConfig(str(folder), db=str(tmp_path / "db"), encoder=EncoderSpec(variant="small"),
+                                           **kwargs))
+
+    assert run().orientation_filled == 0  # nothing read without --check-content
+    summary = run(check_content=True)
+    assert summary.orientation_filled == 1 and [c["image_id"] for c in summary.changed] == ["rewritten.png"]
+    after = {r.image_id: r for r in (store.reader(fp).get_record(i) for i in uris)}
+    assert {i: r.exif_orientation for i, r in after.items()} == {"turned.jpg": 6, "known.jpg": 3, "rewritten.png": None}
+    for i in uris:
+        assert (after[i].content_sha256, after[i].created_at) == (before[i].content_sha256, before[i].created_at)
+        assert all(torch.equal(x, y) for x, y in zip(after[i].features.pyramid, before[i].features.pyramid))
+    assert sorted(store.dataset().to_table(columns=["image_id"]).column("image_id").to_pylist()) == sorted(uris)
+    assert run(check_content=True).orientation_filled == 0
