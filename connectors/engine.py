@@ -41,6 +41,7 @@ from pipeline.feature_store import (
     FeatureStore,
     RowIdentity,
     UnknownImageError,
+    encoder_provenance,
     feature_rows,
     row_identity,
     sql_string,
@@ -471,7 +472,7 @@ class OnDemandEncoder:
         feats = self.predictor.encode(image)
         t2 = time.perf_counter()
         item = EncodedImage(image_id, image_ref, hashlib.sha256(data).hexdigest(), feats, orientation)
-        self.store.add(feature_rows([item], self.fingerprint))
+        self.store.add(feature_rows([item], self.fingerprint, encoder=encoder_provenance(self.predictor)))
         t3 = time.perf_counter()
         return {"fetch_image_ms": round((t1 - t0) * 1e3, 1), "vit_ms": round((t2 - t1) * 1e3, 1),
                 "store_ms": round((t3 - t2) * 1e3, 1), "height": image.shape[0], "width": image.shape[1],

@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         "its bytes with the sha256 its features were computed from (without it, only images listed under another "
         "uri than the one they were encoded from are read)")
     add("--reencode-changed", action="store_true", help="encode again the stored images whose source has other "
-        "bytes now (their old rows are removed first); without it they are reported and kept")
-    add("--strict", action="store_true", help="exit 1 unless every listed image is stored, from the bytes it has now")
+        "bytes now, and the stale ones (stored by an older feature version that computed other features at their "
+        "size, or at another --precision); their old rows are removed first; without it they are reported and kept")
+    add("--strict", action="store_true", help="exit 1 unless every listed image is stored, from the bytes it has now, "
+        "by this feature version at this --precision")
     add("--summary-json", default=None, help="also write the final summary to this JSON file")
     add("--ray-progress", action="store_true", help="show Ray Data's per-stage progress bars instead of one tqdm bar")
     return p

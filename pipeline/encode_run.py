@@ -7,8 +7,13 @@ the staged work every `commit_interval` seconds (pipeline.staged_commits). Image
 the same encoder fingerprint are skipped, so a run stopped or killed at any point can simply be run
 again: every image ends up in the table exactly once. Bad inputs go to the errors table.
 
+Stored rows this run would compute differently are reported (and encoded again with `reencode_changed`): a
+source with other bytes now (pipeline.changed_sources), or a row an older feature version computed differently
+at its geometry, or one computed at another precision ("stale").
+
 Exit codes (`exit_code`): 0 the run finished (failed inputs are in the errors table and the summary),
-1 `strict` and some listed input is not stored, or the run itself failed (an uncaught error),
+1 `strict` and some listed input is not stored, or stored from other bytes or by another feature version or
+precision than this run's, or the run itself failed (an uncaught error),
 2 the input or an option cannot be used, 3 Ray cannot be reached or the interpreter lacks the project,
 130 stopped (SIGINT/SIGTERM) after committing what was written: run again to finish.
 """
@@ -23,11 +28,13 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import ray
+import torch
 from tqdm import tqdm
 
 from interformer.config import ViTConfig
+from interformer.encode_engine import resolve_encode_engine
 
-from .changed_sources import changed_sources, sources_to_check
+from .changed_sources import check_content, sources_to_check, stale_rows
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, error_rows
 from .images import UNREADABLE
@@ -53,7 +60,8 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_STOPPED = 0, 1, 2, 
 EXIT_CODES_HELP = """exit codes:
   0    the run finished: every listed image is stored, or recorded in the errors table with its reason
        (bad inputs are not a failure of the job; re-running a finished collection exits 0)
-  1    --strict and some listed image is not stored, or stored from other bytes than its source has now (see
+  1    --strict and some listed image is not stored, or stored from other bytes than its source has now, or
+       stored by an older feature version that differs at its size or at another precision (see
        --reencode-changed); or the job itself failed (a traceback)
   2    the input cannot be listed or an option is wrong
   3    Ray cannot be reached (address, authentication) or this python lacks the project's packages
@@ -106,6 +114,9 @@ class EncodeSummary:
     checked: int = 0  # stored images whose bytes were read to compare with the stored sha256
     changed: list[dict] = field(default_factory=list)  # stored images whose source now has other bytes
     replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
+    orientation_filled: int = 0  # rows stored before the EXIF tag was recorded, given it from their source read now
+    stale: list[dict] = field(default_factory=list)  # stored rows an older feature version or another precision made
+    stale_replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
     not_stored: int = 0
     bytes_written: int = 0
     commits: int = 0
@@ -163,6 +174,7 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
         )
     done = store.existing_ids(fingerprint)
     replaced = _check_changed(cfg, store, fingerprint, listing, summary)
+    replaced |= _check_stale(cfg, store, fingerprint, listing, summary, vit)
     summary.other_dtypes = {d: n for d, n in store.dtypes(fingerprint).items() if d != cfg.encoder.dtype}
     if summary.other_dtypes:
         print(f"encode: rows already stored keep their dtype ({_counts(summary.other_dtypes)}); this run writes "
@@ -210,7 +222,12 @@ def _check_changed(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, lis
     to_read = len(sources_to_check(listing.sources, origins, cfg.check_content))
     if to_read:
         print(f"encode: reading {to_read} stored images to compare with the bytes they were encoded from", flush=True)
-    changed, summary.checked = changed_sources(listing.sources, origins, cfg.check_content)
+    result = check_content(listing.sources, origins, cfg.check_content)
+    changed, summary.checked = result.changed, result.read
+    if result.orientations:
+        summary.orientation_filled = store.fill_exif_orientation(result.orientations, fingerprint)
+        print(f"encode: recorded the EXIF orientation tag of {summary.orientation_filled} stored images read now "
+              "(stored before the tag was recorded)", flush=True)
     summary.changed = [{"image_id": c.image_id, "uri": c.uri, "stored_uri": c.stored_uri} for c in changed]
     if not changed:
         return set()
@@ -223,6 +240,35 @@ def _check_changed(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, lis
     print(f"encode: {summary.replaced} stored images differ from their source now: their rows are removed and "
           "they are encoded again", flush=True)
     return {c.image_id for c in changed}
+
+
+def run_precision(spec: EncoderSpec) -> str:
+    """The precision this run's encoders compute at: the one asked for, except that OpenVINO on a CPU without
+    native bf16 computes f32 (judged on this machine's CPU)."""
+    return resolve_encode_engine(spec.engine, spec.precision, torch.device("cpu"))[1]
+
+
+def _check_stale(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, listing: Listing, summary: EncodeSummary,
+                 vit: ViTConfig) -> set[str]:
+    """Find listed images whose stored row this run would compute differently (an older feature version at an
+    affected geometry, or another precision; images already reported as changed are left to that report); with
+    --reencode-changed remove their rows and return their ids to encode."""
+    precision = run_precision(cfg.encoder)
+    reported = {c["image_id"] for c in summary.changed}
+    stale = [s for s in stale_rows(listing.sources, store.provenance(fingerprint), vit, precision)
+             if s.image_id not in reported]
+    summary.stale = [{"image_id": s.image_id, "uri": s.uri, "reason": s.reason} for s in stale]
+    if not stale:
+        return set()
+    if not cfg.reencode_changed:
+        print(f"encode: {len(stale)} stored images were encoded differently from what this run computes, e.g. "
+              f"{stale[0].image_id!r} ({stale[0].reason}); their features are kept: run with --reencode-changed to "
+              "encode them again", file=sys.stderr, flush=True)
+        return set()
+    summary.stale_replaced = store.remove([s.image_id for s in stale], fingerprint)
+    print(f"encode: {summary.stale_replaced} stored images were encoded differently from what this run computes: "
+          "their rows are removed and they are encoded again", flush=True)
+    return {s.image_id for s in stale}
 
 
 def record_unusable(store: FeatureStore, fingerprint: str, listing: Listing, summary: EncodeSummary) -> None:
@@ -373,7 +419,8 @@ def exit_code(summary: EncodeSummary, strict: bool = False) -> int:
     """The process exit status of a run (see EXIT_CODES_HELP)."""
     if summary.interrupted:
         return EXIT_STOPPED
-    if strict and (summary.not_stored or len(summary.changed) > summary.replaced):
+    if strict and (summary.not_stored or len(summary.changed) > summary.replaced
+                   or len(summary.stale) > summary.stale_replaced):
         return EXIT_INCOMPLETE
     return EXIT_OK
 
@@ -395,7 +442,8 @@ def format_summary(s: EncodeSummary) -> str:
     if s.other_dtypes:
         lines.append(f"  other dtype  {_counts(s.other_dtypes)} stored rows keep their dtype (each row has its own)")
     if s.checked:
-        lines.append(f"  checked      {s.checked} stored images read again to compare their bytes")
+        lines.append(f"  checked      {s.checked} stored images read again to compare their bytes"
+                     + (f" ({s.orientation_filled} given their EXIF orientation tag)" if s.orientation_filled else ""))
     if s.changed:
         kept = len(s.changed) - s.replaced
         lines.append(f"  changed      {len(s.changed)} stored images whose source has other bytes now: "
@@ -403,6 +451,12 @@ def format_summary(s: EncodeSummary) -> str:
         for c in s.changed[:5]:
             lines.append(f"      {c['image_id']}: {c['uri']}" + (f" (encoded from {c['stored_uri']})"
                                                                   if c["stored_uri"] != c["uri"] else ""))
+    if s.stale:
+        kept = len(s.stale) - s.stale_replaced
+        lines.append(f"  stale        {len(s.stale)} stored images encoded differently from what this run computes: "
+                     + (f"{kept} kept with their old features (--reencode-changed)" if kept else "encoded again"))
+        for r in s.stale[:5]:
+            lines.append(f"      {r['image_id']}: {r['reason']}")
     if s.known_failures:
         lines.append(f"  known bad    {s.known_failures} (failed in an earlier run, see the errors table; --retry-failed)")
     lines.append(f"  encoded      {s.encoded} of {s.pending} to do" + ("  (INTERRUPTED: run again to finish)" if s.interrupted else ""))

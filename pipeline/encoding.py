@@ -31,6 +31,7 @@ from .feature_store import (
     FEATURE_SCHEMA,
     GEOMETRY_FIELDS,
     EncodedImage,
+    encoder_provenance,
     feature_rows,
     write_feature_fragments,
 )
@@ -188,7 +189,7 @@ class EncoderStage:
             EncodedImage(row["image_id"], row["uri"], row["content_sha256"], feats, row.get("exif_orientation"))
             for row, feats in zip(rows, self._encode(rows))
         ]
-        return feature_rows(items, self.fingerprint, self.spec.dtype)
+        return feature_rows(items, self.fingerprint, self.spec.dtype, encoder_provenance(self.predictor))
 
     def _one_by_one(self, good: list[dict], bad: list[dict]) -> pa.Table:
         """Encode a batch that failed image by image: the images that fail again join `bad` as ENCODE_FAILED.
@@ -209,7 +210,7 @@ class EncoderStage:
                     f"the encoder failed on each of {len(good)} images and on a blank {_PROBE['padded_height']}x"
                     f"{_PROBE['padded_width']} probe ({type(e).__name__}: {e}): the model or its runtime is broken, "
                     "not the images; nothing was recorded for them") from e
-            return feature_rows([], self.fingerprint, self.spec.dtype)
+            return feature_rows([], self.fingerprint, self.spec.dtype, encoder_provenance(self.predictor))
         return pa.concat_tables(tables)
 
     @torch.inference_mode()

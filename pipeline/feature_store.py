@@ -15,6 +15,12 @@ index on `image_id`.
 Label Studio boundary how a browser turns it. Rows stored before it existed hold null (unknown). A table made
 before the column existed is given it (all null, a metadata-only schema change) when a `FeatureStore` opens
 it; readers take a table with or without it.
+
+`feature_version`, `encode_engine` and `encode_precision` (added later, in the same way) say what computed a row:
+the encoder code's FEATURE_VERSION (interformer.modeling.interformer), "torch" or "openvino", "fp32" or "bf16".
+None of them is in the fingerprint: the encode job finds rows an older version computed differently at their
+geometry, or another precision computed, and encodes them again when asked. Null: stored before they were
+recorded (version 1, engine and precision unknown).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from lance.file import LanceFileReader
 from lance.fragment import FragmentMetadata, write_fragments
 
 from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry, flat_to_float32, levels_of
+from interformer.modeling.interformer import FEATURE_VERSION
 
 from .faults import fault_point
 
@@ -69,10 +76,13 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("features", pa.large_binary(), metadata=_NO_COMPRESSION),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
         pa.field("exif_orientation", pa.int32()),  # 1..8; null: stored before the tag was recorded
+        pa.field("feature_version", pa.int32()),  # FEATURE_VERSION of the code that encoded it; null: 1
+        pa.field("encode_engine", pa.string()),  # "torch" / "openvino"; null: unknown
+        pa.field("encode_precision", pa.string()),  # "fp32" / "bf16"; null: unknown
     ]
 )
 # Columns added to FEATURE_SCHEMA after tables were made with it: a writer adds them (all null) to an older table.
-ADDED_COLUMNS = ("exif_orientation",)
+ADDED_COLUMNS = ("exif_orientation", "feature_version", "encode_engine", "encode_precision")
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -92,10 +102,42 @@ _COMMIT_ATTEMPTS = 12
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a stored row's features came from: the uri and the sha256 of the encoded bytes."""
+    """Where a stored row's features came from: the uri and the sha256 of the encoded bytes, and the file's EXIF
+    orientation tag recorded with them (None: stored before the tag was recorded)."""
 
     uri: str | None
     sha256: str | None
+    exif_orientation: int | None = None
+
+
+@dataclass(frozen=True)
+class EncoderProvenance:
+    """What ran the encoder for a row: engine ("torch" / "openvino") and precision ("fp32" / "bf16"); None:
+    unknown."""
+
+    engine: str | None = None
+    precision: str | None = None
+
+
+def encoder_provenance(predictor) -> EncoderProvenance:
+    """The engine and precision a Predictor's encoder runs at, after any fallback (an OpenVINO encoder that
+    could not be built runs torch at the same precision; one asked for bf16 on a CPU without it runs f32).
+    Call it after encoding: on an encoder not built yet it builds it."""
+    encoder = predictor.encoder
+    ran = encoder.prepare()
+    engine = str(encoder.name).split("-", 1)[0] if ran else "torch"
+    return EncoderProvenance(engine, encoder.precision)
+
+
+@dataclass(frozen=True)
+class RowProvenance:
+    """What computed one stored row, and the padded size it was computed at (what decides whether an older
+    feature version differs, interformer.modeling.interformer.stale_reason)."""
+
+    feature_version: int | None
+    engine: str | None
+    precision: str | None
+    padded_size: tuple[int, int]
 
 
 class FeatureStoreError(RuntimeError):
@@ -132,6 +174,9 @@ class StoredFeatures:
     created_at: datetime
     features: ImageFeatures
     exif_orientation: int | None = None  # 1..8; None: stored before the encoder recorded it
+    feature_version: int | None = None  # None: stored before versions were recorded (version 1)
+    encode_engine: str | None = None  # None: unknown
+    encode_precision: str | None = None  # None: unknown
 
 
 RowIdentity = tuple[str, datetime]  # (content_sha256, created_at): tells a row from one stored again under its id
@@ -166,8 +211,11 @@ def table_uri(root: str, table: str) -> str:
     return os.path.join(os.path.abspath(root), f"{table}.lance")
 
 
-def feature_rows(items: Sequence[EncodedImage], fingerprint: str, dtype: str = "float16") -> pa.Table:
-    """Arrow rows (FEATURE_SCHEMA) for encoded images, pyramid serialised with `to_flat(dtype)`."""
+def feature_rows(items: Sequence[EncodedImage], fingerprint: str, dtype: str = "float16",
+                 encoder: EncoderProvenance = EncoderProvenance()) -> pa.Table:
+    """Arrow rows (FEATURE_SCHEMA) for encoded images, pyramid serialised with `to_flat(dtype)`. The rows record
+    this code's FEATURE_VERSION (the features were computed by it) and `encoder`'s engine and precision
+    (`encoder_provenance(predictor)`; left null when not given)."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     cols: dict[str, list] = {name: [] for name in FEATURE_SCHEMA.names}
@@ -191,6 +239,9 @@ def feature_rows(items: Sequence[EncodedImage], fingerprint: str, dtype: str = "
         cols["features"].append(flat.tobytes())
         cols["created_at"].append(now)
         cols["exif_orientation"].append(item.exif_orientation)
+        cols["feature_version"].append(FEATURE_VERSION)
+        cols["encode_engine"].append(encoder.engine)
+        cols["encode_precision"].append(encoder.precision)
     return pa.table(cols, schema=FEATURE_SCHEMA)
 
 
@@ -232,7 +283,27 @@ def row_to_features(row: dict) -> StoredFeatures:
         created_at=row["created_at"],
         features=_unflatten(row["features"], dtype, shapes, geometry),
         exif_orientation=row.get("exif_orientation"),
+        feature_version=row.get("feature_version"),
+        encode_engine=row.get("encode_engine"),
+        encode_precision=row.get("encode_precision"),
     )
+
+
+def schema_type_mismatches(actual: pa.Schema, expected: pa.Schema) -> list[tuple[str, pa.DataType, pa.DataType]]:
+    """(column, its type, the expected type) for each column of `expected` that `actual` holds under another
+    Arrow type (list types compare their item types, not the item field's name). Such a table opens but
+    refuses every append."""
+    return [(f.name, actual.field(f.name).type, f.type) for f in expected
+            if f.name in actual.names and not _same_type(actual.field(f.name).type, f.type)]
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    list_kinds = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    for is_kind in list_kinds:
+        if is_kind(a) or is_kind(b):
+            return is_kind(a) and is_kind(b) and _same_type(a.value_type, b.value_type) and (
+                not pa.types.is_fixed_size_list(a) or a.list_size == b.list_size)
+    return a.equals(b)
 
 
 def _unflatten(data, dtype: str, shapes: list[list[int]], geometry: ImageGeometry) -> ImageFeatures:
@@ -357,6 +428,13 @@ class FeatureStore:
             raise FeatureStoreError(
                 f"table {name!r} under {self.root} exists with another schema (missing columns {missing})"
             )
+        wrong = schema_type_mismatches(table.schema, schema)
+        if wrong:
+            raise FeatureStoreError(
+                f"table {name!r} under {self.root} exists with another schema: "
+                + "; ".join(f"column {n!r} is {have}, this code writes {want}" for n, have, want in wrong)
+                + " (use another --table or --db, or recreate the table)"
+            )
         return table
 
     def _add_columns(self, uri: str, fields: list[pa.Field], attempts: int = 5) -> None:
@@ -391,10 +469,32 @@ class FeatureStore:
 
     def origins(self, fingerprint: str) -> dict[str, Origin]:
         """image id -> the uri and sha256 of the bytes its stored features (for this fingerprint) came from."""
-        table = self.dataset().to_table(columns=["image_id", "uri", "content_sha256"],
-                                        filter=f"fingerprint = {sql_string(fingerprint)}")
-        return {i: Origin(u, h) for i, u, h in zip(*(table.column(c).to_pylist()
-                                                    for c in ("image_id", "uri", "content_sha256")))}
+        columns = ["image_id", "uri", "content_sha256", "exif_orientation"]
+        table = self.dataset().to_table(columns=columns, filter=f"fingerprint = {sql_string(fingerprint)}")
+        return {i: Origin(u, h, t) for i, u, h, t in zip(*(table.column(c).to_pylist() for c in columns))}
+
+    def fill_exif_orientation(self, tags: dict[str, int], fingerprint: str) -> int:
+        """Record the EXIF orientation tag of rows (of this fingerprint) stored before it was recorded (null), read
+        from their unchanged source: a Lance update of that column, no re-encode; a row that has a tag keeps it.
+        Returns how many rows were updated."""
+        updated = 0
+        by_tag: dict[int, list[str]] = {}
+        for image_id, tag in tags.items():
+            by_tag.setdefault(int(tag), []).append(image_id)
+        for tag, ids in sorted(by_tag.items()):
+            for chunk in _chunks(sorted(ids), 500):
+                where = (f"fingerprint = {sql_string(fingerprint)} AND exif_orientation IS NULL AND "
+                         f"image_id IN ({', '.join(map(sql_string, chunk))})")
+                result = self.dataset().update({"exif_orientation": str(tag)}, where=where)
+                updated += int(result["num_rows_updated"] if isinstance(result, dict) else result.num_rows_updated)
+        return updated
+
+    def provenance(self, fingerprint: str) -> dict[str, RowProvenance]:
+        """image id -> what computed its stored row (for this fingerprint) and at which padded size."""
+        columns = ["image_id", "feature_version", "encode_engine", "encode_precision", "padded_height", "padded_width"]
+        table = self.dataset().to_table(columns=columns, filter=f"fingerprint = {sql_string(fingerprint)}")
+        i, v, e, p, h, w = (table.column(c).to_pylist() for c in columns)
+        return {i[n]: RowProvenance(v[n], e[n], p[n], (h[n], w[n])) for n in range(table.num_rows)}
 
     def remove(self, image_ids: Iterable[str], fingerprint: str) -> int:
         """Delete the rows of these ids for one fingerprint (features to be encoded again); returns how many.

@@ -426,9 +426,10 @@ class PreannotateWorker:
 
     def _save(self, job: ImageJob, data: bytes, feats: Any, tag: int) -> None:
         """Store the new features, so that later runs and the interactive backend find them."""
-        from .feature_store import EncodedImage, FeatureStore, feature_rows
+        from .feature_store import EncodedImage, FeatureStore, encoder_provenance, feature_rows
 
         if self._store is None:
             self._store = FeatureStore(self.spec.db, self.spec.table, storage_options=self.spec.storage_options)
         item = EncodedImage(job.image_id, job.uri or "", hashlib.sha256(data).hexdigest(), feats, tag)
-        self._store.add(feature_rows([item], self.fingerprint, self.spec.encoder.dtype))
+        self._store.add(feature_rows([item], self.fingerprint, self.spec.encoder.dtype,
+                                     encoder_provenance(self.predictor)))

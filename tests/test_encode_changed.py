@@ -144,3 +144,142 @@ def test_an_id_another_coco_file_takes_is_found_by_its_uri_without_check_content
     moved = tmp_path / "moved.png"
     moved.write_bytes(_png(1))  # the same bytes from another place: not a change
     assert changed_sources([ImageSource("1", str(moved))], store.origins(FP)) == ([], 1)
+
+
+# --- rows an older feature version or another precision computed ----------------------------------------------
+
+def _stored_row(image_id: str, uri: str, sha: str, padded: tuple[int, int], version, precision):
+    """A row as an older writer left it: its feature version and precision as given (None: not recorded)."""
+    import pyarrow as pa
+
+    from pipeline.feature_store import EncoderProvenance
+
+    h, w = padded
+    geometry = ImageGeometry((h, w), (h, w), padded, 1.0)
+    gen = torch.Generator().manual_seed(len(image_id))
+    feats = ImageFeatures(tuple(torch.randn(1, *s, generator=gen) for s in pyramid_shapes(padded)), geometry)
+    rows = feature_rows([EncodedImage(image_id, uri, sha, feats)], _job_fingerprint(), "float16",
+                        EncoderProvenance(None if precision is None else "torch", precision))
+    column = rows.schema.get_field_index("feature_version")
+    return rows.set_column(column, rows.schema.field(column), pa.array([version], pa.int32()))
+
+
+def _job_fingerprint() -> str:
+    from pipeline.encoding import EncoderSpec, build_predictor
+
+    return build_predictor(EncoderSpec(variant="small"), device="cpu").fingerprint
+
+
+def _encode_in_process(cfg, store, fingerprint, pending, summary, vit=None):
+    """The job's stages without Ray: decode, the real EncoderStage (which records what computed each row), add."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.encoding import EncoderStage, decode_stage
+    from pipeline.feature_store import FEATURE_SCHEMA
+
+    batch = pa.table({"image_id": [s.image_id for s in pending], "uri": [s.uri for s in pending]})
+    encoded = EncoderStage(cfg.encoder, fingerprint)(decode_stage(batch, cfg.encoder.preprocess, vit))
+    summary.encoded = store.add(encoded.filter(pc.is_null(encoded.column("reason"))).select(FEATURE_SCHEMA.names))
+
+
+def test_stale_rows_are_reported_fail_strict_and_are_encoded_again_when_asked(tmp_path, monkeypatch):
+    """Rows of feature version 1 at a grid version 2 changed (256x1024: 16x64 tokens for the 32x32 window) and rows
+    encoded at bf16 are stale for an fp32 run; version-1 rows at other sizes and rows of unknown precision are not.
+    """
+    from pipeline import encode_run
+    from pipeline.encode_run import EncodeConfig, EncoderSpec, exit_code, format_summary
+    from pipeline.sources import list_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"wide.png": (256, 1024), "square.png": (64, 64), "bf16.png": (64, 96), "unknown.png": (64, 96)}
+    for n, (name, (h, w)) in enumerate(sizes.items()):
+        Image.fromarray(np.random.default_rng(n).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    uris = {s.image_id: s.uri for s in list_images(str(folder)).sources}
+    store = FeatureStore(str(tmp_path / "db"))
+    made = {"wide.png": (None, None), "square.png": (None, None), "bf16.png": (2, "bf16"), "unknown.png": (2, None)}
+    for name, (version, precision) in made.items():
+        sha = _sha((folder / name).read_bytes())
+        store.add(_stored_row(name, uris[name], sha, sizes[name], version, precision))
+    monkeypatch.setattr(encode_run, "_encode", _encode_in_process)
+    monkeypatch.setattr(encode_run, "init_ray", lambda *a, **k: None)
+
+    def run(**kwargs):
+        spec = EncoderSpec(variant="small", precision=kwargs.pop("precision", "fp32"))
+        return encode_run.run(EncodeConfig(str(folder), db=str(tmp_path / "db"), encoder=spec, **kwargs))
+
+    kept = run(strict=True)
+    reasons = {s["image_id"]: s["reason"] for s in kept.stale}
+    assert set(reasons) == {"wide.png", "bf16.png"} and kept.skipped == 4 and kept.encoded == 0
+    assert reasons["wide.png"].startswith("feature version 1 < 2 at 1024x256")
+    assert reasons["bf16.png"] == "encoded at bf16 precision, this run encodes at fp32"
+    assert exit_code(kept, strict=True) == 1 and exit_code(kept) == 0
+    assert "stale        2 stored images" in format_summary(kept) and "kept with their old features" in format_summary(kept)
+
+    again = run(strict=True, reencode_changed=True)
+    assert again.stale_replaced == 2 and again.encoded == 2 and again.skipped == 2
+    assert exit_code(again, strict=True) == 0
+    ids = store.dataset().to_table(columns=["image_id"]).column("image_id").to_pylist()
+    assert sorted(ids) == sorted(sizes), "one row per id"
+    rows = store.provenance(_job_fingerprint())
+    for name in ("wide.png", "bf16.png"):
+        assert (rows[name].feature_version, rows[name].engine, rows[name].precision) == (2, "torch", "fp32")
+    assert run(strict=True).stale == []
+
+    bf16 = run(strict=True, precision="bf16")  # now the fp32 rows are the other precision; unknown ones are not
+    assert {s["image_id"] for s in bf16.stale} == {"wide.png", "bf16.png"} and exit_code(bf16, strict=True) == 1
+
+
+def test_stale_rows_judge_listed_rows_of_an_older_version_at_an_affected_size_or_a_known_other_precision():
+    from interformer.config import SMALL
+    from pipeline.changed_sources import row_stale_reason, stale_rows
+    from pipeline.feature_store import RowProvenance
+
+    sources = [ImageSource("a", "/a.png"), ImageSource("b", "/b.png"), ImageSource("c", "/c.png")]
+    stored = {"a": RowProvenance(1, "torch", "fp32", (1024, 256)), "b": RowProvenance(None, None, None, (512, 512)),
+              "d": RowProvenance(None, None, "bf16", (64, 64))}  # d is not listed: not judged
+    assert [(s.image_id, s.uri) for s in stale_rows(sources, stored, SMALL.vit, "fp32")] == [("a", "/a.png")]
+    assert row_stale_reason(RowProvenance(2, "openvino", "fp32", (64, 64)), SMALL.vit, "fp32") is None
+    assert row_stale_reason(RowProvenance(2, None, None, (64, 64)), SMALL.vit, "bf16") is None
+
+
+def test_check_content_records_the_orientation_tag_of_rows_stored_before_it_without_encoding(tmp_path, monkeypatch):
+    """--check-content reads every stored source anyway: an unchanged one whose row has no tag (stored before the
+    tag was recorded) gets it from the header, by an update of that column; its features and identity stay."""
+    from pipeline import encode_run
+    from pipeline.encode_run import EncodeConfig, EncoderSpec
+    from pipeline.sources import list_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "turned.jpg", "JPEG", exif=exif.tobytes())
+    Image.fromarray(pixels).save(folder / "known.jpg", "JPEG", exif=exif.tobytes())
+    (folder / "rewritten.png").write_bytes(_png(5))
+    uris = {s.image_id: s.uri for s in list_images(str(folder)).sources}
+    store = FeatureStore(str(tmp_path / "db"))
+    fp = _job_fingerprint()
+    for name, tag, sha in (("turned.jpg", None, None), ("known.jpg", 3, None), ("rewritten.png", None, _sha(_png(4)))):
+        item = _item(name, uris[name], sha or _sha((folder / name).read_bytes()))
+        store.add(feature_rows([EncodedImage(item.image_id, item.uri, item.content_sha256, item.features, tag)], fp))
+    before = {r.image_id: r for r in (store.reader(fp).get_record(i) for i in uris)}
+    monkeypatch.setattr(encode_run, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(encode_run, "_encode", _encode_in_process)
+
+    def run(**kwargs):
+        return encode_run.run(EncodeConfig(str(folder), db=str(tmp_path / "db"), encoder=EncoderSpec(variant="small"),
+                                           **kwargs))
+
+    assert run().orientation_filled == 0  # nothing read without --check-content
+    summary = run(check_content=True)
+    assert summary.orientation_filled == 1 and [c["image_id"] for c in summary.changed] == ["rewritten.png"]
+    after = {r.image_id: r for r in (store.reader(fp).get_record(i) for i in uris)}
+    assert {i: r.exif_orientation for i, r in after.items()} == {"turned.jpg": 6, "known.jpg": 3, "rewritten.png": None}
+    for i in uris:
+        assert (after[i].content_sha256, after[i].created_at) == (before[i].content_sha256, before[i].created_at)
+        assert all(torch.equal(x, y) for x, y in zip(after[i].features.pyramid, before[i].features.pyramid))
+    assert sorted(store.dataset().to_table(columns=["image_id"]).column("image_id").to_pylist()) == sorted(uris)
+    assert run(check_content=True).orientation_filled == 0
