@@ -146,7 +146,9 @@ class LabelStudioProject:
     def tasks_holding(self, model_version: str, task_ids: Iterable[int] | None = None,
                       chunk: int = 200) -> set[int]:
         """The tasks (of `task_ids`, else of the project) holding a prediction whose model_version is exactly
-        `model_version`, read now.
+        `model_version` and which has at least one region, read now. An empty prediction holds no mask: the
+        backend's batch answer for a task with nothing to segment is one (Label Studio's "Retrieve
+        predictions" stores it under the same version), and a run must still deliver masks to such a task.
 
         The data manager narrows the tasks first (its `contains` filter runs on the stored predictions: every
         task holding the version is among its answer, perhaps with others holding a longer or differently
@@ -172,8 +174,8 @@ class LabelStudioProject:
         return {t for t, versions in self._prediction_versions(candidates).items() if model_version in versions}
 
     def _prediction_versions(self, task_ids: Sequence[int], per_task_max: int = 50) -> dict[int, set[str]]:
-        """task id -> the exact model versions of its predictions; one request per task for a few tasks, else
-        one request for the project's predictions."""
+        """task id -> the exact model versions of its predictions that hold at least one region; one request
+        per task for a few tasks, else one request for the project's predictions."""
         wanted = set(task_ids)
         if not wanted:
             return {}
@@ -187,7 +189,7 @@ class LabelStudioProject:
                                    f"{self.project_id}: {_describe(e)}") from None
         out: dict[int, set[str]] = {}
         for p in predictions:
-            if p.task in wanted and isinstance(p.model_version, str):
+            if p.task in wanted and isinstance(p.model_version, str) and p.result:
                 out.setdefault(p.task, set()).add(p.model_version)
         return out
 

@@ -34,7 +34,7 @@ from interformer.checkpoint import CheckpointError  # noqa: E402
 from connectors.label_studio_preannotation import ProjectLink  # noqa: E402
 from connectors.preannotate_cli import build_parser, parse_config  # noqa: E402
 from pipeline.ledger import LedgerError  # noqa: E402
-from pipeline.preannotation_report import format_summary, push_incomplete, write_summary  # noqa: E402
+from pipeline.preannotation_report import format_summary, nothing_segmented, push_incomplete, write_summary  # noqa: E402
 from pipeline.preannotation_run import OutputError, PreannotateConfig, RunDirError, run  # noqa: E402
 from pipeline.prompts import PromptFileError  # noqa: E402
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(summary)
     if summary.interrupted:
         return 130
-    if summary.objects and summary.segmented == 0:
+    if nothing_segmented(summary):
         print("error: no object could be segmented (see the report)", file=sys.stderr)
         return 1
     if push_incomplete(summary):

@@ -130,6 +130,13 @@ def write_report(path: Path, problems: list[Problem], results: list[ImageResult]
     write_text_atomic(path, f.getvalue())
 
 
+def nothing_segmented(s: PreannotateSummary) -> bool:
+    """Whether the run had objects to segment and none was: not one segmented (now or in an earlier run of this
+    folder) while some image's task did not already hold this model version's prediction. A rerun whose
+    images are all predicted in Label Studio already (by another run folder) has nothing left to do: done."""
+    return bool(s.objects) and s.segmented == 0 and s.delivered_before < s.images
+
+
 def push_incomplete(s: PreannotateSummary) -> int:
     """How many predictions this run could not be sure to deliver (refused, not pushed, or in doubt)."""
     return len(s.push_failures) + len(s.push_in_doubt)

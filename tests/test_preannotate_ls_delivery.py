@@ -25,6 +25,7 @@ from ls_proxy import LabelStudioProxy
 import pipeline.preannotation_run as run_module
 from connectors.label_studio_client import LabelStudioError, LabelStudioProject
 from connectors.label_studio_preannotation import ProjectLink, Pusher
+from connectors.rle import mask_to_rle
 from interformer.clicks import Click
 from pipeline.preannotation import ImageResult, ObjectResult
 from pipeline.prompts import ImageJob, ObjectPrompt, PromptSet, encode_mask
@@ -72,25 +73,40 @@ def opened(ls, project_id: int, url: str | None = None, timeout_s: float = 60.0)
     return p
 
 
+def brush_region() -> list[dict]:
+    """One brush region, as a prediction that holds a mask carries it."""
+    m = np.zeros((8, 8), np.uint8)
+    m[2:5, 2:5] = 1
+    return [{"from_name": "br", "to_name": "image", "type": "brushlabels", "original_width": 8,
+             "original_height": 8, "value": {"format": "rle", "rle": mask_to_rle(m), "brushlabels": ["obj"]}}]
+
+
 def test_already_predicted_is_read_exactly_from_the_predictions(ls, project):
+    """Only a prediction of exactly this model version that holds a region counts: an empty one (what the
+    backend answers Label Studio's "Retrieve predictions" with for a task without prompts, under the same
+    version) holds no mask, and the run still delivers there."""
     client, pid = project
-    a, b, c, d = make_tasks(client, pid, "abcd")
-    older = [{"task": a, "result": [], "model_version": f"interformer-small-round{i:02d}-pth-{i:08x}"} for i in range(24)]
-    client.projects.import_predictions(id=pid, request=older + [{"task": a, "result": [], "model_version": MV}])
+    a, b, c, d, e = make_tasks(client, pid, "abcde")
+    older = [{"task": a, "result": brush_region(), "model_version": f"interformer-small-round{i:02d}-pth-{i:08x}"}
+             for i in range(24)]
+    client.projects.import_predictions(id=pid, request=older + [
+        {"task": a, "result": brush_region(), "model_version": MV}])
     client.projects.import_predictions(id=pid, request=[
-        {"task": b, "result": [], "model_version": MV + "-finetuned"},  # contains ours: not ours
-        {"task": c, "result": [], "model_version": MV.upper()}])  # ours in other case: not ours
+        {"task": b, "result": brush_region(), "model_version": MV + "-finetuned"},  # contains ours: not ours
+        {"task": c, "result": brush_region(), "model_version": MV.upper()},  # ours in other case: not ours
+        {"task": e, "result": [], "model_version": MV}])  # ours but empty: holds nothing
     p = opened(ls, pid)
     assert p.tasks_holding(MV) == {a}
-    assert p.tasks_holding(MV, [a, b, c, d]) == {a}
+    assert p.tasks_holding(MV, [a, b, c, d, e]) == {a}
     assert p.tasks_holding(MV + "-finetuned") == {b} and p.tasks_holding(MV[:-1]) == set()
 
-    pusher = Pusher(p, MV, 10, {k: t for k, t in zip("abcd", (a, b, c, d))}, "fp")
-    for k in "abcd":
+    pusher = Pusher(p, MV, 10, {k: t for k, t in zip("abcde", (a, b, c, d, e))}, "fp")
+    for k in "abcde":
         pusher.add(result(k))
     pusher.finish()
-    assert pusher.pushed == 3 and pusher.already_there == 1 and not pusher.failures and not pusher.in_doubt
-    assert ours_per_task(client, pid) == {a: 1, b: 1, c: 1, d: 1}
+    assert pusher.pushed == 4 and pusher.already_there == 1 and not pusher.failures and not pusher.in_doubt
+    assert ours_per_task(client, pid) == {a: 1, b: 1, c: 1, d: 1, e: 2}  # e: the empty one and the masks
+    assert p.tasks_holding(MV) == {a, b, c, d, e}
 
 
 @pytest.mark.parametrize("misbehaviour", [("after", 502, {}), ("after", 503, {}), "drop", "hold"])

@@ -56,3 +56,18 @@ def test_integer_ids_pass_the_check_and_the_run_goes_on(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["images"] == 2 and summary["reasons"] == {"no_features": 2}  # nothing was encoded here
     assert rc == 1 and "no object could be segmented" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objects, segmented, delivered_before, images, failed", [
+    (8, 0, 0, 4, True),  # nothing could be segmented
+    (8, 3, 0, 4, False),
+    (8, 0, 4, 4, False),  # every task already holds this version's prediction (another run folder): done
+    (8, 0, 2, 4, True),  # the other images were tried and none could be segmented
+    (0, 0, 0, 0, False),  # no usable prompt: reported, not a failure of segmentation
+])
+def test_the_job_fails_only_when_something_was_left_unsegmented(objects, segmented, delivered_before, images, failed):
+    from pipeline.preannotation_report import PreannotateSummary, nothing_segmented
+
+    s = PreannotateSummary("fp", "mv", False, "coco", "run", images=images, objects=objects, segmented=segmented,
+                           delivered_before=delivered_before)
+    assert nothing_segmented(s) is failed
