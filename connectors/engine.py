@@ -115,8 +115,8 @@ def size_mismatch(image_id: str, shown: tuple[int, int], stored: tuple[int, int]
     with a 90-degree EXIF tag gives (browsers show it turned): encoding it again records the tag."""
     text = (f"Label Studio sizes image {image_id!r} at {shown[1]}x{shown[0]} (WxH) but its features were computed "
             f"at {stored[1]}x{stored[0]}")
-    if tag is not None and tag != 1:
-        expected = Orientation(tuple(stored), tag).displayed_size
+    if tag is not None and normalize_tag(tag) != 1:
+        expected = Orientation(tuple(stored), normalize_tag(tag)).displayed_size
         text += f", which its EXIF orientation tag {tag} shows at {expected[1]}x{expected[0]}"
     if tag is None and tuple(shown) == tuple(stored)[::-1]:
         return (text + ": the file probably carries an EXIF orientation tag, which the browser applies, and its "
@@ -330,7 +330,8 @@ class SegmentEngine:
 
         `jobs/encode.py --reencode-changed` removes an image's row and stores a new one under the same id:
         whenever the reader moves to a new table version, the ids this engine holds are re-checked (one
-        indexed query) against the identity (content hash, creation time) of the row they were read from."""
+        indexed query) against the identity (content hash, creation time, EXIF tag) of the row they were read
+        from; `--check-content` filling in a legacy row's tag counts as a replacement, so the tag is read again."""
         version = self.reader.refresh_if_due()
         if version == self._checked_version:
             return
@@ -349,6 +350,7 @@ class SegmentEngine:
                 self.features.pop(image_id)
                 self.sessions.drop_image(image_id)
                 del self._identity[image_id]
+                self._orientation.pop(image_id, None)
 
     def _candidates(self, req: SegmentRequest, alias: tuple[str, str] | None):
         """Stored ids that may hold the task's image, best first, each computed only when the one before missed:

@@ -179,12 +179,14 @@ class StoredFeatures:
     encode_precision: str | None = None  # None: unknown
 
 
-RowIdentity = tuple[str, datetime]  # (content_sha256, created_at): tells a row from one stored again under its id
+# (content_sha256, created_at, exif_orientation): tells a row from one stored again under its id, and from itself
+# before an in-place update of what a reader keeps next to its features (`FeatureStore.fill_exif_orientation`)
+RowIdentity = tuple[str, datetime, "int | None"]
 
 
 def row_identity(record: StoredFeatures) -> RowIdentity:
     """The identity of a row read back (compare with `FeatureReader.identities`)."""
-    return (record.content_sha256, record.created_at)
+    return (record.content_sha256, record.created_at, record.exif_orientation)
 
 
 def sql_string(value: str) -> str:
@@ -728,27 +730,32 @@ class FeatureReader:
         return self.version
 
     def identities(self, image_ids: Iterable[str]) -> dict[str, RowIdentity]:
-        """The identity (content hash, creation time) of the row `get` returns for each id, at the version this
-        reader sees; ids with no row for this encoder are left out. One indexed query per 500 ids: a cache
-        re-checks what it holds when the version moves (a re-encoded image keeps its id, not its row)."""
+        """The identity (content hash, creation time, EXIF tag) of the row `get` returns for each id, at the
+        version this reader sees; ids with no row for this encoder are left out. One indexed query per 500 ids:
+        a cache re-checks what it holds when the version moves (a re-encoded image keeps its id, not its row;
+        a legacy row whose tag `--check-content` filled in keeps both, not its tag)."""
         found: dict[str, RowIdentity] = {}
         if self._ds is None:
             return found
         for chunk in _chunks(sorted(set(image_ids)), 500):
             where = f"image_id IN ({', '.join(map(sql_string, chunk))})"
             try:
-                table = self._ds.to_table(columns=_IDENTITY_COLUMNS, filter=where)
+                table = self._ds.to_table(columns=self._identity_columns(), filter=where)
             except (OSError, ValueError):  # a file of an old version removed by compaction: read the latest
                 self.refresh()
-                table = self._ds.to_table(columns=_IDENTITY_COLUMNS, filter=where)
+                table = self._ds.to_table(columns=self._identity_columns(), filter=where)
             for row in table.to_pylist():
                 if row["fingerprint"] != self.fingerprint:
                     continue
-                ident = (row["content_sha256"], row["created_at"])
+                ident = (row["content_sha256"], row["created_at"], row.get("exif_orientation"))
                 known = found.get(row["image_id"])
                 if known is None or ident[1] > known[1]:  # the newest, as `get` picks
                     found[row["image_id"]] = ident
         return found
+
+    def _identity_columns(self) -> list[str]:
+        """The columns of a row identity this table has (a table made before the tag column reads it as null)."""
+        return _IDENTITY_COLUMNS + [c for c in ("exif_orientation",) if c in self._ds.schema.names]
 
     def get(self, image_id: str) -> ImageFeatures:
         """The image's features (fp32 tensors on CPU); UnknownImageError if this encoder has none for it."""

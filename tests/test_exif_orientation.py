@@ -523,3 +523,55 @@ def test_a_table_made_before_the_orientation_column_is_read_and_written(tmp_path
     for n, i in enumerate("abcd"):
         assert all(torch.equal(x, y) for x, y in zip(got[i].features.pyramid, features(n).pyramid))
     assert store.existing_ids("fp") == set("abcd")
+
+
+# --- a running backend after `--check-content` fills in a legacy row's tag ---------------------------------------
+
+
+def test_a_running_backend_answers_as_a_fresh_one_once_a_legacy_rows_tag_is_filled_in(env, tmp_path):
+    """For every tag: the engine served (and cached features, tag and a session of) a legacy row read as
+    untagged; `FeatureStore.fill_exif_orientation` records the tag in place (an update of one column); once the
+    reader moves, the running engine answers exactly as a freshly started one does, on the displayed grid."""
+    from backend_support import encode_into_store
+
+    from connectors.engine import EngineConfig, SegmentEngine
+    from connectors.rle import rle_to_mask
+    from connectors.segment import SegmentError, SegmentRequest
+    from pipeline.feature_store import FeatureStore
+
+    ids = {tag: f"legacy-tag{tag}" for tag in TAGS}
+    fingerprint = encode_into_store(env["ckpt"], tmp_path / "db", "features",
+                                    [(i, f"/x/{i}.jpg", env["pixels"]) for i in ids.values()])
+    cfg = EngineConfig(db=str(tmp_path / "db"), table="features", checkpoint=str(env["ckpt"]), threads=1)
+
+    def answer(engine: SegmentEngine, tag: int):
+        size = displayed_size_of(tag)
+        req = SegmentRequest(clicks=(Click(10, 12, True),), original_size=size, image_id=ids[tag], task_id=1,
+                             region_key=f"region-{tag}")  # the same region before and after the fill
+        try:
+            return rle_to_mask(engine.segment(req).rle, *size)
+        except SegmentError as e:
+            return e.status
+
+    running = SegmentEngine(cfg, None)
+    before = {tag: answer(running, tag) for tag in TAGS}
+    assert all(isinstance(before[t], np.ndarray) for t in range(1, 5))  # untagged: the stored grid
+    assert all(before[t] == 422 for t in range(5, 9))  # a transposed size with no tag: "re-encode"
+    filled = FeatureStore(str(tmp_path / "db"), "features").fill_exif_orientation(
+        {i: t for t, i in ids.items()}, fingerprint)
+    assert filled == len(TAGS)
+    running.reader.refresh_interval_s = 0  # the reader moves to the new version at the next request
+    fresh = SegmentEngine(cfg, None)
+    for tag in TAGS:
+        got, want = answer(running, tag), answer(fresh, tag)
+        assert isinstance(want, np.ndarray) and want.shape == displayed_size_of(tag)
+        assert isinstance(got, np.ndarray) and np.array_equal(got, want), f"tag {tag}"
+
+
+@pytest.mark.parametrize("tag", [None, 0, 9, -1, 1, 3, 6, 8])
+def test_a_size_mismatch_is_explained_for_any_stored_tag(tag):
+    """A foreign table may hold a tag outside 1..8: the refusal still explains itself (no ValueError -> 500)."""
+    from connectors.engine import size_mismatch
+
+    text = size_mismatch("img", (100, 90), (48, 64), tag)
+    assert "img" in text and "100x90" not in text and "90x100" in text
