@@ -1,7 +1,8 @@
 """A Label Studio project seen by a bulk job, through label-studio-sdk (shared/spec/integrations.md §2).
 
 Reads the labelling config and the tasks (only the fields needed), creates tasks for images that
-have none (with `image_id` in their data, so the interactive backend finds the features), and pushes
+have none (with the image's id in their data under the key the interactive backend reads: `image_id`, or
+`image_id_<Image tag>` in a config with several Image tags), and pushes
 predictions with `projects.import_predictions` in batches. Which tasks already hold a prediction of a
 model version is read from Label Studio itself (the predictions' own `model_version`, compared exactly),
 which is what makes a re-run add nothing twice even when the job was killed between a push and its own
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .protocol import ControlTag, LabelConfig, ProtocolError, parse_label_config
+from .protocol import ControlTag, LabelConfig, ProtocolError, image_id_keys, parse_label_config, task_image
 
 
 class LabelStudioError(RuntimeError):
@@ -36,7 +37,8 @@ class TaskRef:
     """What a bulk job needs to know about a task."""
 
     id: int
-    image_id: str | None  # data.image_id, else the image URL (the id the backend's on-demand encoder uses)
+    image_id: str | None  # the output tag's image as protocol.task_image reads it: its id, else its URL (the id
+    # the backend's on-demand encoder uses); None for a task whose data the backend refuses
 
 
 _TITLES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
@@ -135,13 +137,24 @@ class LabelStudioProject:
             after = ids[-1]
 
     def task_refs(self) -> list[TaskRef]:
-        """Every task's id and image id (no result payloads)."""
-        refs = []
-        for t in self._pages("id,data", page_size=500):
-            data = t.get("data") if isinstance(t.get("data"), dict) else {}
-            image_id = data.get("image_id") or data.get(self.image_key)
-            refs.append(TaskRef(_task_id(t), str(image_id) if image_id else None))
-        return refs
+        """Every task's id and the identity of the output tag's image in it (no result payloads)."""
+        return [TaskRef(_task_id(t), self.task_identity(t.get("data")))
+                for t in self._pages("id,data", page_size=500)]
+
+    def task_identity(self, data: Any) -> str | None:
+        """The output tag's image in a task's `data` by the backend's one identity rule (`task_image`): its
+        feature-table id, else its URL; None when the backend would refuse the data."""
+        try:
+            image_id, image_ref = task_image(data if isinstance(data, dict) else {}, self.config, self.brush.to_name)
+        except ProtocolError:
+            return None
+        return image_id if image_id is not None else image_ref
+
+    @property
+    def image_id_key(self) -> str:
+        """The task data key a created task names its image's id by: plain `image_id` with one Image tag, else
+        `image_id_<output tag's image>` (the backend never reads a plain `image_id` with several)."""
+        return image_id_keys(self.config, self.brush.to_name)[-1]
 
     def tasks_holding(self, model_version: str, task_ids: Iterable[int] | None = None,
                       chunk: int = 200) -> set[int]:
@@ -198,14 +211,15 @@ class LabelStudioProject:
         return list(self._pages(None, page_size=100))
 
     def create_tasks(self, items: Sequence[tuple[str, str]], batch: int = 500) -> int:
-        """Create one task per (image_id, image URL) with data {image key: URL, "image_id": id}; returns the count.
+        """Create one task per (image_id, image URL) with data {image key: URL, `image_id_key`: id}; returns the
+        count.
 
         Each import is sent once; one without a definite answer raises `ImportInDoubt` (look the images up
         before creating any of them again)."""
         created = 0
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
-            request = [{"data": {self.image_key: url, "image_id": image_id}} for image_id, url in chunk]
+            request = [{"data": {self.image_key: url, self.image_id_key: image_id}} for image_id, url in chunk]
             what = f"creating {len(chunk)} tasks in project {self.project_id}"
             try:
                 self._send(lambda: self.client.projects.import_tasks(id=self.project_id, request=request,

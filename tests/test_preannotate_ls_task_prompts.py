@@ -174,3 +174,100 @@ def test_several_output_tags_on_one_image_must_be_named(monkeypatch, output, nam
     else:
         with pytest.raises(LabelStudioError, match=expect.replace("(", r"\(").replace(")", r"\)")):
             LabelStudioProject("http://127.0.0.1:9", "k", 1, brush_name=name, output=output)
+
+
+# --- which task holds an image: the bulk job's task index and task creation use the backend's rule --------------
+
+
+class _FakeLabelStudio:
+    """label-studio-sdk's client over an in-memory project: its config, its tasks, task imports."""
+
+    def __init__(self, xml: str, tasks: list[dict]) -> None:
+        from types import SimpleNamespace
+
+        self.tasks_store = tasks
+        self.projects = SimpleNamespace(get=lambda id: _Project(xml), import_tasks=self._import)
+        self.tasks = SimpleNamespace(list=self._list)
+
+    def _import(self, id, request, request_options=None):
+        start = max((t["id"] for t in self.tasks_store), default=0) + 1
+        self.tasks_store += [{"id": start + n, **item} for n, item in enumerate(request)]
+
+    def _list(self, project, query, page, page_size, include=None):
+        from types import SimpleNamespace
+
+        def dumped(task):
+            return SimpleNamespace(model_dump=lambda exclude_none=True: dict(task))
+        return SimpleNamespace(items=[dumped(t) for t in self.tasks_store[:page_size]])
+
+
+def fake_project(xml: str, tasks: list[dict]) -> LabelStudioProject:
+    import label_studio_sdk
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(label_studio_sdk, "LabelStudio", lambda **kwargs: _FakeLabelStudio(xml, tasks))
+        return LabelStudioProject("http://127.0.0.1:9", "k", 1)
+
+
+id_value = st.one_of(st.none(), st.just(""), st.sampled_from(["a.jpg", "b.jpg", "7"]), st.integers(0, 9),
+                     st.booleans(), st.lists(st.just("x"), max_size=1))
+
+
+@st.composite
+def task_data(draw, keys: tuple[str, ...]) -> dict:
+    data = {}
+    for key in keys:
+        value = draw(id_value if key.startswith("image_id") else st.one_of(
+            st.none(), st.just(""), st.sampled_from(["/data/a.jpg", "/data/b.jpg"]), st.integers(0, 3)))
+        if value is not None or draw(st.booleans()):
+            data[key] = value
+    return data
+
+
+CONFIGS = {ONE_IMAGE: ("image", "image_id", "image_id_image"),
+           TWO_IMAGES: ("right", "left", "image_id", "image_id_right", "image_id_left")}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), xml=st.sampled_from(sorted(CONFIGS)))
+def test_the_task_index_names_each_tasks_image_as_the_backend_does_and_created_tasks_resolve_back(data, xml):
+    from connectors.protocol import ProtocolError, task_image
+
+    datas = data.draw(st.lists(task_data(CONFIGS[xml]), max_size=4))
+    tasks = [{"id": n + 1, "data": d} for n, d in enumerate(datas)]
+    project = fake_project(xml, tasks)
+    config, image = project.config, project.brush.to_name
+    for ref, task in zip(project.task_refs(), tasks):
+        try:
+            image_id, image_ref = task_image(task["data"], config, image)
+            want = image_id if image_id is not None else image_ref
+        except ProtocolError:
+            want = None
+        assert ref.id == task["id"] and ref.image_id == want
+    new = [(f"new-{n}.jpg", f"/data/local-files/?d=imgs/new-{n}.jpg") for n in range(2)]
+    assert project.create_tasks(new) == 2
+    made = tasks[len(datas):]
+    assert [task_image(t["data"], config, image) for t in made] == new  # the backend finds their features
+    assert [(r.image_id, r.id) for r in project.task_refs()[len(datas):]] == [(i, t["id"]) for (i, _), t in
+                                                                              zip(new, made)]
+
+
+@pytest.mark.parametrize("xml, key", [(ONE_IMAGE, "image_id_image"), (ONE_IMAGE, "image_id"),
+                                      (TWO_IMAGES, "image_id_right")])
+def test_a_prompt_file_job_is_attached_to_the_task_that_names_its_image(xml, key):
+    from types import SimpleNamespace
+
+    from connectors.label_studio_preannotation import ProjectLink
+    from pipeline.prompts import ImageJob
+
+    ref_key = "image" if xml == ONE_IMAGE else "right"
+    tasks = [{"id": 1, "data": {ref_key: "/data/local-files/?d=imgs/a.jpg", key: "a.jpg"}}]
+    project = fake_project(xml, tasks)
+    project.tasks_holding = lambda model_version, task_ids=None: set()
+    link = ProjectLink.__new__(ProjectLink)
+    link.cfg = SimpleNamespace(image_url="/data/local-files/?d=imgs/{file_name}")
+    link.__dict__["project"] = project
+    jobs = [ImageJob("a.jpg", (10, 10), ()), ImageJob("b.jpg", (10, 10), ())]
+    attached = link.attach_tasks(jobs, "mv")
+    assert attached.tasks_created == 1 and [j.task_id for j in attached.jobs] == [1, 2]
+    assert project.task_refs()[1].image_id == "b.jpg" and len(tasks) == 2
