@@ -45,6 +45,7 @@ from .protocol import (
     LabelConfig,
     Prompt,
     ProtocolError,
+    holding_box,
     mask_results,
     parse_body,
     percent_to_pixel,
@@ -218,7 +219,7 @@ def _task_job(tid: int, image_id: str, ref: str | None, regions: list[tuple[int,
         except box_prompt.BoxPromptError as e:
             problems.append(Problem(key, image_id, label, e.reason, str(e)))
             continue
-        boxes.append({"key": key, "label": label, "click": click, "region": region, "extra": []})
+        boxes.append({"key": key, "label": label, "click": click, "region": region, "value": it.value, "extra": []})
     groups: dict[str, list[Click]] = {}
     for key, it, label in ((k, i, lab) for k, i, lab in items if i.type == "keypointlabels"):
         try:
@@ -228,9 +229,10 @@ def _task_job(tid: int, image_id: str, ref: str | None, regions: list[tuple[int,
         except ProtocolError as e:
             problems.append(Problem(key, image_id, label, BAD_POINTS, e.message))
             continue
-        inside = [b for b in boxes if b["label"] == label and _contains(b["region"], click)]
-        if inside:
-            min(inside, key=lambda b: _area(b["region"]))["extra"].append(click)
+        same = [b for b in boxes if b["label"] == label]
+        held_by = holding_box([b["value"] for b in same], it.value)  # the drawn rectangle, as the backend
+        if held_by is not None:
+            same[held_by]["extra"].append(click)
         else:
             groups.setdefault(label, []).append(click)
     objects = [ObjectPrompt(b["key"], image_id, b["label"], "box", size, clicks=(b["click"], *b["extra"]),
@@ -250,14 +252,6 @@ def _task_job(tid: int, image_id: str, ref: str | None, regions: list[tuple[int,
         return None, problems
     return ImageJob(image_id, size, tuple(objects), uri=ref, task_id=tid, via_label_studio=True), problems
 
-
-def _contains(region: tuple[int, int, int, int], click: Click) -> bool:
-    left, up, right, bottom = region
-    return left <= click.col < right and up <= click.row < bottom
-
-
-def _area(region: tuple[int, int, int, int]) -> int:
-    return (region[2] - region[0]) * (region[3] - region[1])
 
 
 def region_id(key: str) -> str:

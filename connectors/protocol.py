@@ -479,12 +479,23 @@ def stored_objects(items: list[ContextItem], config: LabelConfig) -> list[list[C
     for it in items:
         if it.type != "keypointlabels":
             continue
-        inside = [n for n, b in enumerate(boxes) if key(b) == key(it) and _box_holds(b.value, it.value)]
-        if inside:
-            objects[min(inside, key=lambda n: _box_area(boxes[n].value))].append(it)
+        same = [n for n, b in enumerate(boxes) if key(b) == key(it)]
+        held_by = holding_box([boxes[n].value for n in same], it.value)
+        if held_by is not None:
+            objects[same[held_by]].append(it)
         else:
             loose.setdefault(key(it), []).append(it)
     return objects + list(loose.values())
+
+
+def holding_box(boxes: list[dict[str, Any]], point: dict[str, Any]) -> int | None:
+    """The index of the smallest of `boxes` (rectangle values: percent x, y, width, height) that holds a
+    keypoint value (percent x, y), edges included, the first of equal ones; None when none does. The one
+    rule by which the backend's batch path (`stored_objects`) and bulk pre-annotation
+    (`label_studio_prompts.task_prompts`) add a keypoint to a rectangle's object: the DRAWN rectangle, never
+    the box grown for the model's zoom-in region."""
+    inside = [n for n, b in enumerate(boxes) if _box_holds(b, point)]
+    return min(inside, key=lambda n: _box_area(boxes[n])) if inside else None
 
 
 def _box_area(box: dict[str, Any]) -> float:

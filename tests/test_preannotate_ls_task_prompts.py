@@ -271,3 +271,53 @@ def test_a_prompt_file_job_is_attached_to_the_task_that_names_its_image(xml, key
     attached = link.attach_tasks(jobs, "mv")
     assert attached.tasks_created == 1 and [j.task_id for j in attached.jobs] == [1, 2]
     assert project.task_refs()[1].image_id == "b.jpg" and len(tasks) == 2
+
+
+# --- which keypoints refine which rectangle: bulk and the backend's batch path group alike ----------------------
+
+TWO_LABELS = """<View><Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="object"/><Label value="thing"/></BrushLabels>
+  <RectangleLabels name="box" toName="image"><Label value="object"/><Label value="thing"/></RectangleLabels>
+  <KeyPointLabels name="kp" toName="image"><Label value="object"/><Label value="thing"/></KeyPointLabels></View>"""
+GRID = (200, 300)
+labels = st.sampled_from(["object", "thing"])
+
+
+@st.composite
+def boxes_and_keypoints(draw) -> list[dict]:
+    boxes = []
+    for n in range(draw(st.integers(0, 3))):
+        x, y = draw(st.floats(0, 80)), draw(st.floats(0, 80))
+        w, h = draw(st.floats(5, 100 - x)), draw(st.floats(5, 100 - y))
+        boxes.append(rectangle(x, y, w, h, GRID, label=draw(labels), item_id=f"b{n}"))
+    points = []
+    for n in range(draw(st.integers(1, 5))):
+        if boxes and draw(st.booleans()):  # near a drawn edge: inside, on it, or in the ring a grown box adds
+            v = draw(st.sampled_from(boxes))["value"]
+            x = v["x"] + draw(st.sampled_from([0.0, v["width"]])) + draw(st.floats(-3, 3))
+            y = v["y"] + draw(st.floats(-0.2, 1.2)) * v["height"]
+        else:
+            x, y = draw(st.floats(0, 100)), draw(st.floats(0, 100))
+        points.append(keypoint(min(max(x, 0.0), 100.0), min(max(y, 0.0), 100.0), GRID, draw(st.booleans()),
+                               label=draw(labels), item_id=f"k{n}"))
+    return draw(st.permutations(boxes + points))
+
+
+def grouping(prompts) -> list:
+    """Objects as (label, box, clicks as a multiset), in a canonical order; objects without a positive click
+    are nothing to segment on either path."""
+    return sorted((p.label, p.box or (), tuple(sorted(p.clicks))) for p in prompts if any(c.positive for c in p.clicks))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(boxes_and_keypoints())
+def test_bulk_and_the_backend_batch_path_group_keypoints_with_rectangles_alike(regions):
+    from connectors.protocol import Task, stored_prompts
+
+    config = parse_label_config(TWO_LABELS)
+    task = {"id": 5, "data": {"image": "/data/a.png"}, "annotations": [{"id": 1, "result": regions}]}
+    found = task_prompts([task], config, config.outputs_of("brushlabels")[0])
+    assert not [p for p in found.problems if p.reason != "bad_points"]
+    bulk = [o for j in found.images for o in j.objects]
+    backend, refused = stored_prompts(Task(**task), config)
+    assert grouping(bulk) == grouping(backend)
