@@ -16,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from interformer.config import ViTConfig
+from interformer.config import PreprocessConfig, ViTConfig
 from interformer.modeling.interformer import stale_reason
 
+from .encoding import check_encode_memory
 from .feature_store import Origin, RowProvenance
-from .images import ImageDecodeError, exif_orientation
+from .images import ImageDecodeError, decode_image_oriented, exif_orientation
 from .sources import ImageSource, read_bytes
 
 READ_THREADS = 8  # hashing is I/O-bound; hashlib releases the GIL on large buffers
@@ -99,14 +100,23 @@ class StaleRow:
     reason: str
 
 
+def precision_stale(requested: str, recorded: str | None) -> bool:
+    """Whether a row recorded at `recorded` precision is stale for a run asking for `requested`: only a bf16 row
+    (the lossy one) when fp32 is asked for. Judged on the request, never on what the driver would resolve: every
+    engine and device computes fp32 when asked, while what bf16 resolves to depends on each actor's hardware, so
+    a driver-side guess would flag rows the actors write again identically, on every run. A bf16 run takes fp32
+    rows (more exact) and rows of unknown precision as they are."""
+    return requested == "fp32" and recorded == "bf16"
+
+
 def row_stale_reason(row: RowProvenance, vit: ViTConfig, precision: str) -> str | None:
-    """Why a stored row differs from what an encoder of `vit` at `precision` computes now: an older feature
-    version at a geometry a later version changed, or another precision. A row of unknown precision (stored
-    before it was recorded) is not judged on it; an unknown version is version 1."""
+    """Why a stored row differs from what an encoder of `vit` asked for `precision` computes now: an older
+    feature version at a geometry a later version changed, or a bf16 row for an fp32 run (`precision_stale`);
+    an unknown version is version 1."""
     reason = stale_reason(row.feature_version, row.padded_size, vit)
     if reason is not None:
         return reason
-    if row.precision is not None and row.precision != precision:
+    if precision_stale(precision, row.precision):
         return f"encoded at {row.precision} precision, this run encodes at {precision}"
     return None
 
@@ -121,3 +131,49 @@ def stale_rows(sources: Iterable[ImageSource], stored: Mapping[str, RowProvenanc
         if reason is not None:
             found.append(StaleRow(source.image_id, source.uri, reason))
     return found
+
+
+def reencode_problem(source: ImageSource, preprocess: PreprocessConfig, vit: ViTConfig,
+                     read: Callable[[str], bytes] = read_bytes) -> str | None:
+    """Why this run could not encode `source` again now ("reason: detail"), or None: its bytes are read and
+    decoded under the run's --max-pixels and checked against --max-encode-memory, as the decode stage does. A
+    stored row is removed for re-encoding only when this passes, so that features are never lost to an image
+    the run would refuse."""
+    try:
+        image, _ = decode_image_oriented(read(source.uri), max_pixels=preprocess.max_pixels)
+        check_encode_memory(image.shape[:2], preprocess, vit)
+    except ImageDecodeError as e:
+        return f"{e.reason}: {e.detail}"
+    return None
+
+
+def plan_replacements(candidates: list[ImageSource], replace: set[str], limit: int | None,
+                      problems: Callable[[list[ImageSource]], list[str | None]]) -> tuple[list[ImageSource], dict[str, str]]:
+    """Which of the images to encode (`candidates`, in listing order: those without a row and those in `replace`,
+    whose stored row would be replaced) this run takes: (the pending images, within `limit`; the ids in `replace`
+    whose row stays, with why). A row to replace is checked with `problems` (one answer per source, e.g.
+    `reencode_problem`) only once it falls within the limit, and stays when the check fails or it falls beyond
+    the limit; images without a row are taken as they come."""
+    kept: dict[str, str] = {}
+    checked: set[str] = set()
+    while True:
+        window = [s for s in candidates if s.image_id not in kept][:limit]
+        todo = [s for s in window if s.image_id in replace and s.image_id not in checked]
+        if not todo:
+            break
+        for source, problem in zip(todo, problems(todo)):
+            checked.add(source.image_id)
+            if problem is not None:
+                kept[source.image_id] = problem
+    taken = {s.image_id for s in window}
+    for source in candidates:
+        if source.image_id in replace and source.image_id not in taken and source.image_id not in kept:
+            kept[source.image_id] = f"beyond --limit {limit}"
+    return window, kept
+
+
+def reencode_problems(sources: list[ImageSource], preprocess: PreprocessConfig, vit: ViTConfig,
+                      read: Callable[[str], bytes] = read_bytes) -> list[str | None]:
+    """`reencode_problem` of each source, read and decoded on a few threads (Pillow and I/O release the GIL)."""
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        return list(pool.map(lambda s: reencode_problem(s, preprocess, vit, read), sources))

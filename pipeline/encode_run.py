@@ -9,7 +9,7 @@ again: every image ends up in the table exactly once. Bad inputs go to the error
 
 Stored rows this run would compute differently are reported (and encoded again with `reencode_changed`): a
 source with other bytes now (pipeline.changed_sources), or a row an older feature version computed differently
-at its geometry, or one computed at another precision ("stale").
+at its geometry, or a bf16 row when this run asks for fp32 ("stale").
 
 Exit codes (`exit_code`): 0 the run finished (failed inputs are in the errors table and the summary),
 1 `strict` and some listed input is not stored, or stored from other bytes or by another feature version or
@@ -28,13 +28,11 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import ray
-import torch
 from tqdm import tqdm
 
 from interformer.config import ViTConfig
-from interformer.encode_engine import resolve_encode_engine
 
-from .changed_sources import check_content, sources_to_check, stale_rows
+from .changed_sources import check_content, plan_replacements, reencode_problems, sources_to_check, stale_rows
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, error_rows
 from .images import UNREADABLE
@@ -61,7 +59,7 @@ EXIT_CODES_HELP = """exit codes:
   0    the run finished: every listed image is stored, or recorded in the errors table with its reason
        (bad inputs are not a failure of the job; re-running a finished collection exits 0)
   1    --strict and some listed image is not stored, or stored from other bytes than its source has now, or
-       stored by an older feature version that differs at its size or at another precision (see
+       stored by an older feature version that differs at its size, or at bf16 under --precision fp32 (see
        --reencode-changed); or the job itself failed (a traceback)
   2    the input cannot be listed or an option is wrong
   3    Ray cannot be reached (address, authentication) or this python lacks the project's packages
@@ -115,8 +113,9 @@ class EncodeSummary:
     changed: list[dict] = field(default_factory=list)  # stored images whose source now has other bytes
     replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
     orientation_filled: int = 0  # rows stored before the EXIF tag was recorded, given it from their source read now
-    stale: list[dict] = field(default_factory=list)  # stored rows an older feature version or another precision made
+    stale: list[dict] = field(default_factory=list)  # stored rows an older feature version made, or bf16 rows for fp32
     stale_replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
+    kept: list[dict] = field(default_factory=list)  # changed or stale rows --reencode-changed left, and why
     not_stored: int = 0
     bytes_written: int = 0
     commits: int = 0
@@ -173,28 +172,34 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
              "detail": f"the id is also used by {first.uri}, which is the one encoded"}
         )
     done = store.existing_ids(fingerprint)
-    replaced = _check_changed(cfg, store, fingerprint, listing, summary)
-    replaced |= _check_stale(cfg, store, fingerprint, listing, summary, vit)
+    changed = _check_changed(cfg, store, fingerprint, listing, summary)
+    stale = _check_stale(cfg, store, fingerprint, listing, summary, vit)
     summary.other_dtypes = {d: n for d, n in store.dtypes(fingerprint).items() if d != cfg.encoder.dtype}
     if summary.other_dtypes:
         print(f"encode: rows already stored keep their dtype ({_counts(summary.other_dtypes)}); this run writes "
               f"{cfg.encoder.dtype} for the images it encodes", flush=True)
-    done, recovered = done - replaced, recovered - replaced
     known_bad = set() if cfg.retry_failed else {
         e["image_id"] for e in store.errors(fingerprint).to_pylist() if e["reason"] != UNREADABLE
     }
-    pending = []
+    to_replace = changed | stale
+    candidates, kept = [], {}
     for source in listing.sources:
-        if source.image_id in recovered:
+        if source.image_id in to_replace and source.image_id in known_bad:
+            kept[source.image_id] = "failed in an earlier run (see the errors table; --retry-failed)"
+        elif source.image_id in to_replace:
+            candidates.append(source)
+        elif source.image_id in recovered:
             summary.recovered += 1
         elif source.image_id in done:
             summary.skipped += 1
         elif source.image_id in known_bad:
             summary.known_failures += 1
         else:
-            pending.append(source)
-    if cfg.limit is not None:
-        pending = pending[: cfg.limit]
+            candidates.append(source)
+    pending, refused = plan_replacements(
+        candidates, to_replace, cfg.limit, lambda todo: reencode_problems(todo, cfg.encoder.preprocess, vit))
+    kept.update(refused)
+    _replace(store, fingerprint, pending, changed, stale, kept, listing, summary)
     summary.pending = len(pending)
     print(
         f"encode: {summary.listed} images listed, {summary.skipped} already stored for {fingerprint}, "
@@ -217,7 +222,7 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
 def _check_changed(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, listing: Listing,
                    summary: EncodeSummary) -> set[str]:
     """Find stored images whose source now has other bytes (read when the uri differs from the stored one, or
-    all with --check-content); with --reencode-changed remove their rows and return their ids to encode."""
+    all with --check-content); with --reencode-changed return their ids, whose rows `_replace` may replace."""
     origins = store.origins(fingerprint)
     to_read = len(sources_to_check(listing.sources, origins, cfg.check_content))
     if to_read:
@@ -236,26 +241,16 @@ def _check_changed(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, lis
               f"({changed[0].uri}); their old features are kept: run with --reencode-changed to encode them again",
               file=sys.stderr, flush=True)
         return set()
-    summary.replaced = store.remove([c.image_id for c in changed], fingerprint)
-    print(f"encode: {summary.replaced} stored images differ from their source now: their rows are removed and "
-          "they are encoded again", flush=True)
     return {c.image_id for c in changed}
-
-
-def run_precision(spec: EncoderSpec) -> str:
-    """The precision this run's encoders compute at: the one asked for, except that OpenVINO on a CPU without
-    native bf16 computes f32 (judged on this machine's CPU)."""
-    return resolve_encode_engine(spec.engine, spec.precision, torch.device("cpu"))[1]
 
 
 def _check_stale(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, listing: Listing, summary: EncodeSummary,
                  vit: ViTConfig) -> set[str]:
     """Find listed images whose stored row this run would compute differently (an older feature version at an
-    affected geometry, or another precision; images already reported as changed are left to that report); with
-    --reencode-changed remove their rows and return their ids to encode."""
-    precision = run_precision(cfg.encoder)
+    affected geometry, or a bf16 row when fp32 is asked for; images already reported as changed are left to that
+    report); with --reencode-changed return their ids, whose rows `_replace` may replace."""
     reported = {c["image_id"] for c in summary.changed}
-    stale = [s for s in stale_rows(listing.sources, store.provenance(fingerprint), vit, precision)
+    stale = [s for s in stale_rows(listing.sources, store.provenance(fingerprint), vit, cfg.encoder.precision)
              if s.image_id not in reported]
     summary.stale = [{"image_id": s.image_id, "uri": s.uri, "reason": s.reason} for s in stale]
     if not stale:
@@ -265,10 +260,26 @@ def _check_stale(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, listi
               f"{stale[0].image_id!r} ({stale[0].reason}); their features are kept: run with --reencode-changed to "
               "encode them again", file=sys.stderr, flush=True)
         return set()
-    summary.stale_replaced = store.remove([s.image_id for s in stale], fingerprint)
-    print(f"encode: {summary.stale_replaced} stored images were encoded differently from what this run computes: "
-          "their rows are removed and they are encoded again", flush=True)
     return {s.image_id for s in stale}
+
+
+def _replace(store: FeatureStore, fingerprint: str, pending: list, changed: set[str], stale: set[str],
+             kept: dict[str, str], listing: Listing, summary: EncodeSummary) -> None:
+    """Remove the rows of the changed and stale images this run encodes again (those `plan_replacements` took),
+    count them, and report those kept with why. An image whose encode then still fails, or a stop before its
+    new row is committed, is left without a row: the next run encodes it from its source."""
+    taken = {s.image_id for s in pending}
+    summary.replaced = store.remove(sorted(changed & taken), fingerprint) if changed & taken else 0
+    summary.stale_replaced = store.remove(sorted(stale & taken), fingerprint) if stale & taken else 0
+    if summary.replaced or summary.stale_replaced:
+        print(f"encode: {summary.replaced} changed and {summary.stale_replaced} stale stored images: their rows are "
+              "removed and they are encoded again", flush=True)
+    uris = {s.image_id: s.uri for s in listing.sources}
+    summary.kept = [{"image_id": i, "uri": uris[i], "reason": r} for i, r in kept.items()]
+    summary.skipped += len(kept)
+    for k in summary.kept:
+        print(f"encode: kept the stored row of {k['image_id']!r} ({k['uri']}): {k['reason']}", file=sys.stderr,
+              flush=True)
 
 
 def record_unusable(store: FeatureStore, fingerprint: str, listing: Listing, summary: EncodeSummary) -> None:
@@ -429,6 +440,15 @@ def _counts(counts: dict) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
 
 
+def _replaced_or_kept(replaced: int, found: int, some_kept: bool) -> str:
+    """How many of `found` rows were removed to be encoded again and how many keep their old features."""
+    kept = found - replaced
+    if not kept:
+        return "encoded again"
+    why = "see kept below" if some_kept else "--reencode-changed"
+    return (f"{replaced} encoded again, " if replaced else "") + f"{kept} kept with their old features ({why})"
+
+
 def format_summary(s: EncodeSummary) -> str:
     lines = ["", "encode summary"]
     lines.append(f"  encoder      {s.fingerprint}" + ("   <-- RANDOM WEIGHTS, not for labelling" if s.random_weights else ""))
@@ -445,18 +465,20 @@ def format_summary(s: EncodeSummary) -> str:
         lines.append(f"  checked      {s.checked} stored images read again to compare their bytes"
                      + (f" ({s.orientation_filled} given their EXIF orientation tag)" if s.orientation_filled else ""))
     if s.changed:
-        kept = len(s.changed) - s.replaced
         lines.append(f"  changed      {len(s.changed)} stored images whose source has other bytes now: "
-                     + (f"{kept} kept with their old features (--reencode-changed)" if kept else "encoded again"))
+                     + _replaced_or_kept(s.replaced, len(s.changed), bool(s.kept)))
         for c in s.changed[:5]:
             lines.append(f"      {c['image_id']}: {c['uri']}" + (f" (encoded from {c['stored_uri']})"
                                                                   if c["stored_uri"] != c["uri"] else ""))
     if s.stale:
-        kept = len(s.stale) - s.stale_replaced
         lines.append(f"  stale        {len(s.stale)} stored images encoded differently from what this run computes: "
-                     + (f"{kept} kept with their old features (--reencode-changed)" if kept else "encoded again"))
+                     + _replaced_or_kept(s.stale_replaced, len(s.stale), bool(s.kept)))
         for r in s.stale[:5]:
             lines.append(f"      {r['image_id']}: {r['reason']}")
+    if s.kept:
+        lines.append(f"  kept         {len(s.kept)} changed or stale rows not encoded again by this run:")
+        for k in s.kept[:20]:
+            lines.append(f"      {k['image_id']}: kept: {k['reason']}")
     if s.known_failures:
         lines.append(f"  known bad    {s.known_failures} (failed in an earlier run, see the errors table; --retry-failed)")
     lines.append(f"  encoded      {s.encoded} of {s.pending} to do" + ("  (INTERRUPTED: run again to finish)" if s.interrupted else ""))
