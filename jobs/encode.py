@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         "uri than the one they were encoded from are read)")
     add("--reencode-changed", action="store_true", help="encode again the stored images whose source has other "
         "bytes now, and the stale ones (stored by an older feature version that computed other features at their "
-        "size, or at another --precision); their old rows are removed first; without it they are reported and kept")
+        "size, or at bf16 when this run asks for fp32); a row is removed only for an image this run can read, "
+        "decode and encode now within --limit, the others keep theirs (listed as kept); without it they are "
+        "reported and kept")
     add("--strict", action="store_true", help="exit 1 unless every listed image is stored, from the bytes it has now, "
-        "by this feature version at this --precision")
+        "by this feature version (and not at bf16 when fp32 is asked)")
     add("--summary-json", default=None, help="also write the final summary to this JSON file")
     add("--ray-progress", action="store_true", help="show Ray Data's per-stage progress bars instead of one tqdm bar")
     return p
