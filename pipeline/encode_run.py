@@ -174,10 +174,6 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     done = store.existing_ids(fingerprint)
     changed = _check_changed(cfg, store, fingerprint, listing, summary)
     stale = _check_stale(cfg, store, fingerprint, listing, summary, vit)
-    summary.other_dtypes = {d: n for d, n in store.dtypes(fingerprint).items() if d != cfg.encoder.dtype}
-    if summary.other_dtypes:
-        print(f"encode: rows already stored keep their dtype ({_counts(summary.other_dtypes)}); this run writes "
-              f"{cfg.encoder.dtype} for the images it encodes", flush=True)
     known_bad = set() if cfg.retry_failed else {
         e["image_id"] for e in store.errors(fingerprint).to_pylist() if e["reason"] != UNREADABLE
     }
@@ -200,6 +196,11 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
         candidates, to_replace, cfg.limit, lambda todo: reencode_problems(todo, cfg.encoder.preprocess, vit))
     kept.update(refused)
     _replace(store, fingerprint, pending, changed, stale, kept, listing, summary)
+    # Counted after the replaced rows are gone: those are encoded again in this run's dtype.
+    summary.other_dtypes = {d: n for d, n in store.dtypes(fingerprint).items() if d != cfg.encoder.dtype}
+    if summary.other_dtypes:
+        print(f"encode: rows already stored keep their dtype ({_counts(summary.other_dtypes)}); this run writes "
+              f"{cfg.encoder.dtype} for the images it encodes", flush=True)
     summary.pending = len(pending)
     print(
         f"encode: {summary.listed} images listed, {summary.skipped} already stored for {fingerprint}, "
