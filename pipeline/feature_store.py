@@ -213,6 +213,23 @@ def table_uri(root: str, table: str) -> str:
     return os.path.join(os.path.abspath(root), f"{table}.lance")
 
 
+def stored_ids_by_fingerprint(root: str, table: str = DEFAULT_TABLE,
+                               storage_options: dict | None = None) -> dict[str, set[str]]:
+    """encoder fingerprint -> the image ids stored for it, read without writing: a reader (training) never
+    creates, migrates or indexes a table, so a mistyped path is a FeatureStoreError, not a new empty table."""
+    uri = table_uri(root, table)
+    try:
+        ds = lance.dataset(uri, storage_options=storage_options)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise FeatureStoreError(f"no feature table at {uri} ({type(e).__name__}); encode images into it first "
+                                "(jobs/encode.py --db ... --table ...)") from None
+    columns = ds.to_table(columns=["fingerprint", "image_id"])
+    found: dict[str, set[str]] = {}
+    for fingerprint, image_id in zip(columns.column("fingerprint").to_pylist(), columns.column("image_id").to_pylist()):
+        found.setdefault(fingerprint, set()).add(image_id)
+    return found
+
+
 def feature_rows(items: Sequence[EncodedImage], fingerprint: str, dtype: str = "float16",
                  encoder: EncoderProvenance = EncoderProvenance()) -> pa.Table:
     """Arrow rows (FEATURE_SCHEMA) for encoded images, pyramid serialised with `to_flat(dtype)`. The rows record

@@ -118,8 +118,6 @@ def features_fingerprint(cfg: TrainConfig) -> str:
     from interformer.config import PreprocessConfig
     from interformer.training.init import initial_model
 
-    from .feature_store import FeatureStore
-
     torch.manual_seed(cfg.seed)
     own = initial_model(cfg.variant, cfg.init)[0].fingerprint(PreprocessConfig())
     fingerprint = cfg.features_fingerprint or own
@@ -128,20 +126,29 @@ def features_fingerprint(cfg: TrainConfig) -> str:
             f"--features-fingerprint {fingerprint!r} names features of encoder {model_part(fingerprint)!r}, but the "
             f"model being trained is {model_part(own)!r} (--variant, --init, --seed); it may differ from "
             f"{own!r} only in max_side/div")
-    found = FeatureStore(cfg.features, cfg.features_table).fingerprints()
+    found = _stored(cfg)
     if fingerprint not in found:
         raise FeatureTableError(
             f"the feature table {cfg.features}/{cfg.features_table} has no features of encoder {fingerprint!r}; it "
-            f"holds {found or 'nothing'} (encode with the same --init, or give --features-fingerprint)")
+            f"holds {({fp: len(ids) for fp, ids in found.items()}) or 'nothing'} (encode with the same --init, or "
+            "give --features-fingerprint)")
     return fingerprint
+
+
+def _stored(cfg: TrainConfig) -> dict[str, set[str]]:
+    """The ids stored per encoder fingerprint in the training feature table, read without writing to it."""
+    from .feature_store import FeatureStoreError, stored_ids_by_fingerprint
+
+    try:
+        return stored_ids_by_fingerprint(cfg.features, cfg.features_table)
+    except FeatureStoreError as e:
+        raise FeatureTableError(str(e)) from None
 
 
 def check_feature_coverage(cfg: TrainConfig, source: TrainSource, fingerprint: str, shown: int = 5) -> None:
     """FeatureTableError when some training image has no stored features of `fingerprint` (found before any
     work, not as a worker's lookup error mid-run)."""
-    from .feature_store import FeatureStore
-
-    stored = FeatureStore(cfg.features, cfg.features_table).existing_ids(fingerprint)
+    stored = _stored(cfg).get(fingerprint, set())
     missing = sorted({source.key(i) for i in range(len(source))} - stored)
     if missing:
         raise FeatureTableError(

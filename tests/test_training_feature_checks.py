@@ -68,3 +68,25 @@ def test_the_fingerprint_override_may_change_only_the_preprocessing(table, tmp_p
     other = fingerprint.replace("max_side=", "max_side=9")
     with pytest.raises(FeatureTableError, match="for 1 of the 3"):  # accepted; only coverage is left
         checked_before_start(config(table, tmp_path, features_fingerprint=other))
+
+
+def test_checking_the_table_never_writes_to_it(table, tmp_path):
+    """A mistyped --features path is an error, not a new empty table; an existing table is only read (its
+    Lance version does not move, even with the checks run twice)."""
+    _, _, db, _ = table
+    missing = tmp_path / "no-such-db"
+    with pytest.raises(FeatureTableError, match="no feature table at"):
+        checked_before_start(config(table, tmp_path, features=str(missing)))
+    assert not missing.exists()
+    store = FeatureStore(str(db))
+    before = (store.dataset().version, lance_version(store.errors_uri))
+    for _ in range(2):
+        with pytest.raises(FeatureTableError, match="for 1 of the 3"):
+            checked_before_start(config(table, tmp_path))
+    assert (store.dataset().version, lance_version(store.errors_uri)) == before
+
+
+def lance_version(uri: str) -> int:
+    import lance
+
+    return lance.dataset(uri).version
