@@ -553,6 +553,8 @@ def http_get(url: HttpURL, access: ImageAccess) -> bytes:
             if response.status in (301, 302, 303, 307, 308):
                 url, what = _redirect_target(url, response.getheader("Location")), "redirect"
                 continue
+            if response.status in (401, 403) and with_key:
+                raise ImageAccessError(_key_refused(response.status, access), 404)
             if response.status != 200:
                 raise ImageAccessError(f"the image host answered HTTP {response.status}",
                                        404 if response.status in (401, 403, 404, 410) else 502)
@@ -562,6 +564,16 @@ def http_get(url: HttpURL, access: ImageAccess) -> bytes:
         finally:
             conn.close()
     raise ImageAccessError(f"the image host redirected more than {MAX_REDIRECTS} times", 502)
+
+
+def _key_refused(status: int, access: ImageAccess) -> str:
+    """Why Label Studio refused a data path: almost always the backend's own API key, which an annotator cannot
+    fix and an operator should read in the log (the key itself is never quoted)."""
+    if not access.api_key:
+        return (f"Label Studio answered HTTP {status}: the backend has no API key; set LABEL_STUDIO_API_KEY to the "
+                "token of a user who can read this project")
+    return (f"Label Studio answered HTTP {status} to the backend's API key: LABEL_STUDIO_API_KEY is wrong, expired "
+            "or lacks access to this project")
 
 
 def _os_reason(e: BaseException) -> str:

@@ -141,6 +141,25 @@ def test_label_studio_paths_are_fetched_with_the_key_and_redirects_checked(serve
     assert "metadata.test" not in net["lookups"]  # refused by name, before resolving it
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_label_studio_refusing_the_key_says_so_without_quoting_it(servers, net, status):
+    """A refused key is the operator's to fix: the error names LABEL_STUDIO_API_KEY (never its value); another
+    host's 401/403 stays an unavailable image."""
+    ls, forbidden = servers["ls"], servers["forbidden"]
+    ls.routes["/data/upload/1/denied.png"] = Route(status)
+    forbidden.routes["/denied.png"] = Route(status)
+    keyed = servers["access"]
+    for access, said in ((keyed, "to the backend's API key"), (ImageAccess(label_studio_url=ls.url), "no API key")):
+        with pytest.raises(ImageAccessError, match=said) as e:
+            read_image_bytes("/data/upload/1/denied.png", access)
+        assert e.value.status == 404 and "LABEL_STUDIO_API_KEY" in e.value.message
+        assert "test-key" not in e.value.message
+    storage = ImageAccess(label_studio_url=ls.url, api_key="test-key", allowed_networks=("127.0.0.0/8",),
+                          storage_hosts=(f"storage.test:{forbidden.port}",))
+    with pytest.raises(ImageAccessError, match=f"answered HTTP {status}$"):
+        read_image_bytes(f"http://storage.test:{forbidden.port}/denied.png", storage)
+
+
 def test_a_named_storage_host_gets_redirects_without_the_key_and_only_at_checked_addresses(servers, net):
     forbidden, access = servers["forbidden"], servers["access"]
     from dataclasses import replace
