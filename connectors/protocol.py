@@ -469,23 +469,35 @@ def stored_objects(items: list[ContextItem], config: LabelConfig) -> list[list[C
     (the smallest such rectangle takes a keypoint), then the other keypoints, one group per (image, label)
     (Label Studio saves each click as its own keypoint region). No rectangle is ever merged into another's
     object, and no group mixes images: a label used on two images is two objects. Labels compare by value
-    (`item_label`), so an alias and its value are one label."""
+    (`item_label`), so an alias and its value are one label. A rectangle the box rule refuses (rotated,
+    outside, degenerate) stays its own object, refused alone, and holds no keypoint: those stay an object of
+    their own, as in bulk pre-annotation."""
     def key(it: ContextItem) -> tuple[str | None, str]:
         return it.to_name, item_label(it, config)
 
     boxes = [it for it in items if it.type == "rectanglelabels"]
     objects: list[list[ContextItem]] = [[b] for b in boxes]
+    holders = [n for n, b in enumerate(boxes) if _box_usable(b)]
     loose: dict[tuple[str | None, str], list[ContextItem]] = {}
     for it in items:
         if it.type != "keypointlabels":
             continue
-        same = [n for n, b in enumerate(boxes) if key(b) == key(it)]
+        same = [n for n in holders if key(boxes[n]) == key(it)]
         held_by = holding_box([boxes[n].value for n in same], it.value)
         if held_by is not None:
             objects[same[held_by]].append(it)
         else:
             loose.setdefault(key(it), []).append(it)
     return objects + list(loose.values())
+
+
+def _box_usable(box: ContextItem) -> bool:
+    """Whether the shared box rule takes this rectangle as a prompt (the same test bulk pre-annotation makes)."""
+    try:
+        box_prompt.box_to_click(box.value, (box.original_height, box.original_width))
+    except box_prompt.BoxPromptError:
+        return False
+    return True
 
 
 def holding_box(boxes: list[dict[str, Any]], point: dict[str, Any]) -> int | None:
@@ -539,9 +551,14 @@ def stored_prompts(task: Task, config: LabelConfig) -> tuple[list[Prompt], list[
                 refused.append(e.message)
         for group in stored_objects(items, config):
             try:
-                prompts.append(prompt_from_items(group, config))
+                prompt = prompt_from_items(group, config)
             except ProtocolError as e:
                 refused.append(e.message)
+                continue
+            if prompt.box is None and not any(c.positive for c in prompt.clicks):  # as bulk pre-annotation
+                refused.append(f"{prompt.label!r} has only negative keypoints: nothing to segment")
+            else:
+                prompts.append(prompt)
         return prompts, refused
     return [], []
 

@@ -429,3 +429,46 @@ def test_a_size_mismatch_is_retried_by_a_later_run():
 
     assert not result(reasons.SIZE_MISMATCH).final  # re-encoding (EXIF orientation recorded) may cure it
     assert result(reasons.BAD_POINTS).final
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. The backend's batch path and bulk pre-annotation make the same objects of the same saved regions
+
+ONE_IMAGE = ('<View><Image name="a" value="$a"/><BrushLabels name="brush_a" toName="a">'
+             + "".join(f'<Label value="{v}"/>' for v in TWO_LABELS) + '</BrushLabels>'
+             '<KeyPointLabels name="kp_a" toName="a">' + "".join(f'<Label value="{v}"/>' for v in TWO_LABELS)
+             + '</KeyPointLabels><RectangleLabels name="box_a" toName="a">'
+             + "".join(f'<Label value="{v}"/>' for v in TWO_LABELS) + "</RectangleLabels></View>")
+_COORD = st.integers(-20, 110).map(float)
+_SAVED = st.one_of(
+    st.tuples(st.just("box"), st.sampled_from(TWO_LABELS), _COORD, _COORD, st.integers(-5, 80).map(float),
+              st.integers(-5, 80).map(float), st.sampled_from([0, 0, 0, 30, 90])),
+    st.tuples(st.just("point"), st.sampled_from(TWO_LABELS), st.integers(0, 100).map(float),
+              st.integers(0, 100).map(float), st.booleans()),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(saved=st.lists(_SAVED, min_size=1, max_size=8))
+def test_batch_and_bulk_make_the_same_objects_of_any_saved_regions(saved):
+    """Rectangles the box rule refuses (rotated, outside, degenerate) included: each path refuses them alone,
+    and a keypoint inside one is its own object on both paths, never lost with it."""
+    size = IMAGE_SIZES["a"]
+    config = parse_label_config(ONE_IMAGE)
+    result = []
+    for n, (kind, label, *rest) in enumerate(saved):
+        if kind == "box":
+            x, y, w, h, rotation = rest
+            region = on(rectangle(x, y, w, h, size, label=label, item_id=f"r{n}"), "a", "box_a")
+            region["value"]["rotation"] = rotation
+        else:
+            x, y, positive = rest
+            region = on(keypoint(x, y, size, positive, label=label, item_id=f"r{n}"), "a", "kp_a")
+        result.append(region)
+    batch, refused = stored_prompts(Task(id=1, data={"a": "/a.png"}, annotations=[{"result": result}]), config)
+    bulk = task_prompts([{"id": 1, "data": {"a": "/a.png"}, "annotations": [{"result": result}]}], config,
+                        config.brushes["a"])
+    objects = [o for job in bulk.images for o in job.objects]
+    assert sorted(repr((p.label, p.box, p.clicks)) for p in batch) == sorted(
+        repr((o.label, o.box, o.clicks)) for o in objects)
+    assert len(refused) == len(bulk.problems)
