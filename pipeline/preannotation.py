@@ -360,7 +360,13 @@ class PreannotateWorker:
                            [ObjectResult.failure(p, reason, detail) for p in job.objects], False, *_elapsed(t0, c0))
 
     def _features(self, job: ImageJob) -> tuple[Any, bool, int | None]:
-        """(features, encoded now, the file's EXIF orientation tag as stored with them: None when unknown)."""
+        """(features, encoded now, the file's EXIF orientation tag as stored with them: None when unknown).
+
+        A Label Studio task's image is looked up as the interactive backend looks it up (its image_id, then
+        the row whose uri is its URL) and, when encoded here, stored as the backend stores it: under its URL,
+        never under the project-chosen image_id, which another project may use for another picture. The
+        masks are made from the row as stored (at the table's dtype), so a later run, or the backend
+        continuing a region's clicks, gets the same masks."""
         from .feature_store import UnknownImageError
 
         try:
@@ -368,8 +374,8 @@ class PreannotateWorker:
             return record.features, False, record.exif_orientation
         except UnknownImageError as e:
             miss = str(e)
-        if job.via_label_studio and job.uri and job.image_id == job.uri:
-            stored_id = self._id_of_uri(job.uri)  # a task without image_id: its URL in the uri column
+        if job.via_label_studio and job.uri:
+            stored_id = self._id_of_uri(job.uri)  # on-demand rows are keyed by the URL (and hold it as uri)
             if stored_id is not None:
                 record = self.reader.get_record(stored_id)
                 return record.features, False, record.exif_orientation
@@ -391,8 +397,11 @@ class PreannotateWorker:
             feats = self.predictor.encode(image)
         except ImageTooLargeError as e:  # over --max-encode-memory: refused before any encoding
             raise ImageUnavailable(IMAGE_UNREADABLE, f"{job.uri}: too_large: {e}") from None
-        self._save(job, data, feats, tag)
-        return feats, True, tag
+        key = job.uri if job.via_label_studio else job.image_id
+        self._save(job, key, data, feats, tag)
+        self.reader.refresh()
+        record = self.reader.get_record(key)  # the row as stored (or as another run stored it first)
+        return record.features, True, record.exif_orientation
 
     def _id_of_uri(self, uri: str) -> str | None:
         """The id of this encoder's row whose `uri` is `uri` (as the interactive backend looks tasks up)."""
@@ -424,12 +433,12 @@ class PreannotateWorker:
         except ImageDecodeError as e:
             raise ImageUnavailable(IMAGE_UNREADABLE, e.detail) from None
 
-    def _save(self, job: ImageJob, data: bytes, feats: Any, tag: int) -> None:
-        """Store the new features, so that later runs and the interactive backend find them."""
+    def _save(self, job: ImageJob, key: str, data: bytes, feats: Any, tag: int) -> None:
+        """Store the new features under `key`, so that later runs and the interactive backend find them."""
         from .feature_store import EncodedImage, FeatureStore, encoder_provenance, feature_rows
 
         if self._store is None:
             self._store = FeatureStore(self.spec.db, self.spec.table, storage_options=self.spec.storage_options)
-        item = EncodedImage(job.image_id, job.uri or "", hashlib.sha256(data).hexdigest(), feats, tag)
+        item = EncodedImage(key, job.uri or "", hashlib.sha256(data).hexdigest(), feats, tag)
         self._store.add(feature_rows([item], self.fingerprint, self.spec.encoder.dtype,
                                      encoder_provenance(self.predictor)))

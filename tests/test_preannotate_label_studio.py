@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from backend_support import LABEL_CONFIG, keypoint, rectangle
@@ -257,3 +258,45 @@ def test_a_project_without_the_formats_tag_is_refused_before_anything_is_created
     assert rc == 2 and message in err and "--mask-format" in err
     assert list(client.tasks.list(project=project.id)) == []
     assert not (run_dir / "ledger.jsonl").exists()
+
+
+def test_images_encoded_for_label_studio_tasks_are_keyed_by_url_as_the_backend_keys_them(env, label_studio):
+    """Two projects whose tasks reuse one image_id for two pictures: --encode-missing stores each picture under
+    its URL (never under the project-chosen id), so each project gets masks of its own picture, made from the
+    row as stored; a task whose image_id is unknown is then found by its URL, without encoding again."""
+    fx, client = env["fx"], env["client"]
+    folder = label_studio.files_root / "shared-image-id"
+    folder.mkdir()
+    pictures = sorted(i for i in fx.images if i != fx.unencoded)[:2]
+    urls = []
+    for n, name in enumerate(pictures):
+        cv2.imwrite(str(folder / f"p{n}.png"), cv2.cvtColor(fx.images[name], cv2.COLOR_RGB2BGR))
+        urls.append(f"/data/local-files/?d={folder.name}/p{n}.png")
+    db = env["tmp"] / "by-url-db"
+    shutil.copytree(env["tmp"] / "db-as-built", db)
+    predictor = build_predictor(EncoderSpec(checkpoint=str(env["ckpt"])), device="cpu")
+    click = keypoint(50, 50, SIZE, item_id="k1")
+
+    def project_with(url: str, image_id: str) -> tuple[int, int]:
+        project = client.projects.create(title=f"shared id {image_id}", label_config=LABEL_CONFIG)
+        client.import_storage.local.create(project=project.id, path=str(folder), title="files", use_blob_urls=True)
+        (tid,) = client.projects.import_tasks(id=project.id, return_task_ids=True, request=[
+            {"data": {"image": url, "image_id": image_id}}]).task_ids
+        client.annotations.create(id=tid, result=[click])
+        return project.id, tid
+
+    for n, url in enumerate(urls):
+        pid, tid = project_with(url, "photo1.jpg")
+        s = run(env, f"by-url-{n}", "--ls-project", str(pid), "--push", "--encode-missing", "--db", str(db))
+        assert s["pushed"] == 1 and s["encoded_on_the_fly"] == 1
+        reader = FeatureReader(str(db), predictor.fingerprint)
+        expected = predictor.session(reader.get(url)).replay([Click(SIZE[0] // 2, SIZE[1] // 2)]).mask
+        (pred,) = client.predictions.list(task=tid)
+        np.testing.assert_array_equal(brush_masks(pred)[region_id(f"ls:{tid}:points:object")], expected)
+    ids = set(FeatureReader(str(db), predictor.fingerprint)._ds.to_table(columns=["image_id"])
+              .column("image_id").to_pylist())
+    assert set(urls) <= ids and "photo1.jpg" not in ids
+
+    pid, tid = project_with(urls[1], "another-name")
+    s = run(env, "by-url-found", "--ls-project", str(pid), "--push", "--db", str(db))
+    assert s["pushed"] == 1 and s["encoded_on_the_fly"] == 0
