@@ -159,9 +159,12 @@ class LabelStudioProject:
     def tasks_holding(self, model_version: str, task_ids: Iterable[int] | None = None,
                       chunk: int = 200) -> set[int]:
         """The tasks (of `task_ids`, else of the project) holding a prediction whose model_version is exactly
-        `model_version` and which has at least one region, read now. An empty prediction holds no mask: the
-        backend's batch answer for a task with nothing to segment is one (Label Studio's "Retrieve
-        predictions" stores it under the same version), and a run must still deliver masks to such a task.
+        `model_version` and which has at least one region of this run's output tag, read now. An empty
+        prediction holds no mask: the backend's batch answer for a task with nothing to segment is one (Label
+        Studio's "Retrieve predictions" stores it under the same version), and a run must still deliver masks
+        to such a task. Nor does a prediction of another output tag (a run filling `people`, then one filling
+        `cars` of the same project, or the right image's brush after the left one's): each tag is delivered
+        once, by its own prediction.
 
         The data manager narrows the tasks first (its `contains` filter runs on the stored predictions: every
         task holding the version is among its answer, perhaps with others holding a longer or differently
@@ -187,8 +190,8 @@ class LabelStudioProject:
         return {t for t, versions in self._prediction_versions(candidates).items() if model_version in versions}
 
     def _prediction_versions(self, task_ids: Sequence[int], per_task_max: int = 50) -> dict[int, set[str]]:
-        """task id -> the exact model versions of its predictions that hold at least one region; one request
-        per task for a few tasks, else one request for the project's predictions."""
+        """task id -> the exact model versions of its predictions that hold at least one region of the output
+        tag; one request per task for a few tasks, else one request for the project's predictions."""
         wanted = set(task_ids)
         if not wanted:
             return {}
@@ -202,9 +205,15 @@ class LabelStudioProject:
                                    f"{self.project_id}: {_describe(e)}") from None
         out: dict[int, set[str]] = {}
         for p in predictions:
-            if p.task in wanted and isinstance(p.model_version, str) and p.result:
+            if p.task in wanted and isinstance(p.model_version, str) and self._holds_output(p.result):
                 out.setdefault(p.task, set()).add(p.model_version)
         return out
+
+    def _holds_output(self, result: Any) -> bool:
+        """Whether a prediction's result has a region of this project's output tag."""
+        regions = result if isinstance(result, list) else []
+        return any((r.get("from_name") if isinstance(r, dict) else getattr(r, "from_name", None)) == self.brush.name
+                   for r in regions)
 
     def tasks_with_regions(self) -> list[dict[str, Any]]:
         """Tasks with their full annotations and predictions (`include` would return annotation ids only)."""

@@ -109,6 +109,38 @@ def test_already_predicted_is_read_exactly_from_the_predictions(ls, project):
     assert p.tasks_holding(MV) == {a, b, c, d, e}
 
 
+TWO_TAGS = """<View><Image name="image" value="$image"/>
+<BrushLabels name="br" toName="image"><Label value="obj"/></BrushLabels>
+<BrushLabels name="cars" toName="image"><Label value="car"/></BrushLabels></View>"""
+
+
+def test_a_prediction_holds_only_the_output_tag_it_fills(ls):
+    """A run filling one output tag (`--ls-brush`) is not delivered by a prediction of another tag of the same
+    project under the same version: each tag gets its prediction once, and neither a second one."""
+    client = ls.client()
+    pid = client.projects.create(title="two output tags", label_config=TWO_TAGS).id
+    try:
+        (a,) = make_tasks(client, pid, "a")
+        client.projects.import_predictions(id=pid, request=[{"task": a, "result": brush_region(), "model_version": MV}])
+        people = LabelStudioProject(ls.url, ls.token, pid, "br")
+        cars = LabelStudioProject(ls.url, ls.token, pid, "cars")
+        assert people.tasks_holding(MV) == {a} and cars.tasks_holding(MV) == set()
+        assert cars.tasks_holding(MV, [a]) == set()
+
+        pusher = Pusher(cars, MV, 10, {"a": a}, "fp")
+        car = result("a")
+        car.objects[0].label = "car"
+        pusher.add(car)
+        pusher.finish()
+        assert pusher.pushed == 1 and cars.tasks_holding(MV) == {a} and people.tasks_holding(MV) == {a}
+        again = Pusher(cars, MV, 10, {"a": a}, "fp")
+        again.add(car)
+        again.finish()
+        assert again.pushed == 0 and again.already_there == 1 and ours_per_task(client, pid) == {a: 2}
+    finally:
+        client.projects.delete(id=pid)
+
+
 @pytest.mark.parametrize("misbehaviour", [("after", 502, {}), ("after", 503, {}), "drop", "hold"])
 def test_an_import_whose_answer_is_lost_is_never_sent_twice(ls, project, misbehaviour):
     client, pid = project
