@@ -39,6 +39,7 @@ class TaskRef:
     id: int
     image_id: str | None  # the output tag's image as protocol.task_image reads it: its id, else its URL (the id
     # the backend's on-demand encoder uses); None for a task whose data the backend refuses
+    url: str | None = None  # the output tag's image URL/path in the task's data
 
 
 _TITLES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
@@ -138,17 +139,21 @@ class LabelStudioProject:
 
     def task_refs(self) -> list[TaskRef]:
         """Every task's id and the identity of the output tag's image in it (no result payloads)."""
-        return [TaskRef(_task_id(t), self.task_identity(t.get("data")))
-                for t in self._pages("id,data", page_size=500)]
+        return [TaskRef(_task_id(t), *self.task_identity(t.get("data"))) for t in self._pages("id,data", page_size=500)]
 
-    def task_identity(self, data: Any) -> str | None:
-        """The output tag's image in a task's `data` by the backend's one identity rule (`task_image`): its
-        feature-table id, else its URL; None when the backend would refuse the data."""
+    def task_identity(self, data: Any) -> tuple[str | None, str | None]:
+        """(identity, URL) of the output tag's image in a task's `data`: the identity by the backend's one rule
+        (`task_image`), its feature-table id, else its URL; (None, None) when the backend would refuse the data."""
         try:
             image_id, image_ref = task_image(data if isinstance(data, dict) else {}, self.config, self.brush.to_name)
         except ProtocolError:
-            return None
-        return image_id if image_id is not None else image_ref
+            return None, None
+        return (image_id if image_id is not None else image_ref), image_ref
+
+    @property
+    def several_images(self) -> bool:
+        """Whether the config has several Image tags: Label Studio then refuses a task that names only one."""
+        return len(self.config.images) > 1
 
     @property
     def image_id_key(self) -> str:
@@ -334,6 +339,16 @@ def index_tasks(refs: Iterable[TaskRef]) -> tuple[dict[str, TaskRef], list[tuple
         else:
             index[ref.image_id] = ref
     return index, extra
+
+
+def index_urls(refs: Iterable[TaskRef]) -> dict[str, TaskRef]:
+    """image URL -> the lowest-id task showing it (a task found by URL is the image's task, whatever id it
+    names: a storage sync creates tasks with a URL only)."""
+    found: dict[str, TaskRef] = {}
+    for ref in sorted(refs, key=lambda r: r.id):
+        if ref.url is not None:
+            found.setdefault(ref.url, ref)
+    return found
 
 
 def url_template(template: str) -> Callable[[str, str | None, str | None], str]:

@@ -8,6 +8,7 @@ checkpoint before it contacts Label Studio.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from functools import cached_property
 
@@ -16,7 +17,15 @@ from pipeline.preannotation import ImageResult
 from pipeline.preannotation_run import PreannotateConfig, TaskAttachment
 from pipeline.prompts import ImageJob, Problem, PromptSet, filter_labels
 
-from .label_studio_client import ImportInDoubt, LabelStudioError, LabelStudioProject, index_tasks, url_template
+from .label_studio_client import (
+    ImportInDoubt,
+    LabelStudioError,
+    LabelStudioProject,
+    TaskRef,
+    index_tasks,
+    index_urls,
+    url_template,
+)
 from .label_studio_prompts import prediction_for, task_prompts
 
 
@@ -60,23 +69,38 @@ class ProjectLink:
 
     def attach_tasks(self, jobs: list[ImageJob], model_version: str) -> TaskAttachment:
         """Give every job its task (creating tasks for images that have none); jobs read from tasks keep their
-        own task. `delivered` holds the jobs whose task already has a prediction of `model_version`; `lost` the
-        jobs whose task was deleted meanwhile.
+        own task. An image's task is the one naming its id (by the backend's rule), else the one showing the
+        URL this run would give it (a task a storage sync created names its image by URL only). `delivered`
+        holds the jobs whose task already has a prediction of `model_version`; `lost` the jobs whose task was
+        deleted meanwhile; `no_task` the images left without a task because the config has several Image tags
+        (Label Studio refuses a task naming only one of them): they are segmented, not pushed.
 
         An image is given a new task only when two reads of the project agree that it has none, and a task
         import without a definite answer is never sent again: the run stops, and the next run looks the
         images up before creating anything."""
         project = self.project
+        make_url = url_template(self.cfg.image_url)
+
+        def finder(refs: list[TaskRef]) -> Callable[[ImageJob], TaskRef | None]:
+            by_id, (index, _), by_url = {r.id: r for r in refs}, index_tasks(refs), index_urls(refs)
+
+            def task_of(j: ImageJob) -> TaskRef | None:
+                if j.task_id is not None:
+                    return by_id.get(j.task_id)
+                return index.get(j.image_id) or by_url.get(make_url(j.image_id, j.file_name, j.uri))
+            return task_of
+
         refs = project.task_refs()
-        index, extra = index_tasks(refs)
-        created = 0
-        missing = [j for j in jobs if j.task_id is None and j.image_id not in index]
+        task_of = finder(refs)
+        created, no_task = 0, set()
+        missing = [j for j in jobs if j.task_id is None and task_of(j) is None]
         if missing:
             refs = project.task_refs()
-            index, extra = index_tasks(refs)
-            missing = [j for j in missing if j.image_id not in index]
-        if missing:
-            make_url = url_template(self.cfg.image_url)
+            task_of = finder(refs)
+            missing = [j for j in missing if task_of(j) is None]
+        if missing and project.several_images:
+            no_task = {j.image_id for j in missing}
+        elif missing:
             unique = {j.image_id: make_url(j.image_id, j.file_name, j.uri) for j in missing}
             try:
                 created = project.create_tasks(list(unique.items()))
@@ -84,12 +108,15 @@ class ProjectLink:
                 raise LabelStudioError(f"{e}. Its tasks may exist now: run again, the next run looks every image "
                                        "up before it creates a task") from None
             refs = project.task_refs()
-            index, extra = index_tasks(refs)
+            task_of = finder(refs)
+        _, extra = index_tasks(refs)
         holding = project.tasks_holding(model_version)
-        by_task = {r.id: r for r in refs}
         out, delivered, lost = [], set(), []
         for j in jobs:
-            ref = by_task.get(j.task_id) if j.task_id is not None else index.get(j.image_id)
+            if j.image_id in no_task:
+                out.append(j)
+                continue
+            ref = task_of(j)
             if ref is None:  # a task deleted while the job runs
                 lost.append({"image_id": j.image_id, "task": j.task_id})
                 continue
@@ -97,7 +124,10 @@ class ProjectLink:
             out.append(j)
             if ref.id in holding:
                 delivered.add(j.key)
-        return TaskAttachment(out, delivered, created, [{"image_id": i, "task": t} for i, t in extra], lost)
+        return TaskAttachment(out, delivered, created, [{"image_id": i, "task": t} for i, t in extra], lost,
+                              [{"image_id": i, "reason": "the project's config has several Image tags: Label "
+                                "Studio refuses a task naming one image; import tasks naming all of them"}
+                               for i in sorted(no_task)])
 
     def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str) -> "Pusher":
         return Pusher(self.project, model_version, self.cfg.push_batch, task_of, fingerprint)

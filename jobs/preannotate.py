@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if push_incomplete(summary):
         print(f"error: {push_incomplete(summary)} predictions were not delivered to Label Studio (listed above); "
-              "run again to push those that are missing", file=sys.stderr)
+              "run again to push those that are missing" + (" (import tasks for the images without one first)"
+                                                             if summary.no_task else ""), file=sys.stderr)
         return 1
     return 0
 

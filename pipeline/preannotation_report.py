@@ -50,6 +50,7 @@ class PreannotateSummary:
     push_failures: list = field(default_factory=list)  # {"task", "error"}: refused, or not pushed
     push_in_doubt: list = field(default_factory=list)  # {"task", "error"}: sent, no answer, not in the project
     tasks_gone: list = field(default_factory=list)  # {"image_id", "task"}: the task was deleted during the run
+    no_task: list = field(default_factory=list)  # {"image_id", "reason"}: no task, and the run cannot create one
     duplicate_tasks: list = field(default_factory=list)
     coco_out: str | None = None
     coco_annotations: int = 0
@@ -138,8 +139,9 @@ def nothing_segmented(s: PreannotateSummary) -> bool:
 
 
 def push_incomplete(s: PreannotateSummary) -> int:
-    """How many predictions this run could not be sure to deliver (refused, not pushed, or in doubt)."""
-    return len(s.push_failures) + len(s.push_in_doubt)
+    """How many predictions this run could not be sure to deliver (refused, not pushed, in doubt, or for an
+    image without a task that the run cannot create)."""
+    return len(s.push_failures) + len(s.push_in_doubt) + len(s.no_task)
 
 
 def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
@@ -175,6 +177,9 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
     if s.tasks_gone:
         lines.append(f"  note         {len(s.tasks_gone)} images lost their task during the run (deleted in Label "
                      "Studio): " + ", ".join(str(g["image_id"]) for g in s.tasks_gone[:problems_shown]))
+    if s.no_task:
+        lines.append(f"  not pushed   {len(s.no_task)} images have no task and none can be created "
+                     f"({s.no_task[0]['reason']}): " + ", ".join(str(g["image_id"]) for g in s.no_task[:problems_shown]))
     if s.duplicate_tasks:
         lines.append(f"  note         {len(s.duplicate_tasks)} images have several tasks; the lowest task id is used")
     if s.coco_out:

@@ -124,6 +124,7 @@ class TaskAttachment:
     tasks_created: int = 0
     duplicate_tasks: list[dict] = field(default_factory=list)
     lost: list[dict] = field(default_factory=list)  # {"image_id", "task"} of jobs whose task was deleted meanwhile
+    no_task: list[dict] = field(default_factory=list)  # {"image_id", "reason"}: no task, and none can be created
 
 
 class PredictionPusher(Protocol):
@@ -211,7 +212,7 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
         attached = label_studio.attach_tasks(jobs, model_version)
         jobs, delivered = attached.jobs, attached.delivered
         summary.tasks_created, summary.duplicate_tasks = attached.tasks_created, attached.duplicate_tasks
-        summary.tasks_gone = attached.lost
+        summary.tasks_gone, summary.no_task = attached.lost, attached.no_task
     by_key = {j.key: j for j in jobs}
     finished = {k for k, j in by_key.items() if k in done and done[k].final and done[k].digest == j.digest()}
     needs_mask = [j for j in jobs if j.key not in finished and (cfg.coco_out or j.key not in delivered)]

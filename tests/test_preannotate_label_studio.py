@@ -300,3 +300,53 @@ def test_images_encoded_for_label_studio_tasks_are_keyed_by_url_as_the_backend_k
     pid, tid = project_with(urls[1], "another-name")
     s = run(env, "by-url-found", "--ls-project", str(pid), "--push", "--db", str(db))
     assert s["pushed"] == 1 and s["encoded_on_the_fly"] == 0
+
+
+def test_a_task_that_names_its_image_by_url_only_is_the_images_task(env):
+    """A task a storage sync created ({"image": URL}, no image_id) is found by the URL the run would give the
+    image: it gets the prediction, and no second task of the same picture is created, now or on a rerun."""
+    fx, client = env["fx"], env["client"]
+    project = client.projects.create(title="url-only tasks", label_config=LABEL_CONFIG)
+    name = sorted(i for i in fx.images if i != fx.unencoded)[0]
+    (tid,) = client.projects.import_tasks(id=project.id, return_task_ids=True, request=[
+        {"data": {"image": f"/data/local-files/?d={name}"}}]).task_ids
+    common = ["--coco", str(fx.coco_path), "--image-root", str(fx.image_root), "--ls-project", str(project.id),
+              "--push"]
+    s = run(env, "url-only", *common)
+    tasks = list(client.tasks.list(project=project.id, include="id,data"))
+    urls = [t.data["image"] for t in tasks]
+    assert len(urls) == len(set(urls)) and s["tasks_created"] == len(tasks) - 1
+    assert len(list(client.predictions.list(task=tid))) == 1
+    again = run(env, "url-only", *common)
+    assert again["tasks_created"] == 0 and again["pushed"] == 0
+    assert len(list(client.tasks.list(project=project.id, include="id"))) == len(tasks)
+
+
+TWO_IMAGES = """<View>
+  <Image name="left" value="$left"/><Image name="right" value="$right"/>
+  <BrushLabels name="bl" toName="left"><Label value="object"/><Label value="background_thing"/></BrushLabels>
+  <BrushLabels name="br" toName="right"><Label value="object"/><Label value="background_thing"/></BrushLabels>
+</View>"""
+
+
+def test_images_without_a_task_in_a_several_image_project_are_reported_and_the_others_pushed(env, capsys):
+    """Label Studio refuses a task that names one image of a config with several: the run creates none,
+    pushes the images that have their task, reports the others as not delivered and exits 1."""
+    fx, client = env["fx"], env["client"]
+    project = client.projects.create(title="two images", label_config=TWO_IMAGES)
+    names = sorted(i for i in fx.images if i not in (fx.unencoded, fx.missing_file))
+    (tid,) = client.projects.import_tasks(id=project.id, return_task_ids=True, request=[
+        {"data": {"left": f"/data/local-files/?d={names[0]}", "image_id_left": names[0],
+                  "right": f"/data/local-files/?d={names[1]}"}}]).task_ids
+    run_dir = env["tmp"] / "two-images"
+    rc = env["job"].main(["--db", str(env["tmp"] / "db"), "--checkpoint", str(env["ckpt"]), "--workers", "0",
+                          "--run-dir", str(run_dir), "--max-clicks", "3", "--coco", str(fx.coco_path),
+                          "--image-root", str(fx.image_root), "--ls-project", str(project.id), "--push",
+                          "--ls-brush", "bl"])
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert rc == 1 and "import tasks for the images without one" in capsys.readouterr().err
+    assert s["tasks_created"] == 0 and s["pushed"] == 1 and s["push_failures"] == []
+    assert names[0] not in {g["image_id"] for g in s["no_task"]} and names[1] in {g["image_id"] for g in s["no_task"]}
+    assert [t.id for t in client.tasks.list(project=project.id, include="id")] == [tid]
+    (pred,) = client.predictions.list(task=tid)
+    assert {dict(r)["from_name"] for r in pred.result} == {"bl"}
