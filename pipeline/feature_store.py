@@ -667,9 +667,11 @@ class FeatureStore:
         self.dataset().optimize.optimize_indices()
 
     def record_errors(self, rows: pa.Table) -> None:
-        """Insert or replace error rows keyed by (image_id, fingerprint)."""
+        """Insert or replace error rows keyed by (image_id, fingerprint), at the table's latest version (another
+        process may have written since this store was opened: a stale view would insert a second row)."""
         if rows.num_rows == 0:
             return
+        self._errors.checkout_latest()
         (
             self._errors.merge_insert(["image_id", "fingerprint"])
             .when_matched_update_all()
@@ -678,7 +680,9 @@ class FeatureStore:
         )
 
     def clear_errors(self, image_ids: Iterable[str], fingerprint: str) -> None:
-        """Drop error rows of images that have since been encoded with this fingerprint."""
+        """Drop error rows of images that have since been encoded with this fingerprint (at the table's latest
+        version, so that a row another process recorded since this store was opened goes too)."""
+        self._errors.checkout_latest()
         for chunk in _chunks(sorted(set(image_ids)), 500):
             self._errors.delete(
                 f"fingerprint = {sql_string(fingerprint)} AND image_id IN ({', '.join(map(sql_string, chunk))})"

@@ -182,6 +182,18 @@ def test_errors_table_upserts_and_clears(store: FeatureStore):
     assert store.errors().num_rows == 2
 
 
+def test_errors_are_keyed_across_stores_opened_before_each_others_writes(store: FeatureStore):
+    """Two processes (two stores) on one table: each write and clear acts on the latest version, so a key never
+    gets a second error row and an error recorded by the other process is cleared."""
+    other = FeatureStore(store.root, store.table_name)
+    other.record_errors(error_rows([("bad.png", "/d/bad.png", "not_an_image", "b")], FP))
+    store.record_errors(error_rows([("bad.png", "/d/bad.png", "corrupt", "a"), ("x.png", "/d/x.png", "too_large", "a")], FP))
+    assert sorted((e["image_id"], e["detail"]) for e in store.errors(FP).to_pylist()) == [("bad.png", "a"), ("x.png", "a")]
+    other.record_errors(error_rows([("late.png", "/d/late.png", "truncated", "b")], FP))
+    store.clear_errors(["late.png", "x.png"], FP)
+    assert [e["image_id"] for e in store.errors(FP).to_pylist()] == ["bad.png"]
+
+
 def test_existing_table_with_another_schema_is_refused(tmp_path):
     lance.write_dataset(pa.table({"image_id": ["x"], "vector": [1.0]}), str(tmp_path / "db" / "features.lance"))
     with pytest.raises(FeatureStoreError, match="another schema"):
