@@ -29,9 +29,9 @@ from interformer.encode_engine import ENCODE_PRECISIONS, add_encode_engine_argum
 from interformer.features import STORAGE_DTYPES  # noqa: E402
 from interformer.runtime import CACHE_ENV  # noqa: E402
 from pipeline.encode_run import (  # noqa: E402
-    EXIT_CODES_HELP, EXIT_ENVIRONMENT, EXIT_USAGE, EncodeConfig, exit_code, format_summary, run,
+    EXIT_CODES_HELP, EXIT_ENVIRONMENT, EXIT_STOPPED, EXIT_USAGE, EncodeConfig, exit_code, format_summary, run,
 )
-from pipeline.encoding import EncoderSpec  # noqa: E402
+from pipeline.encoding import EncoderSpec, ResourcePlanError  # noqa: E402
 from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, parse_storage_options  # noqa: E402
 from pipeline.files import write_json_atomic  # noqa: E402
 from pipeline.images import DEFAULT_MAX_PIXELS  # noqa: E402
@@ -146,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, summary_json = parse_args(argv)
     try:
         summary = run(cfg)
-    except (SourceError, CheckpointError) as e:
+    except (SourceError, CheckpointError, ResourcePlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before the run began (loading the model): nothing was changed
+        print("\nencode: stopped before it began; nothing was changed", file=sys.stderr)
+        return EXIT_STOPPED
     except RayStartError as e:  # a cluster that cannot be joined, or a local Ray that would not start
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ENVIRONMENT

@@ -34,6 +34,7 @@ from interformer.config import ViTConfig
 
 from .changed_sources import check_content, plan_replacements, reencode_problems, sources_to_check, stale_rows
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
+from .faults import fault_point
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, error_rows
 from .images import UNREADABLE
 from .ray_runtime import init_ray
@@ -61,7 +62,8 @@ EXIT_CODES_HELP = """exit codes:
   1    --strict and some listed image is not stored, or stored from other bytes than its source has now, or
        stored by an older feature version that differs at its size, or at bf16 under --precision fp32 (see
        --reencode-changed); or the job itself failed (a traceback)
-  2    the input cannot be listed or an option is wrong
+  2    the input cannot be listed or an option is wrong (the encoder pool options checked against the cluster,
+       before anything changes)
   3    Ray cannot be reached (address, authentication) or this python lacks the project's packages
   130  stopped (Ctrl-C, SIGTERM, `ray job stop`) after committing what was written: run again to finish
 """
@@ -111,12 +113,13 @@ class EncodeSummary:
     other_dtypes: dict = field(default_factory=dict)  # stored rows of this encoder in another dtype than asked
     checked: int = 0  # stored images whose bytes were read to compare with the stored sha256
     changed: list[dict] = field(default_factory=list)  # stored images whose source now has other bytes
-    replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
+    replaced: int = 0  # of those, the images this run takes to encode again, their rows removed (--reencode-changed)
     orientation_filled: int = 0  # rows stored before the EXIF tag was recorded, given it from their source read now
     stale: list[dict] = field(default_factory=list)  # stored rows an older feature version made, or bf16 rows for fp32
-    stale_replaced: int = 0  # of those, rows removed to be encoded again (--reencode-changed)
+    stale_replaced: int = 0  # of those, the images this run takes to encode again, their rows removed
     kept: list[dict] = field(default_factory=list)  # changed or stale rows --reencode-changed left, and why
     not_stored: int = 0
+    committed_for_other_runs: int = 0  # images other runs (on this table) had staged, committed by this one
     bytes_written: int = 0
     commits: int = 0
     seconds: float = 0.0
@@ -141,7 +144,17 @@ def list_inputs(cfg: EncodeConfig) -> Listing:
 
 
 def run(cfg: EncodeConfig) -> EncodeSummary:
-    """List, skip what is stored, encode the rest on Ray, commit on a timer; returns the summary."""
+    """List, skip what is stored, encode the rest on Ray, commit on a timer; returns the summary. A stop
+    (Ctrl-C, SIGTERM) at any step after the table is opened ends the run with `interrupted` set; one before
+    that (loading the model) raises KeyboardInterrupt, with nothing changed."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _open_and_run(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _open_and_run(cfg: EncodeConfig) -> EncodeSummary:
     if cfg.encoder.checkpoint is None:
         _loud(
             f"WARNING: no --checkpoint given: the {cfg.encoder.variant} encoder is RANDOMLY INITIALISED "
@@ -161,7 +174,18 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     store = FeatureStore(cfg.db, cfg.table, storage_options=cfg.storage_options or None)
     summary = EncodeSummary(fingerprint=fingerprint, table=store.features_uri,
                             random_weights=cfg.encoder.checkpoint is None)
+    try:
+        _run(cfg, store, fingerprint, vit, summary)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        print("\nencode: stopped; what was committed stays, nothing else was stored: run again to finish",
+              file=sys.stderr, flush=True)
+    return summary
+
+
+def _run(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, vit: ViTConfig, summary: EncodeSummary) -> None:
     listing = list_inputs(cfg)
+    fault_point("listed")
     recovered = _recover(store, fingerprint, summary)
     summary.listed = len(listing.sources) + len(listing.unusable)
     summary.ignored_files = len(listing.ignored)
@@ -174,6 +198,7 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     done = store.existing_ids(fingerprint)
     changed = _check_changed(cfg, store, fingerprint, listing, summary)
     stale = _check_stale(cfg, store, fingerprint, listing, summary, vit)
+    fault_point("sources_checked")
     known_bad = set() if cfg.retry_failed else {
         e["image_id"] for e in store.errors(fingerprint).to_pylist() if e["reason"] != UNREADABLE
     }
@@ -195,12 +220,7 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     pending, refused = plan_replacements(
         candidates, to_replace, cfg.limit, lambda todo: reencode_problems(todo, cfg.encoder.preprocess, vit))
     kept.update(refused)
-    _replace(store, fingerprint, pending, changed, stale, kept, listing, summary)
-    # Counted after the replaced rows are gone: those are encoded again in this run's dtype.
-    summary.other_dtypes = {d: n for d, n in store.dtypes(fingerprint).items() if d != cfg.encoder.dtype}
-    if summary.other_dtypes:
-        print(f"encode: rows already stored keep their dtype ({_counts(summary.other_dtypes)}); this run writes "
-              f"{cfg.encoder.dtype} for the images it encodes", flush=True)
+    _report_kept(kept, listing, summary)
     summary.pending = len(pending)
     print(
         f"encode: {summary.listed} images listed, {summary.skipped} already stored for {fingerprint}, "
@@ -210,14 +230,35 @@ def run(cfg: EncodeConfig) -> EncodeSummary:
     if listing.ignored:
         print(f"encode: ignored {len(listing.ignored)} files with non-image extensions, e.g. {listing.ignored[:3]}")
     if pending:
-        init_ray(cfg.address, num_cpus=cfg.num_cpus, job="encode")
         try:
+            _join_cluster(cfg)  # before any row is removed: a cluster or options that fail change nothing
+            _remove_replaced(store, fingerprint, pending, changed, stale, summary)
+            fault_point("rows_removed")
+            _report_other_dtypes(cfg, store, fingerprint, summary)
             _encode(cfg, store, fingerprint, pending, summary, vit)
         finally:
             ray.shutdown()
+    else:
+        _report_other_dtypes(cfg, store, fingerprint, summary)
     stored = store.existing_ids(fingerprint)
     summary.not_stored = sum(1 for s in listing.sources if s.image_id not in stored) + len(listing.unusable)
-    return summary
+
+
+def _join_cluster(cfg: EncodeConfig) -> None:
+    """Join (or start) Ray and check that the cluster takes the encoder pool options (ResourcePlanError)."""
+    init_ray(cfg.address, num_cpus=cfg.num_cpus, job="encode")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # joining Ray installs its own handler
+    resources = ray.cluster_resources()
+    plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder)
+
+
+def _report_other_dtypes(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, summary: EncodeSummary) -> None:
+    """Count the stored rows of this encoder in another dtype than asked (after the replaced rows are gone:
+    those are encoded again in this run's dtype)."""
+    summary.other_dtypes = {d: n for d, n in store.dtypes(fingerprint).items() if d != cfg.encoder.dtype}
+    if summary.other_dtypes:
+        print(f"encode: rows already stored keep their dtype ({_counts(summary.other_dtypes)}); this run writes "
+              f"{cfg.encoder.dtype} for the images it encodes", flush=True)
 
 
 def _check_changed(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, listing: Listing,
@@ -264,17 +305,25 @@ def _check_stale(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, listi
     return {s.image_id for s in stale}
 
 
-def _replace(store: FeatureStore, fingerprint: str, pending: list, changed: set[str], stale: set[str],
-             kept: dict[str, str], listing: Listing, summary: EncodeSummary) -> None:
+def _remove_replaced(store: FeatureStore, fingerprint: str, pending: list, changed: set[str], stale: set[str],
+                     summary: EncodeSummary) -> None:
     """Remove the rows of the changed and stale images this run encodes again (those `plan_replacements` took),
-    count them, and report those kept with why. An image whose encode then still fails, or a stop before its
-    new row is committed, is left without a row: the next run encodes it from its source."""
+    once the run is known to start (Ray joined, options accepted). Each taken image counts as replaced, even
+    when another run removed its row first. An image whose encode then still fails, or a stop before its new
+    row is committed, is left without a row: the next run encodes it from its source."""
     taken = {s.image_id for s in pending}
-    summary.replaced = store.remove(sorted(changed & taken), fingerprint) if changed & taken else 0
-    summary.stale_replaced = store.remove(sorted(stale & taken), fingerprint) if stale & taken else 0
+    summary.replaced, summary.stale_replaced = len(changed & taken), len(stale & taken)
+    if changed & taken:
+        store.remove(sorted(changed & taken), fingerprint)
+    if stale & taken:
+        store.remove(sorted(stale & taken), fingerprint)
     if summary.replaced or summary.stale_replaced:
         print(f"encode: {summary.replaced} changed and {summary.stale_replaced} stale stored images: their rows are "
               "removed and they are encoded again", flush=True)
+
+
+def _report_kept(kept: dict[str, str], listing: Listing, summary: EncodeSummary) -> None:
+    """Report the changed or stale images whose rows this run keeps, with why."""
     uris = {s.image_id: s.uri for s in listing.sources}
     summary.kept = [{"image_id": i, "uri": uris[i], "reason": r} for i, r in kept.items()]
     summary.skipped += len(kept)
@@ -339,11 +388,13 @@ def _encode(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pending: l
                 _wait_for_free_cpus(_RETRY_WAIT_S)
     finally:
         tally = committer.tally
+        own = {(s.image_id, fingerprint) for s in pending}  # the committer also commits what other runs staged
         summary.seconds = time.monotonic() - t0
-        summary.encoded = len(tally.stored)
+        summary.encoded = len(tally.stored & own)
+        summary.committed_for_other_runs = len(tally.stored - own)
         summary.commits = tally.commits
         summary.bytes_written = tally.nbytes
-        summary.failed.extend(v for k, v in tally.failed.items() if k not in tally.stored)
+        summary.failed.extend(v for k, v in tally.failed.items() if k in own and k not in tally.stored)
     if summary.encoded:
         store.optimize_index()
 
@@ -483,6 +534,9 @@ def format_summary(s: EncodeSummary) -> str:
     if s.known_failures:
         lines.append(f"  known bad    {s.known_failures} (failed in an earlier run, see the errors table; --retry-failed)")
     lines.append(f"  encoded      {s.encoded} of {s.pending} to do" + ("  (INTERRUPTED: run again to finish)" if s.interrupted else ""))
+    if s.committed_for_other_runs:
+        lines.append(f"  also         committed {s.committed_for_other_runs} images another run on this table had "
+                     "written (counted there as theirs)")
     reasons = Counter(f["reason"] for f in s.failed)
     lines.append(f"  failed       {len(s.failed)}" + (" (" + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) + ")" if s.failed else ""))
     for f in s.failed[:20]:
@@ -493,6 +547,7 @@ def format_summary(s: EncodeSummary) -> str:
         lines.append(f"  same file    {len(s.same_uri)} ids name a file another id names too (stored once per id)")
     lines.append(f"  not stored   {s.not_stored} of {s.listed} listed (bad inputs, or left by a stop)")
     lines.append(f"  time         {s.seconds:.1f} s, {s.images_per_s:.2f} images/s")
-    per_image = f", {s.bytes_written / s.encoded / 1e6:.2f} MB per image" if s.encoded else ""
+    per_image = (f", {s.bytes_written / s.encoded / 1e6:.2f} MB per image"
+                 if s.encoded and not s.committed_for_other_runs else "")
     lines.append(f"  written      {s.bytes_written / 1e6:.1f} MB in {s.commits} commits{per_image}")
     return "\n".join(lines)

@@ -282,6 +282,10 @@ class ResourcePlan:
     cpus_per_task: float
 
 
+class ResourcePlanError(ValueError):
+    """Encoder pool options the cluster cannot take (a usage error: exit 2, before anything is changed)."""
+
+
 def plan_resources(
     total_cpus: float,
     total_gpus: float,
@@ -292,11 +296,11 @@ def plan_resources(
     CPUs (at least one) stays free for the decode and write tasks; an actor pool that takes every CPU
     leaves Ray Data's read tasks unscheduled and the job hangs without an error."""
     if total_cpus <= 0:
-        raise ValueError("the Ray cluster has no CPUs")
+        raise ResourcePlanError("the Ray cluster has no CPUs")
     if total_gpus >= 1:
         n = num_encoders or int(total_gpus)
         if n > total_gpus:
-            raise ValueError(f"{n} GPU encoders asked for, the cluster has {total_gpus:g} GPUs")
+            raise ResourcePlanError(f"{n} GPU encoders asked for, the cluster has {total_gpus:g} GPUs")
         cpus = cpus_per_encoder if cpus_per_encoder is not None else max(0.25, min(1.0, (total_cpus - 1) / n))
         gpus = 1.0
     else:
@@ -307,7 +311,7 @@ def plan_resources(
         gpus = 0.0
     left = total_cpus - n * cpus
     if left <= 0:
-        raise ValueError(
+        raise ResourcePlanError(
             f"{n} encoders x {cpus:g} CPUs take all {total_cpus:g} CPUs of the cluster: Ray Data could not run "
             "its read tasks and the job would hang; use fewer or smaller encoders"
         )

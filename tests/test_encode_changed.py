@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import lancedb
@@ -205,7 +206,7 @@ def test_stale_rows_are_reported_fail_strict_and_are_encoded_again_when_asked(tm
         sha = _sha((folder / name).read_bytes())
         store.add(_stored_row(name, uris[name], sha, sizes[name], version, precision))
     monkeypatch.setattr(encode_run, "_encode", _encode_in_process)
-    monkeypatch.setattr(encode_run, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(encode_run, "_join_cluster", lambda cfg: None)
 
     def run(**kwargs):
         spec = EncoderSpec(variant="small", precision=kwargs.pop("precision", "fp32"))
@@ -268,7 +269,7 @@ def test_check_content_records_the_orientation_tag_of_rows_stored_before_it_with
         item = _item(name, uris[name], sha or _sha((folder / name).read_bytes()))
         store.add(feature_rows([EncodedImage(item.image_id, item.uri, item.content_sha256, item.features, tag)], fp))
     before = {r.image_id: r for r in (store.reader(fp).get_record(i) for i in uris)}
-    monkeypatch.setattr(encode_run, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(encode_run, "_join_cluster", lambda cfg: None)
     monkeypatch.setattr(encode_run, "_encode", _encode_in_process)
 
     def run(**kwargs):
@@ -322,7 +323,7 @@ def test_rows_an_actor_wrote_at_bf16_are_not_stale_for_a_bf16_run_whose_driver_l
         store.add(_stored_row(s.image_id, s.uri, _sha(Path(s.uri).read_bytes()), (64, 64), 2, "bf16"))
     monkeypatch.setattr(encode_engine, "native_bf16", lambda flags=None: False)
     monkeypatch.setattr(encode_engine, "openvino_available", lambda: None)
-    monkeypatch.setattr(encode_run, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(encode_run, "_join_cluster", lambda cfg: None)
     monkeypatch.setattr(encode_run, "_encode", _encode_in_process)
     spec = EncoderSpec(variant="small", precision="bf16", engine="openvino")
     summary = encode_run.run(EncodeConfig(str(folder), db=str(tmp_path / "db"), encoder=spec, strict=True,
@@ -364,7 +365,7 @@ def test_reencode_changed_keeps_the_old_row_of_every_image_it_cannot_encode_agai
     from pipeline.encode_run import EncodeConfig, EncoderSpec, exit_code
 
     with tempfile.TemporaryDirectory() as tmp, _pytest.MonkeyPatch.context() as mp:
-        mp.setattr(encode_run, "init_ray", lambda *a, **k: None)
+        mp.setattr(encode_run, "_join_cluster", lambda cfg: None)
         mp.setattr(encode_run, "_encode", _encode_in_process)
         tmp = Path(tmp)
         folder = tmp / "imgs"
@@ -417,3 +418,103 @@ def _row_table(store: FeatureStore) -> dict[str, tuple]:
     return {i: (s, p, c) for i, s, p, c in zip(ids, table.column("content_sha256").to_pylist(),
                                                table.column("encode_precision").to_pylist(),
                                                table.column("created_at").to_pylist())}
+
+
+# --- a run that cannot start, or is stopped before encoding, removes nothing and says so -----------------------
+
+def _rewritten_table(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """a.png and b.png encoded, then a.png rewritten (same size, other pixels)."""
+    folder, db, summary = tmp_path / "imgs", tmp_path / "db", tmp_path / "summary.json"
+    folder.mkdir()
+    for name, seed in (("a.png", 1), ("b.png", 2)):
+        (folder / name).write_bytes(_png(seed))
+    first = _encode(folder, db, summary)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (folder / "a.png").write_bytes(_png(3))
+    return folder, db, summary
+
+
+@pytest.mark.slow
+def test_options_the_cluster_cannot_take_are_refused_before_any_row_is_removed(tmp_path):
+    folder, db, summary = _rewritten_table(tmp_path)
+    bad = _encode(folder, db, summary, "--check-content", "--reencode-changed", "--cpus-per-encoder", "1")
+    assert bad.returncode == 2 and "error: 1 encoders x 1 CPUs take all 1 CPUs" in bad.stderr, bad.stderr[-3000:]
+    assert "Traceback" not in bad.stderr and _rows(db) == {"a.png": _sha(_png(1)), "b.png": _sha(_png(2))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["listed", "sources_checked", "rows_removed"])
+def test_a_sigterm_at_any_step_before_encoding_is_a_stop_and_the_rerun_finishes(tmp_path, step):
+    """The job is held at the step (fault injection) and sent a real SIGTERM: exit 130 with the summary; a row
+    removed for re-encoding before the stop is encoded by the next run, the other rows stay."""
+    import signal
+    import time
+
+    folder, db, summary = _rewritten_table(tmp_path)
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "INTERFORMER_FAULT"))
+           and k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(ROOT), INTERFORMER_FAULT=f"{step}:hold", INTERFORMER_FAULT_DIR=str(faults))
+    job = subprocess.Popen([sys.executable, "-m", "jobs.encode", str(folder), "--db", str(db), "--variant", "small",
+                            "--num-cpus", "1", "--summary-json", str(summary), "--check-content", "--reencode-changed"],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(faults.glob("held-*")):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        out, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, out[-3000:] + err[-3000:]
+    assert "encode summary" in out and "Traceback" not in err and json.loads(summary.read_text())["interrupted"]
+    rows = _rows(db)
+    assert rows.get("b.png") == _sha(_png(2)) and rows.get("a.png") == (None if step == "rows_removed" else _sha(_png(1)))
+    rerun = _encode(folder, db, summary, "--check-content", "--reencode-changed", "--strict")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert _rows(db) == {"a.png": _sha(_png(3)), "b.png": _sha(_png(2))}
+
+
+@pytest.mark.slow
+def test_a_run_counts_as_its_own_only_its_images_though_it_commits_what_another_run_staged(tmp_path):
+    """Run A (held mid-pipeline) and run B (another encoder, killed after staging) on one table: A's committer
+    commits B's staged work too (nothing is lost), and A's summary counts only A's images and failures."""
+    import time
+
+    folder, db, summary = tmp_path / "imgs", tmp_path / "db", tmp_path / "a.json"
+    folder.mkdir()
+    for name, seed in (("a.png", 1), ("b.png", 2)):
+        (folder / name).write_bytes(_png(seed))
+    (folder / "bad.png").write_bytes(b"not an image")
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "INTERFORMER_FAULT"))
+           and k != "RAY_ADDRESS"}
+    a = subprocess.Popen([sys.executable, "-m", "jobs.encode", str(folder), "--db", str(db), "--variant", "small",
+                          "--num-cpus", "1", "--summary-json", str(summary)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**env, "PYTHONPATH": str(ROOT), "INTERFORMER_FAULT": "written:hold",
+                              "INTERFORMER_FAULT_DIR": str(faults)})
+    try:
+        deadline = time.monotonic() + 600
+        while not list(faults.glob("held-*")):
+            assert a.poll() is None and time.monotonic() < deadline, a.communicate()
+            time.sleep(0.1)
+        b = subprocess.run([sys.executable, "-m", "jobs.encode", str(folder), "--db", str(db), "--variant", "small",
+                            "--num-cpus", "1", "--seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                           env={**env, "PYTHONPATH": str(ROOT), "INTERFORMER_FAULT": "staged:exit"})
+        assert b.returncode == 97, b.stderr[-3000:]
+        (faults / "release").touch()
+        out, err = a.communicate(timeout=600)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert a.returncode == 0, out[-3000:] + err[-3000:]
+    s = json.loads(summary.read_text())
+    assert s["encoded"] == 2 and s["pending"] == 3 and s["committed_for_other_runs"] == 2
+    assert [f["image_id"] for f in s["failed"]] == ["bad.png"]
+    table = lancedb.connect(str(db)).open_table("features").to_arrow()
+    assert sorted(Counter(table.column("fingerprint").to_pylist()).values()) == [2, 2]
