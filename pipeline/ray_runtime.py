@@ -94,6 +94,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
     joined = cluster_address(address)
     if joined is not None:
+        check_reachable(joined)
         try:
             ray.init(address=joined, log_to_driver=log_to_driver)
         except Exception as e:  # Ray raises plain exceptions of several types for a cluster it cannot join
@@ -113,6 +114,24 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
                 raise RayStartError(f"could not start a local Ray: {e}") from None
             print(f"{job}: the local Ray did not come up in time (attempt {attempt}); trying again",
                   file=sys.stderr, flush=True)
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """RayConnectError at once when nothing accepts connections at a `host:port` cluster address: `ray.init`
+    would retry such an address for minutes. Other forms ("auto", "ray://...") are left to Ray."""
+    if "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise RayConnectError(f"cannot join the Ray cluster at {address}: give it as HOST:PORT (the GCS address "
+                              "`ray start --head` prints)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or type(e).__name__)
+        raise RayConnectError(f"cannot join the Ray cluster at {address}: nothing answers there ({reason}); start "
+                              "the head (`ray start --head`) or give the address it prints") from None
 
 
 def explain_connect_error(address: str, error: BaseException) -> str:

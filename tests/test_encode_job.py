@@ -392,6 +392,28 @@ def test_local_run_fp16_bad_only_strict_and_auth_mismatch(ray_head, collection, 
     assert "Traceback" not in token.stderr
 
 
+def test_an_address_nothing_answers_at_is_exit_3_at_once_and_changes_nothing(tmp_path):
+    """Ray would retry such an address for minutes: the job checks it first (loopback port with no listener)."""
+    from pipeline.ray_runtime import RayConnectError, check_reachable
+
+    port = _free_port()
+    with pytest.raises(RayConnectError, match=f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers"):
+        check_reachable(f"127.0.0.1:{port}")
+    for bad in ("127.0.0.1:0", "127.0.0.1:99999", "127.0.0.1:x", ":6379"):
+        with pytest.raises(RayConnectError, match="HOST:PORT"):
+            check_reachable(bad)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_image(40, 56, 1)).save(folder / "a.png")
+    run = subprocess.run([*ENCODE, str(folder), "--db", str(tmp_path / "db"), *COMMON, "--address",
+                          f"127.0.0.1:{port}"], cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 3 and "nothing answers" in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
 # --- in-process pieces ----------------------------------------------------------------------------
 
 
