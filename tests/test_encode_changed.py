@@ -106,15 +106,21 @@ def _rows(db: Path) -> dict[str, str]:
     return dict(zip(ids, table.column("content_sha256").to_pylist()))
 
 
-@pytest.mark.slow
-def test_a_rewritten_image_is_reported_fails_strict_and_is_replaced_when_asked(tmp_path):
+def _rewritten_table(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """a.png and b.png encoded, then a.png rewritten (same size, other pixels)."""
     folder, db, summary = tmp_path / "imgs", tmp_path / "db", tmp_path / "summary.json"
     folder.mkdir()
     for name, seed in (("a.png", 1), ("b.png", 2)):
         (folder / name).write_bytes(_png(seed))
     first = _encode(folder, db, summary)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    (folder / "a.png").write_bytes(_png(3))  # same name, same size, other pixels
+    (folder / "a.png").write_bytes(_png(3))
+    return folder, db, summary
+
+
+@pytest.mark.slow
+def test_a_rewritten_image_is_reported_fails_strict_and_is_replaced_when_asked(tmp_path):
+    folder, db, summary = _rewritten_table(tmp_path)
 
     plain = _encode(folder, db, summary, "--strict")  # the uri is the same: nothing is read without --check-content
     assert plain.returncode == 0 and json.loads(summary.read_text())["changed"] == []
@@ -421,18 +427,6 @@ def _row_table(store: FeatureStore) -> dict[str, tuple]:
 
 
 # --- a run that cannot start, or is stopped before encoding, removes nothing and says so -----------------------
-
-def _rewritten_table(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """a.png and b.png encoded, then a.png rewritten (same size, other pixels)."""
-    folder, db, summary = tmp_path / "imgs", tmp_path / "db", tmp_path / "summary.json"
-    folder.mkdir()
-    for name, seed in (("a.png", 1), ("b.png", 2)):
-        (folder / name).write_bytes(_png(seed))
-    first = _encode(folder, db, summary)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    (folder / "a.png").write_bytes(_png(3))
-    return folder, db, summary
-
 
 @pytest.mark.slow
 def test_options_the_cluster_cannot_take_are_refused_before_any_row_is_removed(tmp_path):
