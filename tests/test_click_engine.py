@@ -318,6 +318,7 @@ MERGING_CASES = dict(h=st.integers(1, 19), w=st.integers(1, 19), c=st.sampled_fr
 @given(**MERGING_CASES)
 @example(h=6, w=6, c=16, offset=8.0, scale=0.05, ramp=0.0, seed=1)  # far from zero mean: a plain E[p^2] - E[p]^2 fails
 @example(h=19, w=19, c=32, offset=0.0, scale=0.3, ramp=20.0, seed=0)  # an offset that varies over the map
+@example(h=13, w=13, c=16, offset=3.7666813632691443, scale=0.05, ramp=3.7666813632691443, seed=13)  # f32: 1.3e-6 x mag
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv_patch_merging_is_patch_merging(dtype, h, w, c, offset, scale, ramp, seed):
     """The engines' rewrite of PatchMerging (strided convolutions, no unfold) computes the same function: against
@@ -337,5 +338,7 @@ def test_conv_patch_merging_is_patch_merging(dtype, h, w, c, offset, scale, ramp
         got = rewrite.to(dtype)(x_low)
     assert got.shape == want.shape and got.dtype == dtype
     err = (got.double() - want).abs().max().item()
-    floor = (1e-6 if dtype == torch.float32 else 1e-2) * max(1.0, want.abs().max().item())
+    # f32: the rewrite sums in another order, a few ulps of the output's magnitude beyond 3x PatchMerging's own
+    # error (1.3e-6 x magnitude the worst hypothesis found; 0.6e-6 over 1500 random cases): 4e-6 x magnitude.
+    floor = (4e-6 if dtype == torch.float32 else 1e-2) * max(1.0, want.abs().max().item())
     assert err <= 3 * own + floor, (err, own)

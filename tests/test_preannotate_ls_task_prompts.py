@@ -269,8 +269,12 @@ def test_a_prompt_file_job_is_attached_to_the_task_that_names_its_image(xml, key
     link.__dict__["project"] = project
     jobs = [ImageJob("a.jpg", (10, 10), ()), ImageJob("b.jpg", (10, 10), ())]
     attached = link.attach_tasks(jobs, "mv")
-    assert attached.tasks_created == 1 and [j.task_id for j in attached.jobs] == [1, 2]
-    assert project.task_refs()[1].image_id == "b.jpg" and len(tasks) == 2
+    if xml == ONE_IMAGE:
+        assert attached.tasks_created == 1 and [j.task_id for j in attached.jobs] == [1, 2]
+        assert project.task_refs()[1].image_id == "b.jpg" and len(tasks) == 2
+    else:  # Label Studio refuses a task naming one image of several: none is created, b.jpg is reported
+        assert attached.tasks_created == 0 and [j.task_id for j in attached.jobs] == [1, None]
+        assert [g["image_id"] for g in attached.no_task] == ["b.jpg"] and len(tasks) == 1
 
 
 # --- which keypoints refine which rectangle: bulk and the backend's batch path group alike ----------------------
