@@ -32,7 +32,7 @@ import numpy as np
 from interformer.click_engine import ClickEngine, ClickEngineConfig
 from interformer.config import PreprocessConfig
 from interformer.encode_engine import check_encode_names
-from interformer.features import ImageFeatures
+from interformer.features import ImageFeatures, ImageGeometry
 from interformer.predictor import InteractiveSession, Predictor, mask_to_canvas, set_cpu_threads
 from pipeline.encoding import EncoderSpec, build_predictor, check_encode_memory
 from pipeline.feature_store import (
@@ -423,14 +423,29 @@ class _unexpected:
 def _score(margin: np.ndarray, feats: ImageFeatures, mask: np.ndarray) -> float:
     """Mean foreground probability over the returned mask (bool, original size: a box prompt's is cut to the
     box), at the network resolution: the mask is taken to the network canvas (nearest, as a start mask is), so
-    a rescaled image (--max-side) scores the mask it returns, not the whole canvas. 0 for an empty mask."""
-    g = feats.geometry
+    a rescaled image (--max-side) scores the mask it returns, not the whole canvas; its canvas pixels of
+    positive margin, else all its canvas pixels, else (a mask too small to cover one canvas pixel centre) the
+    canvas pixels its own pixels fall in. 0 exactly for an empty mask."""
+    return mask_score(margin, feats.geometry, mask)
+
+
+def mask_score(margin: np.ndarray, g: ImageGeometry, mask: np.ndarray) -> float:
+    """`_score` for a margin on the padded canvas of geometry `g` (the rule, shared with its tests)."""
+    if not mask.any():
+        return 0.0
     h, w = g.resized_size
     m = margin[:h, :w]
-    pos = mask_to_canvas(mask, g)[:h, :w] & (m > 0)
-    if not pos.any():
-        return 0.0
-    return float(np.mean(1.0 / (1.0 + np.exp(-m[pos].astype(np.float64)))))
+    canvas = mask_to_canvas(mask, g)[:h, :w]
+    pos = canvas & (m > 0)
+    if pos.any():
+        values = m[pos]
+    elif canvas.any():
+        values = m[canvas]
+    else:
+        rows, cols = np.nonzero(mask)
+        oh, ow = mask.shape
+        values = m[np.minimum(rows * h // oh, h - 1), np.minimum(cols * w // ow, w - 1)]
+    return float(np.mean(1.0 / (1.0 + np.exp(-values.astype(np.float64)))))
 
 
 class OnDemandEncoder:

@@ -14,7 +14,7 @@ import pytest
 from backend_support import LABEL_CONFIG, grabcut_images, make_checkpoint
 from fastapi.testclient import TestClient
 
-from connectors.engine import EngineConfig, InProcessSegmenter
+from connectors.engine import EngineConfig, InProcessSegmenter, mask_score
 from connectors.rle import rle_to_mask
 from connectors.server import ServerSettings, create_app
 from interformer.clicks import Click
@@ -257,12 +257,11 @@ def test_the_score_is_the_mean_probability_over_the_returned_mask_on_a_rescaled_
     """--max-side: the network sees the image rescaled. A box prompt's answer is cut to the box; its score is
     the mean foreground probability over that returned mask at the network resolution (0 when it is empty),
     never over the model's whole canvas."""
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
     from connectors.protocol import box_to_click
     from interformer.config import PreprocessConfig
-    from interformer.predictor import mask_to_canvas
     from pipeline.encoding import EncoderSpec, build_predictor
 
     ckpt, _ = model
@@ -277,6 +276,7 @@ def test_the_score_is_the_mean_probability_over_the_returned_mask_on_a_rescaled_
 
     @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(x=st.integers(0, 90), y=st.integers(0, 58), bw=st.integers(3, 96), bh=st.integers(3, 64))
+    @example(x=67, y=0, bw=4, bh=4)  # a mask on no canvas pixel of positive margin: scored, never 0
     def check(x, y, bw, bh):
         bw, bh = min(bw, w - x), min(bh, h - y)
         box = {"original_width": w, "original_height": h, "image_rotation": 0,
@@ -290,12 +290,9 @@ def test_the_score_is_the_mean_probability_over_the_returned_mask_on_a_rescaled_
         assert not outside.any()  # cut to the box
         roi = (left, up, right, bottom)
         margin = predictor.session(feats, box=roi).replay([click]).margin
-        rh, rw = feats.geometry.resized_size
-        m = margin[:rh, :rw]
-        pos = mask_to_canvas(returned, feats.geometry)[:rh, :rw] & (m > 0)
-        want = float(np.mean(1 / (1 + np.exp(-m[pos].astype(np.float64))))) if pos.any() else 0.0
+        want = mask_score(margin, feats.geometry, returned)
         score = region["score"] if region else 0.0
         assert score == pytest.approx(want, abs=1e-9), (x, y, bw, bh, int(returned.sum()))
-        assert (score == 0.0) == (not returned.any())
+        assert (score == 0.0) == (not returned.any())  # a mask too small for one canvas pixel scores too
 
     check()
