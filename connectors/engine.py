@@ -187,7 +187,7 @@ class SegmentEngine:
             bounded = np.zeros_like(mask)
             bounded[up:bottom, left:right] = mask[up:bottom, left:right]
             mask = bounded
-        score = _score(result.margin, feats, mask)
+        score = mask_score(result.margin, feats.geometry, mask)
         mask = view.mask_to_displayed(mask)  # Label Studio draws it on the grid the browser shows
         t2 = time.perf_counter()
         rle, polygons, polygon_iou = [], None, None
@@ -420,17 +420,12 @@ class _unexpected:
                            ) from None
 
 
-def _score(margin: np.ndarray, feats: ImageFeatures, mask: np.ndarray) -> float:
-    """Mean foreground probability over the returned mask (bool, original size: a box prompt's is cut to the
-    box), at the network resolution: the mask is taken to the network canvas (nearest, as a start mask is), so
-    a rescaled image (--max-side) scores the mask it returns, not the whole canvas; its canvas pixels of
-    positive margin, else all its canvas pixels, else (a mask too small to cover one canvas pixel centre) the
-    canvas pixels its own pixels fall in. 0 exactly for an empty mask."""
-    return mask_score(margin, feats.geometry, mask)
-
-
 def mask_score(margin: np.ndarray, g: ImageGeometry, mask: np.ndarray) -> float:
-    """`_score` for a margin on the padded canvas of geometry `g` (the rule, shared with its tests)."""
+    """Mean foreground probability over the returned mask (bool, original size: a box prompt's is cut to the
+    box), from the margin on the padded canvas of geometry `g`: the mask is taken to the network canvas (nearest,
+    as a start mask is), so a rescaled image (--max-side) scores the mask it returns, not the whole canvas; its
+    canvas pixels of positive margin, else all its canvas pixels, else (a mask too small to cover one canvas
+    pixel centre) the canvas pixels its own pixels fall in. 0 exactly for an empty mask."""
     if not mask.any():
         return 0.0
     h, w = g.resized_size
