@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
+from urllib.parse import parse_qsl, quote, unquote
 
 from .protocol import ControlTag, LabelConfig, ProtocolError, image_id_keys, parse_label_config, task_image
 
@@ -342,24 +343,61 @@ def index_tasks(refs: Iterable[TaskRef]) -> tuple[dict[str, TaskRef], list[tuple
 
 
 def index_urls(refs: Iterable[TaskRef]) -> dict[str, TaskRef]:
-    """image URL -> the lowest-id task showing it (a task found by URL is the image's task, whatever id it
-    names: a storage sync creates tasks with a URL only)."""
+    """Canonical image URL (`canonical_url`) -> the lowest-id task showing it (a task found by URL is the
+    image's task, whatever id it names: a storage sync creates tasks with a URL only)."""
     found: dict[str, TaskRef] = {}
     for ref in sorted(refs, key=lambda r: r.id):
         if ref.url is not None:
-            found.setdefault(ref.url, ref)
+            found.setdefault(canonical_url(ref.url), ref)
     return found
 
 
+def _served_by_label_studio(url: str) -> bool:
+    """A URL Label Studio serves or fetches over HTTP (a path on it, or http(s)), whose parts are decoded
+    as a web server decodes them; cloud-storage URIs (s3://, gs://, ...) name their keys raw."""
+    return url.startswith("/") or url.lower().startswith(("http://", "https://"))
+
+
+_PATH_KEEP = "/:@!$'()*,;=~"  # what a path segment may hold unescaped (RFC 3986 pchar, less '&' and '+')
+
+
+def canonical_url(url: str) -> str:
+    """One spelling of an image URL per file Label Studio would read for it, so that a task created by a run
+    matches the task a storage sync made: the path percent-decoded and re-encoded, each query value decoded
+    as Django decodes it ('+' is a space) and re-encoded as Label Studio's storages encode it (`quote`, '/'
+    kept); a fragment is dropped (never sent to a server). Other URIs are returned unchanged."""
+    if not _served_by_label_studio(url):
+        return url
+    url = url.partition("#")[0]
+    head, sep, query = url.partition("?")
+    scheme, slashes, rest = head.partition("://")
+    if slashes:
+        host, slash, path = rest.partition("/")
+        head = f"{scheme.lower()}://{host.lower()}{slash}{quote(unquote(path), safe=_PATH_KEEP)}"
+    else:
+        head = quote(unquote(head), safe=_PATH_KEEP)
+    if not sep:
+        return head
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return head + "?" + "&".join(f"{quote(k, safe='/')}={quote(v, safe='/')}" for k, v in pairs)
+
+
 def url_template(template: str) -> Callable[[str, str | None, str | None], str]:
-    """`template` with {image_id}, {file_name} and {uri} -> a function making a task's image URL."""
+    """`template` with {image_id}, {file_name} and {uri} -> a function making a task's image URL.
+
+    In a URL Label Studio serves (a path such as the default `/data/local-files/?d={file_name}`, or
+    http(s)://) each value is percent-encoded as Label Studio's own storage sync encodes file names (`quote`,
+    '/' kept), so that a name with a space, '+', '#', '&' or '%' reaches the right file; in other URIs
+    (s3://bucket/{file_name}) values go in raw, as those storages write keys."""
     try:
         template.format(image_id="", file_name="", uri="")
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"image URL template {template!r} may use only {{image_id}}, {{file_name}}, {{uri}}: {e}") from None
+    encode = (lambda v: quote(v, safe="/")) if _served_by_label_studio(template) else (lambda v: v)
 
     def make(image_id: str, file_name: str | None, uri: str | None) -> str:
-        return template.format(image_id=image_id, file_name=file_name or image_id, uri=uri or image_id)
+        return template.format(image_id=encode(image_id), file_name=encode(file_name or image_id),
+                               uri=encode(uri or image_id))
 
     return make
 

@@ -22,6 +22,7 @@ from .label_studio_client import (
     LabelStudioError,
     LabelStudioProject,
     TaskRef,
+    canonical_url,
     index_tasks,
     index_urls,
     url_template,
@@ -87,7 +88,7 @@ class ProjectLink:
             def task_of(j: ImageJob) -> TaskRef | None:
                 if j.task_id is not None:
                     return by_id.get(j.task_id)
-                return index.get(j.image_id) or by_url.get(make_url(j.image_id, j.file_name, j.uri))
+                return index.get(j.image_id) or by_url.get(canonical_url(make_url(j.image_id, j.file_name, j.uri)))
             return task_of
 
         refs = project.task_refs()

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 from backend_support import LABEL_CONFIG, keypoint, rectangle
@@ -320,6 +321,57 @@ def test_a_task_that_names_its_image_by_url_only_is_the_images_task(env):
     again = run(env, "url-only", *common)
     assert again["tasks_created"] == 0 and again["pushed"] == 0
     assert len(list(client.tasks.list(project=project.id, include="id"))) == len(tasks)
+
+
+ESCAPED_NAMES = ["sp ace.png", "a+b.png", "c#d.png", "e&f.png", "100%25.png", "ünï.png"]
+
+
+def test_file_names_that_need_escaping_find_their_synced_task_and_created_tasks_show_their_image(env, label_studio):
+    """Label Studio's storage sync percent-encodes file names in task URLs, and its file view decodes the query
+    ('+' is a space, '#' ends the URL): a run finds the synced task of every such file (no second task), and in
+    a project without tasks creates tasks whose URLs Label Studio serves the right file from."""
+    fx, client = env["fx"], env["client"]
+    folder = label_studio.files_root / "escaped names"
+    folder.mkdir()
+    picture = fx.images[sorted(i for i in fx.images if i != fx.unencoded)[0]]
+    for name in ESCAPED_NAMES:
+        cv2.imwrite(str(folder / name), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    h, w = SIZE
+    images = [{"id": n + 1, "file_name": f"{folder.name}/{name}", "height": h, "width": w}
+              for n, name in enumerate(ESCAPED_NAMES)]
+    annotations = [{"id": n + 1, "image_id": n + 1, "category_id": 1, "bbox": [10, 10, 40, 40]}
+                   for n in range(len(images))]
+    coco = env["tmp"] / "escaped-names.json"
+    coco.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "object"}]}))
+    db = env["tmp"] / "escaped-names-db"
+    shutil.copytree(env["tmp"] / "db-as-built", db)
+    common = ["--coco", str(coco), "--image-root", str(label_studio.files_root), "--push", "--encode-missing",
+              "--db", str(db)]
+
+    synced = client.projects.create(title="synced escaped names", label_config=LABEL_CONFIG)
+    storage = client.import_storage.local.create(project=synced.id, path=str(folder), title="files",
+                                                 use_blob_urls=True)
+    client.import_storage.local.sync(id=storage.id)
+    tasks = list(client.tasks.list(project=synced.id, include="id,data"))
+    assert len(tasks) == len(ESCAPED_NAMES)
+    s = run(env, "escaped-synced", "--ls-project", str(synced.id), *common)
+    assert s["tasks_created"] == 0 and s["pushed"] == len(ESCAPED_NAMES)
+    for t in tasks:
+        assert len(list(client.predictions.list(task=t.id))) == 1, t.data
+    assert len(list(client.tasks.list(project=synced.id, include="id"))) == len(ESCAPED_NAMES)
+
+    fresh = client.projects.create(title="created escaped names", label_config=LABEL_CONFIG)
+    client.import_storage.local.create(project=fresh.id, path=str(folder), title="files", use_blob_urls=True)
+    s = run(env, "escaped-created", "--ls-project", str(fresh.id), *common)
+    assert s["tasks_created"] == len(ESCAPED_NAMES) and s["pushed"] == len(ESCAPED_NAMES)
+    expected = {name: (folder / name).read_bytes() for name in ESCAPED_NAMES}
+    served = {}
+    for t in client.tasks.list(project=fresh.id, include="id,data"):
+        r = httpx.get(label_studio.url + t.data["image"], headers={"Authorization": f"Token {label_studio.token}"})
+        assert r.status_code == 200, t.data
+        served[t.data["image_id"].split("/", 1)[1]] = r.content
+    assert served == expected
 
 
 TWO_IMAGES = """<View>
