@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .numbers import is_finite_number
+
 __all__ = ["MAX_POLYGON_WORK", "PolygonError", "checked_polygons", "clip_polygon", "polygons_rle", "rasterize"]
 
 
@@ -26,7 +28,7 @@ MAX_POLYGON_WORK = 1 << 23
 
 def _finite_polygon(poly: object) -> bool:
     return isinstance(poly, (list, tuple)) and len(poly) >= 6 and len(poly) % 2 == 0 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in poly)
+        is_finite_number(v) for v in poly)
 
 
 def _clip_half_plane(xy: np.ndarray, axis: int, bound: float, keep_low: bool) -> np.ndarray:

@@ -50,7 +50,7 @@ def check_box(box: Sequence[float], original_size: tuple[int, int]) -> None:
     h0, w0 = original_size
     try:
         values = tuple(float(v) for v in box)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidClickError(f"box {box!r} must be 4 numbers (left, up, right, bottom)") from None
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise InvalidClickError(f"box {box!r} must be 4 finite numbers (left, up, right, bottom)")

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from interformer.clicks import Click, Roi
+from interformer.numbers import is_finite_number
 
 BOX_MARGIN = 0.2  # a box prompt's region: the box grown by this fraction of its size on each side (1.4x,
 # the expand ratio InterFormer's own zoom-in uses around the object)
@@ -34,17 +35,6 @@ class BoxPromptError(ValueError):
 
     def __reduce__(self):  # keep the reason when the error is pickled
         return (type(self), (str(self), self.reason))
-
-
-def is_finite_number(v: Any) -> bool:
-    """A JSON number usable as a coordinate: an int or float (not a bool) with a finite float value. An
-    integer beyond float range (10**400) is not one: `math.isfinite` would raise OverflowError on it."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 def shown(v: Any) -> str:

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from interformer.coco_rle import RLEError, checked_counts
+from interformer.numbers import is_finite_number
 
 MASK_RITM_GRABCUT = "ritm_grabcut"  # channel 0; 128 ignore, 1 and > 128 object
 MASK_RITM_DAVIS = "ritm_davis"  # max over BGR channels > 0 object
@@ -183,10 +184,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and bool(np.isfinite(v))
-
-
 def check_segmentation(segmentation: Any, size: tuple[int, int]) -> list[list[float]] | dict[str, Any]:
     """A COCO segmentation in a form safe to decode: polygons (each >= 3 finite (x, y) vertices) or an RLE
     of this `size` whose counts (list, or COCO's compressed string, which is expanded) add up to H * W.
@@ -194,7 +191,7 @@ def check_segmentation(segmentation: Any, size: tuple[int, int]) -> list[list[fl
     h, w = size
     if isinstance(segmentation, list):
         for k, poly in enumerate(segmentation):
-            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+            if not isinstance(poly, list) or not all(is_finite_number(v) for v in poly):
                 raise DatasetError(f"polygon {k} is not a list of finite numbers")
             if len(poly) % 2 or len(poly) < 6:
                 raise DatasetError(f"polygon {k} has {len(poly)} coordinates; a polygon needs an even number, "
@@ -399,7 +396,7 @@ def _check_annotation(ann: Any, images: dict[Any, dict[str, Any]], where: str) -
         else None
     if info is None:
         raise DatasetError(f"{where}: 'image_id' {ann.get('image_id')!r} is not the id of an image in the file")
-    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+    if "area" in ann and not (is_finite_number(ann["area"]) and ann["area"] >= 0):
         raise DatasetError(f"{where}: 'area' must be a number of pixels >= 0, got {ann['area']!r}")
     if ann.get("iscrowd", 0) not in (0, 1):
         raise DatasetError(f"{where}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Sequence
@@ -27,6 +26,7 @@ from pycocotools import mask as mask_utils
 
 from interformer.clicks import Click, Roi
 from interformer.coco_rle import RLEError, checked_counts
+from interformer.numbers import is_finite_number
 
 from . import box_prompt as _box
 from .box_prompt import BoxPromptError, box_to_click
@@ -168,18 +168,8 @@ class PromptSet:
 # Geometry helpers (pure)
 
 
-def _finite(value: Any) -> bool:
-    """A JSON number that is finite as a float (not a bool, not NaN/inf, not an integer beyond float range)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
 def _finite_numbers(values: Any) -> bool:
-    return isinstance(values, (list, tuple)) and all(_finite(v) for v in values)
+    return isinstance(values, (list, tuple)) and all(is_finite_number(v) for v in values)
 
 
 def _is_int(value: Any) -> bool:
