@@ -20,12 +20,15 @@ def map_unordered_surviving(
     items: Iterable,
     new_actor: Callable[[], Any],
     max_retries: int = DEFAULT_ITEM_RETRIES,
+    on_lost: Callable[[Any, Exception], Any] | None = None,
 ) -> Iterator[Any]:
     """Yield `submit(actor, item)`'s result for every item, in completion order, one item per actor at a time.
 
-    When an actor dies with an item, the item goes back to the queue (at most `max_retries` times, then the
-    actor's error is raised) and the actor leaves the pool; a new one (`new_actor()`) is started only when
-    none is left, since the cluster that lost a node may have no room for more. A result is yielded once:
+    When an actor dies with an item, the item goes back to the queue (at most `max_retries` times) and the
+    actor leaves the pool; a new one (`new_actor()`) is started only when none is left, since the cluster
+    that lost a node may have no room for more. An item that kills its actor more often than that (an image
+    that exhausts memory, crashes a native library) yields `on_lost(item, error)` in its place, so one bad
+    item does not stop the others; without `on_lost` the actor's error is raised. A result is yielded once:
     an item is re-run only when its first run produced none."""
     queue = deque(enumerate(items))
     idle = list(actors)
@@ -40,13 +43,17 @@ def map_unordered_surviving(
         actor, index, item = in_flight.pop(ref)
         try:
             result = ray.get(ref)
-        except ray.exceptions.RayActorError:
+        except ray.exceptions.RayActorError as error:
             retries[index] += 1
-            if retries[index] > max_retries:
+            lost = retries[index] > max_retries
+            if lost and on_lost is None:
                 raise
-            queue.appendleft((index, item))
-            if not idle and not in_flight:
+            if not lost:
+                queue.appendleft((index, item))
+            if queue and not idle and not in_flight:
                 idle.append(new_actor())
+            if lost:
+                yield on_lost(item, error)
             continue
         idle.append(actor)
         yield result

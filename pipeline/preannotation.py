@@ -40,6 +40,7 @@ from .prompts import (
     NO_FEATURES,
     RETRYABLE,
     SIZE_MISMATCH,
+    WORKER_DIED,
     ImageJob,
     ObjectPrompt,
     decode_rle,
@@ -158,6 +159,14 @@ class ImageResult:
         return cls(d["key"], d["image_id"], d["digest"], list(d["size"]), objects,
                    bool(d.get("encoded_on_the_fly")), float(d.get("ms", 0.0)), float(d.get("cpu_ms", 0.0)),
                    d.get("exif_orientation"))
+
+
+def lost_image(job: ImageJob, error: BaseException) -> ImageResult:
+    """The result of an image whose every worker died with it: each object failed as `worker_died` (not final,
+    so a later run tries again), the error named, the run going on with the other images."""
+    detail = f"every worker that took this image died ({type(error).__name__}: {str(error).splitlines()[0][:300]})"
+    return ImageResult(job.key, job.image_id, job.digest(), list(job.size),
+                       [ObjectResult.failure(p, WORKER_DIED, detail) for p in job.objects])
 
 
 def mask_score(prob: np.ndarray, mask: np.ndarray) -> float:
@@ -328,6 +337,7 @@ class PreannotateWorker:
     def run(self, job: ImageJob) -> ImageResult:
         """Every object of the image; never raises (failures are per object, with reasons)."""
         fault_point("segment")
+        fault_point(f"segment {job.image_id}")  # one image that kills every worker taking it
         t0, c0 = time.perf_counter(), time.process_time()
         digest = job.digest()
         try:

@@ -31,7 +31,7 @@ from .encoding import EncoderSpec, build_predictor
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
 from .files import write_json_atomic
 from .ledger import Ledger
-from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec
+from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec, lost_image
 from .preannotation_report import REPORT, PreannotateSummary, tally, write_report
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptFileError, PromptSet, coco_prompts, read_coco_file
 from .ray_runtime import init_ray
@@ -438,15 +438,15 @@ def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: Preannota
             summary.workers = n
             actor = ray.remote(PreannotateWorker).options(num_cpus=cfg.cpus_per_worker, max_restarts=0)
             actors = [actor.remote(spec) for _ in range(n)]
-            ray.get([a.ping.remote() for a in actors])  # model loaded, table opened: the rest is throughput
-            summary.startup_s = time.monotonic() - t0
-            bar.set_description(f"preannotate ({n} workers)")
             try:
+                ray.get([a.ping.remote() for a in actors])  # model loaded, table opened: the rest is throughput
+                summary.startup_s = time.monotonic() - t0
+                bar.set_description(f"preannotate ({n} workers)")
                 for result in map_unordered_surviving(actors, lambda a, job: a.run.remote(job), jobs,
-                                                      lambda: actor.remote(spec)):
+                                                      lambda: actor.remote(spec), on_lost=lost_image):
                     bar.update(len(result.objects))
                     yield result
-            except ray.exceptions.RayActorError as e:  # a worker process died (out of memory, node lost)
+            except ray.exceptions.RayActorError as e:  # a worker died while loading the model
                 raise WorkerDied(f"a worker died: {str(e).splitlines()[0][:300]}") from None
         finally:
             ray.shutdown()

@@ -54,10 +54,11 @@ NO_FEATURES = "no_features"  # the image has no stored features (and was not enc
 IMAGE_UNREADABLE = "image_unreadable"  # encoding on the fly failed to read/decode the image
 SIZE_MISMATCH = "size_mismatch"  # the prompt file sizes the image differently from its features
 INTERNAL_ERROR = "internal_error"  # an unexpected error in a worker (with its traceback)
+WORKER_DIED = "worker_died"  # every worker that took the image died (out of memory, a crash in native code)
 
 # Failures that a later run may not repeat (features encoded meanwhile, a worker crash, an image re-encoded
 # since its size disagreed, e.g. now that its EXIF orientation is recorded): not final.
-RETRYABLE = frozenset({NO_FEATURES, IMAGE_UNREADABLE, INTERNAL_ERROR, SIZE_MISMATCH})
+RETRYABLE = frozenset({NO_FEATURES, IMAGE_UNREADABLE, INTERNAL_ERROR, SIZE_MISMATCH, WORKER_DIED})
 
 # Images larger than this cannot be held by pycocotools' RLE (32-bit pixel positions), nor decoded sanely.
 MAX_IMAGE_PIXELS = 1 << 31

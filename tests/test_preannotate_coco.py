@@ -22,6 +22,7 @@ from preannotate_support import SIZE, load_preannotate_job, prepare_store
 
 from interformer.clicks import Click
 from pipeline.encoding import EncoderSpec, build_predictor
+from pipeline.faults import FAULT_ENV
 from pipeline.feature_store import FeatureReader, FeatureStore
 from pipeline.metrics import iou
 from pipeline.prompts import RETRYABLE, coco_prompts, decode_rle, read_coco_file
@@ -176,6 +177,32 @@ def test_every_object_is_reported_with_its_outcome(env, first_run):
     s = first_run["summary"]
     assert s["segmented"] == len(fx.kinds) - 2 and s["reasons"]["no_features"] == 3
     assert "failed" in first_run["stdout"] and "no_features 3" in first_run["stdout"]
+
+
+def test_an_image_that_kills_every_worker_fails_alone_and_a_rerun_retries_it(env, first_run):
+    """An image whose worker dies each time (out of memory, a crash in native code) is that image's failure
+    (`worker_died`, named in the report), the other images and the COCO file are done; a rerun tries it again."""
+    poison = sorted(i for i in env["fx"].images if i != env["fx"].unencoded)[0]
+    out = env["tmp"] / "poison.json"
+    cmd = [sys.executable, str(JOB), *args(env, "poison", "--coco-out", str(out), "--workers", "2",
+                                           "--num-cpus", "2")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, FAULT_ENV: f"segment {poison}:exit"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    s = json.loads((env["tmp"] / "poison" / "summary.json").read_text())
+    rows = report(env, "poison")
+    died = {k for k, r in rows.items() if r["reason"] == "worker_died"}
+    assert died and {rows[k]["image_id"] for k in died} == {poison}
+    assert s["reasons"]["worker_died"] == len(died) and not s["interrupted"]
+    def by_object(text: str) -> dict:
+        return {a["source_key"]: {k: v for k, v in a.items() if k != "id"} for a in json.loads(text)["annotations"]}
+
+    reference = by_object(first_run["annotations_text"])
+    assert by_object(out.read_text()) == {k: a for k, a in reference.items() if k not in died}
+
+    rc, s = run_inline(env, "poison", "--coco-out", str(out), "--workers", "0")
+    assert rc == 0 and s["computed_images"] == 3 and "worker_died" not in s["reasons"]
+    assert by_object(out.read_text()) == reference
 
 
 def test_a_rerun_redoes_only_what_could_not_be_done(env, first_run):
