@@ -146,7 +146,11 @@ class Pusher:
     An import without a definite answer (a lost connection, a timeout, a 5xx, the run stopped during it) is
     never sent again by this process, since Label Studio may have stored it, perhaps only after the answer
     was lost: `finish` reads those tasks again and counts the ones that hold the prediction as pushed; the
-    others stay `in_doubt`, for the next run, which reads the project before it pushes anything."""
+    others stay `in_doubt`, for the next run, which reads the project before it pushes anything.
+
+    When Label Studio refuses or cannot be reached (an outage, refused credentials), the pusher stops: the
+    batch and every later prediction are listed as not pushed, nothing more is sent, and `stopped` says why;
+    the run goes on segmenting and writes its outputs, and the next run pushes what is missing."""
 
     def __init__(self, project: LabelStudioProject, model_version: str, batch: int, task_of: dict[str, int],
                  fingerprint: str) -> None:
@@ -160,14 +164,19 @@ class Pusher:
         self.already_there = 0
         self.failures: list[dict] = []
         self.in_doubt: list[dict] = []  # {"task", "error"} of predictions sent without a definite answer
+        self.stopped: str | None = None  # why pushing stopped (Label Studio refused or could not be reached)
 
     def add(self, result: ImageResult) -> None:
         task_id = self.task_of.get(result.key)
         if task_id is None:
             return
         prediction = prediction_for(result, task_id, self.project.brush, self.model_version, self.fingerprint)
-        if prediction is not None:
-            self.buffer.append(prediction)
+        if prediction is None:
+            return
+        if self.stopped is not None:
+            self.failures.append({"task": task_id, "error": f"not pushed: {self.stopped}"})
+            return
+        self.buffer.append(prediction)
         if len(self.buffer) >= self.batch:
             self.flush()
 
@@ -179,21 +188,25 @@ class Pusher:
         try:
             held = self.project.tasks_holding(self.model_version, (p["task"] for p in batch))
         except LabelStudioError as e:
-            self.failures.extend({"task": p["task"], "error": f"not pushed: {e}"} for p in batch)
-            raise
+            self._stop(e, batch)
+            return
         fresh = [p for p in batch if int(p["task"]) not in held]
         self.already_there += len(batch) - len(fresh)
         try:
             outcome = self.project.push(fresh)
         except LabelStudioError as e:
-            self.failures.extend({"task": p["task"], "error": f"not pushed: {e}"} for p in fresh)
-            raise
+            self._stop(e, fresh)
+            return
         except BaseException:  # stopped (SIGTERM, Ctrl-C) while the import was on its way
             self.in_doubt.extend({"task": p["task"], "error": "the run stopped during the import"} for p in fresh)
             raise
         self.pushed += outcome.created
         self.failures.extend({"task": t, "error": e} for t, e in outcome.refused)
         self.in_doubt.extend({"task": p["task"], "error": outcome.error} for p in outcome.in_doubt)
+
+    def _stop(self, error: LabelStudioError, batch: list[dict]) -> None:
+        self.stopped = str(error)
+        self.failures.extend({"task": p["task"], "error": f"not pushed: {error}"} for p in batch)
 
     def finish(self) -> None:
         """Push what is left, then count the in-doubt predictions that Label Studio holds as pushed."""

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(summary)
     if summary.interrupted:
         return 130
+    if summary.push_stopped:
+        print(f"error: {summary.push_stopped}", file=sys.stderr)
+        return 2
     if nothing_segmented(summary):
         print("error: no object could be segmented (see the report)", file=sys.stderr)
         return 1

@@ -49,6 +49,7 @@ class PreannotateSummary:
     pushed_by_another_run: int = 0  # finished here, but another run had pushed this model version meanwhile
     push_failures: list = field(default_factory=list)  # {"task", "error"}: refused, or not pushed
     push_in_doubt: list = field(default_factory=list)  # {"task", "error"}: sent, no answer, not in the project
+    push_stopped: str | None = None  # why pushing stopped early (Label Studio refused or could not be reached)
     tasks_gone: list = field(default_factory=list)  # {"image_id", "task"}: the task was deleted during the run
     no_task: list = field(default_factory=list)  # {"image_id", "reason"}: no task, and the run cannot create one
     duplicate_tasks: list = field(default_factory=list)
@@ -174,6 +175,9 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
                         "run again, it pushes those that are missing)" if s.push_in_doubt else ""))
         for f in (s.push_failures + s.push_in_doubt)[:problems_shown]:
             lines.append(f"      task {f['task']}: {f['error']}")
+    if s.push_stopped:
+        lines.append(f"  push stopped {s.push_stopped}; the masks are in the ledger (and --coco-out): run again to "
+                     "push them")
     if s.tasks_gone:
         lines.append(f"  note         {len(s.tasks_gone)} images lost their task during the run (deleted in Label "
                      "Studio): " + ", ".join(str(g["image_id"]) for g in s.tasks_gone[:problems_shown]))

@@ -231,27 +231,28 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
     t0 = time.monotonic()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        for result in segment_all(cfg, needs_mask, summary, image_access):
-            ledger.append({"type": "image", "result": result.to_dict()})
-            done[result.key] = result
-            summary.count(result)
-            if pusher is not None and result.key not in delivered and result.final:
-                pusher.add(result)
-    except (KeyboardInterrupt, WorkerDied) as e:
-        summary.interrupted = True
-        summary.error = str(e) or None
-        print(f"\npreannotate: {'stopped: ' + str(e) if str(e) else 'interrupted'}; the finished images are in "
-              "the ledger, run again to resume", file=sys.stderr, flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        try:
+            for result in segment_all(cfg, needs_mask, summary, image_access):
+                ledger.append({"type": "image", "result": result.to_dict()})
+                done[result.key] = result
+                summary.count(result)
+                if pusher is not None and result.key not in delivered and result.final:
+                    pusher.add(result)
+        except (KeyboardInterrupt, WorkerDied) as e:
+            _stopped(summary, str(e))
         summary.seconds = time.monotonic() - t0
         if pusher is not None:
             try:
                 pusher.finish()
-            finally:
-                summary.pushed, summary.push_failures = pusher.pushed, list(pusher.failures)
-                summary.push_in_doubt = list(pusher.in_doubt)
-                summary.pushed_by_another_run = pusher.already_there
+            except KeyboardInterrupt:  # a second stop while the last predictions were on their way
+                _stopped(summary, "", "while the last predictions were pushed (those sent are listed as in doubt)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if pusher is not None:
+            summary.pushed, summary.push_failures = pusher.pushed, list(pusher.failures)
+            summary.push_in_doubt = list(pusher.in_doubt)
+            summary.pushed_by_another_run = pusher.already_there
+            summary.push_stopped = pusher.stopped
 
     current = [done[j.key] for j in jobs if j.key in done and done[j.key].digest == j.digest()]
     if cfg.coco_out and not summary.interrupted:
@@ -259,6 +260,15 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
     tally(summary, current, problems, cfg.policy)
     write_report(run_dir / REPORT, problems, current)
     return summary
+
+
+def _stopped(summary: PreannotateSummary, error: str, when: str = "") -> None:
+    """Record (and say) that the run was stopped or lost its workers: its outputs are still written."""
+    summary.interrupted = True
+    summary.error = summary.error or error or None
+    said = f"stopped: {error}" if error else "interrupted" + (f" {when}" if when else "")
+    print(f"\npreannotate: {said}; the finished images are in the ledger, run again to resume", file=sys.stderr,
+          flush=True)
 
 
 def check_unique_keys(jobs: Sequence[ImageJob]) -> None:

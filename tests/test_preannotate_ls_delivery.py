@@ -211,6 +211,80 @@ def test_a_push_stopped_during_the_import_is_not_sent_again_by_the_run(ls, proje
     assert set(ours_per_task(client, pid).values()) == {1} and sum(ours_per_task(client, pid).values()) == 4
 
 
+
+def _run_loop(ls, pid, tmp_path, monkeypatch, n_images: int, project_: LabelStudioProject | None = None):
+    """`_run_in`, the real run loop, with trivial masks for `n_images` images whose tasks exist in `pid`."""
+    jobs = [ImageJob(f"im{i}", (8, 8), (ObjectPrompt(f"coco:{i}", f"im{i}", "obj", "points", (8, 8),
+                                                     clicks=(Click(2, 2, True),)),)) for i in range(n_images)]
+
+    def fake_segment_all(cfg, todo, summary, image_access=None):
+        for j in todo:
+            r = result(j.key)
+            r.digest = j.digest()
+            yield r
+
+    monkeypatch.setattr(run_module, "segment_all", fake_segment_all)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", ls.token)
+    cfg = run_module.PreannotateConfig(coco="x.json", ls_project=pid, ls_url=ls.url, push=True, push_batch=2,
+                                       run_dir=str(tmp_path))
+    link = ProjectLink(cfg)
+    link.__dict__["project"] = project_ or opened(ls, pid)
+    return run_module._run_in(cfg, link, Path(tmp_path), PromptSet(images=jobs), jobs, [], "fp", MV, "x")
+
+
+@pytest.mark.parametrize("status", [503, 401])
+def test_label_studio_failing_mid_run_stops_the_push_not_the_run(ls, project, tmp_path, monkeypatch, status):
+    """Label Studio answering 503 (an outage) or 401 to the re-read before the second batch: nothing more is
+    sent, every image is still segmented and recorded, the summary lists the rest as not pushed and says why,
+    and the next run pushes exactly what is missing."""
+    client, pid = project
+    make_tasks(client, pid, [f"im{i}" for i in range(6)])
+    imports = []
+
+    def rule(method, path):
+        if "/import/predictions" in path:
+            imports.append(path)
+        elif imports and method == "GET":
+            return ("refuse", status, {})
+        return None
+
+    proxy = LabelStudioProxy(ls.url, rule)
+    try:
+        first = _run_loop(ls, pid, tmp_path, monkeypatch, 6, opened(ls, pid, proxy.url, timeout_s=10))
+    finally:
+        proxy.close()
+    assert not first.interrupted and first.push_stopped and str(status) in first.push_stopped
+    assert first.pushed == 2 and len(first.push_failures) == 4 and len(imports) == 1
+    assert sum(ours_per_task(client, pid).values()) == 2
+    second = _run_loop(ls, pid, tmp_path, monkeypatch, 6)
+    assert second.pushed == 4 and second.push_stopped is None
+    assert set(ours_per_task(client, pid).values()) == {1} and sum(ours_per_task(client, pid).values()) == 6
+
+
+def test_a_second_stop_while_the_last_predictions_are_pushed_still_ends_with_a_summary(ls, project, tmp_path,
+                                                                                      monkeypatch):
+    """Ctrl-C, then Ctrl-C again during the final import: the run returns its summary (interrupted, the
+    import in doubt), and the next run pushes nothing twice."""
+    client, pid = project
+    make_tasks(client, pid, [f"im{i}" for i in range(3)])
+    project_ = opened(ls, pid)
+    real = project_.client.projects.import_predictions
+    calls = []
+
+    def stopped_on_the_last(**kwargs):
+        calls.append(len(kwargs["request"]))
+        real(**kwargs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the second stop, during the final flush
+
+    project_.client.projects.import_predictions = stopped_on_the_last
+    first = _run_loop(ls, pid, tmp_path, monkeypatch, 3, project_)
+    assert first.interrupted and calls == [2, 1]
+    assert first.pushed == 3 and first.push_in_doubt == []  # the in-doubt import was found in the project
+    second = _run_loop(ls, pid, tmp_path, monkeypatch, 3)
+    assert second.pushed == 0 and sum(ours_per_task(client, pid).values()) == 3
+
+
 @pytest.mark.parametrize("misbehaviour", [("after", 502, {}), "drop"])
 def test_a_task_import_whose_answer_is_lost_creates_no_second_task(ls, project, tmp_path, misbehaviour):
     client, pid = project
@@ -247,10 +321,11 @@ def test_refused_credentials_stop_the_push_after_one_request(ls, project, status
     tasks = make_tasks(client, pid, [f"i{n}" for n in range(8)])
     proxy = LabelStudioProxy(ls.url, lambda m, p: ("refuse", status, {}) if "/import/predictions" in p else None)
     try:
-        pusher = Pusher(opened(ls, pid, proxy.url), MV, 8, {f"i{n}": t for n, t in enumerate(tasks)}, "fp")
-        with pytest.raises(LabelStudioError, match="API key"):
-            for n in range(8):
-                pusher.add(result(f"i{n}"))
+        pusher = Pusher(opened(ls, pid, proxy.url), MV, 4, {f"i{n}": t for n, t in enumerate(tasks)}, "fp")
+        for n in range(8):
+            pusher.add(result(f"i{n}"))
+        pusher.finish()
+        assert "API key" in pusher.stopped
         assert len(proxy.posts("/import/predictions")) == 1
         assert len(pusher.failures) == 8 and all("not pushed" in f["error"] for f in pusher.failures)
     finally:
