@@ -13,6 +13,7 @@ form it is left out, as it would have nothing to show.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from .preannotation import ImageResult, ObjectResult
@@ -34,16 +35,29 @@ def _written(o: ObjectResult) -> bool:
     return o.ok and (o.polygons is None or len(o.polygons) > 0)
 
 
+def _as_prompted(results: Iterable[ImageResult], jobs: Mapping[str, ImageJob]) -> list[ImageResult]:
+    """Results whose objects carry the category and label of the prompts now, not of the run that made the
+    mask: a rerun after the prompt file renumbered its categories resumes the masks (which the category does
+    not decide) and must still write them under the file's current ids."""
+    out = []
+    for r in results:
+        now = {p.key: p for p in jobs[r.key].objects}
+        objects = [replace(o, category_id=now[o.key].category_id, label=now[o.key].label) if o.key in now else o
+                   for o in r.objects]
+        out.append(replace(r, objects=objects))
+    return out
+
+
 def coco_results(results: Iterable[ImageResult], jobs: Mapping[str, ImageJob], model_version: str) -> list[dict]:
     """The results list: one entry per segmented object whose image and category have COCO ids, on the COCO
     image entry the object was annotated on (several entries may name one image file: they share one job).
     `jobs` maps ImageJob.key to the job of each result."""
     out = []
-    for r in results:
+    for r in _as_prompted(results, jobs):
         job = jobs[r.key]
         if job.source_image_id is None:
             raise ValueError(f"image {r.image_id!r} has no COCO image id: write the 'annotations' form instead")
-        entry_of = {p.key: p.source_image_id for p in job.objects if p.source_image_id is not None}
+        entry_of = {p.key: p.source_image_id for p in job.objects if isinstance(p.source_image_id, int)}
         for o in r.objects:
             if _written(o) and o.category_id is not None:
                 # no bbox: with one, loadRes would take the box area as the object's area
@@ -64,7 +78,7 @@ def coco_annotations(
     given (several entries may name one image file: they share one job, and each object goes on the entry it
     was annotated on, as in `coco_results`); otherwise images get ids 1.. (file_name = the feature-table id)
     and categories ids 1.. by label."""
-    results = sorted(results, key=lambda r: r.key)
+    results = sorted(_as_prompted(results, jobs), key=lambda r: r.key)
     image_entries = image_entries or {}
     cats = dict(categories or {})
     by_name = {name: cid for cid, name in cats.items()}

@@ -86,8 +86,8 @@ class ObjectPrompt:
     clicks: the given points, or for a box its centre click (then further refinement points).
     box: (left, up, right, bottom) region of a box prompt, exclusive ends.
     coarse: COCO compressed RLE of a coarse mask (for kind "mask", and for the IoU report otherwise).
-    source_image_id: the COCO image id of the entry the object was annotated on (entries that name one image
-    share one ImageJob, and each object keeps its own id for the output).
+    source_image_id: the COCO image id (int, or a string id) of the entry the object was annotated on (entries
+    that name one image share one ImageJob, and each object keeps its own id for the output).
     """
 
     key: str
@@ -100,7 +100,7 @@ class ObjectPrompt:
     coarse: dict | None = None
     category_id: int | None = None
     notes: tuple[str, ...] = ()
-    source_image_id: int | None = None
+    source_image_id: int | str | None = None
 
     def digest(self) -> str:
         """Hash of everything that decides the mask (a changed prompt is segmented again)."""
@@ -315,13 +315,21 @@ def coco_keypoints(keypoints: Any) -> list[list[float]] | None:
 # COCO prompt files
 
 
+def _not_json(constant: str) -> None:
+    return None
+
+
 def read_coco_file(path: str) -> dict:
-    """Load a COCO annotation file (local path or object-store URI); PromptFileError when it cannot be used."""
+    """Load a COCO annotation file (local path or object-store URI); PromptFileError when it cannot be used.
+
+    `NaN` and `Infinity`, which Python's json accepts but JSON does not, are read as null: a number slot
+    holding one is refused like any missing number, and no output copies them into a file strict readers
+    refuse."""
     from .images import ImageDecodeError
     from .sources import read_bytes
 
     try:
-        doc = json.loads(read_bytes(path))
+        doc = json.loads(read_bytes(path), parse_constant=_not_json)
     except ImageDecodeError as e:
         raise PromptFileError(f"cannot read prompt file {path!r}: {e.detail}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -514,7 +522,7 @@ def _coco_object(ann: dict, key: str, clash: str | None, entries: _Entries, cate
         prompt = _annotation_prompt(ann, key, image_id, label, size, use)
     except PromptError as e:
         raise _ObjectProblem(Problem(key, image_id, label, e.reason, e.detail)) from None
-    return image_id, replace(prompt, source_image_id=ref if _is_int(ref) else None)
+    return image_id, replace(prompt, source_image_id=ref if _is_int(ref) or isinstance(ref, str) else None)
 
 
 def _image_id(entry: dict, id_from: str) -> str:
