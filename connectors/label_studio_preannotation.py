@@ -112,7 +112,10 @@ class ProjectLink:
             task_of = finder(refs)
         _, extra = index_tasks(refs)
         holding = project.tasks_holding(model_version)
-        out, delivered, lost = [], set(), []
+        several = ("the project's config has several Image tags: Label Studio refuses a task naming one image; "
+                   "import tasks naming all of them")
+        unplaced = {i: several for i in no_task}
+        out, delivered, lost, claimed = [], set(), [], {}
         for j in jobs:
             if j.image_id in no_task:
                 out.append(j)
@@ -121,14 +124,17 @@ class ProjectLink:
             if ref is None:  # a task deleted while the job runs
                 lost.append({"image_id": j.image_id, "task": j.task_id})
                 continue
+            if claimed.setdefault(ref.id, j.image_id) != j.image_id:  # one task holds one prediction per version
+                unplaced[j.image_id] = (f"its task {ref.id} (found by the image's URL) is the task of image "
+                                        f"{claimed[ref.id]!r} of this run, which shows the same file")
+                out.append(j)
+                continue
             j = replace(j, task_id=ref.id)
             out.append(j)
             if ref.id in holding:
                 delivered.add(j.key)
         return TaskAttachment(out, delivered, created, [{"image_id": i, "task": t} for i, t in extra], lost,
-                              [{"image_id": i, "reason": "the project's config has several Image tags: Label "
-                                "Studio refuses a task naming one image; import tasks naming all of them"}
-                               for i in sorted(no_task)])
+                              [{"image_id": i, "reason": r} for i, r in sorted(unplaced.items())])
 
     def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str) -> "Pusher":
         return Pusher(self.project, model_version, self.cfg.push_batch, task_of, fingerprint)

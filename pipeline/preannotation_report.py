@@ -182,7 +182,7 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
         lines.append(f"  note         {len(s.tasks_gone)} images lost their task during the run (deleted in Label "
                      "Studio): " + ", ".join(str(g["image_id"]) for g in s.tasks_gone[:problems_shown]))
     if s.no_task:
-        lines.append(f"  not pushed   {len(s.no_task)} images have no task and none can be created "
+        lines.append(f"  not pushed   {len(s.no_task)} images have no task of their own, and none can be created "
                      f"({s.no_task[0]['reason']}): " + ", ".join(str(g["image_id"]) for g in s.no_task[:problems_shown]))
     if s.duplicate_tasks:
         lines.append(f"  note         {len(s.duplicate_tasks)} images have several tasks; the lowest task id is used")

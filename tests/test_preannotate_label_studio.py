@@ -323,6 +323,34 @@ def test_a_task_that_names_its_image_by_url_only_is_the_images_task(env):
     assert len(list(client.tasks.list(project=project.id, include="id"))) == len(tasks)
 
 
+
+def test_two_images_of_a_run_showing_one_file_never_put_two_predictions_on_its_task(env, label_studio):
+    """Two COCO image entries (ids 1 and 2, --coco-id id) of one file, whose task a storage sync made (URL
+    only): both find that task by URL; the first image's prediction goes there and the second image is
+    reported as not pushed (the task holds one prediction of a version), never pushed onto it as well."""
+    fx, client = env["fx"], env["client"]
+    name = sorted(i for i in fx.images if i != fx.unencoded)[0]
+    h, w = SIZE
+    coco = env["tmp"] / "one-file-twice.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": n, "file_name": name, "height": h, "width": w} for n in (1, 2)],
+        "annotations": [{"id": n, "image_id": n, "category_id": 1, "bbox": [10, 10, 40, 40]} for n in (1, 2)],
+        "categories": [{"id": 1, "name": "object"}]}))
+    db = env["tmp"] / "one-file-twice-db"
+    shutil.copytree(env["tmp"] / "db-as-built", db)
+    project = client.projects.create(title="one file twice", label_config=LABEL_CONFIG)
+    (tid,) = client.projects.import_tasks(id=project.id, return_task_ids=True, request=[
+        {"data": {"image": f"/data/local-files/?d={name}"}}]).task_ids
+    run_dir = env["tmp"] / "one-file-twice"
+    rc = env["job"].main(["--db", str(db), "--checkpoint", str(env["ckpt"]), "--workers", "0", "--run-dir",
+                          str(run_dir), "--max-clicks", "3", "--coco", str(coco), "--image-root", str(fx.image_root),
+                          "--coco-id", "id", "--encode-missing", "--ls-project", str(project.id), "--push"])
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert rc == 1 and s["pushed"] == 1 and s["tasks_created"] == 0
+    assert [g["image_id"] for g in s["no_task"]] == ["2"] and f"task {tid}" in s["no_task"][0]["reason"]
+    assert len(list(client.predictions.list(task=tid))) == 1
+
+
 ESCAPED_NAMES = ["sp ace.png", "a+b.png", "c#d.png", "e&f.png", "100%25.png", "ünï.png"]
 
 
