@@ -221,6 +221,36 @@ class LabelStudioProject:
         return any((r.get("from_name") if isinstance(r, dict) else getattr(r, "from_name", None)) == self.brush.name
                    for r in regions)
 
+    def remove_duplicate_predictions(self, model_version: str, task_ids: Iterable[int]) -> int:
+        """Delete all but the oldest (lowest id) prediction of exactly `model_version` with regions of the output
+        tag on each of `task_ids`; returns how many were deleted.
+
+        Two runs pushing one task can both import it when each re-reads it before the other's import lands.
+        Each run calls this after its own import: whichever order the calls come in, the oldest prediction is
+        the one left, so the task ends with exactly one (a prediction the other run deleted first is a 404)."""
+        wanted = sorted({int(t) for t in task_ids})
+        try:
+            predictions = [p for t in wanted for p in self.client.predictions.list(task=t)]
+        except Exception as e:
+            raise LabelStudioError(f"cannot read the predictions of {len(wanted)} tasks of project "
+                                   f"{self.project_id}: {_describe(e)}") from None
+        ours: dict[int, list[int]] = {}
+        for p in predictions:
+            if p.model_version == model_version and isinstance(p.id, int) and self._holds_output(p.result):
+                ours.setdefault(p.task, []).append(p.id)
+        removed = 0
+        for ids in ours.values():
+            for prediction_id in sorted(ids)[1:]:
+                try:
+                    self.client.predictions.delete(id=prediction_id)
+                except Exception as e:
+                    if _status(e) == 404:
+                        continue
+                    raise LabelStudioError(f"cannot delete the duplicate prediction {prediction_id} of project "
+                                           f"{self.project_id}: {_describe(e)}") from None
+                removed += 1
+        return removed
+
     def tasks_with_regions(self) -> list[dict[str, Any]]:
         """Tasks with their full annotations and predictions (`include` would return annotation ids only)."""
         return list(self._pages(None, page_size=100))

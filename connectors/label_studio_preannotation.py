@@ -171,6 +171,7 @@ class Pusher:
         self.failures: list[dict] = []
         self.in_doubt: list[dict] = []  # {"task", "error"} of predictions sent without a definite answer
         self.stopped: str | None = None  # why pushing stopped (Label Studio refused or could not be reached)
+        self.duplicates_removed = 0  # predictions of this version found twice on a task after an import
 
     def add(self, result: ImageResult) -> None:
         task_id = self.task_of.get(result.key)
@@ -209,6 +210,16 @@ class Pusher:
         self.pushed += outcome.created
         self.failures.extend({"task": t, "error": e} for t, e in outcome.refused)
         self.in_doubt.extend({"task": p["task"], "error": outcome.error} for p in outcome.in_doubt)
+        self._one_each({int(p["task"]) for p in fresh} - {int(t) for t, _ in outcome.refused})
+
+    def _one_each(self, task_ids: set[int]) -> None:
+        """After an import: a task that another run pushed in the same moment keeps only the oldest prediction."""
+        if not task_ids:
+            return
+        try:
+            self.duplicates_removed += self.project.remove_duplicate_predictions(self.model_version, task_ids)
+        except LabelStudioError as e:
+            self._stop(e, [])
 
     def _stop(self, error: LabelStudioError, batch: list[dict]) -> None:
         self.stopped = str(error)
@@ -229,4 +240,7 @@ class Pusher:
         except LabelStudioError:
             return
         self.pushed += sum(int(d["task"]) in held for d in self.in_doubt)
+        found = {int(d["task"]) for d in self.in_doubt if int(d["task"]) in held}
         self.in_doubt = [d for d in self.in_doubt if int(d["task"]) not in held]
+        if self.stopped is None:
+            self._one_each(found)

@@ -49,6 +49,7 @@ class PreannotateSummary:
     pushed_by_another_run: int = 0  # finished here, but another run had pushed this model version meanwhile
     push_failures: list = field(default_factory=list)  # {"task", "error"}: refused, or not pushed
     push_in_doubt: list = field(default_factory=list)  # {"task", "error"}: sent, no answer, not in the project
+    duplicates_removed: int = 0  # predictions pushed twice onto one task by two runs at once, the younger deleted
     push_stopped: str | None = None  # why pushing stopped early (Label Studio refused or could not be reached)
     tasks_gone: list = field(default_factory=list)  # {"image_id", "task"}: the task was deleted during the run
     no_task: list = field(default_factory=list)  # {"image_id", "reason"}: no task, and the run cannot create one
@@ -175,6 +176,9 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
                         "run again, it pushes those that are missing)" if s.push_in_doubt else ""))
         for f in (s.push_failures + s.push_in_doubt)[:problems_shown]:
             lines.append(f"      task {f['task']}: {f['error']}")
+    if s.duplicates_removed:
+        lines.append(f"  note         {s.duplicates_removed} predictions pushed onto a task at the same moment by "
+                     "another run were deleted (the oldest one is kept)")
     if s.push_stopped:
         lines.append(f"  push stopped {s.push_stopped}; the masks are in the ledger (and --coco-out): run again to "
                      "push them")

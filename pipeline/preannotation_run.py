@@ -253,6 +253,7 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
             summary.push_in_doubt = list(pusher.in_doubt)
             summary.pushed_by_another_run = pusher.already_there
             summary.push_stopped = pusher.stopped
+            summary.duplicates_removed = pusher.duplicates_removed
 
     current = [done[j.key] for j in jobs if j.key in done and done[j.key].digest == j.digest()]
     if cfg.coco_out and not summary.interrupted:

@@ -25,6 +25,7 @@ from ls_proxy import LabelStudioProxy
 import pipeline.preannotation_run as run_module
 from connectors.label_studio_client import LabelStudioError, LabelStudioProject
 from connectors.label_studio_preannotation import ProjectLink, Pusher
+from connectors.label_studio_prompts import prediction_for
 from connectors.rle import mask_to_rle
 from interformer.clicks import Click
 from pipeline.preannotation import ImageResult, ObjectResult
@@ -284,6 +285,45 @@ def test_a_second_stop_while_the_last_predictions_are_pushed_still_ends_with_a_s
     second = _run_loop(ls, pid, tmp_path, monkeypatch, 3)
     assert second.pushed == 0 and sum(ours_per_task(client, pid).values()) == 3
 
+
+@pytest.mark.parametrize("first_to_land", ["other", "this"])
+def test_two_runs_importing_one_task_at_once_leave_exactly_one_prediction(ls, project, first_to_land):
+    """The window the re-read leaves: run A re-reads its batch (nothing there), then run B re-reads, imports
+    and settles, then A's import lands (or A lands first and B's comes after). Both imported every task; after
+    their imports each task holds exactly one prediction of the version, the oldest."""
+    client, pid = project
+    names = ["a", "b", "c"]
+    tasks = make_tasks(client, pid, names)
+    task_of = dict(zip(names, tasks))
+    other = Pusher(opened(ls, pid), MV, 10, task_of, "fp-other")
+    state = {"done": False}
+
+    def run_other_at_the_import(method, path):
+        if "/import/predictions" in path and not state["done"] and first_to_land == "other":
+            state["done"] = True
+            for n in names:
+                other.add(result(n))
+            other.finish()
+
+    proxy = LabelStudioProxy(ls.url, before=run_other_at_the_import)
+    try:
+        this = Pusher(opened(ls, pid, proxy.url), MV, 10, task_of, "fp")
+        for n in names:
+            this.add(result(n))
+        this.finish()
+        if first_to_land == "this":
+            before = {p.task: p.id for p in client.predictions.list(project=pid)}
+            # the other run re-read before this one's import landed: it imports too, then looks
+            other.project.push([prediction_for(result(n), task_of[n], other.project.brush, MV, "fp-other")
+                                for n in names])
+            other._one_each(set(tasks))
+    finally:
+        proxy.close()
+    assert ours_per_task(client, pid) == {t: 1 for t in tasks}
+    kept = {p.task: p.id for p in client.predictions.list(project=pid) if p.model_version == MV}
+    if first_to_land == "this":
+        assert kept == before
+    assert this.duplicates_removed + other.duplicates_removed == len(tasks)
 
 @pytest.mark.parametrize("misbehaviour", [("after", 502, {}), "drop"])
 def test_a_task_import_whose_answer_is_lost_creates_no_second_task(ls, project, tmp_path, misbehaviour):
