@@ -136,8 +136,9 @@ class ProjectLink:
         return TaskAttachment(out, delivered, created, [{"image_id": i, "task": t} for i, t in extra], lost,
                               [{"image_id": i, "reason": r} for i, r in sorted(unplaced.items())])
 
-    def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str) -> "Pusher":
-        return Pusher(self.project, model_version, self.cfg.push_batch, task_of, fingerprint)
+    def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str,
+               leave_out: frozenset[str] = frozenset()) -> "Pusher":
+        return Pusher(self.project, model_version, self.cfg.push_batch, task_of, fingerprint, leave_out)
 
 
 class Pusher:
@@ -159,8 +160,9 @@ class Pusher:
     the run goes on segmenting and writes its outputs, and the next run pushes what is missing."""
 
     def __init__(self, project: LabelStudioProject, model_version: str, batch: int, task_of: dict[str, int],
-                 fingerprint: str) -> None:
+                 fingerprint: str, leave_out: frozenset[str] = frozenset()) -> None:
         self.project = project
+        self.leave_out = leave_out  # object keys not to push (their label is not in the project)
         self.model_version = model_version
         self.fingerprint = fingerprint
         self.batch = batch
@@ -177,6 +179,8 @@ class Pusher:
         task_id = self.task_of.get(result.key)
         if task_id is None:
             return
+        if self.leave_out:
+            result = replace(result, objects=[o for o in result.objects if o.key not in self.leave_out])
         prediction = prediction_for(result, task_id, self.project.brush, self.model_version, self.fingerprint)
         if prediction is None:
             return

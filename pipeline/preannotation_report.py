@@ -49,6 +49,7 @@ class PreannotateSummary:
     pushed_by_another_run: int = 0  # finished here, but another run had pushed this model version meanwhile
     push_failures: list = field(default_factory=list)  # {"task", "error"}: refused, or not pushed
     push_in_doubt: list = field(default_factory=list)  # {"task", "error"}: sent, no answer, not in the project
+    not_pushed_labels: list = field(default_factory=list)  # {"key", "label"}: in --coco-out, label not in the project
     duplicates_removed: int = 0  # predictions pushed twice onto one task by two runs at once, the younger deleted
     push_stopped: str | None = None  # why pushing stopped early (Label Studio refused or could not be reached)
     tasks_gone: list = field(default_factory=list)  # {"image_id", "task"}: the task was deleted during the run
@@ -176,6 +177,10 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
                         "run again, it pushes those that are missing)" if s.push_in_doubt else ""))
         for f in (s.push_failures + s.push_in_doubt)[:problems_shown]:
             lines.append(f"      task {f['task']}: {f['error']}")
+    if s.not_pushed_labels:
+        labels = sorted({str(g["label"]) for g in s.not_pushed_labels})
+        lines.append(f"  not pushed   {len(s.not_pushed_labels)} objects are in --coco-out but not in Label Studio: "
+                     f"their labels are not in the project ({', '.join(labels[:problems_shown])})")
     if s.duplicates_removed:
         lines.append(f"  note         {s.duplicates_removed} predictions pushed onto a task at the same moment by "
                      "another run were deleted (the oldest one is kept)")

@@ -153,7 +153,8 @@ class LabelStudioLink(Protocol):
 
     def attach_tasks(self, jobs: list[ImageJob], model_version: str) -> TaskAttachment: ...
 
-    def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str) -> PredictionPusher: ...
+    def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str,
+               leave_out: frozenset[str] = frozenset()) -> PredictionPusher: ...
 
 
 class OutputError(ValueError):
@@ -182,9 +183,14 @@ def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> 
     prompts = (coco_prompts(read_coco_file(cfg.coco), cfg.image_root, cfg.coco_id, cfg.use) if cfg.coco
                else label_studio.prompts(model_version))
     jobs, problems = prompts.images, list(prompts.problems)
+    unpushable: list[Problem] = []
     if cfg.push:
-        jobs, dropped = label_studio.keep_project_labels(jobs)
-        problems.extend(dropped)
+        pushable, dropped = label_studio.keep_project_labels(jobs)
+        if cfg.coco_out:  # the COCO file takes every object; the push leaves out what the project cannot hold
+            unpushable = dropped
+        else:
+            jobs = pushable
+            problems.extend(dropped)
     if cfg.limit is not None:
         jobs = jobs[: cfg.limit]
     check_unique_keys(jobs)
@@ -192,18 +198,21 @@ def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> 
     source = source_name(cfg, label_studio)
     run_dir, lock = prepare_run_dir(cfg, run_info(cfg, source, fingerprint, model_version))
     try:
-        return _run_in(cfg, label_studio, run_dir, prompts, jobs, problems, fingerprint, model_version, source)
+        return _run_in(cfg, label_studio, run_dir, prompts, jobs, problems, fingerprint, model_version, source,
+                       unpushable)
     finally:
         lock.release()
 
 
 def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_dir: Path, prompts: PromptSet,
             jobs: list[ImageJob], problems: list[Problem], fingerprint: str, model_version: str,
-            source: str) -> PreannotateSummary:
-    """The run proper, with the run folder locked: resume from the ledger, segment, push, write the outputs."""
+            source: str, unpushable: Sequence[Problem] = ()) -> PreannotateSummary:
+    """The run proper, with the run folder locked: resume from the ledger, segment, push, write the outputs.
+    `unpushable`: objects segmented for --coco-out whose label the Label Studio project cannot hold."""
     summary = PreannotateSummary(fingerprint, model_version, cfg.encoder.checkpoint is None, source, str(run_dir),
                                  images=len(jobs), objects=sum(len(j.objects) for j in jobs),
-                                 not_usable=len(problems), mask_format=cfg.output.kind)
+                                 not_usable=len(problems), mask_format=cfg.output.kind,
+                                 not_pushed_labels=[{"key": p.key, "label": p.label} for p in unpushable])
     ledger = Ledger(run_dir / LEDGER)
     done = latest_results(ledger)
 
@@ -224,7 +233,8 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
 
     pusher = None
     if cfg.push:
-        pusher = label_studio.pusher(model_version, {j.key: j.task_id for j in jobs}, fingerprint)
+        pusher = label_studio.pusher(model_version, {j.key: j.task_id for j in jobs}, fingerprint,
+                                     frozenset(p.key for p in unpushable))
         for key in sorted(finished - delivered):
             pusher.add(done[key])
     image_access = label_studio.image_access if label_studio is not None else None

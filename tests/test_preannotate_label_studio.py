@@ -120,8 +120,9 @@ def test_coco_prompts_become_predictions_once(env):
     by_key = {a["source_key"]: a for a in coco["annotations"]}
     with open(env["tmp"] / "to-ls" / "report.csv") as f:
         rows = {r["key"]: r for r in csv.DictReader(f)}
-    assert rows[f"coco:{fx.cat}"]["reason"] == "label_not_in_config"  # the project cannot hold "cat"
-    assert f"coco:{fx.cat}" not in by_key
+    # the project cannot hold "cat": segmented into the COCO file, left out of the push (checked below)
+    assert rows[f"coco:{fx.cat}"]["status"] == "ok" and f"coco:{fx.cat}" in by_key
+    assert s["not_pushed_labels"] == [{"key": f"coco:{fx.cat}", "label": "cat"}]
 
     preds = predictions(env, project.id)
     assert len(preds) == 4 and all(len(v) == 1 for v in preds.values())
