@@ -26,7 +26,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from .engine import EngineConfig, OnDemandEncoder, SegmentEngine
 from .logs import get_logger, log_event, setup_logging
-from .segment import SegmentError, SegmentRequest, SegmentResult
+from .segment import EncodeFirst, SegmentError, SegmentRequest, SegmentResult
 
 log = get_logger("actors")
 
@@ -140,26 +140,20 @@ def _unnice() -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
+def _ask_the_caller_to_encode(image_id: str, image_ref: str, task_id: int | None) -> dict:
+    """A serving actor never waits for an encode (seconds, or a slow image host's timeout): every annotator
+    routed to it would wait too. It hands the image back to the pool, which has the encoder actor store it."""
+    raise EncodeFirst(image_id, image_ref, task_id)
+
+
 class _SegmentActor:
-    def __init__(self, index: int, cfg: EngineConfig, encoder: Any | None, log_level: str) -> None:
+    def __init__(self, index: int, cfg: EngineConfig, encode_on_demand: bool, log_level: str) -> None:
         setup_logging(log_level)
         niceness = _unnice()
         if niceness > 0:
             log_event(log, "serving actor runs at a lowered priority", level=30, actor=index, niceness=niceness)
         self.index = index
-        self.engine = SegmentEngine(cfg, self._encode_with(encoder) if encoder is not None else None)
-
-    @staticmethod
-    def _encode_with(encoder: Any):
-        def encode(image_id: str, image_ref: str, task_id: int | None) -> dict:
-            try:
-                return ray.get(encoder.encode.remote(image_id, image_ref, task_id))
-            except RayTaskError as e:
-                raise _unwrap(e) from None
-            except RayActorError as e:
-                raise _logged_error(503, "the encoder actor is unavailable", e) from None
-
-        return encode
+        self.engine = SegmentEngine(cfg, _ask_the_caller_to_encode if encode_on_demand else None)
 
     def segment(self, req: SegmentRequest) -> SegmentResult:
         return dataclasses.replace(self.engine.segment(req), actor=self.index)
@@ -193,7 +187,7 @@ class ActorPool:
         opts = dict(num_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=0,
                     runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
         self.encoder = (EncoderActor.options(**opts).remote(cfg, log_level) if encode_on_demand else None)
-        self.actors = [SegmentActor.options(**opts).remote(i, cfg, self.encoder, log_level)
+        self.actors = [SegmentActor.options(**opts).remote(i, cfg, self.encoder is not None, log_level)
                        for i in range(num_actors)]
         self.router = StickyRouter(num_actors)
         self.retries = 0  # requests retried because their actor died (each at most once)
@@ -231,11 +225,22 @@ class ActorPool:
 
     async def _segment_on(self, index: int, req: SegmentRequest) -> SegmentResult:
         actor = self.actors[index]
-        for attempt in (1, 2):
+        encode_ms = None
+        attempt = 1
+        while True:
             try:
-                return await actor.segment.remote(req)
+                result = await actor.segment.remote(req)
+                if encode_ms is None:
+                    return result
+                return dataclasses.replace(result, encoded_on_demand=True,
+                                           timings_ms={**result.timings_ms, "encode": encode_ms})
             except RayTaskError as e:
                 cause = _unwrap(e)
+                if isinstance(cause, EncodeFirst) and encode_ms is None:
+                    encode_ms = await self._encode(cause)
+                    continue
+                if isinstance(cause, EncodeFirst):
+                    raise SegmentError(500, "the image was encoded but its features cannot be read back") from None
                 if isinstance(cause, SegmentError):
                     raise cause from None
                 raise _logged_error(500, f"serving actor {index} failed", cause, actor=index) from None
@@ -245,8 +250,26 @@ class ActorPool:
                                         actor=index) from None
                 log_event(log, "actor died, retrying once", level=30, actor=index, error=str(e)[:300])
                 self.retries += 1
+                attempt = 2
                 await self._until_alive(index)
-        raise AssertionError("unreachable")
+
+    async def _encode(self, ask: EncodeFirst) -> float:
+        """Store the image's features through the encoder actor (the serving actors go on meanwhile); the ms."""
+        log_event(log, "encoding on demand", image_id=ask.image_id, image_ref=ask.image_ref, task=ask.task_id)
+        t0 = time.perf_counter()
+        try:
+            info = await self.encoder.encode.remote(ask.image_id, ask.image_ref, ask.task_id)
+        except RayTaskError as e:
+            cause = _unwrap(e)
+            if isinstance(cause, SegmentError):
+                raise cause from None
+            raise _logged_error(502, "the task's image could not be encoded on demand", cause,
+                                image_id=ask.image_id) from None
+        except RayActorError as e:
+            raise _logged_error(503, "the encoder actor is unavailable", e) from None
+        ms = (time.perf_counter() - t0) * 1e3
+        log_event(log, "encoded on demand", image_id=ask.image_id, encode_ms=round(ms, 1), **info)
+        return ms
 
     async def _until_alive(self, index: int) -> None:
         """Wait (bounded) while Ray restarts actor `index`: calls meanwhile fail as 'unavailable'."""

@@ -58,7 +58,7 @@ from .memory import ByteLRU, buffer_bytes
 from .onscreen import OnScreenStart, candidates_digest, start_region
 from .region_meta import REFINE_STARTS, model_key
 from .rle import mask_to_rle
-from .segment import SegmentError, SegmentRequest, SegmentResult
+from .segment import EncodeFirst, SegmentError, SegmentRequest, SegmentResult
 from .sessions import SessionStore
 
 MIB = 1024 * 1024
@@ -282,22 +282,28 @@ class SegmentEngine:
             why = "on-demand encoding is off" if self.encode_missing is None else "the task has no image URL"
             raise SegmentError(404, f"{miss}; {why}, so it cannot be encoded now")
         new_id = req.image_ref
-        log_event(log, "encoding on demand", image_id=new_id, task_image_id=req.image_id, image_ref=req.image_ref)
-        t1 = time.perf_counter()
-        with _unexpected(502, "the task's image could not be encoded on demand", image_id=new_id):
-            info = self.encode_missing(new_id, req.image_ref, req.task_id)
-        t["encode"] = (time.perf_counter() - t1) * 1e3
         self.reader.refresh()
-        feats = self._stored(new_id, cache=False)
+        feats = self._stored(new_id, cache=False)  # stored since this reader looked: by the encoder actor
+        info = None
         if feats is None:
-            raise SegmentError(500, "the image was encoded but its features cannot be read back")
+            log_event(log, "encoding on demand", image_id=new_id, task_image_id=req.image_id,
+                      image_ref=req.image_ref)
+            t1 = time.perf_counter()
+            with _unexpected(502, "the task's image could not be encoded on demand", image_id=new_id):
+                info = self.encode_missing(new_id, req.image_ref, req.task_id)
+            t["encode"] = (time.perf_counter() - t1) * 1e3
+            self.reader.refresh()
+            feats = self._stored(new_id, cache=False)
+            if feats is None:
+                raise SegmentError(500, "the image was encoded but its features cannot be read back")
         self.features.put(new_id, feats)
         self.sessions.drop_image(new_id)
         _remember(self._uri_to_id, req.image_ref, new_id)
         if alias is not None:
             _remember(self._aliases, alias, new_id)
-        t["fetch"] = (time.perf_counter() - t0) * 1e3 - t["encode"]
-        log_event(log, "encoded on demand", image_id=new_id, encode_ms=round(t["encode"], 1), **info)
+        t["fetch"] = (time.perf_counter() - t0) * 1e3 - t.get("encode", 0.0)
+        if info is not None:
+            log_event(log, "encoded on demand", image_id=new_id, encode_ms=round(t["encode"], 1), **info)
         return feats, True, new_id
 
     def _stored(self, image_id: str, cache: bool = True) -> ImageFeatures | None:
@@ -402,7 +408,7 @@ def _check_text(value: str | None, what: str) -> None:
 class _unexpected:
     """Turn an unexpected exception into a SegmentError with a fixed message and an error id, logged with its
     traceback: the message never carries table paths, hosts or Ray internals. SegmentError and
-    UnknownImageError pass through."""
+    UnknownImageError pass through, as does EncodeFirst (a serving actor asking its caller to encode)."""
 
     def __init__(self, status: int, message: str, **fields) -> None:
         self.status, self.message, self.fields = status, message, fields
@@ -411,7 +417,8 @@ class _unexpected:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None or isinstance(exc, (SegmentError, UnknownImageError)) or not isinstance(exc, Exception):
+        if exc is None or isinstance(exc, (SegmentError, UnknownImageError, EncodeFirst)) \
+                or not isinstance(exc, Exception):
             return False
         error_id = uuid.uuid4().hex[:12]
         log.error("%s (error id %s)", self.message, error_id, exc_info=(kind, exc, tb),

@@ -26,6 +26,19 @@ class SegmentError(Exception):
         return (type(self), (self.status, self.message))
 
 
+class EncodeFirst(Exception):
+    """A serving actor's answer for an image with no stored features, when encoding is the caller's job: the
+    caller has the encoder actor store it (without holding the serving actor, which goes on answering other
+    annotators' clicks meanwhile), then sends the request again."""
+
+    def __init__(self, image_id: str, image_ref: str, task_id: int | None) -> None:
+        super().__init__(f"encode {image_id!r} first")
+        self.image_id, self.image_ref, self.task_id = image_id, image_ref, task_id
+
+    def __reduce__(self):
+        return (type(self), (self.image_id, self.image_ref, self.task_id))
+
+
 @dataclass(frozen=True)
 class SegmentRequest:
     """The clicks of one region on one image, in original-image pixels."""

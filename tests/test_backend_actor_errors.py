@@ -7,14 +7,13 @@ import asyncio
 import logging
 
 import pytest
-import ray
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ray.core.generated.common_pb2 import ActorDiedErrorContext
 from ray.exceptions import ActorDiedError, RayTaskError
 
 import connectors.actors as actors
-from connectors.segment import SegmentError
+from connectors.segment import EncodeFirst, SegmentError
 
 _WORDS = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=6, max_size=20)
 
@@ -54,6 +53,7 @@ class _Handle:
 def _pool(error: BaseException) -> actors.ActorPool:
     pool = object.__new__(actors.ActorPool)
     pool.actors, pool.restart_timeout_s, pool.retries = [_Handle(error)], 1.0, 0
+    pool.encoder = _Handle(error)
     pool.router = actors.StickyRouter(1)
     return pool
 
@@ -65,10 +65,10 @@ def _assert_clean(e: SegmentError, secrets: list[str]) -> None:
     assert "Traceback" not in e.message and "0101010101" not in e.message
 
 
-def _ray_get_raises(mp: pytest.MonkeyPatch, error: BaseException) -> None:
-    def get(*args, **kwargs):
-        raise error
-    mp.setattr(ray, "get", get)
+def _encode(error: BaseException) -> None:
+    """The pool's on-demand encode (the encoder actor failing with `error`), as a serving actor's EncodeFirst
+    answer starts it."""
+    asyncio.run(_pool(error)._encode(EncodeFirst("id", "ref", 1)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -76,11 +76,8 @@ def _ray_get_raises(mp: pytest.MonkeyPatch, error: BaseException) -> None:
 def test_ray_failure_text_never_reaches_the_client(pid, ip, namespace, path):
     secrets = [str(pid), ip, namespace, "/" + path]
     for error in _died(pid, ip, namespace, "/" + path):
-        with pytest.MonkeyPatch.context() as mp:
-            _ray_get_raises(mp, error)
-            encode = actors._SegmentActor._encode_with(_Handle(error))
-            with pytest.raises(SegmentError) as e:
-                encode("id", "ref", 1)
+        with pytest.raises(SegmentError) as e:
+            _encode(error)
         _assert_clean(e.value, secrets)
         with pytest.raises(SegmentError) as e:
             asyncio.run(_pool(error)._segment_on(0, None))
@@ -89,9 +86,8 @@ def test_ray_failure_text_never_reaches_the_client(pid, ip, namespace, path):
 
 def test_the_log_keeps_rays_text_under_the_id_the_client_gets(monkeypatch, caplog):
     error = _died(31337, "10.0.3.17", "ns-1", "/srv/app")[0]
-    _ray_get_raises(monkeypatch, error)
     with caplog.at_level(logging.ERROR, logger="connectors"), pytest.raises(SegmentError) as e:
-        actors._SegmentActor._encode_with(_Handle(error))("id", "ref", 1)
+        _encode(error)
     error_id = e.value.message.rsplit("error id ", 1)[1].rstrip(")")
     logged = [r for r in caplog.records if r.fields.get("error_id") == error_id]
     assert logged and "31337" in logged[0].fields["error"] and "10.0.3.17" in logged[0].fields["error"]
