@@ -18,7 +18,11 @@ import numpy as np
 from .protocol import ProtocolError
 
 MAX_DEPTH = 64  # Label Studio's deepest bodies (tasks > predictions > result > value > rle) nest about 8 deep
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A string from its opening quote to its closing one or, unterminated, to the end of the body. Every match
+# attempt succeeds without backtracking (possessive runs, an escape is one fixed step), so stripping strings is
+# linear in the body whatever it holds: a pattern that must find the closing quote fails at each of the n quotes
+# of a never-closed `"\\"\\"\\"...` only after scanning to the end, O(n^2) with the GIL held.
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
@@ -29,7 +33,8 @@ _CHUNK = 1 << 20  # brackets summed at a time: the depth costs a few MiB whateve
 
 
 def nesting_depth(raw: bytes) -> int:
-    """Deepest nesting of arrays/objects in UTF-8 JSON text (brackets inside strings do not count).
+    """Deepest nesting of arrays/objects in UTF-8 JSON text (brackets inside strings do not count; an
+    unterminated string runs to the end). Linear in `len(raw)` for any bytes.
 
     The brackets left once strings are removed are summed a chunk at a time in small integers, so the
     memory used is at most twice the body plus a few MiB."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -185,6 +186,64 @@ def test_the_depth_count_matches_the_parsed_nesting_across_chunks(value, chunk):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(json_body, "_CHUNK", chunk)  # small chunks: the running depth crosses their boundaries
         assert nesting_depth(raw) == _reference_depth(value)
+
+
+def _scanned_depth(raw: bytes) -> int:
+    """The reference: one byte at a time, in or out of a string (an unterminated string runs to the end)."""
+    depth = peak = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == ord("\\"):
+                escaped = True
+            elif byte == ord('"'):
+                in_string = False
+        elif byte == ord('"'):
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            peak = max(peak, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return peak
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON, st.sampled_from([1, 3, 1 << 20]), st.booleans())
+def test_the_depth_count_agrees_with_a_byte_scanner_on_valid_json(value, chunk, ascii_only):
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(json_body, "_CHUNK", chunk)
+        assert nesting_depth(raw) == _scanned_depth(raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b'"', b"\\", b"[", b"]", b"{", b"}", b"a", b"\n", b"\xc3\xa9"]), max_size=60)
+       .map(b"".join))
+def test_the_depth_count_agrees_with_a_byte_scanner_on_any_bytes(raw):
+    assert nesting_depth(raw) == _scanned_depth(raw)
+
+
+_HOSTILE_BODIES = {  # each 1 MiB (what the unauthenticated /webhook takes): quadratic string scans took ~an hour
+    "unterminated escaped quotes": b'"' + b'\\"' * (1 << 19),
+    "quotes": b'"' * (1 << 20),
+    "backslashes": b"\\" * (1 << 20),
+    "an open string of backslashes": b'"' + b"\\" * (1 << 20),
+    "escaped quotes in an open array": b'["' + b'\\"[' * (1 << 18),
+    "many short strings": b'["a\\"' * (1 << 17),
+}
+
+
+@pytest.mark.parametrize("name", list(_HOSTILE_BODIES))
+def test_hostile_string_runs_are_refused_in_linear_time(name):
+    raw = _HOSTILE_BODIES[name]
+    t0 = time.perf_counter()
+    with pytest.raises(ProtocolError) as e:
+        parse_json(raw)
+    assert e.value.status == 400
+    assert time.perf_counter() - t0 < 5.0  # was O(n^2): minutes for 64 KiB, about an hour for 1 MiB
 
 
 def test_non_utf8_bodies_are_refused_before_their_depth_is_counted(monkeypatch):
