@@ -6,9 +6,10 @@ within Label Studio's 1 s / 3 s limits while the actors are busy. With basic aut
 but /webhook needs it (Label Studio sends the backend's credentials on /health, /setup and /predict,
 but its auto-created webhook has none). Every request is logged as one JSON line with its timings.
 
-Bodies are read with a byte limit (1 MiB for the unauthenticated /webhook) and parsed, validated and
-interpreted in a worker thread, so the event loop keeps answering /health; at most `large_body_concurrency`
-bodies over LARGE_BODY_BYTES are read and parsed at once. Anything a client sent is interpreted inside
+Bodies are read with a byte limit (1 MiB for the unauthenticated /webhook) and a deadline (408), and parsed,
+validated and interpreted in a worker thread, so the event loop keeps answering /health; at most
+`large_body_concurrency` bodies that have sent over LARGE_BODY_BYTES are read and parsed at once. A client that
+leaves mid-body is logged as one INFO line (499), not a fault. Anything a client sent is interpreted inside
 `_client_input` (a fault in it is a 4xx, never a 500), and client strings are cut short in the log.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .json_body import parse_json
 from .logs import get_logger, log_event
@@ -59,6 +61,7 @@ MAX_PROJECT_CONFIGS = 32  # label configs kept from /setup (least recently used 
 MAX_PROJECT_CONFIG_CHARS = 4_000_000  # ... and their XML's characters together (~2.6 bytes each once parsed)
 MAX_LOGGED_CHARS = 100  # a client's string in the log (project, hostname, label, region) is cut to this
 MAX_LOGGED_ERROR_CHARS = 300
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged at INFO, never a server fault
 T = TypeVar("T")
 
 
@@ -72,6 +75,8 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024 * 1024  # interactive bodies carry the task's earlier RLE predictions
     max_webhook_bytes: int = 1 << 20  # /webhook needs no credentials and logs two fields of its body
     large_body_concurrency: int = 2  # bodies over LARGE_BODY_BYTES read and parsed at once (memory bound)
+    body_timeout_s: float = 10.0  # a body must arrive within this ...
+    min_body_rate: int = 64 * 1024  # ... plus 1 s per this many bytes received (else 408, slot released)
     batch_concurrency: int = 4  # regions of a batch /predict in flight at once
     max_clicks: int = 100  # clicks of one region per request: each is an interact step and a kept state
 
@@ -124,6 +129,8 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
     app = FastAPI(title="InterFormer Label Studio ML backend", docs_url=None, redoc_url=None)
     if settings.large_body_concurrency < 1:
         raise ValueError("large_body_concurrency must be at least 1")
+    if settings.body_timeout_s <= 0 or settings.min_body_rate <= 0:
+        raise ValueError("body_timeout_s and min_body_rate must be positive")
     state = _State(settings, segmenter, large_bodies=asyncio.Semaphore(settings.large_body_concurrency))
     app.state.backend = state
 
@@ -152,7 +159,8 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
         response.headers["X-Request-Id"] = request_id
         if "actor" in fields:
             response.headers["X-Backend-Actor"] = str(fields["actor"])
-        level = logging.INFO if response.status_code < 400 else logging.WARNING
+        status = response.status_code
+        level = logging.INFO if status < 400 or status == CLIENT_CLOSED else logging.WARNING
         if request.url.path == "/health" and response.status_code == 200:
             level = logging.DEBUG
         log_event(log, "request", level, request_id=request_id, method=request.method, path=_loggable(request.url.path),
@@ -177,7 +185,8 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
-        body, pid, config = await _read_json(request, settings.max_body_bytes, state.large_bodies, _setup_body)
+        body, pid, config = await _read_json(request, settings, settings.max_body_bytes, state.large_bodies,
+                                             _setup_body)
         if config is not None and pid:
             state.label_configs.put(pid, config, len(body.label_config or ""))
         request.state.fields.update(project=_loggable(pid), hostname=_loggable(body.hostname))
@@ -185,7 +194,7 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
 
     @app.post("/webhook")
     async def webhook(request: Request) -> dict[str, Any]:
-        body = await _read_json(request, settings.max_webhook_bytes, state.large_bodies)
+        body = await _read_json(request, settings, settings.max_webhook_bytes, state.large_bodies)
         action = body.get("action") if isinstance(body, dict) else None
         project = body.get("project") if isinstance(body, dict) else None
         project = project.get("id") if isinstance(project, dict) else project
@@ -195,7 +204,7 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
-        body, pid, config = await _read_json(request, settings.max_body_bytes, state.large_bodies,
+        body, pid, config = await _read_json(request, settings, settings.max_body_bytes, state.large_bodies,
                                              lambda value: _predict_body(state, value))
         context = body.params.context if body.params else None
         parse_ms = (time.perf_counter() - t0) * 1e3
@@ -237,29 +246,52 @@ def _declared_length(request: Request, limit: int) -> int | None:
     return length
 
 
-async def _read_json(request: Request, limit: int, large: asyncio.Semaphore,
+async def _read_json(request: Request, settings: ServerSettings, limit: int, large: asyncio.Semaphore,
                      interpret: Callable[[Any], T] | None = None) -> Any:
     """The request body as JSON (then `interpret`ed), refusing bodies over `limit` bytes before reading them
-    whole. Parsing and interpreting run in a worker thread; a body over LARGE_BODY_BYTES (declared, or once
-    that much has arrived) first takes a slot of `large`, held until it is parsed."""
-    declared = _declared_length(request, limit)
+    whole. Parsing and interpreting run in a worker thread; once more than LARGE_BODY_BYTES have arrived the
+    body takes a slot of `large`, held until it is parsed (a declared length alone takes none, so clients that
+    announce a large body and send nothing hold no slot). The read has a deadline (408) and a client that
+    leaves mid-body is answered 499."""
+    _declared_length(request, limit)
     async with AsyncExitStack() as slot:
-        holding = declared is not None and declared > LARGE_BODY_BYTES
-        if holding:
-            await slot.enter_async_context(large)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ProtocolError(413, f"request body is over the limit of {limit} bytes")
-            if size > LARGE_BODY_BYTES and not holding:
-                await slot.enter_async_context(large)
-                holding = True
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        chunks.clear()
+        raw = await _read_body(request, settings, limit, large, slot)
         return await run_in_threadpool(_parse, raw, interpret)
+
+
+async def _read_body(request: Request, settings: ServerSettings, limit: int, large: asyncio.Semaphore,
+                     slot: AsyncExitStack) -> bytes:
+    """The body's bytes, within `settings.body_timeout_s` plus one second per `settings.min_body_rate` bytes
+    received (time spent waiting for a large-body slot not counted)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    chunks: list[bytes] = []
+    size = 0
+    holding = False
+    try:
+        async with asyncio.timeout(started + settings.body_timeout_s) as deadline:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ProtocolError(413, f"request body is over the limit of {limit} bytes")
+                if size > LARGE_BODY_BYTES and not holding:
+                    deadline.reschedule(None)
+                    waited = loop.time()
+                    await slot.enter_async_context(large)
+                    started += loop.time() - waited
+                    holding = True
+                chunks.append(chunk)
+                deadline.reschedule(started + settings.body_timeout_s + size / settings.min_body_rate)
+    except TimeoutError:
+        raise ProtocolError(408, f"the request body did not arrive in time ({size} bytes read); send it within "
+                                 f"{settings.body_timeout_s:g} s plus 1 s per {settings.min_body_rate} bytes") \
+            from None
+    except ClientDisconnect:
+        raise ProtocolError(CLIENT_CLOSED, f"the client disconnected after sending {size} bytes of its body") \
+            from None
+    raw = b"".join(chunks)
+    chunks.clear()
+    return raw
 
 
 def _parse(raw: bytes, interpret: Callable[[Any], T] | None) -> Any:

@@ -6,17 +6,26 @@ choice, as the engine does, and answers an empty mask).
   a 4xx, never a 500;
 - bodies are parsed off the event loop, at most `large_body_concurrency` large ones at once, and the
   unauthenticated /webhook has a 1 MiB limit;
-- /setup keeps a bounded number of label configs, and the log holds only short client strings.
+- /setup keeps a bounded number of label configs, and the log holds only short client strings;
+- against a real uvicorn server: a declared length takes no large-body slot, a stalled body is a 408 that frees
+  its slot, and a client leaving mid-body is one INFO line (499), not a 500 with a traceback.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import threading
 import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import httpx
 
 import numpy as np
 import pytest
+import uvicorn
 from backend_support import LABEL_CONFIG
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -376,3 +385,89 @@ def test_long_region_ids_keep_regions_apart_in_a_short_key(client):
     a, b = (r.region_key for r in seg.requests[-2:])
     assert a != b and len(a) <= 3 + 64 and a.startswith("id:RRR")
     np.testing.assert_equal(len(a), len(b))
+
+
+# --------------------------------------------------------------------------------------------------
+# Slow, stalled and vanishing clients, against a real uvicorn server on loopback
+
+
+@contextmanager
+def live_server(**settings_) -> Iterator[tuple[int, Any]]:
+    """The app served by uvicorn in a thread on a free loopback port: (port, app); stopped on exit."""
+    app = create_app(ServerSettings(model_version="mv", **settings_), StubSegmenter())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(300):
+            if srv.started:
+                break
+            time.sleep(0.05)
+        yield sock.getsockname()[1], app
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _open_body(port: int, path: str, length: int, sent: bytes = b"") -> socket.socket:
+    """A connection that declared a `length`-byte body and sent only `sent` of it."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+              .encode() + sent)
+    return s
+
+
+def _status(s: socket.socket) -> int:
+    head = b""
+    while b"\r\n" not in head:
+        data = s.recv(4096)
+        if not data:
+            break
+        head += data
+    return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+
+
+def _large_webhook(size: int) -> bytes:
+    return json.dumps({"action": "x", "pad": "p" * size}).encode()
+
+
+def test_clients_that_declare_large_bodies_and_send_nothing_hold_no_large_body_slot():
+    with live_server(body_timeout_s=60, max_webhook_bytes=4 << 20) as (port, _):
+        holders = [_open_body(port, "/webhook", 2_000_000) for _ in range(2)]  # as many as there are slots
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/webhook", content=_large_webhook(1_200_000), timeout=20)
+            assert r.status_code == 200  # was: waited for a slot until the holders went away
+        finally:
+            for h in holders:
+                h.close()
+
+
+def test_a_stalled_body_is_answered_408_and_its_large_body_slot_released():
+    with live_server(body_timeout_s=0.5, min_body_rate=1 << 20, max_webhook_bytes=4 << 20) as (port, _):
+        large = _large_webhook(1_200_000)
+        stalled = [_open_body(port, "/webhook", len(large), large[:1_100_000]) for _ in range(2)]  # both slots
+        idle = _open_body(port, "/webhook", 100, b"{")
+        try:
+            assert [_status(s) for s in (*stalled, idle)] == [408, 408, 408]  # was: held open forever
+            r = httpx.post(f"http://127.0.0.1:{port}/webhook", content=large, timeout=20)
+            assert r.status_code == 200
+        finally:
+            for s in (*stalled, idle):
+                s.close()
+
+
+def test_a_client_that_leaves_mid_body_is_one_info_line_not_a_500(caplog):
+    with caplog.at_level("INFO", logger="connectors"), live_server() as (port, _):
+        s = _open_body(port, "/webhook", 100, b'{"action":')
+        time.sleep(0.3)
+        s.close()
+        for _ in range(200):
+            requests = [r for r in caplog.records if r.getMessage() == "request"]
+            if requests:
+                break
+            time.sleep(0.05)
+        assert [(r.levelname, r.fields["status"]) for r in requests] == [("INFO", server.CLIENT_CLOSED)]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]  # was: a traceback
