@@ -220,6 +220,9 @@ def _task_job(tid: int, image_id: str, ref: str | None, regions: list[tuple[int,
             problems.append(Problem(key, image_id, label, e.reason, str(e)))
             continue
         boxes.append({"key": key, "label": label, "click": click, "region": region, "value": it.value, "extra": []})
+    boxes_by_label: dict[str, list[dict[str, Any]]] = {}  # grouped once: each keypoint looks at its label's only
+    for b in boxes:
+        boxes_by_label.setdefault(b["label"], []).append(b)
     groups: dict[str, list[Click]] = {}
     for key, it, label in ((k, i, lab) for k, i, lab in items if i.type == "keypointlabels"):
         try:
@@ -229,7 +232,7 @@ def _task_job(tid: int, image_id: str, ref: str | None, regions: list[tuple[int,
         except ProtocolError as e:
             problems.append(Problem(key, image_id, label, BAD_POINTS, e.message))
             continue
-        same = [b for b in boxes if b["label"] == label]
+        same = boxes_by_label.get(label, [])
         held_by = holding_box([b["value"] for b in same], it.value)  # the drawn rectangle, as the backend
         if held_by is not None:
             same[held_by]["extra"].append(click)

@@ -18,6 +18,7 @@ import math
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,6 +30,8 @@ PROMPT_TYPES = ("keypointlabels", "rectanglelabels")
 MAX_CLICKS = 200  # prompt items per interactive call; InterFormer is evaluated up to 20 clicks
 MAX_LABEL_CONFIG_CHARS = 1_000_000
 MAX_REGION_ID_CHARS = 64  # a longer prompt item id is shortened (with a digest) in the region's key
+MAX_LISTED_LABELS = 5  # labels an error message names (a config may have tens of thousands)
+MAX_QUOTED_CHARS = 100  # a client's label quoted in an error message is cut to this
 
 
 class ProtocolError(Exception):
@@ -118,6 +121,11 @@ def parse_body(model: type[BaseModel], body: Any) -> Any:
         raise ProtocolError(422, f"invalid {model.__name__}: a value could not be read ({type(e).__name__})") from None
 
 
+def quoted(text: str) -> str:
+    """A client's string for an error message: its repr, cut to MAX_QUOTED_CHARS characters."""
+    return repr(text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "...")
+
+
 def project_id(project: str | None) -> str | None:
     """Label Studio sends `project` as '<id>.<created timestamp>'; the id is the part before the dot."""
     if not project:
@@ -146,31 +154,45 @@ class ControlTag:
     def _named(self) -> list[tuple[str, str | None]]:
         return [(v, self.aliases[n] if n < len(self.aliases) else None) for n, v in enumerate(self.labels)]
 
+    @cached_property
+    def _index(self) -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str, ...]]]:
+        """(name -> value of the first Label it names, value -> how it is shown, value -> all its names), built
+        once per tag: a lookup per prompt item must not walk a config's (maybe tens of thousands of) labels."""
+        value_of: dict[str, str] = {}
+        shown: dict[str, str] = {}
+        names: dict[str, dict[str, None]] = {}
+        for v, alias in self._named():
+            value_of.setdefault(v, v)
+            if alias:
+                value_of.setdefault(alias, v)
+            shown.setdefault(v, alias or v)
+            names.setdefault(v, {}).update(dict.fromkeys(n for n in (v, alias) if n))
+        return value_of, shown, {v: tuple(n) for v, n in names.items()}
+
     def canonical(self, label: str) -> str | None:
         """The value of this tag's first Label named `label` by its value or its alias (as Label Studio's
         findLabel matches), else None."""
-        for value, alias in self._named():
-            if label == value or label == alias:
-                return value
-        return None
+        return self._index[0].get(label)
 
     def shown(self, value: str) -> str:
         """How Label Studio writes the Label of value `value` in a result: its alias when it has one."""
-        for v, alias in self._named():
-            if v == value:
-                return alias or v
-        return value
+        return self._index[1].get(value, value)
 
     def names(self, label: str) -> tuple[str, ...]:
         """Every name (value, alias) of the Label that `label` names here; just `label` when none does."""
         value = self.canonical(label)
         if value is None:
             return (label,)
-        return tuple(dict.fromkeys(n for v, a in self._named() if v == value for n in (v, a) if n))
+        return self._index[2][value]
 
-    def listed(self) -> list[str]:
-        """The labels for an error message: each value, with its alias when it has one."""
-        return [f"{v} (alias {a})" if a else v for v, a in self._named()]
+    def listed(self, limit: int = MAX_LISTED_LABELS) -> str:
+        """The labels for an error message: the first `limit` values, each with its alias when it has one, and
+        how many more there are (never the whole list: a refusal per prompt item must stay short)."""
+        aliases = self.aliases[:limit]
+        shown = [f"{v} (alias {aliases[n]})" if n < len(aliases) and aliases[n] else v
+                 for n, v in enumerate(self.labels[:limit])]
+        more = len(self.labels) - limit
+        return f"{shown}" + (f" and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -205,11 +227,13 @@ class LabelConfig:
         polygon = self.polygons.get(to_name)
         if polygon is not None and to_name not in self.brushes:
             raise ProtocolError(
-                422, f"label {label!r} is not one of the PolygonLabels {polygon.name!r} labels {polygon.listed()}")
+                422, f"label {quoted(label)} is not one of the PolygonLabels {quoted(polygon.name)} labels "
+                     f"{polygon.listed()}")
         brush = self.brush_for(to_name)
         if brush.canonical(label) is None:
             raise ProtocolError(
-                422, f"label {label!r} is not one of the BrushLabels {brush.name!r} labels {brush.listed()}"
+                422, f"label {quoted(label)} is not one of the BrushLabels {quoted(brush.name)} labels "
+                     f"{brush.listed()}"
             )
         return brush
 
@@ -472,22 +496,26 @@ def stored_objects(items: list[ContextItem], config: LabelConfig) -> list[list[C
     (`item_label`), so an alias and its value are one label. A rectangle the box rule refuses (rotated,
     outside, degenerate) stays its own object, refused alone, and holds no keypoint: those stay an object of
     their own, as in bulk pre-annotation."""
-    def key(it: ContextItem) -> tuple[str | None, str]:
-        return it.to_name, item_label(it, config)
-
+    keys = {id(it): (it.to_name, item_label(it, config)) for it in items
+            if it.type in ("keypointlabels", "rectanglelabels")}  # each item's label read once
     boxes = [it for it in items if it.type == "rectanglelabels"]
     objects: list[list[ContextItem]] = [[b] for b in boxes]
-    holders = [n for n, b in enumerate(boxes) if _box_usable(b)]
+    holders: dict[tuple[str | None, str], tuple[list[int], list[_Bounds]]] = {}  # by (image, label): O(K + B)
+    for n, b in enumerate(boxes):
+        if _box_usable(b):
+            same, bounds = holders.setdefault(keys[id(b)], ([], []))
+            same.append(n)
+            bounds.append(_box_bounds(b.value))
     loose: dict[tuple[str | None, str], list[ContextItem]] = {}
     for it in items:
         if it.type != "keypointlabels":
             continue
-        same = [n for n in holders if key(boxes[n]) == key(it)]
-        held_by = holding_box([boxes[n].value for n in same], it.value)
+        same, bounds = holders.get(keys[id(it)], ((), ()))
+        held_by = _holding(bounds, it.value)
         if held_by is not None:
             objects[same[held_by]].append(it)
         else:
-            loose.setdefault(key(it), []).append(it)
+            loose.setdefault(keys[id(it)], []).append(it)
     return objects + list(loose.values())
 
 
@@ -500,31 +528,38 @@ def _box_usable(box: ContextItem) -> bool:
     return True
 
 
+_Bounds = tuple[float, float, float, float, float] | None  # (left, top, right, bottom, area); None: holds nothing
+
+
 def holding_box(boxes: list[dict[str, Any]], point: dict[str, Any]) -> int | None:
     """The index of the smallest of `boxes` (rectangle values: percent x, y, width, height) that holds a
     keypoint value (percent x, y), edges included, the first of equal ones; None when none does. The one
     rule by which the backend's batch path (`stored_objects`) and bulk pre-annotation
     (`label_studio_prompts.task_prompts`) add a keypoint to a rectangle's object: the DRAWN rectangle, never
     the box grown for the model's zoom-in region."""
-    inside = [n for n, b in enumerate(boxes) if _box_holds(b, point)]
-    return min(inside, key=lambda n: _box_area(boxes[n])) if inside else None
+    return _holding([_box_bounds(b) for b in boxes], point)
 
 
-def _box_area(box: dict[str, Any]) -> float:
+def _box_bounds(box: dict[str, Any]) -> _Bounds:
+    """A rectangle value's edges and area as floats, read once (None when they are not numbers)."""
     try:
-        return float(box["width"]) * float(box["height"])
+        left, top, width, height = float(box["x"]), float(box["y"]), float(box["width"]), float(box["height"])
     except (KeyError, TypeError, ValueError, OverflowError):
-        return float("inf")
+        return None
+    return left, top, left + width, top + height, width * height
 
 
-def _box_holds(box: dict[str, Any], point: dict[str, Any]) -> bool:
-    """Whether a keypoint (percent x, y) lies inside a rectangle (percent x, y, width, height)."""
+def _holding(bounds: list[_Bounds] | tuple[()], point: dict[str, Any]) -> int | None:
+    """`holding_box` over rectangles already read by `_box_bounds`."""
     try:
         x, y = float(point["x"]), float(point["y"])
-        left, top = float(box["x"]), float(box["y"])
-        return left <= x <= left + float(box["width"]) and top <= y <= top + float(box["height"])
     except (KeyError, TypeError, ValueError, OverflowError):
-        return False
+        return None
+    best, best_area = None, 0.0
+    for n, b in enumerate(bounds):
+        if b is not None and b[0] <= x <= b[2] and b[1] <= y <= b[3] and (best is None or b[4] < best_area):
+            best, best_area = n, b[4]
+    return best
 
 
 def stored_prompts(task: Task, config: LabelConfig) -> tuple[list[Prompt], list[str]]:
