@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "undo, and the image's features), in MiB (default: %(default)s)")
     p.add_argument("--max-clicks", type=COUNT, default=100,
                    help="clicks of one region served per request; more get a 413 (default: %(default)s)")
+    p.add_argument("--max-batch-items", type=COUNT, default=1000,
+                   help="saved keypoints and rectangles of the tasks of one batch /predict (each at most one model "
+                   "step); more get a 413 naming how many there are (default: %(default)s)")
     p.add_argument("--refine-from", choices=REFINE_STARTS, default="clicks",
                    help="a click on a pre-annotated region: continue the clicks its meta keeps (fewer corrective "
                    "clicks; the region's first click replays them) or start from its mask alone (no replay) "
@@ -168,6 +171,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
         basic_auth_pass=password,
         max_body_bytes=_mib(args.max_body_mb),
         max_clicks=args.max_clicks,
+        max_batch_items=args.max_batch_items,
     )
     pool = None
     try:

@@ -569,33 +569,38 @@ def stored_prompts(task: Task, config: LabelConfig) -> tuple[list[Prompt], list[
     Used by batch predictions (no context): a task whose annotators left smart keypoints or boxes gets masks
     for them; a task without any gets none.
     """
+    prompts: list[Prompt] = []
+    refused: list[str] = []
+    items = []
+    for r in stored_prompt_items(task):
+        try:
+            item = parse_body(ContextItem, r)
+            _item_label(item)
+            items.append(item)
+        except ProtocolError as e:
+            refused.append(e.message)
+    for group in stored_objects(items, config):
+        try:
+            prompt = prompt_from_items(group, config)
+        except ProtocolError as e:
+            refused.append(e.message)
+            continue
+        if prompt.box is None and not any(c.positive for c in prompt.clicks):  # as bulk pre-annotation
+            refused.append(f"{prompt.label!r} has only negative keypoints: nothing to segment")
+        else:
+            prompts.append(prompt)
+    return prompts, refused
+
+
+def stored_prompt_items(task: Task) -> list[dict[str, Any]]:
+    """The saved prompt regions (keypoints, rectangles) of a task's newest annotation or draft that has any:
+    what `stored_prompts` makes its prompts of (counted first to bound a batch request's work)."""
     candidates = [a for a in (task.annotations + task.drafts) if isinstance(a, dict) and a.get("result")]
     for ann in sorted(candidates, key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""), reverse=True):
         raw = [r for r in ann["result"] if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
-        if not raw:
-            continue
-        prompts: list[Prompt] = []
-        refused: list[str] = []
-        items = []
-        for r in raw:
-            try:
-                item = parse_body(ContextItem, r)
-                _item_label(item)
-                items.append(item)
-            except ProtocolError as e:
-                refused.append(e.message)
-        for group in stored_objects(items, config):
-            try:
-                prompt = prompt_from_items(group, config)
-            except ProtocolError as e:
-                refused.append(e.message)
-                continue
-            if prompt.box is None and not any(c.positive for c in prompt.clicks):  # as bulk pre-annotation
-                refused.append(f"{prompt.label!r} has only negative keypoints: nothing to segment")
-            else:
-                prompts.append(prompt)
-        return prompts, refused
-    return [], []
+        if raw:
+            return raw
+    return []
 
 
 # --------------------------------------------------------------------------------------------------

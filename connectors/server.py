@@ -25,7 +25,7 @@ import uuid
 from collections import OrderedDict
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -47,6 +47,7 @@ from .protocol import (
     prediction,
     project_id,
     prompt_from_items,
+    stored_prompt_items,
     stored_prompts,
     task_image,
 )
@@ -79,6 +80,7 @@ class ServerSettings:
     min_body_rate: int = 64 * 1024  # ... plus 1 s per this many bytes received (else 408, slot released)
     batch_concurrency: int = 4  # regions of a batch /predict in flight at once
     max_clicks: int = 100  # clicks of one region per request: each is an interact step and a kept state
+    max_batch_items: int = 1000  # saved prompt regions of a batch /predict (bounds its model steps); more: 413
 
     @property
     def auth_enabled(self) -> bool:
@@ -212,7 +214,7 @@ def create_app(settings: ServerSettings, segmenter: Segmenter) -> FastAPI:
         if context is not None:
             answer = await _interactive(state, body, config, request.state.fields)
         else:
-            answer = await _batch(state, body, config, request.state.fields)
+            answer = await _batch(state, body, config, request.state.fields, request)
         # Serialised directly: FastAPI's generic encoder would walk the RLE list value by value.
         return JSONResponse(answer)
 
@@ -292,6 +294,23 @@ async def _read_body(request: Request, settings: ServerSettings, limit: int, lar
     raw = b"".join(chunks)
     chunks.clear()
     return raw
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; cancelled (499) as soon as the client disconnects. Starlette does not cancel a handler
+    whose client has gone, and `request.is_disconnected()` does not see it through the logging middleware, so
+    the body having been read, the next ASGI message, which is the disconnect, is awaited alongside."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(request.receive())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and gone.done() and not gone.cancelled() and gone.exception() is None \
+                and gone.result().get("type") == "http.disconnect":
+            raise ProtocolError(CLIENT_CLOSED, "the client disconnected; the rest of its batch was not run")
+        return await task
+    finally:
+        task.cancel()
+        gone.cancel()
 
 
 def _parse(raw: bytes, interpret: Callable[[Any], T] | None) -> Any:
@@ -399,6 +418,10 @@ async def _interactive(state: _State, body: PredictRequest, config: LabelConfig,
 def _batch_plan(state: _State, body: PredictRequest, config: LabelConfig) -> list[tuple[Any, list, list[str]]]:
     """Per task: the (prompt, request) pairs of its stored prompts, and why each object that gets no mask was
     refused (one refused object never costs the task its other objects)."""
+    items = sum(len(stored_prompt_items(task)) for task in body.tasks)
+    if items > state.settings.max_batch_items:
+        raise ProtocolError(413, f"the {len(body.tasks)} tasks hold {items} saved keypoints and rectangles; at most "
+                                 f"{state.settings.max_batch_items} are served per request: select fewer tasks")
     plan = []
     for task in body.tasks:
         pairs, reasons = [], []
@@ -419,8 +442,9 @@ def _batch_plan(state: _State, body: PredictRequest, config: LabelConfig) -> lis
     return plan
 
 
-async def _batch(state: _State, body: PredictRequest, config: LabelConfig, fields: dict) -> dict:
-    """One prediction per task, from the keypoints/boxes saved in it (none: an empty prediction)."""
+async def _batch(state: _State, body: PredictRequest, config: LabelConfig, fields: dict, request: Request) -> dict:
+    """One prediction per task, from the keypoints/boxes saved in it (none: an empty prediction). A client
+    that disconnects stops the batch: no more of its regions are sent to the segmenter."""
     mv = state.settings.model_version
     gate = asyncio.Semaphore(state.settings.batch_concurrency)
     plan = await run_in_threadpool(_batch_plan, state, body, config)
@@ -438,7 +462,7 @@ async def _batch(state: _State, body: PredictRequest, config: LabelConfig, field
             results.extend(mask_results(prompt, res.score, res.rle, res.polygons))
         return prediction(results, mv)
 
-    predictions = await asyncio.gather(*(one_task(task, reqs) for task, reqs, _ in plan))
+    predictions = await _unless_disconnected(request, asyncio.gather(*(one_task(task, reqs) for task, reqs, _ in plan)))
     fields.update(mode="batch", tasks=len(body.tasks), regions=sum(len(p["result"]) for p in predictions))
     if failures:
         fields.update(task_errors=failures[:20])

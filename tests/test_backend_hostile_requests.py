@@ -8,7 +8,8 @@ choice, as the engine does, and answers an empty mask).
   unauthenticated /webhook has a 1 MiB limit;
 - /setup keeps a bounded number of label configs, and the log holds only short client strings;
 - against a real uvicorn server: a declared length takes no large-body slot, a stalled body is a 408 that frees
-  its slot, and a client leaving mid-body is one INFO line (499), not a 500 with a traceback.
+  its slot, and a client leaving mid-body is one INFO line (499), not a 500 with a traceback;
+- a batch /predict has a cap on its saved prompt items (413) and stops once its client has gone.
 """
 from __future__ import annotations
 
@@ -392,9 +393,9 @@ def test_long_region_ids_keep_regions_apart_in_a_short_key(client):
 
 
 @contextmanager
-def live_server(**settings_) -> Iterator[tuple[int, Any]]:
+def live_server(segmenter=None, **settings_) -> Iterator[tuple[int, Any]]:
     """The app served by uvicorn in a thread on a free loopback port: (port, app); stopped on exit."""
-    app = create_app(ServerSettings(model_version="mv", **settings_), StubSegmenter())
+    app = create_app(ServerSettings(model_version="mv", **settings_), segmenter or StubSegmenter())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
@@ -471,3 +472,51 @@ def test_a_client_that_leaves_mid_body_is_one_info_line_not_a_500(caplog):
             time.sleep(0.05)
         assert [(r.levelname, r.fields["status"]) for r in requests] == [("INFO", server.CLIENT_CLOSED)]
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]  # was: a traceback
+
+
+# --------------------------------------------------------------------------------------------------
+# A batch /predict: bounded, and stopped when its client has gone
+
+
+def batch_body(n_tasks: int) -> bytes:
+    tasks = [{"id": i, "data": {"image_id": f"img-{i}"}, "annotations": [{"id": i, "result": [keypoint(id=f"k{i}")]}]}
+             for i in range(n_tasks)]
+    return json.dumps({"tasks": tasks, "project": "3.1", "label_config": LABEL_CONFIG}).encode()
+
+
+def test_a_batch_over_the_prompt_item_cap_is_refused_before_any_region_runs():
+    with make_client(max_batch_items=10) as c:
+        seg = c.app.state.backend.segmenter
+        r = post(c, "/predict", batch_body(11))
+        assert r.status_code == 413 and "11 saved keypoints and rectangles" in r.json()["error"]
+        assert "at most 10" in r.json()["error"] and seg.requests == []
+        r = post(c, "/predict", batch_body(10))
+        assert r.status_code == 200 and len(seg.requests) == 10
+
+
+class SlowSegmenter(StubSegmenter):
+    async def segment(self, req):
+        await asyncio.sleep(0.05)
+        return await super().segment(req)
+
+
+def test_a_batch_whose_client_has_gone_stops_sending_regions_to_the_segmenter(caplog):
+    n = 200  # 200 regions x 0.05 s / 4 at once: 2.5 s when run to the end
+    seg = SlowSegmenter()
+    with caplog.at_level("INFO", logger="connectors"), live_server(seg, batch_concurrency=4) as (port, _):
+        raw = batch_body(n)
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        time.sleep(0.5)
+        s.close()
+        requests = []
+        for _ in range(300):
+            requests = [r for r in caplog.records if r.getMessage() == "request"]
+            if requests:
+                break
+            time.sleep(0.05)
+        served = len(seg.requests)
+        time.sleep(1.0)
+        assert [r.fields["status"] for r in requests] == [server.CLIENT_CLOSED]  # was: 200 after running all
+        assert served < n and len(seg.requests) == served  # nothing scheduled once it was seen gone
