@@ -36,6 +36,7 @@ import re
 import socket
 import ssl
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -451,31 +452,71 @@ def resolve_checked(url: HttpURL, access: ImageAccess) -> list[str]:
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
-    """An HTTP connection to a checked address, sending the URL's host name in the Host header."""
+    """An HTTP connection to a checked address, sending the URL's host name in the Host header. `opened` keeps
+    its socket (http.client drops `sock` once the response owns it) for the deadline watchdog."""
+
+    opened: socket.socket | None = None
 
     def __init__(self, url: HttpURL, address: str, timeout: float) -> None:
         super().__init__(url.host, url.port, timeout=timeout)
         self._address = address
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self.opened = socket.create_connection((self._address, self.port), self.timeout)
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
+    opened: socket.socket | None = None
+
     def __init__(self, url: HttpURL, address: str, timeout: float) -> None:
         super().__init__(url.host, url.port, timeout=timeout, context=ssl.create_default_context())
         self._address = address
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self.opened = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def _open(url: HttpURL, address: str, headers: dict[str, str], timeout: float):
+class _Watchdog:
+    """Shuts a connection's socket down at the download deadline. The socket timeout bounds each recv only, so
+    a host that trickles its status line and headers (http.client reads up to 100 header lines of 64 KiB) or its
+    body one byte at a time would otherwise hold the download for many times the deadline."""
+
+    def __init__(self, conn: _PinnedHTTP | _PinnedHTTPS, deadline: float) -> None:
+        self._conn = conn
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        sock = self._conn.opened
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _open(url: HttpURL, address: str, headers: dict[str, str], deadline: float):
+    """(connection, response headers read, its watchdog): connect, send and read the headers by `deadline`."""
     cls = _PinnedHTTPS if url.scheme == "https" else _PinnedHTTP
-    conn = cls(url, address, timeout)
-    conn.request("GET", url.target, headers=headers)
-    return conn, conn.getresponse()
+    conn = cls(url, address, max(0.1, deadline - time.monotonic()))
+    watchdog = _Watchdog(conn, deadline)
+    try:
+        conn.request("GET", url.target, headers=headers)
+        return conn, conn.getresponse(), watchdog
+    except BaseException:
+        watchdog.cancel()
+        conn.close()
+        raise
+
+
+def _past(deadline: float) -> None:
+    if time.monotonic() >= deadline:
+        raise ImageAccessError("the image download took too long", 504)
 
 
 def _read_limited(response, limit: int, deadline: float) -> bytes:
@@ -493,9 +534,9 @@ def _read_limited(response, limit: int, deadline: float) -> bytes:
         size += len(chunk)
         if size > limit:
             raise ImageAccessError(f"the image is over the limit of {limit} bytes", 413)
-        if time.monotonic() > deadline:
-            raise ImageAccessError("the image download took too long", 504)
+        _past(deadline)
         chunks.append(chunk)
+    _past(deadline)  # the watchdog ends a read at the deadline: what came is not the whole image
     return b"".join(chunks)
 
 
@@ -538,15 +579,14 @@ def http_get(url: HttpURL, access: ImageAccess) -> bytes:
         if with_key and access.api_key:
             headers["Authorization"] = f"Token {access.api_key}"
         addresses = resolve_checked(url, access)
-        response = conn = None
+        response = conn = watchdog = None
         for address in addresses:
             try:
-                conn, response = _open(url, address, headers, max(0.1, deadline - time.monotonic()))
+                conn, response, watchdog = _open(url, address, headers, deadline)
                 break
             except _FETCH_FAULTS as e:
-                if conn is not None:
-                    conn.close()
-                conn, last = None, e
+                _past(deadline)
+                last = e
         if response is None:
             raise ImageAccessError(f"could not connect to image host {url.host} ({_os_reason(last)})", 502)
         try:
@@ -560,8 +600,10 @@ def http_get(url: HttpURL, access: ImageAccess) -> bytes:
                                        404 if response.status in (401, 403, 404, 410) else 502)
             return _read_limited(response, access.max_image_bytes, deadline)
         except _FETCH_FAULTS as e:
+            _past(deadline)
             raise ImageAccessError(f"the image download from {url.host} failed ({_os_reason(e)})", 502) from None
         finally:
+            watchdog.cancel()
             conn.close()
     raise ImageAccessError(f"the image host redirected more than {MAX_REDIRECTS} times", 502)
 

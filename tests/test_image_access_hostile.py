@@ -6,6 +6,7 @@
 - The Label Studio API key goes only to Label Studio data paths, on every hop of a redirect chain.
 - A host answering anything at all (status lines, headers, Location and Content-Length values, bodies,
   chunking) makes reading an image return bytes or raise ImageAccessError, never another exception.
+- A host trickling its status line, headers or body is cut at the download deadline (504).
 
 Traffic stays on 127.0.0.1: the stubs are loopback servers run by the tests themselves.
 """
@@ -15,6 +16,7 @@ import ipaddress
 import re
 import socket
 import threading
+import time
 from urllib.parse import quote_from_bytes
 
 import pytest
@@ -288,3 +290,57 @@ def test_the_reported_500s_are_image_access_errors(tmp_path):
         with pytest.raises(ImageAccessError, match="invalid Content-Length") as e:
             read_image_bytes("/data/upload/1/badlen.png", access)
         assert e.value.status == 502
+
+
+# --------------------------------------------------------------------------------------------------
+# A host that trickles its answer: the download deadline holds in every phase
+
+
+class TrickleStub:
+    """A loopback server that sends one raw response a byte every `delay` seconds (until the client leaves)."""
+
+    def __init__(self, response: bytes, delay: float) -> None:
+        self.response, self.delay = response, delay
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.recv(65536)
+                for byte in self.response:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(self.delay)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+_SLOW_HEADERS = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Slow-%d: %s\r\n" % (n, b"a" * 20) for n in range(12))
+
+
+@pytest.mark.parametrize("phase, response", [
+    ("status line", b"HTTP/1.1 200 OK" + b" " * 300 + b"\r\nContent-Length: 3\r\n\r\nabc"),
+    ("headers", _SLOW_HEADERS + b"Content-Length: 3\r\n\r\nabc"),
+    ("body without a length", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"b" * 300),
+    ("body with a length", b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\n\r\n" + b"b" * 300),
+])
+def test_a_host_trickling_any_part_of_its_answer_is_cut_at_the_deadline(phase, response):
+    stub = TrickleStub(response, delay=0.05)  # 15 s or more to send it all
+    access = ImageAccess(storage_hosts=(f"127.0.0.1:{stub.port}",), allowed_networks=("127.0.0.0/8",),
+                         timeout_s=1.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ImageAccessError) as e:
+            read_image_bytes(f"http://127.0.0.1:{stub.port}/x.png", access)
+        assert e.value.status == 504 and "took too long" in e.value.message
+        assert time.monotonic() - t0 < 5.0  # was: as long as the host kept trickling its headers
+    finally:
+        stub.close()
