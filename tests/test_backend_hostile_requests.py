@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import httpx
-
 import numpy as np
 import pytest
 import uvicorn
