@@ -7,6 +7,11 @@ silently returns a partly grey image) and reads the header before decoding, so t
 enforced without allocating the image. The caller's `max_pixels` is the only pixel limit: Pillow's own
 decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, 89.5 M by default) is raised to it while a decode runs.
 
+Only the formats the project lists as images (`FORMAT_EXTENSIONS`: JPEG, PNG, BMP, TIFF, WebP, GIF) are opened,
+whatever else Pillow can read: the bytes may come from whoever made a task, and a plugin such as EPS (which runs
+Ghostscript) must never see them; anything else is `not_an_image`. Running out of memory on one image is that
+image's `too_large`, never the end of a batch.
+
 Pixels are returned in the file's STORED grid: an EXIF orientation tag is not applied. `decode_image_oriented`
 also returns the tag (1..8, pipeline/orientation.py), read from the same header, which the encoder records with
 the features so that the Label Studio boundary can map to the grid a browser shows.
@@ -38,6 +43,30 @@ REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_LARGE, CORRUPT, UNREADABLE, ENCOD
 
 DEFAULT_MAX_PIXELS = 50_000_000
 EXIF_ORIENTATION = 0x0112
+
+# Pillow's format id -> the file extensions the project lists as images (pipeline.sources.IMAGE_EXTENSIONS is
+# made from it): the only formats decoded.
+FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg"),
+    "PNG": (".png",),
+    "BMP": (".bmp",),
+    "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
+    "GIF": (".gif",),
+}
+IMAGE_FORMATS = tuple(FORMAT_EXTENSIONS)
+
+# The most bytes an image file under a pixel limit is read with. The widest stored pixel of the formats above is
+# 8 bytes (16-bit RGBA, uncompressed TIFF or stored-deflate PNG, plus PNG's filter byte per row: 9 for a
+# one-pixel-wide image); twice that leaves room for a second frame or page, and the headroom for metadata
+# (EXIF, ICC profiles, XMP, embedded thumbnails). A file over it cannot be an image the limit lets through.
+MAX_FILE_BYTES_PER_PIXEL = 16
+FILE_HEADROOM_BYTES = 64 * 1024 * 1024
+
+
+def max_file_bytes(max_pixels: int | None) -> int | None:
+    """The byte cap for reading an image file decoded under `max_pixels` (None: no pixel limit, no cap)."""
+    return None if max_pixels is None else max_pixels * MAX_FILE_BYTES_PER_PIXEL + FILE_HEADROOM_BYTES
 
 
 class ImageDecodeError(ValueError):
@@ -124,7 +153,15 @@ def decode_image_oriented(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXE
     """`decode_image`, and the file's EXIF orientation tag (1..8, see `exif_orientation`) from the same header:
     the pixels stay in the stored grid; the tag says how a browser turns them."""
     with _pillow_limit(max_pixels):
-        return _decode(data, max_pixels)
+        try:
+            return _decode(data, max_pixels)
+        except MemoryError:
+            raise _out_of_memory(len(data)) from None
+
+
+def _out_of_memory(size: int) -> ImageDecodeError:
+    """The error for an image whose decoding ran out of memory: too large for this worker, not corrupt."""
+    return ImageDecodeError(TOO_LARGE, f"decoding this {size}-byte file ran out of memory")
 
 
 def _decode(data: bytes, max_pixels: int | None) -> tuple[np.ndarray, int]:
@@ -139,6 +176,8 @@ def _decode(data: bytes, max_pixels: int | None) -> tuple[np.ndarray, int]:
             )
         try:
             img.load()
+        except MemoryError:
+            raise
         except OSError as e:
             message = str(e)
             if "truncated" in message.lower():
@@ -166,14 +205,17 @@ def _open(data: bytes, max_pixels: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             # Our own pixel limit applies; Pillow's bomb check would only warn or raise at 2x its default.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(bytes(data)))
+            return Image.open(io.BytesIO(bytes(data)), formats=IMAGE_FORMATS)
+    except MemoryError:
+        raise _out_of_memory(len(data)) from None
     except UnidentifiedImageError:
         head = bytes(data[:12])
         kind = _sniff(head)
         if kind:
             raise ImageDecodeError(CORRUPT, f"starts like {kind} but cannot be parsed ({len(data)} bytes)") from None
         raise ImageDecodeError(
-            NOT_AN_IMAGE, f"not a recognised image format ({len(data)} bytes, starting {head[:8]!r})"
+            NOT_AN_IMAGE, f"not an image in a format read here ({', '.join(IMAGE_FORMATS)}; {len(data)} bytes, "
+                          f"starting {head[:8]!r})"
         ) from None
     except Image.DecompressionBombError as e:  # Pillow's own hard limit, 2x Image.MAX_IMAGE_PIXELS
         size = re.search(r"\((\d+) pixels\)", str(e))

@@ -1,10 +1,12 @@
 """pipeline/images.py: the caller's max_pixels is the only pixel limit, whatever Pillow's own bomb limit is
-(and while other decodes with other limits run in other threads), and 16-bit grey decodes in integers."""
+(and while other decodes with other limits run in other threads), 16-bit grey decodes in integers, and only
+the formats the project lists as images are opened."""
 from __future__ import annotations
 
 import io
 import struct
 import tracemalloc
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +17,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from pipeline.images import TOO_LARGE, ImageDecodeError, decode_image, grey_to_8bit
+from pipeline.images import (
+    FORMAT_EXTENSIONS,
+    IMAGE_FORMATS,
+    NOT_AN_IMAGE,
+    TOO_LARGE,
+    ImageDecodeError,
+    decode_image,
+    grey_to_8bit,
+)
+from pipeline.sources import IMAGE_EXTENSIONS
 
 
 def _png(w: int, h: int, mode: str = "RGB") -> bytes:
@@ -114,3 +125,63 @@ def test_16_bit_grey_decodes_without_float_copies():
         tracemalloc.stop()
     np.testing.assert_array_equal(decoded[:, :, 0], _float_reference(values, True))
     assert peak < 14 * side * side, f"{peak / side / side:.1f} bytes per pixel"  # float64 took over 24
+
+
+# --- only the formats the project lists as images are opened ---------------------------------------
+
+_EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+        b"newpath 0 0 moveto 10 10 lineto stroke showpage\n%%EOF\n")
+
+
+def _saved_in_every_other_format() -> dict[str, bytes]:
+    """An 8x8 RGB (or greyscale, or 1-bit) image saved in each format Pillow can write that the project does not
+    list as an image. MPO is left out: its files are JPEG streams, decoded as the JPEG they are."""
+    Image.init()
+    out = {"EPS (hand-written)": _EPS}
+    for fmt in sorted(set(Image.SAVE) - set(IMAGE_FORMATS) - {"MPO"}):
+        for mode in ("RGB", "L", "1"):
+            buf = io.BytesIO()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # IM: deprecated, still readable
+                    Image.new(mode, (8, 8), 1).save(buf, fmt)
+            except Exception:  # noqa: BLE001 - this format cannot hold this mode, or needs a missing codec
+                continue
+            out[fmt] = buf.getvalue()
+            break
+    return out
+
+
+def test_the_allowed_formats_are_the_listed_image_extensions():
+    """One list: `IMAGE_EXTENSIONS` (what a listing takes as an image) is made from `FORMAT_EXTENSIONS`, and
+    Pillow maps each of those extensions to the format it names."""
+    Image.init()
+    assert IMAGE_EXTENSIONS == tuple(e for exts in FORMAT_EXTENSIONS.values() for e in exts)
+    assert set(IMAGE_FORMATS) == set(FORMAT_EXTENSIONS)
+    for fmt, extensions in FORMAT_EXTENSIONS.items():
+        assert all(Image.registered_extensions()[e] == fmt for e in extensions), fmt
+        data = io.BytesIO()
+        Image.new("RGB", (8, 8), (9, 8, 7)).save(data, fmt)
+        assert decode_image(data.getvalue()).shape == (8, 8, 3), fmt
+
+
+def test_every_other_format_pillow_knows_is_not_an_image_and_never_reaches_its_plugin(monkeypatch):
+    """Bytes may come from whoever made a task (the backend's and pre-annotation's on-demand encode share this
+    decoder): an EPS named .png went to Pillow's EPS plugin and on to Ghostscript. Now no plugin outside the
+    allow-list is even asked to open the bytes; each is `not_an_image`."""
+    others = _saved_in_every_other_format()
+    assert {"EPS (hand-written)", "PPM", "TGA", "PCX", "ICO", "PDF"} <= set(others)
+    for fmt in list(Image.OPEN):
+        if fmt not in IMAGE_FORMATS:
+            monkeypatch.setitem(Image.OPEN, fmt, (_refuse_plugin(fmt), None))
+    for fmt, data in others.items():
+        with pytest.raises(ImageDecodeError) as info:
+            decode_image(data)
+        assert info.value.reason == NOT_AN_IMAGE, (fmt, info.value)
+        assert "JPEG, PNG, BMP, TIFF, WEBP, GIF" in info.value.detail
+
+
+def _refuse_plugin(fmt: str):
+    def factory(*_args, **_kwargs):
+        raise AssertionError(f"Pillow's {fmt} plugin was asked to open the bytes")
+    return factory
