@@ -36,7 +36,7 @@ from .feature_store import (
     write_feature_fragments,
 )
 from .faults import fault_point
-from .images import ENCODE_FAILED, TOO_LARGE, ImageDecodeError, decode_image_oriented
+from .images import ENCODE_FAILED, TOO_LARGE, ImageDecodeError, decode_image_oriented, max_file_bytes
 from .sources import read_bytes
 from .staged_commits import StagedRecord, stage
 
@@ -120,16 +120,21 @@ def decode_stage(batch: pa.Table, preprocess: PreprocessConfig, vit: ViTConfig |
     for image_id, uri in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist()):
         row: dict = {"image_id": image_id, "uri": uri}
         try:
-            data = read_bytes(uri)
+            data = read_bytes(uri, max_bytes=max_file_bytes(preprocess.max_pixels))
             row["content_sha256"] = hashlib.sha256(data).hexdigest()
             image, orientation = decode_image_oriented(data, max_pixels=preprocess.max_pixels)
             if vit is not None:
                 check_encode_memory(image.shape[:2], preprocess, vit)
+            geometry = compute_geometry(image.shape[:2], preprocess)
+            pixels = np.ascontiguousarray(resize_image(image, geometry)).tobytes()
         except ImageDecodeError as e:
             row.update(reason=e.reason, detail=e.detail)
             rows.append(row)
             continue
-        geometry = compute_geometry(image.shape[:2], preprocess)
+        except MemoryError:  # this image, not the batch: the others are decoded
+            row.update(reason=TOO_LARGE, detail="decoding or resizing it ran out of memory")
+            rows.append(row)
+            continue
         row.update(
             original_height=geometry.original_size[0],
             original_width=geometry.original_size[1],
@@ -139,7 +144,7 @@ def decode_stage(batch: pa.Table, preprocess: PreprocessConfig, vit: ViTConfig |
             padded_width=geometry.padded_size[1],
             scale=float(geometry.scale),
             exif_orientation=orientation,
-            pixels=np.ascontiguousarray(resize_image(image, geometry)).tobytes(),
+            pixels=pixels,
         )
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)

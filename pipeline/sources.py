@@ -12,15 +12,17 @@ import json
 import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
+from typing import Callable
 
 from pyarrow import fs as pafs
 
-from .images import UNREADABLE, ImageDecodeError
+from .images import FORMAT_EXTENSIONS, TOO_LARGE, UNREADABLE, ImageDecodeError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = tuple(ext for exts in FORMAT_EXTENSIONS.values() for ext in exts)
 LIST_FILE_EXTENSIONS = (".txt", ".lst")
 _URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _GLOB_CHARS = set("*?[")
@@ -130,51 +132,124 @@ def _same_uri(listing: Listing) -> Listing:
     return Listing(listing.sources, listing.ignored, listing.duplicates, listing.unusable, same)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One path found under a listed folder. `problem` says why it cannot be an input (a FIFO, socket or device;
+    a folder that could not be listed, `unlisted`, whose images are then missing from the listing)."""
+
+    rel: str
+    is_dir: bool
+    problem: str | None = None
+    unlisted: bool = False
+
+
 def list_folder(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
     """Every path under `root` (recursively) named like an image: files, and also what cannot be read as
     one (a dangling link, a folder named 'x.jpg'), which the job then records as unreadable, exactly as
     for the same path in a list file. Other files are reported as ignored; hidden files and folders
-    (starting with '.') are skipped."""
+    (starting with '.') are skipped. A FIFO, socket or device named like an image, and every folder that
+    cannot be listed, are `unusable` (unreadable) inputs: never opened, never silently missing."""
+    return _select(root, lambda rel: rel.lower().endswith(extensions), lambda rel: True)
+
+
+def _select(root: str, wanted: Callable[[str], bool], may_hold: Callable[[str], bool]) -> Listing:
+    """The listing of the entries under `root` whose relative path is `wanted`; `may_hold(rel)` says whether a
+    folder that could not be listed may have held wanted paths (then it is reported, as when it is wanted)."""
     entries = _walk_local(root) if not is_uri(root) else _walk_store(root)
-    sources, ignored = [], []
-    for rel, is_dir in entries:
-        if any(part.startswith(".") for part in rel.split("/")):
+    sources, ignored, unusable = [], [], []
+    for e in entries:
+        if any(part.startswith(".") for part in e.rel.split("/")):
             continue
-        if rel.lower().endswith(extensions):
-            sources.append(ImageSource(rel, _join_uri(root, rel)))
-        elif not is_dir:
-            ignored.append(rel)
-    return Listing(sorted(sources, key=lambda s: s.image_id), sorted(ignored))
+        uri = _join_uri(root, e.rel)
+        if e.unlisted:
+            if may_hold(e.rel) or wanted(e.rel):
+                unusable.append((e.rel, uri, UNREADABLE, e.problem))
+        elif wanted(e.rel):
+            if e.problem:
+                unusable.append((e.rel, uri, UNREADABLE, e.problem))
+            else:
+                sources.append(ImageSource(e.rel, uri))
+        elif not e.is_dir:
+            ignored.append(e.rel)
+    return Listing(sorted(sources, key=lambda s: s.image_id), sorted(ignored), unusable=sorted(unusable))
 
 
-def _walk_local(root: str) -> list[tuple[str, bool]]:
-    """(relative path, is a folder) of every entry under a local folder, dangling links included (pyarrow's
-    listing drops them). Links to folders are listed, not followed."""
+def _walk_local(root: str) -> list[_Entry]:
+    """Every entry under a local folder, dangling links included (pyarrow's listing drops them). Links to
+    folders are listed, not followed; hidden folders are not entered. A special file (FIFO, socket, device)
+    carries its problem, found from the directory entry's type without opening it; a folder that cannot be
+    listed is one `unlisted` entry. Only the root itself failing is a SourceError."""
     base = os.path.abspath(root)
     if not os.path.isdir(base):
         raise SourceError(f"cannot list folder {root!r}: not a folder")
-    errors: list[OSError] = []
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(base, onerror=errors.append):
-        rel_dir = os.path.relpath(dirpath, base).replace(os.sep, "/")
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        entries.extend((prefix + d, True) for d in dirnames)
-        entries.extend((prefix + f, False) for f in filenames)
-    if errors and not entries:
-        raise SourceError(f"cannot list folder {root!r}: {errors[0]}")
+    entries: list[_Entry] = []
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        path = os.path.join(base, rel_dir) if rel_dir else base
+        prefix = rel_dir + "/" if rel_dir else ""
+        try:
+            with os.scandir(path) as it:
+                children = list(it)
+        except OSError as e:
+            if not rel_dir:
+                raise SourceError(f"cannot list folder {root!r}: {e}") from None
+            entries.append(_Entry(rel_dir, True, f"cannot list folder {path}: {e} (the images in it are not "
+                                                 "listed)", unlisted=True))
+            continue
+        if rel_dir:
+            entries.append(_Entry(rel_dir, True))
+        for child in children:
+            rel = prefix + child.name
+            if _entry_is_dir(child):
+                if child.is_symlink():
+                    entries.append(_Entry(rel, True))
+                elif not child.name.startswith("."):
+                    pending.append(rel)
+            else:
+                entries.append(_Entry(rel, False, _special_problem(child)))
     return entries
 
 
-def _walk_store(root: str) -> list[tuple[str, bool]]:
-    """(relative path, is a folder) of every object and prefix under an object-store URI."""
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _special_problem(entry: os.DirEntry) -> str | None:
+    """Why a directory entry that is no folder cannot be read as an image: it (or what its link leads to) is
+    a FIFO, socket or device. None for a regular file, and for a dangling or looping link, which the read
+    then reports like the same path from a list file."""
+    try:
+        if entry.is_file():
+            return None
+        mode = entry.stat().st_mode
+    except OSError:
+        return None
+    return _not_regular(entry.path, mode)
+
+
+def _not_regular(path: str, mode: int) -> str | None:
+    """The sentence for a path that is not a regular file (None when it is one)."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a folder" if stat.S_ISDIR(mode) else "not a file")
+    return f"cannot read {path}: it is {kind}, not a regular file"
+
+
+def _walk_store(root: str) -> list[_Entry]:
+    """Every object and prefix under an object-store URI."""
     filesystem, base = _filesystem(root)
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
     except (FileNotFoundError, OSError) as e:
         raise SourceError(f"cannot list folder {root!r}: {e}") from None
     base_clean = base.rstrip("/")
-    return [(_relative(i.path, base_clean), i.type == pafs.FileType.Directory) for i in infos]
+    return [_Entry(_relative(i.path, base_clean), i.type == pafs.FileType.Directory) for i in infos]
 
 
 def list_glob(pattern: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
@@ -182,15 +257,14 @@ def list_glob(pattern: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> L
     Ids are relative to the longest folder prefix without wildcards. A pattern whose last segment names
     an extension ('*.png') keeps every match; otherwise only image extensions are kept."""
     root, rest = _split_glob(pattern)
-    listing = list_folder(root, extensions=("",))
     parts = rest.split("/")
     keep_any_ext = "." in parts[-1]
-    sources = [
-        s
-        for s in listing.sources
-        if _glob_match(parts, s.image_id.split("/")) and (keep_any_ext or s.image_id.lower().endswith(extensions))
-    ]
-    return Listing(sources)
+    listing = _select(
+        root,
+        lambda rel: _glob_match(parts, rel.split("/")) and (keep_any_ext or rel.lower().endswith(extensions)),
+        lambda rel: _glob_may_hold(parts, rel.split("/")),
+    )
+    return Listing(listing.sources, unusable=listing.unusable)
 
 
 def list_text_file(path: str, image_root: str | None = None) -> Listing:
@@ -244,17 +318,72 @@ def list_coco(annotation_file: str, image_root: str, coco_id: str = "file_name")
     return Listing(sources)
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole content of a local file or object; ImageDecodeError(UNREADABLE) when it cannot be read."""
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole content of a local file or object. ImageDecodeError(UNREADABLE) when it cannot be read, or is
+    not a regular file (a FIFO, socket or device is refused from its stat, never opened in a way that blocks);
+    ImageDecodeError(TOO_LARGE) when it has more than `max_bytes` bytes (at most `max_bytes` + 1 are read) or
+    reading it runs out of memory."""
     try:
-        if not is_uri(uri):
-            with open(uri, "rb") as f:
-                return f.read()
-        filesystem, path = _filesystem(uri)
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
+        filesystem, path = _filesystem(uri) if is_uri(uri) else (None, uri)
+        if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+            data = _read_local(path, uri, max_bytes)
+        else:
+            with filesystem.open_input_stream(path) as stream:
+                data = _read_at_most(stream.read, max_bytes, _CHUNK)
+    except ImageDecodeError:
+        raise
+    except MemoryError:
+        raise ImageDecodeError(TOO_LARGE, f"reading {uri} ran out of memory") from None
     except (OSError, ValueError) as e:
         raise ImageDecodeError(UNREADABLE, f"cannot read {uri}: {e}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _over(uri, max_bytes)
+    return data
+
+
+def _read_local(path: str, uri: str, max_bytes: int | None) -> bytes:
+    """A local regular file's bytes: stat first (a special file is refused unopened), then open non-blocking and
+    check the opened file again (it may have been swapped meanwhile), reading at most `max_bytes` + 1 bytes."""
+    _check_regular(uri, os.stat(path), max_bytes)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        _check_regular(uri, st, max_bytes)
+        return _read_at_most(f.read, max_bytes, st.st_size)
+
+
+_CHUNK = 8 * 1024 * 1024
+
+
+def _read_at_most(read: Callable[[int], bytes], limit: int | None, expect: int) -> bytes:
+    """Everything `read(n)` gives until its end, or the first `limit` + 1 bytes when there are more (the caller
+    refuses those). The first read asks for `expect` + 1 bytes (a regular file's size: one read, one buffer),
+    later ones for at most `_CHUNK`: no buffer is sized from the limit alone."""
+    chunks: list[bytes] = []
+    total, size = 0, expect + 1
+    while limit is None or total <= limit:
+        chunk = read(size if limit is None else min(size, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        size = _CHUNK
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _check_regular(uri: str, st: os.stat_result, max_bytes: int | None) -> None:
+    problem = _not_regular(uri, st.st_mode)
+    if problem:
+        raise ImageDecodeError(UNREADABLE, problem)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise _over(uri, max_bytes, st.st_size)
+
+
+def _over(uri: str, max_bytes: int, size: int | None = None) -> ImageDecodeError:
+    """TOO_LARGE for a file with more bytes than an image under the pixel limit can need."""
+    has = f"{size} bytes" if size is not None else f"over {max_bytes} bytes"
+    return ImageDecodeError(TOO_LARGE, f"{uri} is {has}, more than an image under the pixel limit can need "
+                                       f"({max_bytes} bytes, from --max-pixels)")
 
 
 def _dedupe(listing: Listing) -> Listing:
@@ -341,6 +470,17 @@ def _split_glob(pattern: str) -> tuple[str, str]:
                 root = "/"
             return scheme + (root if root else ("" if scheme else ".")), "/".join(parts[i:])
     raise SourceError(f"{pattern!r} has no wildcard")
+
+
+def _glob_may_hold(pattern: list[str], parts: list[str]) -> bool:
+    """True when paths under the folder `parts` could match `pattern` (the folder matches a proper prefix)."""
+    if not pattern:
+        return False
+    if pattern[0] == "**":
+        return True
+    if not parts:
+        return True
+    return fnmatchcase(parts[0], pattern[0]) and _glob_may_hold(pattern[1:], parts[1:])
 
 
 def _glob_match(pattern: list[str], parts: list[str]) -> bool:

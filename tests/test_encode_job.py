@@ -488,3 +488,52 @@ def test_help_explains_every_option_and_the_exit_codes():
     bad = subprocess.run([*ENCODE, "x", "--storage-option", "novalue"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+
+
+JOB_TIMEOUT = 600  # generous for a local Ray start and one small image on a loaded 2-core machine
+
+
+def _unblock_fifo_readers(fifo: Path) -> None:
+    """Let a reader blocked opening `fifo` go on (it then reads end-of-file): open it for writing, and close."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader is waiting
+        pass
+
+
+@pytest.mark.slow
+def test_a_fifo_named_like_an_image_is_recorded_and_the_good_image_is_encoded(tmp_path):
+    """The audit's case: a FIFO named x.png beside a good image hung the job for good (the decode task's open()
+    waited for a writer, and the good image in its batch never got stored). Now the listing reports the FIFO
+    from its directory entry: the good image is stored, the FIFO is an `unreadable` row of the errors table,
+    and --strict exits 1. A subfolder that cannot be listed (its path is past PATH_MAX) is recorded the same
+    way, where it used to vanish without a word."""
+    from test_sources import unlistable_folder
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_image(40, 56, 1)).save(folder / "a.png")
+    os.mkfifo(folder / "x.png")
+    (folder / "sub").mkdir()
+    deep_parent = unlistable_folder(folder / "sub")
+    db, summary = tmp_path / "db", tmp_path / "summary.json"
+    env = {**_client_env(), "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen([*ENCODE, str(folder), "--db", str(db), *COMMON, "--num-cpus", "1", "--strict",
+                            "--summary-json", str(summary)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = job.communicate(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _unblock_fifo_readers(folder / "x.png")
+        out, err = job.communicate(timeout=300)
+        pytest.fail(f"the job hung on the FIFO for {JOB_TIMEOUT} s:\n{out[-2000:]}\n{err[-2000:]}")
+    assert job.returncode == 1, out[-3000:] + err[-3000:]
+    assert "Traceback" not in err
+    assert _stored(db) == ["a.png"]
+    errors = _errors(db)
+    assert errors.pop("x.png") == "unreadable"
+    ((folder_id, reason),) = errors.items()
+    assert reason == "unreadable" and f"sub/{deep_parent}".startswith(folder_id)
+    s = json.loads(summary.read_text())
+    assert s["listed"] == 3 and s["not_stored"] == 2
+    assert {f["image_id"] for f in s["failed"]} == {"x.png", folder_id}

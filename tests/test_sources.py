@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +246,177 @@ def test_an_image_over_pillows_own_limit_is_refused_naming_max_pixels():
         decode_image(png, max_pixels=50_000_000)
     assert info.value.reason == TOO_LARGE
     assert info.value.detail == "400000000 pixels is over the limit of 50000000 pixels (--max-pixels)"
+
+
+# --- hostile inputs: special files, huge files, unlistable folders, odd names ---------------------
+
+
+def _in_thread(fn, seconds: float = 10.0):
+    """fn() in a daemon thread: (finished, result or raised error). A call blocked for good (the old open() of a
+    FIFO) leaves the test failing, not hanging."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return (not worker.is_alive()), (out[0] if out else None)
+
+
+@pytest.fixture()
+def specials(tree: Path, monkeypatch) -> dict[str, Path]:
+    """A FIFO, a UNIX socket, a character device (a link to /dev/null) and a link to the FIFO, each named
+    like an image, beside the regular images of `tree`; a FIFO named like a text file too."""
+    os.mkfifo(tree / "pipe.png")
+    os.mkfifo(tree / "notes.fifo.txt")
+    monkeypatch.chdir(tree)  # AF_UNIX paths are short: bind a relative name
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind("sock.png")
+    (tree / "null.jpg").symlink_to("/dev/null")
+    (tree / "a" / "to_pipe.png").symlink_to(tree / "pipe.png")
+    yield {"pipe.png": tree / "pipe.png", "sock.png": tree / "sock.png", "null.jpg": tree / "null.jpg",
+           "a/to_pipe.png": tree / "a" / "to_pipe.png"}
+    sock.close()
+
+
+def test_a_special_file_is_unreadable_at_once_and_never_blocks(specials: dict[str, Path]):
+    """Opening a FIFO for reading blocks until a writer comes, and a device can be endless: each is refused from
+    its stat as that one image's `unreadable`, by path and by file:// URI."""
+    kinds = {"pipe.png": "FIFO", "sock.png": "socket", "null.jpg": "character device", "a/to_pipe.png": "FIFO"}
+    for name, path in specials.items():
+        for uri in (str(path), path.as_uri()):
+            finished, result = _in_thread(lambda uri=uri: read_bytes(uri))
+            assert finished, f"reading {uri} blocked"
+            assert isinstance(result, ImageDecodeError) and result.reason == UNREADABLE, result
+            assert f"it is a {kinds[name]}" in result.detail and "not a regular file" in result.detail
+
+
+def test_every_listing_reports_special_files_named_like_images_without_opening_them(tree: Path,
+                                                                                      specials: dict[str, Path]):
+    """Folder and glob listings find a special file's type in its directory entry: it is an `unusable`
+    (unreadable) input, the regular images are listed as before, a FIFO not named like an image is ignored."""
+    expected = {"a/to_pipe.png", "null.jpg", "pipe.png", "sock.png"}
+    for spec, unusable in ((str(tree), expected),
+                           (str(tree / "**" / "*.*g"), expected),
+                           (str(tree / "*.png"), {"pipe.png", "sock.png"})):
+        finished, listing = _in_thread(lambda spec=spec: list_images(spec))
+        assert finished and not isinstance(listing, BaseException), listing
+        assert {u[0] for u in listing.unusable} == unusable, spec
+        assert all(u[2] == UNREADABLE and "not a regular file" in u[3] for u in listing.unusable)
+        assert not {s.image_id for s in listing.sources} & expected
+    assert "notes.fifo.txt" in list_images(str(tree)).ignored
+
+
+def test_a_file_over_the_byte_cap_is_too_large_unread_and_its_batch_goes_on(tmp_path: Path):
+    """An image file with more bytes than the pixel limit can need (a huge sparse file: /dev/zero behind a
+    regular name) is refused from its size before a byte is read; the decode stage records it and decodes the
+    other image of its batch. The cap follows --max-pixels."""
+    import pyarrow as pa
+
+    from interformer.config import PreprocessConfig
+    from pipeline.encoding import decode_stage
+    from pipeline.images import max_file_bytes
+
+    assert max_file_bytes(None) is None
+    assert max_file_bytes(60_000) == 60_000 * 16 + 64 * 1024 * 1024
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(3 * 1024**3)  # 3 GiB of holes: nothing on disk
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(_encode(_rgb(), "PNG"))
+    with pytest.raises(ImageDecodeError) as info:
+        read_bytes(str(huge), max_bytes=10_000)
+    assert info.value.reason == TOO_LARGE and str(3 * 1024**3) in info.value.detail
+    assert "--max-pixels" in info.value.detail
+    small = tmp_path / "small.png"
+    small.write_bytes(b"x" * 10_001)
+    with pytest.raises(ImageDecodeError, match="too_large"):
+        read_bytes(small.as_uri(), max_bytes=10_000)
+    assert read_bytes(str(small), max_bytes=10_001) == b"x" * 10_001
+
+    batch = pa.table({"image_id": ["huge.png", "ok.png"], "uri": [str(huge), str(ok)]})
+    finished, out = _in_thread(lambda: decode_stage(batch, PreprocessConfig(max_pixels=60_000)), seconds=60)
+    assert finished and not isinstance(out, BaseException), out
+    rows = {r["image_id"]: r for r in out.to_pylist()}
+    assert rows["huge.png"]["reason"] == TOO_LARGE and rows["ok.png"]["reason"] is None
+    assert rows["ok.png"]["pixels"]
+
+
+def test_a_read_capped_at_a_limit_never_allocates_the_limit(tmp_path: Path):
+    """The cap is an upper bound, not a buffer size: under an address-space limit a few hundred MB above what
+    the process holds, a small file reads with a cap of 1.6 GB (as --max-pixels 100000000 gives), and an image
+    whose decoding runs out of memory is that image's `too_large` while the other image of its batch decodes."""
+    script = f"""
+import io, json, resource, struct, sys, zlib
+import numpy as np, pyarrow as pa
+from PIL import Image
+from interformer.config import PreprocessConfig
+from pipeline.encoding import decode_stage
+
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+z = zlib.compressobj(1)
+body = b"".join(z.compress(b"\\0" * (1 + 3 * 10000)) for _ in range(8000)) + z.flush()
+header = struct.pack(">IIBBBBB", 10000, 8000, 8, 2, 0, 0, 0)  # 80 Mpixels of zeros, 1 MB compressed
+open({str(tmp_path / 'big.png')!r}, "wb").write(b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", header)
+                                                 + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+buf = io.BytesIO()
+Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(buf, "PNG")
+open({str(tmp_path / 'ok.png')!r}, "wb").write(buf.getvalue())
+batch = pa.table({{"image_id": ["big.png", "ok.png"],
+                  "uri": [{str(tmp_path / 'big.png')!r}, {str(tmp_path / 'ok.png')!r}]}})
+cfg = PreprocessConfig(max_pixels=100_000_000)
+decode_stage(batch.slice(1), cfg)  # everything imported and warmed before the limit
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))
+rows = decode_stage(batch, cfg).select(["image_id", "reason", "detail"]).to_pylist()
+print(json.dumps(rows))
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["image_id"]: r for r in json.loads(run.stdout.strip().splitlines()[-1])}
+    assert rows["ok.png"]["reason"] is None, rows
+    assert rows["big.png"]["reason"] == TOO_LARGE and "ran out of memory" in rows["big.png"]["detail"], rows
+
+
+def unlistable_folder(parent: Path) -> str:
+    """A folder under `parent` that cannot be listed, made as root can (permissions do not stop root): folders
+    nested until its absolute path is longer than PATH_MAX, so that scandir fails with ENAMETOOLONG. Returns its
+    path relative to `parent`; an image lies inside it."""
+    name = "d" * 250
+    fd = os.open(parent, os.O_RDONLY)
+    rel = []
+    try:
+        while len(str(parent)) + sum(len(p) + 1 for p in rel) <= 4200:
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd, rel = inner, rel + [name]
+        image = os.open("lost.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+        os.write(image, _encode(_rgb(), "PNG"))
+        os.close(image)
+    finally:
+        os.close(fd)
+    return "/".join(rel)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_unreadable_input_not_silently_missing(tree: Path):
+    """Before, os.walk's error for a subfolder was dropped whenever anything else was listed: its images were
+    neither encoded nor reported, and --strict passed. Now the folder is one `unusable` input, so it reaches the
+    summary, the errors table and --strict; a glob reports it only where its matches could lie."""
+    deep = "a/" + unlistable_folder(tree / "a")
+    for spec in (str(tree), str(tree / "**" / "*.png"), str(tree / "a" / "*") + "/**"):
+        listing = list_images(spec)
+        assert len(listing.unusable) == 1, (spec, listing.unusable)
+        image_id, uri, reason, detail = listing.unusable[0]
+        assert reason == UNREADABLE and "cannot list folder" in detail and "not listed" in detail
+        assert f"{tree}/{deep}".startswith(uri) and uri.endswith("/" + image_id)
+        assert len(uri) >= 4096 and len(uri) - 251 < 4096  # the first folder on the way past PATH_MAX
+    assert [s.image_id for s in list_images(str(tree)).sources] == ["a/b/z.png", "a/y.JPG", "x.png"]
+    assert list_images(str(tree / "a" / "*.JPG")).unusable == []  # the glob cannot reach into it
