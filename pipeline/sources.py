@@ -67,9 +67,10 @@ def list_images(
 ) -> Listing:
     """List the images named by `spec`: a folder (recursive), a glob, a .txt/.lst list file, a COCO .json,
     or a single image file. `image_root` is the COCO image folder (required for COCO) or, for list files,
-    the root ids are made relative to. Sources come back sorted by id, de-duplicated by id."""
+    the root ids are made relative to. A spec with '*', '?' or '[' is a glob unless it names an existing file or
+    folder ('set[1]/'). Sources come back sorted by id, de-duplicated by id."""
     spec = str(spec)
-    if any(c in _GLOB_CHARS for c in spec):
+    if any(c in _GLOB_CHARS for c in spec) and not _exists(spec):
         listing = list_glob(spec, extensions)
     elif spec.lower().endswith(".json"):
         if image_root is None:
@@ -270,7 +271,9 @@ def list_glob(pattern: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> L
 def list_text_file(path: str, image_root: str | None = None) -> Listing:
     """One path or URI per line ('#' comments and blank lines skipped). Relative entries are resolved
     against the list file's folder; ids are entries relative to `image_root` (default: that folder),
-    or the entry as written when it lies elsewhere."""
+    or the entry as written when it lies elsewhere. Lines end at a newline only (a carriage return before it is
+    dropped) and nothing else is stripped from an entry, so a list names exactly the files a folder listing
+    finds (' a.png', or a name with U+0085 or U+2028 in it)."""
     try:
         text = read_bytes(path).decode("utf-8-sig")
     except ImageDecodeError as e:
@@ -280,16 +283,26 @@ def list_text_file(path: str, image_root: str | None = None) -> Listing:
     list_dir = _parent(path)
     id_root = image_root if image_root is not None else list_dir
     sources = []
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
+    for entry in _list_entries(text):
         if is_uri(entry) or os.path.isabs(entry):
             uri = entry
         else:
             uri = _join_uri(list_dir, entry)
         sources.append(ImageSource(_id_under(uri, id_root, fallback=entry), uri))
     return Listing(sources)
+
+
+def _list_entries(text: str) -> list[str]:
+    """The entries of a list file: its lines split at newlines only, one trailing carriage return dropped, blank
+    lines and '#' comments (both judged with surrounding white space stripped) left out; entries are kept as
+    written."""
+    entries = []
+    for line in text.split("\n"):
+        entry = line[:-1] if line.endswith("\r") else line
+        stripped = entry.strip()
+        if stripped and not stripped.startswith("#"):
+            entries.append(entry)
+    return entries
 
 
 def list_coco(annotation_file: str, image_root: str, coco_id: str = "file_name") -> Listing:
@@ -414,6 +427,16 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     except (ValueError, OSError) as e:
         raise SourceError(f"unsupported or malformed URI {path!r}: {e}") from None
     return filesystem, inner
+
+
+def _exists(spec: str) -> bool:
+    """True when `spec` names an existing file or folder (or a dangling link) as written."""
+    if not is_uri(spec):
+        return os.path.lexists(spec)
+    try:
+        return _info(spec).type != pafs.FileType.NotFound
+    except SourceError:
+        return False
 
 
 def _info(path: str) -> pafs.FileInfo:

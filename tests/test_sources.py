@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.images import (
@@ -149,7 +151,8 @@ def test_list_file_with_relative_absolute_and_comment_lines(tree: Path, tmp_path
     elsewhere = tmp_path / "other.png"
     elsewhere.write_bytes(_encode(_rgb(), "PNG"))
     lst = tree / "list.txt"
-    lst.write_text(f"# my images\nx.png\n\n  a/y.JPG  \n{tree / 'a' / 'b' / 'z.png'}\n{elsewhere}\nmissing.png\n")
+    lst.write_bytes(f"# my images\nx.png\n\n  # indented comment\na/y.JPG\r\n{tree / 'a' / 'b' / 'z.png'}\n"
+                    f"{elsewhere}\nmissing.png\n".encode())
     listing = list_images(str(lst))
     by_id = {s.image_id: s.uri for s in listing.sources}
     assert set(by_id) == {"x.png", "a/y.JPG", "a/b/z.png", str(elsewhere), "missing.png"}
@@ -420,3 +423,46 @@ def test_a_folder_that_cannot_be_listed_is_an_unreadable_input_not_silently_miss
         assert len(uri) >= 4096 and len(uri) - 251 < 4096  # the first folder on the way past PATH_MAX
     assert [s.image_id for s in list_images(str(tree)).sources] == ["a/b/z.png", "a/y.JPG", "x.png"]
     assert list_images(str(tree / "a" / "*.JPG")).unusable == []  # the glob cannot reach into it
+
+
+_NAME = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0\n"), min_size=1,
+                max_size=8).filter(lambda t: not t.startswith(".") and not t.lstrip().startswith("#") and t != "*")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stems=st.lists(_NAME, min_size=1, max_size=5, unique=True))
+@example(stems=[" a", "a", "b\x85c", "d\u2028e", "f\u2029g", "h\x0bi", "j\x0ck", "l\x1cm\x1dn\x1eo", " p \r q"])
+@example(stems=["trailing ", "\ttab", "x\r", "\u00a0nbsp"])
+def test_folder_glob_and_list_modes_list_the_same_names(tmp_path_factory, stems: list[str]):
+    """Every file named like an image is listed under its own name in all three modes: a list file ends lines at
+    '\\n' only (and drops one '\\r' before it), so spaces, U+0085, U+2028, form feeds... stay part of a name."""
+    root = tmp_path_factory.mktemp("names")
+    names = [stem + ".png" for stem in stems]
+    for name in names:
+        (root / name).write_bytes(b"")
+    (root / "list.txt").write_text("# the images\n" + "".join(n + "\n" for n in names[:-1]) + names[-1] + "\r\n",
+                                   encoding="utf-8", newline="")
+    expected = sorted(names)
+    for spec in (str(root), str(root / "*.png"), str(root / "list.txt")):
+        listing = list_images(spec)
+        assert [s.image_id for s in listing.sources] == expected, spec
+        assert [s.uri for s in listing.sources] == [str(root / n) for n in expected], spec
+        assert not listing.duplicates and not listing.unusable
+
+
+def test_a_path_with_glob_characters_that_exists_is_listed_as_itself(tmp_path: Path):
+    """'set[1]/' or 'what?/' names a folder: list it, not the glob it also spells (which matched nothing).
+    A spec that exists nowhere is still a glob."""
+    png = _encode(_rgb(), "PNG")
+    for folder in ("set[1]", "what?", "a*b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(png)
+        assert [s.image_id for s in list_images(str(tmp_path / folder)).sources] == ["x.png"], folder
+    (tmp_path / "set1").mkdir()
+    (tmp_path / "set1" / "y.png").write_bytes(png)
+    # inside a glob, '[1]' is a pattern ('set1'); '[[]' spells a literal '['
+    assert [s.image_id for s in list_images(str(tmp_path / "set[1]" / "*.png")).sources] == ["set1/y.png"]
+    assert [s.image_id for s in list_images(str(tmp_path / "set[[]1]" / "*.png")).sources] == ["set[1]/x.png"]
+    assert [s.image_id for s in list_images(str(tmp_path / "set[0-9]")).sources] == []  # a glob matching a folder
+    (tmp_path / "shot[2].png").write_bytes(png)
+    assert [s.image_id for s in list_images(str(tmp_path / "shot[2].png")).sources] == ["shot[2].png"]
