@@ -25,8 +25,11 @@ recorded (version 1, engine and precision unknown).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,6 +50,8 @@ from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry, f
 from interformer.modeling.interformer import FEATURE_VERSION
 
 from .faults import fault_point
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "lancedb"
 DEFAULT_TABLE = "features"
@@ -213,6 +218,37 @@ def table_uri(root: str, table: str) -> str:
     return os.path.join(os.path.abspath(root), f"{table}.lance")
 
 
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_RUST_LOCATION = re.compile(r",\s*/\S+\.rs:\d+:\d+")
+
+
+def check_table_name(name: str) -> str:
+    """`name` if LanceDB takes it as a table name (letters, digits, `_`, `-`, `.`); ValueError saying why not."""
+    if not _TABLE_NAME.fullmatch(name or ""):
+        raise ValueError(f"invalid table name {name!r}: use only letters, digits, '_', '-' and '.'")
+    return name
+
+
+def is_not_found(error: BaseException) -> bool:
+    """Whether an error of opening a table means only that it does not exist (yet): Lance and LanceDB say
+    "... was not found"; a table that exists but cannot be read (no permission, an IO error, a damaged
+    manifest, a file where the folder should be) is another error."""
+    return isinstance(error, FileNotFoundError) or (isinstance(error, ValueError) and "was not found" in str(error))
+
+
+def lance_reason(error: BaseException) -> str:
+    """An error's message without the Rust source locations Lance appends to it (and LanceDB's prefix)."""
+    text = _RUST_LOCATION.sub("", str(error)).strip()
+    return text.removeprefix("lance error: ") or type(error).__name__
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a table uri (object-store credentials come from the environment)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), uri
+
+
 def stored_ids_by_fingerprint(root: str, table: str = DEFAULT_TABLE,
                                storage_options: dict | None = None) -> dict[str, set[str]]:
     """encoder fingerprint -> the image ids stored for it, read without writing: a reader (training) never
@@ -220,7 +256,9 @@ def stored_ids_by_fingerprint(root: str, table: str = DEFAULT_TABLE,
     uri = table_uri(root, table)
     try:
         ds = lance.dataset(uri, storage_options=storage_options)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
+        if not is_not_found(e):
+            raise FeatureStoreError(f"the feature table {uri} exists but cannot be read: {lance_reason(e)}") from None
         raise FeatureStoreError(f"no feature table at {uri} ({type(e).__name__}); encode images into it first "
                                 "(jobs/encode.py --db ... --table ...)") from None
     columns = ds.to_table(columns=["fingerprint", "image_id"])
@@ -410,10 +448,23 @@ class FeatureStore:
         import lancedb  # here, not at module level: readers need only pylance, and lancedb takes seconds to import
         from lancedb.index import BTree
 
+        try:
+            check_table_name(table)
+        except ValueError as e:
+            raise FeatureStoreError(str(e)) from None
         self._db = lancedb.connect(root, storage_options=self.storage_options)
-        self._features = self._open_or_create(table, FEATURE_SCHEMA)
-        self._errors = self._open_or_create(table + "_errors", ERROR_SCHEMA)
-        self._ensure_id_index(BTree)
+        schemas = {table: FEATURE_SCHEMA, table + "_errors": ERROR_SCHEMA}
+        # Every table that exists is opened and checked before anything is created or migrated: a database
+        # refused here is left exactly as it was (no new table beside it, no column added to a foreign one).
+        found = {name: self._open_checked(name, schema) for name, schema in schemas.items()}
+        try:
+            self._features = self._create_or_migrate(table, FEATURE_SCHEMA, found[table])
+            self._errors = self._create_or_migrate(table + "_errors", ERROR_SCHEMA, found[table + "_errors"])
+            self._ensure_id_index(BTree)
+        except FeatureStoreError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            raise FeatureStoreError(f"cannot prepare the feature tables under {root}: {lance_reason(e)}") from None
 
     def _ensure_id_index(self, btree: type, attempts: int = 5) -> None:
         """Create the BTree index on image_id unless the table has it. Two first runs on a new table race here:
@@ -433,27 +484,45 @@ class FeatureStore:
     def _has_id_index(self) -> bool:
         return any(list(idx.columns) == ["image_id"] for idx in self._features.list_indices())
 
-    def _open_or_create(self, name: str, schema: pa.Schema):
+    def _open_checked(self, name: str, schema: pa.Schema):
+        """The table `name` if it exists (None if not), checked against `schema` without changing it:
+        FeatureStoreError when it cannot be read or is not a table of ours."""
         try:
             table = self._db.open_table(name)
-        except ValueError:  # LanceDB's "Table '...' was not found"
-            table = self._db.create_table(name, schema=schema, exist_ok=True)
-        added = [f for f in schema if f.name in ADDED_COLUMNS and f.name not in table.schema.names]
-        if added:
-            self._add_columns(table_uri(self.root, name), added)
-            table = self._db.open_table(name)
-        missing = [f.name for f in schema if f.name not in table.schema.names]
+        except (OSError, RuntimeError, ValueError) as e:
+            if is_not_found(e):
+                return None
+            raise FeatureStoreError(f"table {name!r} under {self.root} cannot be opened: {lance_reason(e)} (is "
+                                    "--db a LanceDB database folder? use another --db or --table)") from None
+        self._check_schema(name, table.schema, schema)
+        return table
+
+    def _check_schema(self, name: str, actual: pa.Schema, schema: pa.Schema) -> None:
+        """FeatureStoreError unless `actual` has every column of `schema` under its type; the ADDED_COLUMNS
+        may be missing (an older table of ours, given them by `_create_or_migrate`)."""
+        missing = [f.name for f in schema if f.name not in actual.names and f.name not in ADDED_COLUMNS]
         if missing:
             raise FeatureStoreError(
-                f"table {name!r} under {self.root} exists with another schema (missing columns {missing})"
+                f"table {name!r} under {self.root} exists with another schema (missing columns {missing}); "
+                "use another --table or --db"
             )
-        wrong = schema_type_mismatches(table.schema, schema)
+        wrong = schema_type_mismatches(actual, schema)
         if wrong:
             raise FeatureStoreError(
                 f"table {name!r} under {self.root} exists with another schema: "
                 + "; ".join(f"column {n!r} is {have}, this code writes {want}" for n, have, want in wrong)
                 + " (use another --table or --db, or recreate the table)"
             )
+
+    def _create_or_migrate(self, name: str, schema: pa.Schema, table):
+        """Create the table when `table` is None, else give a checked older table the ADDED_COLUMNS it lacks."""
+        if table is None:
+            table = self._db.create_table(name, schema=schema, exist_ok=True)
+            self._check_schema(name, table.schema, schema)  # another process may have made it meanwhile
+        added = [f for f in schema if f.name in ADDED_COLUMNS and f.name not in table.schema.names]
+        if added:
+            self._add_columns(table_uri(self.root, name), added)
+            table = self._db.open_table(name)
         return table
 
     def _add_columns(self, uri: str, fields: list[pa.Field], attempts: int = 5) -> None:
@@ -471,6 +540,19 @@ class FeatureStore:
             except (OSError, ValueError, RuntimeError):  # another writer changed the table meanwhile
                 if attempt == attempts - 1:
                     raise
+
+    def check_writable(self) -> None:
+        """Stage and delete a small file in the features table's folder, as a write task stages its data: a
+        FeatureStoreError when the storage refuses it (read-only, no permission, full), so that a job finds
+        out before it encodes anything rather than when it writes the first rows."""
+        filesystem, base = _filesystem(self.features_uri)
+        probe = f"{base}/.write-probe-{uuid.uuid4().hex}.tmp"
+        try:
+            with filesystem.open_output_stream(probe) as out:
+                out.write(b"probe")
+            filesystem.delete_file(probe)
+        except (OSError, pa.ArrowException) as e:
+            raise FeatureStoreError(f"cannot write to the feature table {self.features_uri}: {e}") from None
 
     def dataset(self) -> lance.LanceDataset:
         """The features table as a pylance dataset at its latest version."""
@@ -603,10 +685,7 @@ class FeatureStore:
         )
 
     def _data_files_exist(self, fragment: WrittenFragment) -> bool:
-        if "://" in self.features_uri:
-            filesystem, base = pafs.FileSystem.from_uri(self.features_uri)
-        else:
-            filesystem, base = pafs.LocalFileSystem(), self.features_uri
+        filesystem, base = _filesystem(self.features_uri)
         infos = filesystem.get_file_info([f"{base}/data/{name}" for name in fragment.data_files()])
         return all(i.type == pafs.FileType.File for i in infos)
 
@@ -704,7 +783,10 @@ class FeatureReader:
     Rows written after the reader opened become visible: the reader moves to the latest table version
     when a fetch misses (at most once per `miss_refresh_s` seconds) and before any fetch once
     `refresh_interval_s` has passed since its last check. It only ever returns rows whose fingerprint
-    equals `fingerprint`. A table that does not exist yet is opened on a later call.
+    equals `fingerprint`. A table that does not exist yet is opened on a later call (a fetch is a miss,
+    UnknownImageError). A table that exists but cannot be read (no permission, an IO error, a damaged manifest)
+    is not a miss: every read raises FeatureStoreError with the reason until it can be read again, so a caller
+    tells a storage fault from an image not encoded yet; the constructor only logs it.
     """
 
     def __init__(
@@ -725,13 +807,17 @@ class FeatureReader:
         self.refresh_interval_s = refresh_interval_s
         self.miss_refresh_s = miss_refresh_s
         self._ds: lance.LanceDataset | None = None
+        self._fault: str | None = None  # why the table, which exists, cannot be read now
         self._checked_at = float("-inf")
         self._miss_refreshed_at = float("-inf")
-        self._open()
+        try:
+            self._open()
+        except FeatureStoreError as e:
+            log.warning("%s; every fetch fails until it can be read", e)
 
     @property
     def version(self) -> int | None:
-        """The table version this reader sees (None while the table does not exist)."""
+        """The table version this reader sees (None while the table does not exist or cannot be read)."""
         return self._ds.version if self._ds is not None else None
 
     def refresh(self) -> None:
@@ -739,8 +825,11 @@ class FeatureReader:
         self._checked_at = time.monotonic()
         if self._ds is None:
             self._open()
-        else:
+            return
+        try:
             self._ds.checkout_latest()
+        except (OSError, ValueError, RuntimeError):  # deleted (then not yet again) or unreadable now: open anew
+            self._open()
 
     def refresh_if_due(self) -> int | None:
         """Move to the latest version when `refresh_interval_s` has passed since the last check (as a fetch
@@ -756,6 +845,7 @@ class FeatureReader:
         a cache re-checks what it holds when the version moves (a re-encoded image keeps its id, not its row;
         a legacy row whose tag `--check-content` filled in keeps both, not its tag)."""
         found: dict[str, RowIdentity] = {}
+        self._raise_fault()
         if self._ds is None:
             return found
         for chunk in _chunks(sorted(set(image_ids)), 500):
@@ -787,6 +877,7 @@ class FeatureReader:
         now = time.monotonic()
         if now - self._checked_at >= self.refresh_interval_s:
             self.refresh()
+        self._raise_fault()
         row = self._fetch(image_id)
         if row is None and time.monotonic() - self._miss_refreshed_at >= self.miss_refresh_s:
             self._miss_refreshed_at = time.monotonic()
@@ -806,11 +897,27 @@ class FeatureReader:
         return True
 
     def _open(self) -> None:
+        """Open the table: one that does not exist (yet) leaves the reader empty; one that exists but cannot be
+        read raises FeatureStoreError (and so does every read, `_raise_fault`, until an open succeeds)."""
+        self._try_open()
+        self._raise_fault()
+
+    def _try_open(self) -> None:
+        self._checked_at = time.monotonic()
         try:
             self._ds = lance.dataset(self.uri, storage_options=self.storage_options)
-        except (FileNotFoundError, ValueError, OSError):
+            self._fault = None
+        except (OSError, ValueError, RuntimeError) as e:
             self._ds = None
-        self._checked_at = time.monotonic()
+            self._fault = None if is_not_found(e) else lance_reason(e)
+
+    def _raise_fault(self) -> None:
+        """FeatureStoreError while the table exists but could not be read at the last open; it is opened again
+        first (at most every `miss_refresh_s`), so a repaired table is read at once."""
+        if self._fault is not None and time.monotonic() - self._checked_at >= self.miss_refresh_s:
+            self._try_open()
+        if self._fault is not None:
+            raise FeatureStoreError(f"the feature table {self.uri} exists but cannot be read: {self._fault}")
 
     def _fetch(self, image_id: str) -> dict | None:
         if self._ds is None:

@@ -1,16 +1,22 @@
 """The LanceDB feature store on real local tables: round trips, dedupe, freshness, fingerprints, errors."""
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
+from pathlib import Path
 
 import lance
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from interformer.features import ImageFeatures, ImageGeometry, pyramid_shapes
 from pipeline.feature_store import (
+    ADDED_COLUMNS,
+    ERROR_SCHEMA,
     FEATURE_SCHEMA,
     EncodedImage,
     FeatureReader,
@@ -19,6 +25,7 @@ from pipeline.feature_store import (
     UnknownImageError,
     error_rows,
     feature_rows,
+    stored_ids_by_fingerprint,
     write_feature_fragments,
 )
 
@@ -238,3 +245,85 @@ def test_two_first_runs_on_a_new_table_race_on_the_index_and_both_open_it(tmp_pa
     assert indices.count(["image_id"]) == 1
     store.add(_rows([_item("a")], "fp"))
     assert store.existing_ids("fp") == {"a"}
+
+
+# --- tables that are not ours, or that exist but cannot be read ---------------------------------------------------
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for a folder): equal before and after = nothing changed."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+_COLUMN_FATE = st.sampled_from(["keep", "keep", "drop", "retype"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from(["features", "features_errors"]), data=st.data())
+def test_a_table_not_ours_is_refused_and_left_byte_for_byte_as_it_was(tmp_path_factory, which, data):
+    """Any table under our name whose columns are not ours (a core column missing, any column of another type) is
+    refused before anything is written: no column added, no version committed, no table created beside it. A
+    table with every core column (the ADDED_COLUMNS may be missing: an older table of ours) opens and is migrated."""
+    schema = FEATURE_SCHEMA if which == "features" else ERROR_SCHEMA
+    fates = {f.name: data.draw(_COLUMN_FATE, label=f.name) for f in schema}
+    fields = [pa.field(f.name, pa.int64() if fates[f.name] == "retype" else f.type) for f in schema
+              if fates[f.name] != "drop"] + [pa.field("theirs", pa.int64())]
+    db = tmp_path_factory.mktemp("db")
+    uri = str(db / f"{which}.lance")
+    lance.write_dataset(pa.schema(fields).empty_table(), uri, schema=pa.schema(fields))
+    ours = all(fates[f.name] == "keep" or (fates[f.name] == "drop" and f.name in ADDED_COLUMNS) for f in schema)
+    before, version = _tree(db), lance.dataset(uri).version
+    if ours:
+        FeatureStore(str(db))
+        assert set(schema.names) <= set(lance.dataset(uri).schema.names)
+        return
+    with pytest.raises(FeatureStoreError, match="another schema"):
+        FeatureStore(str(db))
+    assert _tree(db) == before
+    assert lance.dataset(uri).version == version and lance.dataset(uri).schema.equals(pa.schema(fields))
+
+
+def _garbage_manifest(db: Path) -> None:
+    (db / "features.lance" / "_versions").mkdir(parents=True)
+    (db / "features.lance" / "_versions" / "1.manifest").write_bytes(b"garbage")
+
+
+def _file_not_folder(db: Path) -> None:
+    db.mkdir(parents=True)
+    (db / "features.lance").write_bytes(b"junk")
+
+
+@pytest.mark.parametrize("damage", [_garbage_manifest, _file_not_folder])
+def test_a_table_that_exists_but_cannot_be_read_is_an_error_not_a_miss(tmp_path, damage, caplog):
+    """Only "not found" is "not encoded yet": a damaged table is a FeatureStoreError naming the reason for every
+    read (the constructor logs it), the writer refuses it unchanged, and a repaired table is read at once."""
+    db = tmp_path / "db"
+    damage(db)
+    before = _tree(db)
+    reader = FeatureReader(str(db), FP, miss_refresh_s=0.0)
+    assert "cannot be read" in caplog.text and reader.version is None
+    for read in (lambda: reader.get("x"), lambda: "x" in reader, lambda: reader.identities(["x"]), reader.refresh):
+        with pytest.raises(FeatureStoreError, match="exists but cannot be read: LanceError"):
+            read()
+    with pytest.raises(FeatureStoreError, match="exists but cannot be read"):
+        stored_ids_by_fingerprint(str(db))
+    with pytest.raises(FeatureStoreError, match="cannot be opened: LanceError"):
+        FeatureStore(str(db))
+    assert _tree(db) == before
+    shutil.rmtree(db)
+    FeatureStore(str(db)).add(_rows([_item("x")], FP))
+    _assert_same(reader.get("x"), _item("x").features)
+
+
+def test_a_table_folder_with_no_version_yet_is_a_miss(tmp_path):
+    """A table another process is creating (its folder, no manifest yet) does not exist yet: a miss."""
+    (tmp_path / "db" / "features.lance" / "data").mkdir(parents=True)
+    reader = FeatureReader(str(tmp_path / "db"), FP, miss_refresh_s=0.0)
+    with pytest.raises(UnknownImageError, match="does not exist yet"):
+        reader.get("x")
+
+
+@pytest.mark.parametrize("name", ["my table", "a/b", "", "../up"])
+def test_a_table_name_lancedb_refuses_is_a_feature_store_error_and_creates_nothing(tmp_path, name):
+    with pytest.raises(FeatureStoreError, match="invalid table name"):
+        FeatureStore(str(tmp_path / "db"), name)
+    assert not (tmp_path / "db").exists() or not any((tmp_path / "db").iterdir())
