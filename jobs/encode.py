@@ -29,10 +29,11 @@ from interformer.encode_engine import ENCODE_PRECISIONS, add_encode_engine_argum
 from interformer.features import STORAGE_DTYPES  # noqa: E402
 from interformer.runtime import CACHE_ENV  # noqa: E402
 from pipeline.encode_run import (  # noqa: E402
-    EXIT_CODES_HELP, EXIT_ENVIRONMENT, EXIT_STOPPED, EXIT_USAGE, EncodeConfig, exit_code, format_summary, run,
+    EXIT_CODES_HELP, EXIT_ENVIRONMENT, EXIT_STOPPED, EXIT_USAGE, EncodeConfig, TableError, exit_code, format_summary,
+    run,
 )
 from pipeline.encoding import EncoderSpec, ResourcePlanError  # noqa: E402
-from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, parse_storage_options  # noqa: E402
+from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, check_table_name, parse_storage_options  # noqa: E402
 from pipeline.files import write_json_atomic  # noqa: E402
 from pipeline.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.sources import SourceError  # noqa: E402
@@ -124,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
         options = parse_storage_options(a.storage_option)
     except ValueError as e:
         p.error(str(e))
+    try:
+        check_table_name(a.table)
+    except ValueError as e:
+        p.error(f"--table: {e}")
     if a.checkpoint is not None and not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint!r} is not a file")
     encoder = EncoderSpec(checkpoint=a.checkpoint, variant=a.variant or (None if a.checkpoint else "light"),
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, summary_json = parse_args(argv)
     try:
         summary = run(cfg)
-    except (SourceError, CheckpointError, ResourcePlanError) as e:
+    except (SourceError, CheckpointError, ResourcePlanError, TableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before the run began (loading the model): nothing was changed
@@ -158,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary), flush=True)
     if summary_json:
         write_json_atomic(summary_json, {**asdict(summary), "images_per_s": summary.images_per_s}, indent=2)
+    if summary.error:
+        print(f"error: the run failed: {summary.error}; what was committed stays (see the summary): fix the cause "
+              "and run again to finish", file=sys.stderr, flush=True)
     return exit_code(summary, cfg.strict)
 
 

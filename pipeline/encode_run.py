@@ -13,17 +13,22 @@ at its geometry, or a bf16 row when this run asks for fp32 ("stale").
 
 Exit codes (`exit_code`): 0 the run finished (failed inputs are in the errors table and the summary),
 1 `strict` and some listed input is not stored, or stored from other bytes or by another feature version or
-precision than this run's, or the run itself failed (an uncaught error),
-2 the input or an option cannot be used, 3 Ray cannot be reached or the interpreter lacks the project,
+precision than this run's, or the run itself failed (the pipeline failed: the summary still says what was
+committed, `EncodeSummary.error` why it failed),
+2 the input or an option cannot be used (the --db/--table included: not a feature table of ours, unreadable or
+not writable, `TableError`), 3 Ray cannot be reached or the interpreter lacks the project,
 130 stopped (SIGINT/SIGTERM) after committing what was written: run again to finish.
 """
 from __future__ import annotations
 
+import builtins
 import math
 import os
+import re
 import signal
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -35,7 +40,7 @@ from interformer.config import ViTConfig
 from .changed_sources import check_content, plan_replacements, reencode_problems, sources_to_check, stale_rows
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
 from .faults import fault_point
-from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, error_rows
+from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, FeatureStoreError, error_rows
 from .images import UNREADABLE
 from .ray_runtime import init_ray
 from .sources import Listing, SourceError, list_images
@@ -61,9 +66,10 @@ EXIT_CODES_HELP = """exit codes:
        (bad inputs are not a failure of the job; re-running a finished collection exits 0)
   1    --strict and some listed image is not stored, or stored from other bytes than its source has now, or
        stored by an older feature version that differs at its size, or at bf16 under --precision fp32 (see
-       --reencode-changed); or the job itself failed (a traceback)
+       --reencode-changed); or the job itself failed (a storage failure such as a full disk: the summary of what
+       was committed, then `error: ...`; run again to finish)
   2    the input cannot be listed or an option is wrong (the encoder pool options checked against the cluster,
-       before anything changes)
+       before anything changes; a --db/--table that is not a feature table, cannot be read or is not writable)
   3    Ray cannot be reached (address, authentication) or this python lacks the project's packages
   130  stopped (Ctrl-C, SIGTERM, `ray job stop`) after committing what was written: run again to finish
 """
@@ -124,10 +130,17 @@ class EncodeSummary:
     commits: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    error: str = ""  # why the pipeline failed ("" when it did not); what was committed stays
+
 
     @property
     def images_per_s(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+class TableError(Exception):
+    """The --db/--table cannot be used (not a feature table of ours, unreadable, not writable): found when the
+    table is opened, before anything is encoded or changed."""
 
 
 def _loud(message: str) -> None:
@@ -171,7 +184,11 @@ def _open_and_run(cfg: EncodeConfig) -> EncodeSummary:
             "inside the job's temporary copy of the working directory.\nGive an absolute path every node reaches, "
             "or an object-store URI, to keep the table."
         )
-    store = FeatureStore(cfg.db, cfg.table, storage_options=cfg.storage_options or None)
+    try:
+        store = FeatureStore(cfg.db, cfg.table, storage_options=cfg.storage_options or None)
+        store.check_writable()  # a read-only or refused --db is found now, not once every image is encoded
+    except FeatureStoreError as e:
+        raise TableError(str(e)) from None
     summary = EncodeSummary(fingerprint=fingerprint, table=store.features_uri,
                             random_weights=cfg.encoder.checkpoint is None)
     try:
@@ -235,13 +252,56 @@ def _run(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, vit: ViTConfi
             _remove_replaced(store, fingerprint, pending, changed, stale, summary)
             fault_point("rows_removed")
             _report_other_dtypes(cfg, store, fingerprint, summary)
-            _encode(cfg, store, fingerprint, pending, summary, vit)
+            try:
+                _encode(cfg, store, fingerprint, pending, summary, vit)
+            except Exception as e:  # noqa: BLE001 - the run failed: the summary still says what was committed
+                kind, message = original_error(e)
+                summary.error = f"{kind}: {message}"[:500]
+                if not _storage_failure(kind):  # not the storage: likely a bug, whose traceback is needed
+                    traceback.print_exc()
         finally:
             ray.shutdown()
     else:
         _report_other_dtypes(cfg, store, fingerprint, summary)
     stored = store.existing_ids(fingerprint)
     summary.not_stored = sum(1 for s in listing.sources if s.image_id not in stored) + len(listing.unusable)
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error and what caused it, outermost first (a Ray task error's own exception included)."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not c for c in chain):
+        chain.append(error)
+        inner = getattr(error, "cause", None)
+        error = inner if isinstance(inner, BaseException) else error.__cause__
+    return chain
+
+
+# "OSError: [Errno 28] No space left on device": an exception line of a traceback
+_EXCEPTION_LINE = re.compile(r"(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.*)")
+_RAY_WRAPPERS = {"RayTaskError", "UserCodeException", "RayDataUserCodeException"}
+
+
+def original_error(error: BaseException) -> tuple[str, str]:
+    """(type name, message) of what first went wrong in a failed pipeline: the innermost cause. The exception a
+    Ray Data task raised reaches the driver only as text (its remote traceback, wrapped in a UserCodeException),
+    so for a Ray task error it is the first exception line of that text."""
+    chain = _causes(error)
+    for e in chain:
+        if isinstance(e, ray.exceptions.RayTaskError):
+            for line in str(e).splitlines():
+                m = _EXCEPTION_LINE.fullmatch(line.strip())
+                if m and m.group(1) not in _RAY_WRAPPERS:
+                    return m.group(1), m.group(2)
+    cause = chain[-1]
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    return type(cause).__name__, lines[-1] if lines else "no message"
+
+
+def _storage_failure(kind: str) -> bool:
+    """Whether an error of this type name is the storage's (a full disk, a read-only or vanished table)."""
+    builtin = getattr(builtins, kind, None)
+    return kind == FeatureStoreError.__name__ or (isinstance(builtin, type) and issubclass(builtin, OSError))
 
 
 def _join_cluster(cfg: EncodeConfig) -> None:
@@ -482,6 +542,8 @@ def exit_code(summary: EncodeSummary, strict: bool = False) -> int:
     """The process exit status of a run (see EXIT_CODES_HELP)."""
     if summary.interrupted:
         return EXIT_STOPPED
+    if summary.error:
+        return EXIT_INCOMPLETE
     if strict and (summary.not_stored or len(summary.changed) > summary.replaced
                    or len(summary.stale) > summary.stale_replaced):
         return EXIT_INCOMPLETE
@@ -550,4 +612,6 @@ def format_summary(s: EncodeSummary) -> str:
     per_image = (f", {s.bytes_written / s.encoded / 1e6:.2f} MB per image"
                  if s.encoded and not s.committed_for_other_runs else "")
     lines.append(f"  written      {s.bytes_written / 1e6:.1f} MB in {s.commits} commits{per_image}")
+    if s.error:
+        lines.append(f"  FAILED       {s.error} (what was committed stays: run again to finish)")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ environment variable INTERFORMER_FAULT names that step (only tests set it):
 
     INTERFORMER_FAULT="committed:exit"      the process dies (os._exit) at the first pass through "committed"
     INTERFORMER_FAULT="checked:raise:2"     KeyboardInterrupt (as a Ctrl-C or a SIGTERM would raise) at the 2nd pass
+    INTERFORMER_FAULT="written:oserror:2"   OSError "No space left on device" at the 2nd pass (a storage failure)
     INTERFORMER_FAULT="written:hold:2"      from the 2nd pass on, each process writes INTERFORMER_FAULT_DIR/held-<pid>
                                             and waits there until INTERFORMER_FAULT_DIR/release exists: a test acts
                                             on that event (kills a node, stops the job) while the run is provably in
@@ -16,6 +17,7 @@ subprocesses through their environment.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -51,10 +53,12 @@ def fault_point(step: str) -> None:
         os._exit(FAULT_EXIT_CODE)
     if mode == "raise":
         raise InjectedFault(f"fault injected at {step!r}")
+    if mode == "oserror":
+        raise OSError(errno.ENOSPC, f"No space left on device (fault injected at {step!r})")
     if mode == "hold":
         _hold(os.environ[FAULT_DIR_ENV])
         return
-    raise ValueError(f"{FAULT_ENV}={spec!r}: the mode must be 'exit', 'raise' or 'hold'")
+    raise ValueError(f"{FAULT_ENV}={spec!r}: the mode must be 'exit', 'raise', 'oserror' or 'hold'")
 
 
 def _count_pass(step: str) -> int:

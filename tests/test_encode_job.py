@@ -537,3 +537,119 @@ def test_a_fifo_named_like_an_image_is_recorded_and_the_good_image_is_encoded(tm
     s = json.loads(summary.read_text())
     assert s["listed"] == 3 and s["not_stored"] == 2
     assert {f["image_id"] for f in s["failed"]} == {"x.png", folder_id}
+
+
+# --- a --db / --table the job cannot use, and a storage failure in the middle --------------------------------------
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def _one_image(tmp_path: Path) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(_image(40, 56, 1)).save(folder / "a.png")
+    return folder
+
+
+def _garbage_manifest(db: Path) -> None:
+    (db / "features.lance" / "_versions").mkdir(parents=True)
+    (db / "features.lance" / "_versions" / "1.manifest").write_bytes(b"garbage")
+
+
+def _file_not_folder(db: Path) -> None:
+    db.mkdir()
+    (db / "features.lance").write_bytes(b"junk")
+
+
+def _foreign_features(db: Path) -> None:
+    import lance
+
+    lance.write_dataset(pa.table({"x": [1, 2]}), str(db / "features.lance"))
+
+
+def _foreign_errors(db: Path) -> None:
+    import lance
+
+    lance.write_dataset(pa.table({"x": [1]}), str(db / "features_errors.lance"))
+
+
+@pytest.mark.parametrize("damage,says", [
+    (_garbage_manifest, "cannot be opened: LanceError(IO)"), (_file_not_folder, "cannot be opened: LanceError(IO)"),
+    (_foreign_features, "another schema (missing columns"), (_foreign_errors, "another schema (missing columns"),
+])
+def test_a_db_the_job_cannot_use_is_one_error_line_exit_2_and_is_left_as_it_was(tmp_path, damage, says):
+    db = tmp_path / "db"
+    damage(db)
+    before = _tree(db)
+    run = subprocess.run([*ENCODE, str(_one_image(tmp_path)), "--db", str(db), *COMMON], cwd=ROOT, env=_client_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"error: table 'features{'_errors' if damage is _foreign_errors else ''}' under {db}" in run.stderr
+    assert says in run.stderr and "Traceback" not in run.stderr and "Started a local Ray" not in run.stderr
+    assert _tree(db) == before
+
+
+def test_a_table_name_lancedb_refuses_is_an_option_error(tmp_path):
+    run = subprocess.run([*ENCODE, str(_one_image(tmp_path)), "--db", str(tmp_path / "db"), "--table", "my table",
+                          *COMMON], cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--table: invalid table name 'my table'" in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and not (tmp_path / "db").exists()
+
+
+def _as_unprivileged(cmd: list[str], protected: Path) -> list[str]:
+    """`cmd` run by a user who may read but not write `protected`: root bypasses file modes, so as root the folder
+    is given to an unmapped uid and the command runs in a user namespace (skipped where that is not allowed)."""
+    for path in [protected, *protected.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    if os.geteuid() != 0:
+        return cmd
+    unshare = ["unshare", "-U", "--map-user=1000", "--map-group=1000"]
+    if shutil.which("unshare") is None or subprocess.run([*unshare, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root without user namespaces: no way to be refused a write")
+    for path in [protected, *protected.rglob("*")]:
+        os.chown(path, 12345, 12345)
+    return [*unshare, *cmd]
+
+
+def test_a_db_that_is_not_writable_is_refused_before_anything_is_encoded(tmp_path):
+    db = tmp_path / "db"
+    FeatureStore(str(db))  # an existing table of ours, on storage this user may read but not write
+    before = _tree(db)
+    cmd = _as_unprivileged([*ENCODE, str(_one_image(tmp_path)), "--db", str(db), *COMMON], db)
+    try:
+        run = subprocess.run(cmd, cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=300)
+    finally:
+        for path in [db, *db.rglob("*")]:
+            if os.geteuid() == 0:
+                os.chown(path, 0, 0)
+            path.chmod(path.stat().st_mode | 0o200)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"error: cannot write to the feature table {db / 'features.lance'}" in run.stderr
+    assert "Traceback" not in run.stderr and "Started a local Ray" not in run.stderr and _tree(db) == before
+
+
+@pytest.mark.slow
+def test_a_storage_failure_in_the_pipeline_prints_what_was_committed_and_exits_1(tmp_path):
+    """The 2nd fragment written fails as a full disk would (fault injection across processes): the run ends
+    with its summary (what was committed), one error line and exit 1, no traceback; the rerun finishes the job,
+    each image stored once."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for n in range(5):
+        Image.fromarray(_image(40, 56, n)).save(folder / f"i{n}.png")
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    db, summary = tmp_path / "db", tmp_path / "summary.json"
+    cmd = [*ENCODE, str(folder), "--db", str(db), *COMMON, "--num-cpus", "2", "--batch-size", "1", "--write-batch",
+           "1", "--summary-json", str(summary), "--strict"]
+    env = {**_client_env(), FAULT_ENV: "written:oserror:2", FAULT_DIR_ENV: str(faults)}
+    failed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    s = json.loads(summary.read_text())
+    assert s["error"].startswith("OSError: [Errno 28] No space left on device") and "encode summary" in failed.stdout
+    assert "error: the run failed: OSError: [Errno 28]" in failed.stderr and "Traceback" not in failed.stderr
+    assert s["encoded"] == len(_stored(db)) < 5 and s["not_stored"] == 5 - s["encoded"]
+    again = subprocess.run(cmd, cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert _stored(db) == sorted(f"i{n}.png" for n in range(5))
