@@ -39,10 +39,13 @@ from pipeline.feature_store import (
     EncodedImage,
     FeatureReader,
     FeatureStore,
+    FeatureStoreError,
     RowIdentity,
     UnknownImageError,
     encoder_provenance,
     feature_rows,
+    is_not_found,
+    lance_reason,
     row_identity,
     sql_string,
     table_uri,
@@ -383,7 +386,10 @@ class SegmentEngine:
                 elif attempt:
                     self._uri_ds.checkout_latest()
                 ids = self._uri_ds.to_table(columns=["image_id"], filter=where).column("image_id").to_pylist()
-            except (FileNotFoundError, ValueError, OSError):
+            except (OSError, ValueError, RuntimeError) as e:
+                if attempt and not is_not_found(e):  # the table exists but cannot be read: an error, not a miss
+                    with _unexpected(500, "the stored features of the task's image could not be read"):
+                        raise FeatureStoreError(f"the feature table cannot be read: {lance_reason(e)}") from None
                 ids = []
             if ids:
                 _remember(self._uri_to_id, image_ref, ids[0])

@@ -327,3 +327,29 @@ def test_a_table_name_lancedb_refuses_is_a_feature_store_error_and_creates_nothi
     with pytest.raises(FeatureStoreError, match="invalid table name"):
         FeatureStore(str(tmp_path / "db"), name)
     assert not (tmp_path / "db").exists() or not any((tmp_path / "db").iterdir())
+
+
+@pytest.mark.parametrize("by", ["image_id", "image_ref"])
+def test_the_backend_answers_a_table_it_cannot_read_with_a_logged_500_never_an_on_demand_encode(tmp_path, by, caplog):
+    """A storage fault is not "no stored features": no on-demand encode (which would store nothing and hide the
+    fault), a 500 whose error id is in the log with the reason; once the table is repaired the image is served."""
+    from connectors.engine import EngineConfig, SegmentEngine
+    from connectors.segment import SegmentError, SegmentRequest
+    from interformer.clicks import Click
+
+    db = tmp_path / "db"
+    _garbage_manifest(db)
+    asked: list[str] = []
+    engine = SegmentEngine(EngineConfig(db=str(db), table="features", checkpoint=None, variant="small"),
+                           lambda image_id, ref, task: asked.append(image_id) or {})
+    engine.reader.miss_refresh_s = 0.0
+    ids = {"image_id": "a.png", "image_ref": None} if by == "image_id" else {"image_id": None, "image_ref": "/d/a.png"}
+    req = SegmentRequest(clicks=(Click(10, 12, True),), original_size=(40, 70), **ids)
+    with pytest.raises(SegmentError) as refused:
+        engine.segment(req)
+    assert refused.value.status == 500 and "error id" in refused.value.message and asked == []
+    assert "cannot be read: LanceError(IO)" in caplog.text
+    shutil.rmtree(db)
+    item = EncodedImage("a.png" if by == "image_id" else "/d/a.png", "/d/a.png", "0" * 64, _features(40, 70, 0))
+    FeatureStore(str(db)).add(feature_rows([item], engine.fingerprint))
+    assert engine.segment(req).rle and asked == []
