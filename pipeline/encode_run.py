@@ -61,6 +61,8 @@ _CLUSTER_FAILURES = tuple(
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_STOPPED = 0, 1, 2, 3, 130
 
+DUPLICATE_ID = "duplicate_id"  # the reason of a listed file dropped because an earlier file has its image id
+
 EXIT_CODES_HELP = """exit codes:
   0    the run finished: every listed image is stored, or recorded in the errors table with its reason
        (bad inputs are not a failure of the job; re-running a finished collection exits 0)
@@ -204,20 +206,17 @@ def _run(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, vit: ViTConfi
     listing = list_inputs(cfg)
     fault_point("listed")
     recovered = _recover(store, fingerprint, summary)
-    summary.listed = len(listing.sources) + len(listing.unusable)
+    dropped = dropped_duplicates(listing)
+    summary.listed = len(listing.sources) + len(listing.unusable) + len(dropped)
     summary.ignored_files = len(listing.ignored)
     record_unusable(store, fingerprint, listing, summary)
-    for first, other in listing.duplicates:
-        summary.failed.append(
-            {"image_id": other.image_id, "uri": other.uri, "reason": "duplicate_id",
-             "detail": f"the id is also used by {first.uri}, which is the one encoded"}
-        )
+    summary.failed.extend({"image_id": i, "uri": u, "reason": r, "detail": d} for i, u, r, d in dropped)
     done = store.existing_ids(fingerprint)
     changed = _check_changed(cfg, store, fingerprint, listing, summary)
     stale = _check_stale(cfg, store, fingerprint, listing, summary, vit)
     fault_point("sources_checked")
-    known_bad = set() if cfg.retry_failed else {
-        e["image_id"] for e in store.errors(fingerprint).to_pylist() if e["reason"] != UNREADABLE
+    known_bad = set() if cfg.retry_failed else {  # a duplicate_id row is about the other file: not this one
+        e["image_id"] for e in store.errors(fingerprint).to_pylist() if e["reason"] not in (UNREADABLE, DUPLICATE_ID)
     }
     to_replace = changed | stale
     candidates, kept = [], {}
@@ -264,7 +263,36 @@ def _run(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, vit: ViTConfi
     else:
         _report_other_dtypes(cfg, store, fingerprint, summary)
     stored = store.existing_ids(fingerprint)
-    summary.not_stored = sum(1 for s in listing.sources if s.image_id not in stored) + len(listing.unusable)
+    summary.not_stored = (sum(1 for s in listing.sources if s.image_id not in stored) + len(listing.unusable)
+                          + len(dropped))
+    if not summary.error:
+        record_duplicates(store, fingerprint, listing, dropped)
+
+
+def dropped_duplicates(listing: Listing) -> list[tuple[str, str, str, str]]:
+    """(image id, uri, DUPLICATE_ID, detail) of each listed file the listing dropped because an earlier file
+    has its id: an input that is not stored, counted as listed and not stored like any failed input."""
+    found: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+    for first, other in listing.duplicates:
+        detail = f"the id is also used by {first.uri}, which is the one encoded"
+        found.setdefault((other.image_id, other.uri), (other.image_id, other.uri, DUPLICATE_ID, detail))
+    return list(found.values())
+
+
+def record_duplicates(store: FeatureStore, fingerprint: str, listing: Listing,
+                      dropped: list[tuple[str, str, str, str]]) -> None:
+    """Record the dropped duplicates in the errors table, once the run's commits are done (a commit clears the
+    error rows of the ids it stores, and a duplicate's id is its first file's). Rows are keyed by id: an id whose
+    own file failed keeps that row, which says more; an id listed now without a duplicate loses its old one."""
+    reasons = {e["image_id"]: e["reason"] for e in store.errors(fingerprint).select(["image_id", "reason"]).to_pylist()}
+    duplicated = {d[0] for d in dropped}
+    listed = {s.image_id for s in listing.sources}
+    gone = {i for i, r in reasons.items() if r == DUPLICATE_ID and i in listed and i not in duplicated}
+    if gone:
+        store.clear_errors(gone, fingerprint)
+    rows = {d[0]: d for d in reversed(dropped) if reasons.get(d[0], DUPLICATE_ID) == DUPLICATE_ID}
+    if rows:
+        store.record_errors(error_rows(sorted(rows.values()), fingerprint))
 
 
 def _causes(error: BaseException) -> list[BaseException]:

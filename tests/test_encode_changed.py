@@ -369,8 +369,9 @@ def test_reencode_changed_keeps_the_old_row_of_every_image_it_cannot_encode_agai
     from interformer.config import PreprocessConfig
     from pipeline import encode_run
     from pipeline.encode_run import EncodeConfig, EncoderSpec, exit_code
+    from pipeline.images import REASONS
 
-    with tempfile.TemporaryDirectory() as tmp, _pytest.MonkeyPatch.context() as mp:
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         mp.setattr(encode_run, "_join_cluster", lambda cfg: None)
         mp.setattr(encode_run, "_encode", _encode_in_process)
         tmp = Path(tmp)
@@ -512,3 +513,61 @@ def test_a_run_counts_as_its_own_only_its_images_though_it_commits_what_another_
     assert [f["image_id"] for f in s["failed"]] == ["bad.png"]
     table = lancedb.connect(str(db)).open_table("features").to_arrow()
     assert sorted(Counter(table.column("fingerprint").to_pylist()).values()) == [2, 2]
+
+
+# --- inputs the listing drops as duplicate ids ----------------------------------------------------------------------
+
+def _encode_and_commit(cfg, store, fingerprint, pending, summary, vit=None):
+    """The job's stages without Ray, committed as the job commits (staged records, StagedCommitter), so that a
+    commit clears the error rows of the ids it stores as it does in a real run."""
+    import pyarrow as pa
+
+    from pipeline.encoding import EncoderStage, decode_stage, write_stage
+    from pipeline.staged_commits import StagedCommitter
+
+    committer = StagedCommitter(store)
+    batch = pa.table({"image_id": [s.image_id for s in pending], "uri": [s.uri for s in pending]})
+    write_stage(EncoderStage(cfg.encoder, fingerprint)(decode_stage(batch, cfg.encoder.preprocess, vit)),
+                store.features_uri, committer.uri, fingerprint)
+    committer.commit_staged()
+    summary.encoded = len(committer.tally.stored)
+    summary.failed.extend(v for k, v in committer.tally.failed.items() if k not in committer.tally.stored)
+
+
+@settings(max_examples=6, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(1, 3), st.integers(0, 3), st.booleans()), min_size=1, max_size=6))
+def test_a_file_dropped_as_a_duplicate_id_is_listed_not_stored_recorded_and_fails_strict(entries):
+    """COCO entries (numeric id, file, good or truncated) where several files may share an id: the files the
+    listing drops count as listed and not stored (listed = stored + not stored), `--strict` fails on them, and
+    their id has an error row (duplicate_id, or its first file's own failure), on a first run and on a rerun."""
+    from pipeline import encode_run
+    from pipeline.encode_run import EncodeConfig, EncoderSpec, exit_code
+    from pipeline.images import REASONS
+
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        folder, db = Path(tmp) / "imgs", Path(tmp) / "db"
+        folder.mkdir()
+        files = {}
+        for coco_id, n, good in entries:
+            name = f"f{n}.png"
+            if name not in files:
+                files[name] = good
+                (folder / name).write_bytes(_png(n) if good else _png(n)[:40])
+        images = [{"id": i, "file_name": f"f{n}.png"} for i, n, _ in entries]
+        (folder / "coco.json").write_text(json.dumps({"images": images}))
+        mp.setattr(encode_run, "_join_cluster", lambda cfg: None)
+        mp.setattr(encode_run, "_encode", _encode_and_commit)
+        distinct = {(e["id"], e["file_name"]) for e in images}
+        duplicated = {i for i, _ in distinct if sum(1 for j, _ in distinct if j == i) > 1}
+        for attempt in range(2):
+            summary = encode_run.run(EncodeConfig(str(folder / "coco.json"), image_root=str(folder), coco_id="id",
+                                                  db=str(db), encoder=EncoderSpec(variant="small"), strict=True))
+            stored = set(FeatureStore(str(db)).existing_ids(_job_fingerprint()))
+            assert summary.listed == len(distinct) and summary.not_stored == len(distinct) - len(stored)
+            assert exit_code(summary, strict=True) == (0 if summary.not_stored == 0 else 1)
+            if duplicated:
+                assert exit_code(summary, strict=True) == 1
+            errors = {e["image_id"]: e["reason"] for e in FeatureStore(str(db)).errors().to_pylist()}
+            assert {str(i) for i in duplicated} <= set(errors), attempt
+            assert all(errors[str(i)] in ("duplicate_id", *REASONS) for i in duplicated)
+            assert [f for f in summary.failed if f["reason"] == "duplicate_id"] != [] or not duplicated
