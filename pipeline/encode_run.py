@@ -134,7 +134,6 @@ class EncodeSummary:
     interrupted: bool = False
     error: str = ""  # why the pipeline failed ("" when it did not); what was committed stays
 
-
     @property
     def images_per_s(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
