@@ -435,11 +435,11 @@ class PreannotateWorker:
                 return read_image_bytes(job.uri, self.spec.image_access or ImageAccess.from_env(), job.task_id)
             except ImageAccessError as e:
                 raise ImageUnavailable(IMAGE_UNREADABLE, e.message) from None
-        from .images import ImageDecodeError
+        from .images import ImageDecodeError, max_file_bytes
         from .sources import read_bytes
 
         try:
-            return read_bytes(job.uri)
+            return read_bytes(job.uri, max_bytes=max_file_bytes(self.spec.encoder.preprocess.max_pixels))
         except ImageDecodeError as e:
             raise ImageUnavailable(IMAGE_UNREADABLE, e.detail) from None
 
