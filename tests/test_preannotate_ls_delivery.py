@@ -175,23 +175,9 @@ def test_a_push_stopped_during_the_import_is_not_sent_again_by_the_run(ls, proje
     """The real run loop (`_run_in`): SIGTERM arrives while an import is on its way (Label Studio committed
     it); the run's final flush must not send it again, and the next run pushes nothing twice."""
     client, pid = project
-    jobs = [ImageJob(f"im{i}", (8, 8), (ObjectPrompt(f"coco:{i}", f"im{i}", "obj", "points", (8, 8),
-                                                     clicks=(Click(2, 2, True),)),)) for i in range(4)]
-    make_tasks(client, pid, [j.image_id for j in jobs])
-
-    def fake_segment_all(cfg, todo, summary, image_access=None):
-        for j in todo:
-            r = result(j.key)
-            r.digest = j.digest()
-            yield r
-
-    monkeypatch.setattr(run_module, "segment_all", fake_segment_all)
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", ls.token)
-    cfg = run_module.PreannotateConfig(coco="x.json", ls_project=pid, ls_url=ls.url, push=True, push_batch=2,
-                                       run_dir=str(tmp_path))
+    make_tasks(client, pid, [f"im{i}" for i in range(4)])
 
     def run(stop_in_import: bool):
-        link = ProjectLink(cfg)
         project_ = opened(ls, pid)
         if stop_in_import:
             real = project_.client.projects.import_predictions
@@ -201,8 +187,7 @@ def test_a_push_stopped_during_the_import_is_not_sent_again_by_the_run(ls, proje
                 raise KeyboardInterrupt  # what the run's SIGTERM handler raises
 
             project_.client.projects.import_predictions = committed_then_stopped
-        link.__dict__["project"] = project_
-        return run_module._run_in(cfg, link, Path(tmp_path), PromptSet(images=jobs), jobs, [], "fp", MV, "x")
+        return _run_loop(ls, pid, tmp_path, monkeypatch, 4, project_)
 
     first = run(stop_in_import=True)
     assert first.interrupted and first.pushed == 2 and first.push_in_doubt == []
