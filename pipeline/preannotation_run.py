@@ -32,7 +32,7 @@ from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
 from .files import write_json_atomic
 from .ledger import Ledger
 from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec, lost_image
-from .preannotation_report import REPORT, PreannotateSummary, tally, write_report
+from .preannotation_report import REPORT, SUMMARY, PreannotateSummary, tally, write_report
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptFileError, PromptSet, coco_prompts, read_coco_file
 from .ray_runtime import init_ray
 from .run_info import RunInfoError, changed_settings, record_settings
@@ -213,6 +213,7 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
                                  images=len(jobs), objects=sum(len(j.objects) for j in jobs),
                                  not_usable=len(problems), mask_format=cfg.output.kind,
                                  not_pushed_labels=[{"key": p.key, "label": p.label} for p in unpushable])
+    (run_dir / SUMMARY).unlink(missing_ok=True)  # an earlier run's, which a run ending in an error would leave
     ledger = Ledger(run_dir / LEDGER)
     done = latest_results(ledger)
 

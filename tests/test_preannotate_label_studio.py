@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from backend_support import LABEL_CONFIG, keypoint, rectangle
+from ls_proxy import LabelStudioProxy
 from preannotate_support import SIZE, load_preannotate_job, prepare_store
 
 from connectors.label_studio_prompts import region_id
@@ -350,6 +351,28 @@ def test_two_images_of_a_run_showing_one_file_never_put_two_predictions_on_its_t
     assert rc == 1 and s["pushed"] == 1 and s["tasks_created"] == 0
     assert [g["image_id"] for g in s["no_task"]] == ["2"] and f"task {tid}" in s["no_task"][0]["reason"]
     assert len(list(client.predictions.list(task=tid))) == 1
+
+
+
+def test_a_run_ending_in_an_error_leaves_no_earlier_runs_summary(env, label_studio, monkeypatch, capsys):
+    """A rerun that Label Studio refuses before it segments anything (the task list answers 503) exits 2 and
+    leaves no summary.json: a script reading the folder never takes the earlier run's summary for this one's."""
+    fx, client = env["fx"], env["client"]
+    project = client.projects.create(title="summary of an error", label_config=LABEL_CONFIG)
+    common = ["--coco", str(fx.coco_path), "--image-root", str(fx.image_root), "--ls-project", str(project.id),
+              "--push"]
+    run(env, "error-summary", *common)
+    summary = env["tmp"] / "error-summary" / "summary.json"
+    assert summary.exists()
+    proxy = LabelStudioProxy(label_studio.url, lambda m, p: ("refuse", 503, {}) if "/api/tasks" in p else None)
+    try:
+        monkeypatch.setenv("LABEL_STUDIO_URL", proxy.url)
+        rc = env["job"].main(["--db", str(env["tmp"] / "db"), "--checkpoint", str(env["ckpt"]), "--workers", "0",
+                              "--run-dir", str(env["tmp"] / "error-summary"), "--max-clicks", "3", *common])
+    finally:
+        proxy.close()
+    assert rc == 2 and "503" in capsys.readouterr().err
+    assert not summary.exists()
 
 
 ESCAPED_NAMES = ["sp ace.png", "a+b.png", "c#d.png", "e&f.png", "100%25.png", "ünï.png"]
