@@ -11,7 +11,6 @@ and precision (not part of the fingerprint); `stale_rows` finds those.
 """
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -21,8 +20,8 @@ from interformer.modeling.interformer import stale_reason
 
 from .encoding import check_encode_memory
 from .feature_store import Origin, RowProvenance
-from .images import ImageDecodeError, decode_image_oriented, exif_orientation
-from .sources import ImageSource, read_bytes
+from .images import ImageDecodeError, decode_image_oriented, exif_orientation, max_file_bytes
+from .sources import ImageSource, read_bytes, sha256_of
 
 READ_THREADS = 8  # hashing is I/O-bound; hashlib releases the GIL on large buffers
 
@@ -53,26 +52,27 @@ class ContentCheck:
 
 
 def check_content(sources: Iterable[ImageSource], stored: Mapping[str, Origin], check_all: bool = False,
-                  read: Callable[[str], bytes] = read_bytes) -> ContentCheck:
-    """Read the sources `sources_to_check` names, compare their sha256 with the stored row's, and take the
-    orientation tag from the header of those unchanged whose row has none.
+                  read: Callable[[str], bytes] = read_bytes,
+                  digest_of: Callable[[str], str] = sha256_of) -> ContentCheck:
+    """Hash the sources `sources_to_check` names (streamed: memory bounded whatever a file's size), compare
+    with the stored row's sha256, and take the orientation tag from the header of those unchanged whose row
+    has none (read with `read`).
 
-    A source that cannot be read now is not judged: its row stays, as for any skipped image; nor is a row
-    without a recorded sha256."""
+    A source that cannot be read now (e.g. a special file) is not judged: its row stays, as for any skipped
+    image; nor is a row without a recorded sha256."""
     todo = sources_to_check(sources, stored, check_all)
 
     def inspect(source: ImageSource) -> tuple[str | None, int | None]:
         origin = stored[source.image_id]
         try:
-            data = read(source.uri)
+            digest = digest_of(source.uri)
         except (ImageDecodeError, OSError):
             return None, None
-        digest = hashlib.sha256(data).hexdigest()
         tag = None
         if origin.exif_orientation is None and origin.sha256 == digest:
             try:
-                tag = exif_orientation(data)
-            except ImageDecodeError:
+                tag = exif_orientation(read(source.uri))
+            except (ImageDecodeError, OSError):
                 tag = None
         return digest, tag
 
@@ -133,14 +133,22 @@ def stale_rows(sources: Iterable[ImageSource], stored: Mapping[str, RowProvenanc
     return found
 
 
+def capped_read(preprocess: PreprocessConfig) -> Callable[[str], bytes]:
+    """`read_bytes` under the byte cap of the run's --max-pixels, as the decode stage reads: a file larger than
+    any image the run could encode is never read whole into the driver's memory."""
+    cap = max_file_bytes(preprocess.max_pixels)
+    return lambda uri: read_bytes(uri, max_bytes=cap)
+
+
 def reencode_problem(source: ImageSource, preprocess: PreprocessConfig, vit: ViTConfig,
-                     read: Callable[[str], bytes] = read_bytes) -> str | None:
+                     read: Callable[[str], bytes] | None = None) -> str | None:
     """Why this run could not encode `source` again now ("reason: detail"), or None: its bytes are read and
     decoded under the run's --max-pixels and checked against --max-encode-memory, as the decode stage does. A
     stored row is removed for re-encoding only when this passes, so that features are never lost to an image
     the run would refuse."""
     try:
-        image, _ = decode_image_oriented(read(source.uri), max_pixels=preprocess.max_pixels)
+        image, _ = decode_image_oriented((read or capped_read(preprocess))(source.uri),
+                                         max_pixels=preprocess.max_pixels)
         check_encode_memory(image.shape[:2], preprocess, vit)
     except ImageDecodeError as e:
         return f"{e.reason}: {e.detail}"
@@ -173,7 +181,7 @@ def plan_replacements(candidates: list[ImageSource], replace: set[str], limit: i
 
 
 def reencode_problems(sources: list[ImageSource], preprocess: PreprocessConfig, vit: ViTConfig,
-                      read: Callable[[str], bytes] = read_bytes) -> list[str | None]:
+                      read: Callable[[str], bytes] | None = None) -> list[str | None]:
     """`reencode_problem` of each source, read and decoded on a few threads (Pillow and I/O release the GIL)."""
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         return list(pool.map(lambda s: reencode_problem(s, preprocess, vit, read), sources))

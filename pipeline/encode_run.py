@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from interformer.config import ViTConfig
 
-from .changed_sources import check_content, plan_replacements, reencode_problems, sources_to_check, stale_rows
+from .changed_sources import (capped_read, check_content, plan_replacements, reencode_problems, sources_to_check,
+                              stale_rows)
 from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
 from .faults import fault_point
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, FeatureStoreError, error_rows
@@ -356,7 +357,7 @@ def _check_changed(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, lis
     to_read = len(sources_to_check(listing.sources, origins, cfg.check_content))
     if to_read:
         print(f"encode: reading {to_read} stored images to compare with the bytes they were encoded from", flush=True)
-    result = check_content(listing.sources, origins, cfg.check_content)
+    result = check_content(listing.sources, origins, cfg.check_content, capped_read(cfg.encoder.preprocess))
     changed, summary.checked = result.changed, result.read
     if result.orientations:
         summary.orientation_filled = store.fill_exif_orientation(result.orientations, fingerprint)

@@ -8,6 +8,7 @@ from the usual environment (AWS_* variables, instance profiles, ...).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -352,6 +353,30 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     if max_bytes is not None and len(data) > max_bytes:
         raise _over(uri, max_bytes)
     return data
+
+
+def sha256_of(uri: str) -> str:
+    """The sha256 of a local file's or object's content, read in chunks (memory bounded whatever its size);
+    ImageDecodeError(UNREADABLE) as `read_bytes` gives it (a special file is refused from its stat)."""
+    digest = hashlib.sha256()
+    try:
+        filesystem, path = _filesystem(uri) if is_uri(uri) else (None, uri)
+        if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+            _check_regular(uri, os.stat(path), None)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                _check_regular(uri, os.fstat(fd), None)
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+        else:
+            with filesystem.open_input_stream(path) as stream:
+                while chunk := stream.read(_CHUNK):
+                    digest.update(chunk)
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ImageDecodeError(UNREADABLE, f"cannot read {uri}: {e}") from None
+    return digest.hexdigest()
 
 
 def _read_local(path: str, uri: str, max_bytes: int | None) -> bytes:

@@ -571,3 +571,38 @@ def test_a_file_dropped_as_a_duplicate_id_is_listed_not_stored_recorded_and_fail
             assert {str(i) for i in duplicated} <= set(errors), attempt
             assert all(errors[str(i)] in ("duplicate_id", *REASONS) for i in duplicated)
             assert [f for f in summary.failed if f["reason"] == "duplicate_id"] != [] or not duplicated
+
+
+# --- the content check reads any file with bounded memory, and never hangs on a special one ----------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(content=st.binary(max_size=300), chunk=st.integers(1, 64))
+def test_the_streamed_digest_is_the_files_sha256_whatever_the_chunk_size(tmp_path_factory, content, chunk):
+    import pipeline.sources as sources
+
+    path = tmp_path_factory.mktemp("digest") / "x.png"
+    path.write_bytes(content)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sources, "_CHUNK", chunk)
+        assert sources.sha256_of(str(path)) == hashlib.sha256(content).hexdigest()
+
+
+def test_the_content_check_and_the_reencode_check_never_read_a_file_whole_nor_block(tmp_path):
+    """A FIFO is not judged (its row stays) and never opened blocking; a file larger than any image the run
+    could encode is too_large for re-encoding from its size alone (a sparse file: nothing is read)."""
+    from interformer.config import CONFIGS, PreprocessConfig
+    from pipeline.changed_sources import check_content, reencode_problem
+    from pipeline.images import max_file_bytes
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    stored = {"pipe.png": Origin(str(fifo), "0" * 64, None)}
+    result = check_content([ImageSource("pipe.png", str(fifo))], stored, check_all=True)
+    assert result.changed == [] and result.orientations == {}
+    preprocess = PreprocessConfig(max_pixels=1000)
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(max_file_bytes(preprocess.max_pixels) + 1)
+    problem = reencode_problem(ImageSource("huge.png", str(huge)), preprocess, CONFIGS["small"].vit)
+    assert problem is not None and problem.startswith("too_large")
