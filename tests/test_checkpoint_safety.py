@@ -4,6 +4,7 @@ user error (exit 2, one line, no traceback) before it starts anything."""
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,20 @@ class Touch:
         return (Path.touch, (self.marker,))
 
 
-def _hostile(small_model: InterFormer, where: str, marker: Path) -> dict:
+class Shell:
+    """The same through a module torch blocks outright (os / posix): its refusal reads differently."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _hostile(small_model: InterFormer, where: str, marker: Path, payload_type: type = Touch) -> dict:
     sd = dict(small_model.state_dict())
     obj = {"meta": {"iter": 1}, "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}
-    payload = Touch(marker)
+    payload = payload_type(marker)
     if where == "meta":
         obj["meta"]["hook"] = payload
     elif where == "state dict value":
@@ -57,10 +68,11 @@ LOADERS = {
 
 @pytest.mark.parametrize("where", ["meta", "state dict value", "deep in a list", "optimizer", "top level"])
 @pytest.mark.parametrize("loader", sorted(LOADERS))
-def test_pickled_code_is_refused_before_it_runs(tmp_path, small_model, where, loader):
+@pytest.mark.parametrize("payload", [Touch, Shell])
+def test_pickled_code_is_refused_before_it_runs(tmp_path, small_model, where, loader, payload):
     marker = tmp_path / "code-ran"
     path = tmp_path / "hostile.pth"
-    torch.save(_hostile(small_model, where, marker), path)
+    torch.save(_hostile(small_model, where, marker, payload), path)
     with pytest.raises(CheckpointError, match="could run code"):
         LOADERS[loader](path)
     assert not marker.exists()

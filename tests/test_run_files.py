@@ -108,3 +108,21 @@ def test_a_torn_run_json_stops_a_rerun_with_the_run_folder_error(tmp_path_factor
     assert json.loads((run_dir / "run.json").read_text()) == INFO
     run_dir, lock = prepare_run_dir(cfg, INFO)  # the rewritten record resumes
     lock.release()
+
+
+def test_an_output_written_whole_gets_the_permissions_a_plain_write_would(tmp_path):
+    """The temporary file of an atomic write is created 0600; the output must not stay owner-only: a new file
+    gets 0666 less the umask, a replaced one keeps its mode."""
+    from pipeline.files import write_text_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "new.json", "{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    kept = tmp_path / "kept.json"
+    kept.write_text("x")
+    kept.chmod(0o604)
+    write_text_atomic(kept, "{}")
+    assert kept.stat().st_mode & 0o777 == 0o604 and kept.read_text() == "{}"
