@@ -7,10 +7,18 @@ with `load()`. Conventions follow RITM's loaders (spec §1.1, `../shared/data/RE
 * images: every file of the image folder, sorted by name; the mask has the same stem (text before the first '.');
 * GrabCut / Berkeley masks: channel 0 of the mask read as BGR; 128 -> ignore, 1 and > 128 -> object, else
   background (what RITM's `GrabCutDataset` + `DSample` give: see `ritm_grabcut_gt`);
-* DAVIS masks: maximum over the BGR channels; > 0 -> object; no ignore.
+* DAVIS masks: maximum over the BGR channels; > 0 -> object; no ignore;
+* generic images/ + masks/ folders (MASK_BINARY): masks read as stored, by training's own reader
+  (`interformer.training.data.read_mask`: palette indices, 16-bit values, maximum over colour channels), so a
+  folder has one ground truth for training and evaluation; non-zero -> object, `ignore_value` -> ignore.
+
+Images are decoded by the encoder's decoder (`pipeline.images.decode_image`), so in-worker encoding sees the
+pixels stored features were made from, and every image and mask is refused (DatasetError) when its header
+declares more than `max_pixels` pixels (the encoder's limit), before its pixels are decoded.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +27,17 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from PIL import Image
+
 from interformer.coco_rle import RLEError, checked_counts
 from interformer.numbers import is_finite_number
+from interformer.training.data import DataError, read_mask
+
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_size, max_file_bytes
 
 MASK_RITM_GRABCUT = "ritm_grabcut"  # channel 0; 128 ignore, 1 and > 128 object
 MASK_RITM_DAVIS = "ritm_davis"  # max over BGR channels > 0 object
-MASK_BINARY = "binary"  # single channel (channel 0), > 0 object, optional ignore value
+MASK_BINARY = "binary"  # as stored (training's read_mask), > 0 object, optional ignore value
 MASK_COCO = "coco"  # polygon / RLE segmentation from a COCO annotation
 MASK_FORMATS = (MASK_RITM_GRABCUT, MASK_RITM_DAVIS, MASK_BINARY, MASK_COCO)
 
@@ -59,33 +72,34 @@ class SampleRef:
     def key(self) -> tuple[str, str]:
         return (self.dataset, self.sample_id)
 
-    def load(self) -> "Sample":
-        """Read the image and build the ground-truth mask."""
-        image = read_rgb(self.image_path)
+    def load(self, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Sample":
+        """Read the image and build the ground-truth mask; a file over `max_pixels` is a DatasetError."""
+        try:
+            return self._load(max_pixels)
+        except DatasetError as e:
+            raise DatasetError(f"{self.dataset}/{self.sample_id}: {e}") from None
+
+    def _load(self, max_pixels: int | None) -> "Sample":
+        image = read_rgb(self.image_path, max_pixels)
         if self.size is not None and tuple(self.size) != image.shape[:2]:
-            raise DatasetError(f"{self.dataset}/{self.sample_id}: the annotation gives the image size {tuple(self.size)}"
+            raise DatasetError(f"the annotation gives the image size {tuple(self.size)}"
                                f" but {_shown(self.image_path)} is {image.shape[:2]}")
-        gt = self._load_gt()
+        gt = self._load_gt(max_pixels)
         if gt.shape != image.shape[:2]:
-            raise DatasetError(f"{self.dataset}/{self.sample_id}: mask size {gt.shape} differs from image size "
-                               f"{image.shape[:2]}")
+            raise DatasetError(f"mask size {gt.shape} differs from image size {image.shape[:2]}")
         return Sample(self, image, gt)
 
-    def _load_gt(self) -> np.ndarray:
+    def _load_gt(self, max_pixels: int | None) -> np.ndarray:
         if self.mask_format == MASK_COCO:
-            try:
-                return coco_mask(json.loads(self.segmentation), self.size)
-            except DatasetError as e:
-                raise DatasetError(f"{self.dataset}/{self.sample_id}: {e}") from None
+            return coco_mask(json.loads(self.segmentation), self.size)
         if self.mask_path is None:
-            raise DatasetError(f"{self.dataset}/{self.sample_id}: no mask path")
-        raw = _read_bgr(self.mask_path, what="mask")
-        if self.mask_format == MASK_RITM_GRABCUT:
-            return ritm_grabcut_gt(raw)
-        if self.mask_format == MASK_RITM_DAVIS:
-            return ritm_davis_gt(raw)
+            raise DatasetError("no mask path")
         if self.mask_format == MASK_BINARY:
-            return binary_gt(raw[:, :, 0], self.ignore_value)
+            return stored_mask_gt(_read_checked(self.mask_path, "mask", max_pixels), self.ignore_value,
+                                  _shown(self.mask_path))
+        if self.mask_format in (MASK_RITM_GRABCUT, MASK_RITM_DAVIS):
+            raw = _decode_bgr(_read_checked(self.mask_path, "mask", max_pixels), self.mask_path)
+            return ritm_grabcut_gt(raw) if self.mask_format == MASK_RITM_GRABCUT else ritm_davis_gt(raw)
         raise DatasetError(f"unknown mask format {self.mask_format!r}; expected one of {MASK_FORMATS}")
 
 
@@ -110,25 +124,68 @@ class Sample:
         return self.ref.image_id
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3), as RITM does (OpenCV decode, BGR -> RGB)."""
-    return cv2.cvtColor(_read_bgr(path, what="image"), cv2.COLOR_BGR2RGB)
-
-
-def _read_bgr(path: str | Path, what: str) -> np.ndarray:
-    """Decode a file's bytes as BGR on its stored pixel grid.
-
-    The bytes are read by Python, not by `cv2.imread`, so that any file name the folder listing gave works
-    (OpenCV crashes on a name that is not valid UTF-8). EXIF orientation is ignored, as by the encoder, the
-    backend and training: masks and annotations refer to the stored pixels."""
+def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3) with the encoder's decoder (`pipeline.images.decode_image`:
+    16-bit grey rounded to 8 bits, alpha dropped, EXIF orientation ignored), so that evaluating with in-worker
+    encoding and with stored features sees the same pixels. Over `max_pixels` is a DatasetError."""
+    data = _read_checked(path, "image", max_pixels)
     try:
-        data = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
+        return decode_image(data, max_pixels)
+    except ImageDecodeError as e:
+        raise DatasetError(f"cannot read image file {_shown(path)}: {e}") from None
+
+
+def _read_checked(path: str | Path, what: str, max_pixels: int | None) -> bytes:
+    """A file's bytes, read by Python (any file name the folder listing gave works, which OpenCV's imread
+    does not), at most what an image under `max_pixels` can take, whose header (read before any pixel is
+    decoded) is an image of at most `max_pixels` pixels."""
+    cap = max_file_bytes(max_pixels)
+    try:
+        with open(path, "rb") as f:
+            data = f.read() if cap is None else f.read(cap + 1)
     except OSError as e:
         raise DatasetError(f"cannot read {what} file {_shown(path)}: {e.strerror or e}") from None
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if cap is not None and len(data) > cap:
+        raise DatasetError(f"{what} file {_shown(path)} is over {cap} bytes, more than an image of at most "
+                           f"{max_pixels} pixels can take")
+    try:
+        h, w = image_size(data)
+    except ImageDecodeError as e:
+        raise DatasetError(f"cannot read {what} file {_shown(path)}: {e}") from None
+    if max_pixels is not None and h * w > max_pixels:
+        raise DatasetError(f"{what} file {_shown(path)} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                           "pixels (the encoder's --max-pixels)")
+    return data
+
+
+def _decode_bgr(data: bytes, path: str | Path) -> np.ndarray:
+    """Decode a RITM-layout mask as BGR with OpenCV, as RITM's loaders do (their conventions depend on it).
+    EXIF orientation is ignored, as by the encoder, the backend and training: masks refer to the stored pixels."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
-        raise DatasetError(f"cannot read {what} file {_shown(path)} (not an image)")
+        raise DatasetError(f"cannot read mask file {_shown(path)} (not an image)")
     return img
+
+
+def stored_mask_values(data: bytes) -> np.ndarray:
+    """A mask file's values as stored, read as training's `read_mask` reads them: palette PNGs give their
+    indices, grey and 16-bit images their values, any other mode the maximum over its RGB channels."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im if im.mode in ("P", "L", "I", "I;16") else im.convert("RGB"))
+    return arr.max(axis=2) if arr.ndim == 3 else arr
+
+
+def stored_mask_gt(data: bytes, ignore_value: int | None = None, shown: str = "mask") -> np.ndarray:
+    """Ground truth of a generic mask file: object and background exactly as training's `read_mask(binary)`
+    gives them (one reader, one ground truth), and pixels whose stored value is `ignore_value` -> -1."""
+    try:
+        obj = read_mask(io.BytesIO(data), "binary")
+        gt = obj.astype(np.int8)
+        if ignore_value is not None:
+            gt[stored_mask_values(data) == ignore_value] = -1
+    except (DataError, OSError, ValueError) as e:
+        raise DatasetError(f"cannot read mask file {shown}: {str(e).split(': ', 1)[-1]}") from None
+    return gt
 
 
 def _shown(path: str | Path) -> str:
@@ -153,14 +210,6 @@ def ritm_davis_gt(mask_bgr: np.ndarray) -> np.ndarray:
     """DAVIS / COCO_MVal convention: maximum over the colour channels > 0 -> 1, no ignore."""
     ch = mask_bgr.max(axis=2) if mask_bgr.ndim == 3 else mask_bgr
     return (ch > 0).astype(np.int8)
-
-
-def binary_gt(mask: np.ndarray, ignore_value: int | None = None) -> np.ndarray:
-    """Generic masks: `ignore_value` -> -1, other non-zero values -> 1, zero -> 0."""
-    gt = (mask > 0).astype(np.int8)
-    if ignore_value is not None:
-        gt[mask == ignore_value] = -1
-    return gt
 
 
 def coco_mask(segmentation: Any, size: tuple[int, int]) -> np.ndarray:
