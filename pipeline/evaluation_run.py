@@ -196,10 +196,15 @@ def run_evaluation(name: str, spec: SegmenterSpec, config: EvalConfig, refs: lis
 
 def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRef], results_path: Path,
                     placement: WorkerPlacement) -> list[tuple[tuple[str, str], str]]:
-    """Evaluate `todo` on Ray workers, appending each result to `results_path`; returns the failures."""
+    """Evaluate `todo` on Ray workers, appending each result to `results_path`; returns the failures.
+
+    A worker that dies (killed for memory, its node lost) hands its sample to the others
+    (`map_unordered_surviving`); a sample that kills its worker every time is that sample's failure, and the
+    other samples still finish."""
     import ray
-    from ray.util import ActorPool
     from tqdm import tqdm
+
+    from .actor_pool import map_unordered_surviving
 
     init_ray(placement.address, num_cpus=placement.num_cpus, log_to_driver=False, job="evaluate")
     try:
@@ -209,10 +214,14 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
         worker_cls = ray.remote(EvalWorker).options(num_cpus=placement.cpus_per_worker,
                                                     num_gpus=placement.gpus_per_worker)
         threads = max(1, int(placement.cpus_per_worker))
-        pool = ActorPool([worker_cls.remote(spec, config, threads) for _ in range(n)])
+        def new_worker() -> Any:
+            return worker_cls.remote(spec, config, threads)
+
+        results = map_unordered_surviving([new_worker() for _ in range(n)], lambda a, ref: a.run.remote(ref), todo,
+                                          new_worker, on_lost=lost_worker_failure)
         failures = []
         with tqdm(total=len(todo), desc=f"evaluating on {n} workers", unit="sample") as bar:
-            for status, key, payload in pool.map_unordered(lambda a, ref: a.run.remote(ref), todo):
+            for status, key, payload in results:
                 if status == "ok":
                     append_results(results_path, [payload])
                 else:
@@ -222,6 +231,13 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
         return failures
     finally:
         ray.shutdown()
+
+
+def lost_worker_failure(ref: SampleRef, error: Exception) -> tuple[str, tuple[str, str], str]:
+    """The failure of a sample whose worker died every time it ran it (a worker's result has the same form)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return "error", ref.key, (f"the evaluation worker died while running this sample, every time it was tried "
+                              f"(out of memory? {type(error).__name__}: {reason})")
 
 
 class EvalWorker:
