@@ -26,6 +26,7 @@ from .segmenters import SegmenterSpec
 RESULTS = "results.jsonl"
 RUN_INFO = "run.json"
 LOCK_FILE = "writer.lock"
+REPORTS = ("results.csv", "summary.md", "summary.json", "miou.png")  # what `write_reports` writes
 
 
 class RunFolderError(ValueError):
@@ -159,20 +160,26 @@ def settings_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def prepare_output(out: Path, info: dict[str, Any], overwrite: bool) -> list[SampleResult]:
     """Check the output folder belongs to the same run, record the settings, and return the results already
-    there (the first record of each sample). The caller holds the folder's OutputLock."""
+    there (the first record of each sample). With `overwrite` the earlier results and reports are removed
+    first. A malformed results record is a RunFolderError. The caller holds the folder's OutputLock."""
     out.mkdir(parents=True, exist_ok=True)
     info_path = out / RUN_INFO
     results_path = out / RESULTS
     old = None if overwrite else _recorded_settings(info_path)
-    if overwrite:
-        results_path.unlink(missing_ok=True)
+    if overwrite:  # nothing of the discarded run stays beside the new run.json, even if this one writes no report
+        for stale in (RESULTS, *REPORTS):
+            (out / stale).unlink(missing_ok=True)
     elif old is not None and (changed := settings_conflicts(old, info)):
         raise RunFolderError(f"{out} holds results of a different run (differs in: {', '.join(changed)}); "
                              "use another --output or --overwrite")
     if old is not None:
         info = {**info, "datasets": {**old["datasets"], **info["datasets"]}}
+    try:
+        done = unique_results(read_results(results_path, repair=True))
+    except ValueError as e:  # a damaged record: one line, exit status 2, as for --compare
+        raise RunFolderError(f"{e}; repair or remove that line, or use another --output or --overwrite") from None
     write_text_atomic(info_path, json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return unique_results(read_results(results_path, repair=True))
+    return done
 
 
 def run_evaluation(name: str, spec: SegmenterSpec, config: EvalConfig, refs: list[SampleRef], out: Path,
@@ -290,7 +297,7 @@ def compare_rows(paths: Sequence[Path], this_run: Path | None = None) -> list[Ro
 
 
 def write_reports(rows: list[Row], out: Path, results: list[SampleResult] | None) -> list[Path]:
-    """results.csv (when there are per-sample results), summary.md, summary.json and miou.png in `out`."""
+    """results.csv (when there are per-sample results), summary.md, summary.json and miou.png (`REPORTS`)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if results:

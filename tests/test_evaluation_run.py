@@ -20,8 +20,8 @@ import pipeline.files
 from pipeline.evaluation import EvalConfig, SampleResult, append_results, read_results
 from pipeline.evaluation_report import summarize_run, unique_results
 from pipeline.evaluation_run import (
-    DatasetSelection, OutputLock, RunFolderError, WorkerPlacement, collect_samples, load_run, run_evaluation,
-    write_reports)
+    DatasetSelection, OutputLock, RunFolderError, WorkerPlacement, collect_samples, load_run, prepare_output,
+    run_evaluation, run_settings, write_reports)
 from pipeline.segmenters import SegmenterSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +221,32 @@ def test_an_interrupted_report_write_leaves_every_file_whole(tmp_path, monkeypat
     after = {n: (tmp_path / n).read_bytes() for n in REPORTS}
     assert [after[n] != before[n] for n in REPORTS] == [i < failing for i in range(len(REPORTS))]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORTS)
+
+
+# ---- --overwrite leaves nothing of the discarded run; a damaged results file is one line -----------------
+
+def test_overwrite_removes_every_file_the_discarded_run_wrote(tmp_path):
+    """Whatever the new run then writes (nothing, when all its samples fail or it is killed), no report of the
+    discarded run stays beside the new run.json."""
+    out = tmp_path / "out"
+    refs = collect_samples(DatasetSelection([str(_dataset(tmp_path / "ds"))]))
+    _done(out, refs)
+    old = [_result("ds", "a", 0.25)]
+    written = write_reports(summarize_run("old", old, 2), out, old)
+    (out / "run.json").write_text(json.dumps({"name": "old"}))
+    assert {p.name for p in written} | {"results.jsonl", "run.json"} == {p.name for p in out.iterdir()}
+    prepare_output(out, run_settings("new", GRABCUT, CONFIG, refs), overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["run.json"]
+    assert json.loads((out / "run.json").read_text())["name"] == "new"
+
+
+@pytest.mark.parametrize("line", [b'{"oops": 1}\n', b"not json\n", b"[1, 2]\n"])
+def test_a_malformed_results_record_is_a_run_folder_error_naming_the_line(tmp_path, line):
+    out = tmp_path / "out"
+    refs = collect_samples(DatasetSelection([str(_dataset(tmp_path / "ds"))]))
+    _done(out, refs[:1])
+    with open(out / "results.jsonl", "ab") as f:
+        f.write(line)
+    with pytest.raises(RunFolderError, match=r"results\.jsonl: line 2 is not a valid result record"):
+        _run(out, refs)
+    assert not (out / "run.json").exists()  # refused before anything was recorded
