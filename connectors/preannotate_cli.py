@@ -14,7 +14,7 @@ from interformer.config import CONFIGS, DEFAULT_MAX_ENCODE_MEMORY_GIB, Preproces
 from interformer.encode_engine import add_encode_engine_argument
 from pipeline.coco_output import FORMATS
 from pipeline.encoding import EncoderSpec
-from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, parse_storage_options
+from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, check_table_name, parse_storage_options
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
 from pipeline.polygons import DEFAULT_MIN_IOU, DEFAULT_TOLERANCE
 from pipeline.preannotation import MASK_FORMATS, ClickPolicy, MaskFormat
@@ -132,6 +132,12 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     a = parser.parse_args(argv)
     if a.checkpoint is not None and not os.path.isfile(a.checkpoint):
         parser.error(f"--checkpoint {a.checkpoint!r} is not a file")
+    try:
+        check_table_name(a.table)
+    except ValueError as e:
+        parser.error(f"--table: {e}")
+    if "://" not in a.db and os.path.exists(a.db) and not os.path.isdir(a.db):
+        parser.error(f"--db {a.db!r} is a file, not a LanceDB folder")
     try:
         url_template(a.image_url)
     except ValueError as e:

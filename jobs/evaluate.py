@@ -13,6 +13,7 @@ the job writes results.csv, summary.json, summary.md and miou.png and prints the
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec, config = args.spec, args.eval_config
     out, results, failures, rows = args.output, None, [], []
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops the run as Ctrl-C does
     try:
         if spec is not None:
             refs = collect_samples(DatasetSelection(args.datasets, args.data_root, args.coco_images, args.ignore_value,
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, RunFolderError, RayStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nevaluate: stopped; the finished samples are kept in {out}/results.jsonl: run again with the same "
+              "options to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     rows += compared
     if rows:
         print(format_table(rows))
@@ -60,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sample {ds}/{sid} failed (not in the results; rerun to retry): {tb.strip().splitlines()[-1]}",
               file=sys.stderr)
     return 1 if failures else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         summary = run(cfg, ProjectLink(cfg) if cfg.ls_project is not None else None)
-    except RunDirError as e:
-        raise SystemExit(f"error: {e}") from None
-    except (PromptFileError, LabelStudioError, LedgerError, RayStartError, OutputError, CheckpointError) as e:
+    except (RunDirError,
+            PromptFileError, LabelStudioError, LedgerError, RayStartError, OutputError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)

@@ -7,9 +7,11 @@ from pathlib import Path
 from interformer.checkpoint import CheckpointError, check_checkpoint
 from interformer.cli_types import COUNT, FRACTION, POSITIVE, SEED, integer, real
 from interformer.click_engine import add_click_engine_arguments
+from interformer.config import CONFIGS
 
 from .baselines import GrabCutConfig
 from .datasets import default_data_root
+from .feature_store import check_table_name
 from .evaluation import PROTOCOLS, EvalConfig
 from .segmenters import SegmenterSpec
 
@@ -28,7 +30,7 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--checkpoint", type=Path, help="InterFormer checkpoint file to evaluate")
     what.add_argument("--baseline", choices=["grabcut"], help="evaluate a classical baseline instead of a model")
-    what.add_argument("--random-init", metavar="VARIANT",
+    what.add_argument("--random-init", metavar="VARIANT", choices=sorted(CONFIGS),
                       help="evaluate a randomly initialised model of this variant (light, tiny, small, small_refine)")
     p.add_argument("--variant", help="expected variant of --checkpoint (an error if the file holds another)")
     p.add_argument("--init-seed", type=SEED, default=0,
@@ -77,6 +79,18 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def _check_device(p: argparse.ArgumentParser, device: str) -> None:
+    """Refuse a --device torch cannot name, or CUDA on a machine without it, before any worker starts."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as e:
+        p.error(f"--device {device!r}: {str(e).splitlines()[0]}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {device!r}: CUDA is not available on this machine")
+
+
 def parse_args(prog: str, doc: str, argv: list[str] | None = None) -> argparse.Namespace:
     """The options, checked; `args.spec` is the segmenter to evaluate (None: only --compare) and
     `args.eval_config` the protocol."""
@@ -87,6 +101,12 @@ def parse_args(prog: str, doc: str, argv: list[str] | None = None) -> argparse.N
         p.error("give --checkpoint, --baseline or --random-init (or --compare to summarise earlier runs)")
     if has_model and not args.datasets:
         p.error("name at least one DATASET to evaluate")
+    if args.device is not None:
+        _check_device(p, args.device)
+    try:
+        check_table_name(args.feature_table)
+    except ValueError as e:
+        p.error(f"--feature-table: {e}")
     if args.checkpoint is not None:
         try:  # the workers load it; a bad file is the user's error, before any of them starts
             args.variant = check_checkpoint(args.checkpoint, args.variant)

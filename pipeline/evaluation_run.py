@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 import traceback
@@ -101,8 +102,11 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunFolderError(f"cannot use {self.path.parent} as the output folder: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -213,7 +217,10 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
 
     from .actor_pool import map_unordered_surviving
 
+    handler = signal.getsignal(signal.SIGTERM)
     init_ray(placement.address, num_cpus=placement.num_cpus, log_to_driver=False, job="evaluate")
+    if handler is not None:  # joining Ray installs its own SIGTERM handler, which kills the driver outright
+        signal.signal(signal.SIGTERM, handler)
     try:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n = placement.workers or max(1, int(cpus // max(placement.cpus_per_worker, 1e-3)))
