@@ -53,9 +53,18 @@ def test_options_reach_nested_configs(job, tmp_path):
     (["--data", "folder:a,masks=b", "--stop-at", "0"], "--stop-at: must be an integer >= 1"),
     (["--data", "folder:a,masks=b", "--max-iters", "5", "--stop-at", "10"], "stop_at must be in 1..max_iters"),
     (["--data", "folder:a,masks=b", "--variant", "huge"], "unknown InterFormer variant"),
+    (["--data", "folder:a,masks=b", "--eval-data", "held", "--eval-protocol", "bogus"],
+     "eval_protocol must be one of ritm, interformer, got 'bogus'"),
 ])
 def test_bad_values_are_refused(job, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         job.parse_config(["--out-dir", str(tmp_path), *argv])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_training_knows_the_evaluation_protocols():
+    from interformer.training.config import EVAL_PROTOCOLS
+    from pipeline.evaluation import PROTOCOLS
+
+    assert set(EVAL_PROTOCOLS) == set(PROTOCOLS)

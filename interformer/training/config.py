@@ -19,6 +19,9 @@ from .losses import LossConfig
 from .optim import OptimConfig
 
 
+EVAL_PROTOCOLS = ("ritm", "interformer")  # pipeline.evaluation.PROTOCOLS (a test keeps them equal)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = field(metadata={"help": "run folder: checkpoints/, log.csv, config.json; rerunning resumes"})
@@ -92,6 +95,8 @@ class TrainConfig:
             problems.append(f"crop_size must be a positive multiple of 32, got {self.augment.crop_size}")
         if self.features and not self.frozen_backbone:
             problems.append("--features needs --frozen-backbone (stored features come from a fixed ViT)")
+        if self.eval_protocol not in EVAL_PROTOCOLS:
+            problems.append(f"eval_protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {self.eval_protocol!r}")
         if self.eval_interval and not self.eval_data:
             problems.append("--eval-interval needs --eval-data")
         if problems:
