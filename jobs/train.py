@@ -35,7 +35,8 @@ from interformer.training.config import TrainConfig  # noqa: E402
 from interformer.training.data import DataError  # noqa: E402
 from interformer.training.launch import TrainingFailed  # noqa: E402
 from interformer.training.run_lock import RunFolderBusy, RunFolderLock  # noqa: E402
-from interformer.training.runlog import ScheduleChanged  # noqa: E402
+from interformer.training.runlog import NonFiniteWeights, ScheduleChanged  # noqa: E402
+from interformer.training.step import TrainingDiverged  # noqa: E402
 from pipeline.datasets import DatasetError  # noqa: E402
 from pipeline.training_run import FeatureTableError, run_local, run_on_ray  # noqa: E402
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             last = run_on_ray(cfg, args.address, args.max_failures)
     except (RunFolderBusy, DatasetError, DataError, ScheduleChanged, FeatureTableError, RayStartError, TrainingFailed,
-            CheckpointError) as e:
+            CheckpointError, TrainingDiverged, NonFiniteWeights) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[train] done: {last}", flush=True)

@@ -21,9 +21,9 @@ from interformer.training.init import check_init
 from interformer.training.launch import WorkerHooks, run_ray_train
 from interformer.training.launch import run_local as run_in_process
 from interformer.training.runlog import refuse_schedule_changes
-from interformer.training.trainer import open_sources
+from interformer.training.trainer import check_resume_checkpoint, open_sources
 
-from .datasets import SampleRef, default_data_root, resolve
+from .datasets import DatasetError, SampleRef, default_data_root, resolve
 from .ray_runtime import init_ray
 
 EVAL_ROOT_OPTION = "--eval-data-root"
@@ -31,12 +31,14 @@ EVAL_ROOT_OPTION = "--eval-data-root"
 
 def checked_before_start(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with its held-out data root made explicit, after the checks that would otherwise fail only once
-    workers run: the held-out set is readable, a resumed run keeps its schedule, --init fits the variant, every
+    workers run: every held-out sample loads and has an object, a resumed run keeps its schedule and its newest
+    checkpoint fits the model and optimiser, --init fits the variant and is finite, every
     training sample's files exist and its annotations parse, and the feature table holds this model's features
     for every training image. Raises DatasetError, ScheduleChanged, CheckpointError, DataError or
     FeatureTableError."""
     cfg = with_eval_data(cfg)
     refuse_schedule_changes(Path(cfg.out_dir), cfg.to_dict(), SCHEDULE_FIELDS)
+    check_resume_checkpoint(cfg)
     check_init(cfg.variant, cfg.init)
     source = open_sources(cfg)
     check_source(source)
@@ -47,13 +49,27 @@ def checked_before_start(cfg: TrainConfig) -> TrainConfig:
 
 def with_eval_data(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with its held-out data root made explicit (absolute, so that workers anywhere read the same
-    folder), after checking the held-out set can be read: raises DatasetError naming the option to fix."""
+    folder), after checking every held-out sample loads and has an object: raises DatasetError naming the option
+    to fix."""
     if cfg.eval_data is None:
         return cfg
     if cfg.eval_data_root is None:
         cfg = replace(cfg, eval_data_root=str(default_data_root()))
-    eval_refs(cfg)
+    check_eval_samples(cfg, eval_refs(cfg))
     return cfg
+
+
+def check_eval_samples(cfg: TrainConfig, refs: list[SampleRef]) -> None:
+    """Load every held-out sample the run will evaluate and check it has an object pixel: a bad sample found at
+    the first evaluation would stop the run there, and every rerun (which repeats that evaluation first) again.
+    Raises DatasetError naming the sample."""
+    from .evaluation import check_has_object
+
+    for ref in refs:
+        try:
+            check_has_object(ref.load())
+        except ValueError as e:  # DatasetError included
+            raise DatasetError(f"--eval-data {cfg.eval_data}: {e}") from None
 
 
 def eval_refs(cfg: TrainConfig) -> list[SampleRef]:

@@ -140,3 +140,24 @@ def test_a_killed_drivers_loader_worker_does_not_hold_the_run_folder(shared_dir,
             pass
     except RunFolderBusy as e:
         pytest.fail(f"the run folder stayed locked after its writer was killed: {e}")
+
+
+@pytest.mark.parametrize("stop_at, log_interval, checkpoint_interval, eval_interval", [
+    (2, 4, 2, 3), (3, 4, 1, 2), (1, 3, 1, 4), (4, 5, 2, 5), (5, 2, 5, 3)])
+def test_stop_at_changes_neither_the_log_nor_the_evaluations(shared_dir, tmp_path, stop_at, log_interval,
+                                                             checkpoint_interval, eval_interval):
+    """A session stopped by --stop-at and a rerun write the log.csv rows and eval.csv iterations of the straight
+    run: no row or evaluation is forced at the stop, and its checkpoint carries the iterations not yet logged."""
+    torch.set_num_threads(1)
+    kw = dict(max_iters=6, log_interval=log_interval, checkpoint_interval=checkpoint_interval,
+              eval_interval=eval_interval, eval_data="grabcut", deterministic=True)
+    run_worker(config(shared_dir, tmp_path / "a", **kw), evaluator=fake_evaluator([]))
+    stopped = run_worker(config(shared_dir, tmp_path / "b", stop_at=stop_at, **kw), evaluator=fake_evaluator([]))
+    assert stopped["end_iter"] == stop_at and stop_at in [it for it, _ in list_checkpoints(tmp_path / "b")]
+    run_worker(config(shared_dir, tmp_path / "b", **kw), evaluator=fake_evaluator([]))
+    fields = ("iter", "lr", "loss", "decode_loss", "aux_loss", "extra_clicks", "clicks_per_sample")
+    rows_a = [[r[f] for f in fields] for r in CsvLog(tmp_path / "a/log.csv", LOG_FIELDS).rows()]
+    rows_b = [[r[f] for f in fields] for r in CsvLog(tmp_path / "b/log.csv", LOG_FIELDS).rows()]
+    assert rows_a == rows_b and rows_a[-1][0] == "6"
+    evals = [[r["iter"] for r in CsvLog(tmp_path / run / "eval.csv", EVAL_FIELDS).rows()] for run in ("a", "b")]
+    assert evals[0] == evals[1] == sorted({str(i) for i in range(eval_interval, 7, eval_interval)} | {"6"}, key=int)

@@ -2,17 +2,32 @@
 before Ray starts, and a failed Ray Train run reports each worker's root cause instead of a Ray traceback."""
 from __future__ import annotations
 
+import importlib.util
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ray.train import ControllerError, WorkerGroupError
 
 from interformer.checkpoint import CheckpointError, load_model, save_checkpoint
+from interformer.training.augment import AugmentConfig
 from interformer.training.config import TrainConfig
 from interformer.training.data import DataError, DataSpec
 from interformer.training.init import check_init, initial_model
 from interformer.training.launch import failure_message
+from interformer.training.optim import OptimConfig, build_optimizer
+from interformer.training.runlog import list_checkpoints, save_training_checkpoint
+from interformer.training.trainer import run_worker
+from pipeline.datasets import DatasetError
 from pipeline.training_run import checked_before_start
 from test_training_init import timm_mae_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def with_pos_embed(value: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -73,3 +88,156 @@ def test_ray_train_failures_name_each_workers_root_cause():
         failure = WorkerGroupError("Traceback (most recent call last): ...", {1: wrapped, 0: ValueError("bad")})
     assert failure_message(failure) == "worker 0: ValueError: bad; worker 1: DataError: cannot read image /data/s1.jpg"
     assert failure_message(ControllerError(OSError("disk full"))) == "OSError: disk full"
+
+
+def davis_config(shared_dir: Path, out_dir: Path, **kw) -> TrainConfig:
+    davis = shared_dir / "data/DAVIS"
+    base = dict(out_dir=str(out_dir), data=(DataSpec.parse(f"folder:{davis / 'img'},masks={davis / 'gt'}"),),
+                variant="small", max_iters=2, batch_size=1, loader_workers=0, checkpoint_interval=1, log_interval=1,
+                augment=AugmentConfig(crop_size=32))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("train_job_start_errors", ROOT / "jobs/train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def job_args(shared_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    davis = shared_dir / "data/DAVIS"
+    return ["--local", "--out-dir", str(out_dir), "--variant", "small", "--data",
+            f"folder:{davis / 'img'},masks={davis / 'gt'}", "--max-iters", "2", "--batch-size", "1", "--crop-size",
+            "32", "--loader-workers", "0", "--checkpoint-interval", "1", *extra]
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# --- held-out data: every sample the run will evaluate is loaded before any work ---------------------------------
+
+def write_held_out(folder: Path, n: int, bad: int | None, fault: str) -> None:
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        mask = np.zeros((40, 48), np.uint8)
+        mask[10:30, 12:36] = 255
+        if i == bad and fault == "empty mask":
+            mask[:] = 0
+        if i == bad and fault == "mask size":
+            mask = mask[:20]
+        cv2.imwrite(str(folder / "images" / f"s{i}.png"), image)
+        cv2.imwrite(str(folder / "masks" / f"s{i}.png"), mask)
+        if i == bad and fault == "not an image":
+            (folder / "images" / f"s{i}.png").write_bytes(b"not a png")
+
+
+HELD_OUT_FAULTS = {"empty mask": "s{bad}.*no object pixel", "mask size": "s{bad}: mask size",
+                   "not an image": r"s{bad}\.png \(not an image\)"}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 5), data=st.data(), fault=st.sampled_from(sorted(HELD_OUT_FAULTS)))
+def test_a_bad_held_out_sample_is_refused_before_any_work(shared_dir, tmp_path_factory, n, data, fault):
+    bad = data.draw(st.integers(0, n - 1))
+    tmp = tmp_path_factory.mktemp("held")
+    write_held_out(tmp / "held", n, bad, fault)
+    cfg = davis_config(shared_dir, tmp / "run", eval_data=str(tmp / "held"), eval_interval=1)
+    with pytest.raises(DatasetError, match="--eval-data .*" + HELD_OUT_FAULTS[fault].format(bad=bad)):
+        checked_before_start(cfg)
+    assert not (tmp / "run" / "checkpoints").exists()
+
+
+def test_the_job_refuses_a_bad_held_out_set_in_one_line(shared_dir, tmp_path, capsys):
+    write_held_out(tmp_path / "held", 3, 2, "empty mask")
+    rc = load_job().main(job_args(shared_dir, tmp_path / "run", "--eval-data", str(tmp_path / "held"),
+                                  "--eval-interval", "1", "--eval-clicks", "2"))
+    assert rc == 2 and "no object pixel" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_good_held_out_set_passes_and_eval_max_samples_limits_the_check(shared_dir, tmp_path):
+    write_held_out(tmp_path / "held", 3, 2, "empty mask")
+    cfg = davis_config(shared_dir, tmp_path / "run", eval_data=str(tmp_path / "held"), eval_interval=1,
+                       eval_max_samples=2)
+    checked_before_start(cfg)
+
+
+# --- the checkpoint a run resumes from is checked before start ----------------------------------------------------
+
+def training_checkpoint(out_dir: Path, variant: str = "small", frozen_backbone: bool = False) -> Path:
+    model = load_model(None, variant=variant)
+    if frozen_backbone:
+        model.backbone.requires_grad_(False)
+    optimizer = build_optimizer(model, OptimConfig(), model.config.vit.depth, model.config.layer_decay_rate)
+    return save_training_checkpoint(model, optimizer, out_dir, 1, {})
+
+
+def edit_checkpoint(path: Path, edit) -> None:
+    obj = torch.load(path, weights_only=False)
+    edit(obj)
+    torch.save(obj, path)
+
+
+def no_optimizer(path: Path) -> None:
+    edit_checkpoint(path, lambda o: o.pop("optimizer"))
+
+
+def nan_weight(path: Path) -> None:
+    edit_checkpoint(path, lambda o: o["state_dict"]["decode_head.conv_seg.weight"].fill_(float("nan")))
+
+
+def missing_key(path: Path) -> None:
+    edit_checkpoint(path, lambda o: o["state_dict"].pop("decode_head.conv_seg.weight"))
+
+
+def fewer_optimizer_groups(path: Path) -> None:
+    edit_checkpoint(path, lambda o: o["optimizer"]["param_groups"].pop())
+
+
+def a_list(path: Path) -> None:
+    torch.save([1, 2, 3], path)
+
+
+FOREIGN_CHECKPOINTS = {
+    "no optimizer": (no_optimizer, "not a training checkpoint of this job .no 'optimizer'."),
+    "NaN weight": (nan_weight, "non-finite weights .1 tensor.s.: decode_head.conv_seg.weight"),
+    "missing key": (missing_key, "does not fit InterFormer-small: 1 missing keys .decode_head.conv_seg.weight"),
+    "other variant": (None, "does not fit InterFormer-small: .*unexpected keys .neck.refine_stages"),
+    "frozen-backbone optimiser": (None, "optimiser state has parameter groups of sizes"),
+    "optimiser groups": (fewer_optimizer_groups, "optimiser state has parameter groups of sizes"),
+    "not a dict": (a_list, "not a training checkpoint of this job .it holds a list."),
+}
+
+
+def foreign_run_folder(out_dir: Path, case: str) -> None:
+    edit, _ = FOREIGN_CHECKPOINTS[case]
+    path = training_checkpoint(out_dir, variant="small_refine" if case == "other variant" else "small",
+                               frozen_backbone=case == "frozen-backbone optimiser")
+    if edit is not None:
+        edit(path)
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_CHECKPOINTS))
+def test_an_unusable_resume_checkpoint_is_refused_before_start(shared_dir, tmp_path, capsys, case):
+    foreign_run_folder(tmp_path / "run", case)
+    message = FOREIGN_CHECKPOINTS[case][1]
+    with pytest.raises(CheckpointError, match=message):
+        checked_before_start(davis_config(shared_dir, tmp_path / "run"))
+    with pytest.raises(CheckpointError, match=message):  # the worker refuses it the same way
+        run_worker(davis_config(shared_dir, tmp_path / "run"))
+    rc = load_job().main(job_args(shared_dir, tmp_path / "run"))
+    assert rc == 2 and re.search(message, one_error_line(capsys.readouterr().err))
+    assert [it for it, _ in list_checkpoints(tmp_path / "run")] == [1]
+
+
+def test_a_sound_resume_checkpoint_passes(shared_dir, tmp_path):
+    run_worker(davis_config(shared_dir, tmp_path / "run", stop_at=1))
+    checked_before_start(davis_config(shared_dir, tmp_path / "run"))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..checkpoint import CheckpointError, check_checkpoint, checkpoint_filter_fn, load_model, read_checkpoint
 from ..config import get_config
 from ..modeling import InterFormer
+from .runlog import nonfinite_tensors, shown_names
 
 VIT_OPTIONAL = ("gamma_1", "gamma_2", "relative_position_bias_table")
 
@@ -74,9 +75,14 @@ def load_vit_weights(model: InterFormer, state_dict: dict[str, torch.Tensor]) ->
 
 
 def _mapped_init(init: str) -> tuple[Path, dict[str, torch.Tensor], bool]:
-    """(path, mapped state dict, whether it is a full InterFormer checkpoint) of an --init file."""
+    """(path, mapped state dict, whether it is a full InterFormer checkpoint) of an --init file; CheckpointError
+    when a weight is NaN or infinite."""
     path = Path(init)
     state_dict, _ = read_checkpoint(path)
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        raise CheckpointError(f"--init {path} holds NaN or infinite weights ({shown_names(bad)}); a run would "
+                              "train on NaN from the first iteration")
     mapped = checkpoint_filter_fn(state_dict)
     return path, mapped, any(k.startswith("neck.") for k in mapped)
 

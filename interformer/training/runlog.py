@@ -14,11 +14,11 @@ import csv
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..checkpoint import load_torch_file, save_checkpoint
+from ..checkpoint import CheckpointError, load_torch_file, save_checkpoint
 from ..modeling import InterFormer
 
 CHECKPOINT_RE = re.compile(r"^iter_(\d+)\.pth$")
@@ -50,12 +50,31 @@ def remove_stale_temporaries(out_dir: Path) -> int:
     return len(stale)
 
 
+class NonFiniteWeights(RuntimeError):
+    """The model holds NaN or infinite weights: it is not written as a checkpoint (nothing is pruned either)."""
+
+
+def nonfinite_tensors(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `tensors` that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all())]
+
+
+def shown_names(names: Sequence[str], shown: int = 3) -> str:
+    return f"{len(names)} tensor(s): " + ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
+
+
 def save_training_checkpoint(model: InterFormer, optimizer: torch.optim.Optimizer, out_dir: Path, iteration: int,
                              config: dict[str, Any], keep: int = 0,
                              log_window: Sequence[dict[str, float]] = ()) -> Path:
     """Write iter_N.pth (model in the official layout, optimiser state alongside) and prune old ones.
     `log_window` holds the metrics of iterations not yet averaged into a log.csv row, so that a resumed run's
-    next row averages over the same iterations as the uninterrupted run's."""
+    next row averages over the same iterations as the uninterrupted run's. NonFiniteWeights, before anything is
+    written or pruned, when a weight is NaN or infinite: the newest finite checkpoint is never replaced by one."""
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise NonFiniteWeights(f"the weights at iteration {iteration} are not finite ({shown_names(bad)}); no "
+                               "checkpoint was written")
     path = checkpoint_path(out_dir, iteration)
     meta = {"iter": iteration, "train_config": config}
     save_checkpoint(model, path, meta=meta, extra={"optimizer": optimizer.state_dict(),
@@ -67,11 +86,21 @@ def save_training_checkpoint(model: InterFormer, optimizer: torch.optim.Optimize
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
-    """The raw checkpoint dict (meta, state_dict, optimizer)."""
+    """The raw checkpoint dict (meta, state_dict, optimizer). CheckpointError when the file is not a training
+    checkpoint of this job or holds non-finite weights (a run must not resume from a diverged state)."""
     obj = load_torch_file(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a training checkpoint of this job (it holds a {type(obj).__name__})")
     for key in ("meta", "state_dict", "optimizer"):
         if key not in obj:
-            raise ValueError(f"{path} is not a training checkpoint of this job (no {key!r})")
+            raise CheckpointError(f"{path} is not a training checkpoint of this job (no {key!r}); move it out of "
+                                  "the run folder or use another --out-dir")
+    if not isinstance(obj["state_dict"], dict):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(obj['state_dict']).__name__}, not a state dict")
+    bad = nonfinite_tensors(obj["state_dict"])
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({shown_names(bad)}); remove it to resume from the "
+                              "checkpoint before it")
     return obj
 
 

@@ -25,6 +25,27 @@ from .losses import LossConfig, segmentation_losses
 Pyramid = list[torch.Tensor]
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN or infinite: the step is not taken, so the weights stay finite."""
+
+
+def nonfinite_gradients(model: nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or an infinity (an empty list when all are finite)."""
+    return [name for name, p in model.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+
+
+def check_finite_step(sums: dict[str, float], model: nn.Module) -> None:
+    """Raise TrainingDiverged before the optimiser step when a loss or a gradient is not finite: stepping would
+    write NaN into every weight the optimiser touches, and every later iteration (and checkpoint) would carry it."""
+    bad_losses = {k: v for k, v in sums.items() if not np.isfinite(v)}
+    if bad_losses:
+        raise TrainingDiverged("the loss is not finite (" + ", ".join(f"{k}={v}" for k, v in bad_losses.items()) + ")")
+    bad_grads = nonfinite_gradients(model)
+    if bad_grads:
+        shown = ", ".join(bad_grads[:3]) + (" ..." if len(bad_grads) > 3 else "")
+        raise TrainingDiverged(f"{len(bad_grads)} gradient(s) are not finite ({shown})")
+
+
 class TrainForward(nn.Module):
     """The module Ray/DDP wraps: full forward (image) or neck + heads on given pyramids (frozen backbone)."""
 
@@ -116,7 +137,8 @@ def training_step(forward: nn.Module, model: InterFormer, optimizer: torch.optim
                   rng: np.random.Generator, clicks_cfg: ClickSimConfig, loss_cfg: LossConfig,
                   frozen_backbone: bool = False, freeze_bn: bool = False) -> dict[str, float]:
     """One iteration: a shared k, every micro-batch (img, label, pyramid) forward/backward with its loss
-    weighted by its share of the samples (gradients accumulate), one optimiser step; returns scalar metrics."""
+    weighted by its share of the samples (gradients accumulate), one optimiser step; returns scalar metrics.
+    TrainingDiverged, with no step taken, when the loss or a gradient is NaN or infinite."""
     num_extra = sample_num_clicks(rng, clicks_cfg.max_extra_clicks, clicks_cfg.click_decay)
     total = sum(len(label) for _, label, _ in micro_batches)
     optimizer.zero_grad(set_to_none=True)
@@ -133,6 +155,7 @@ def training_step(forward: nn.Module, model: InterFormer, optimizer: torch.optim
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * share
         clicks += n_clicks
+    check_finite_step(sums, model)
     optimizer.step()
     sums["extra_clicks"] = float(num_extra)
     sums["clicks_per_sample"] = float(np.mean(clicks))

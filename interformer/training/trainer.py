@@ -19,6 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checkpoint import CheckpointError
+from ..config import get_config
 from ..modeling import InterFormer
 from .config import SCHEDULE_FIELDS, TrainConfig
 from .data import ConcatSource, TrainSource
@@ -28,7 +30,7 @@ from .plot import has_rows, plot_loss
 from .run_lock import RunFolderLock, close_inherited_locks
 from .runlog import (EVAL_FIELDS, LOG_FIELDS, CsvLog, check_resume_config, list_checkpoints,
                      load_training_checkpoint, remove_stale_temporaries, save_training_checkpoint)
-from .step import TrainForward, training_step
+from .step import TrainForward, TrainingDiverged, training_step
 from .stream import RangeSampler, SampleStream
 
 Evaluator = Callable[[InterFormer], dict[str, Any]]
@@ -125,6 +127,54 @@ def missed_evaluation(cfg: TrainConfig, start: int, eval_log: CsvLog) -> bool:
     return not any(r.get("iter") == str(start) for r in eval_log.rows())
 
 
+def _named(title: str, keys: Sequence[str], shown: int = 3) -> str:
+    return f"{len(keys)} {title} ({', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''})"
+
+
+def check_resume_state(cfg: TrainConfig, path: Path, state: dict[str, Any]) -> None:
+    """CheckpointError, in one line, unless the checkpoint a run resumes from fits this run: its state dict has the
+    keys and shapes of InterFormer-`cfg.variant`, and its optimiser state the parameter groups this run builds.
+    The model is laid out on the meta device, so the driver checks this before any worker starts."""
+    with torch.device("meta"):
+        model = InterFormer(get_config(cfg.variant))
+    if cfg.frozen_backbone:
+        model.backbone.requires_grad_(False)
+    own, sd = model.state_dict(), state["state_dict"]
+    problems = [_named(title, keys) for title, keys in (
+        ("missing keys", [k for k in own if k not in sd]),
+        ("unexpected keys", [k for k in sd if k not in own]),
+        ("mis-shaped tensors", [k for k in sd if k in own and getattr(sd[k], "shape", None) != own[k].shape]),
+    ) if keys]
+    if problems:
+        raise CheckpointError(f"{path} does not fit InterFormer-{cfg.variant}: {'; '.join(problems)}; move it out of "
+                              "the run folder or use another --out-dir")
+    optimizer = build_optimizer(model, cfg.optim, model.config.vit.depth, model.config.layer_decay_rate)
+    groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+    theirs = [len(g.get("params", ())) for g in groups if isinstance(g, dict)] if isinstance(groups, list) else None
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    if theirs != ours:
+        raise CheckpointError(f"{path}: its optimiser state has parameter groups of sizes {theirs}, this run builds "
+                              f"{ours}; it is not a checkpoint of this run's settings (move it out of the run folder "
+                              "or use another --out-dir)")
+
+
+def check_resume_checkpoint(cfg: TrainConfig) -> None:
+    """Check the newest checkpoint of the run folder, the one a run resumes from (CheckpointError); nothing to
+    check for a fresh run folder."""
+    checkpoints = list_checkpoints(Path(cfg.out_dir))
+    if checkpoints:
+        path = checkpoints[-1][1]
+        check_resume_state(cfg, path, load_training_checkpoint(path))
+
+
+def diverged_message(out_dir: Path, iteration: int, lr: float, problem: str) -> str:
+    """What a diverged run says: the iteration, the problem, and the checkpoint a rerun would resume from."""
+    newest = list_checkpoints(out_dir)
+    resume = f"the newest checkpoint, {newest[-1][1]}, is untouched" if newest else "no checkpoint was written"
+    return (f"training diverged at iteration {iteration} (lr {lr:.3g}): {problem}; the step was not taken and {resume}"
+            "; lower --lr or raise --warmup-iters and train in a new --out-dir (a run folder keeps its schedule)")
+
+
 def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
            sample_stream: torch.utils.data.Dataset | None, collate: Callable | None) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
@@ -143,6 +193,7 @@ def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
     if checkpoints:
         start, path = checkpoints[-1]
         state = load_training_checkpoint(path)
+        check_resume_state(cfg, path, state)
         model.load_state_dict(state["state_dict"])
         pending = list(state.get("log_window", []))
         origin = f"resumed from {path} (iteration {start})"
@@ -184,14 +235,17 @@ def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
         seed_torch_for(cfg.seed, ctx.rank, it)
         micro_batches = [(None if x is None else x.to(ctx.device), y.to(ctx.device),
                           None if p is None else [t.to(ctx.device) for t in p]) for x, y, p in micro_batches]
-        metrics = training_step(forward, model, optimizer, micro_batches, iteration_rng(cfg.seed, ctx.rank, it),
-                                cfg.clicks, cfg.loss, cfg.frozen_backbone, cfg.freeze_bn)
+        try:
+            metrics = training_step(forward, model, optimizer, micro_batches, iteration_rng(cfg.seed, ctx.rank, it),
+                                    cfg.clicks, cfg.loss, cfg.frozen_backbone, cfg.freeze_bn)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(diverged_message(out_dir, it + 1, lr, str(e))) from None
         done = it + 1
         metrics.update(iter=done, lr=lr, sec_per_iter=time.perf_counter() - t_step, data_sec=t_step - t_data)
         pending.append(metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-        final = done == cfg.last_iter
+        final = done == cfg.max_iters  # not --stop-at: a stopped session must log and evaluate as a straight run
         if done % cfg.log_interval == 0 or final:
             row = {k: float(np.mean([m[k] for m in pending])) for k in pending[0] if k != "iter"}
             row["iter"] = done
@@ -199,7 +253,7 @@ def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
                 log.append([row])
             summary["last"] = row
             pending = []
-        if done % cfg.checkpoint_interval == 0 or final:
+        if done % cfg.checkpoint_interval == 0 or done == cfg.last_iter:  # it carries the rows' pending window
             if is_main:
                 save_training_checkpoint(model, optimizer, out_dir, done, config_dict, cfg.keep_checkpoints, pending)
                 if has_rows(out_dir / "log.csv"):
