@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from interformer.config import CONFIGS, DEFAULT_MAX_ENCODE_MEMORY_GIB, Preproces
 
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
 from pipeline.ray_runtime import LOCAL, RayStartError, init_ray
+from pipeline.table_names import check_table_name
 
 from .logs import get_logger, log_event, setup_logging
 from .region_meta import REFINE_STARTS
@@ -95,6 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _storage_problem(db: str, table: str) -> str | None:
+    """Why --db/--table cannot be a feature table (said before Ray starts and the actors load a model), or None."""
+    try:
+        check_table_name(table)
+    except ValueError as e:
+        return f"--table: {e}"
+    if "://" not in db and os.path.exists(db) and not os.path.isdir(db):
+        return f"--db {db!r} is a file, not a LanceDB folder"
+    return None
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (a bad address, a port in use), found by binding it once
+    now rather than after the actors have started; None when it can."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"--host {host!r}: {e.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
@@ -112,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         ImageAccess.from_args(args)
     except (ImageAccessError, ValueError) as e:
         print(f"error: image access settings: {e}", file=sys.stderr)
+        return 2
+    problem = _storage_problem(args.db, args.table) or _listen_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     password = next((os.environ[k] for k in AUTH_PASS_ENV if os.environ.get(k)), None)
     if args.basic_auth_user and not password:

@@ -131,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
         p.error(f"--table: {e}")
     if a.checkpoint is not None and not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint!r} is not a file")
+    if a.summary_json is not None:
+        problem = _unwritable(a.summary_json)
+        if problem:
+            p.error(f"--summary-json {a.summary_json!r}: {problem}")
+    if "://" not in a.db and os.path.exists(a.db) and not os.path.isdir(a.db):
+        p.error(f"--db {a.db!r} is a file, not a LanceDB folder")
     encoder = EncoderSpec(checkpoint=a.checkpoint, variant=a.variant or (None if a.checkpoint else "light"),
                           preprocess=PreprocessConfig(max_side=a.max_side, max_pixels=a.max_pixels,
                                                        max_encode_memory_gib=a.max_encode_memory),
@@ -145,6 +151,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
         ray_progress=a.ray_progress,
     )
     return cfg, a.summary_json
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a file could not be written at `path` at the end of the run (found now, before any work), or None."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return "is a folder; give a file name"
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        return "is not writable"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ from interformer.features import STORAGE_DTYPES, ImageFeatures, ImageGeometry, f
 from interformer.modeling.interformer import FEATURE_VERSION
 
 from .faults import fault_point
+from .table_names import check_table_name
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +219,7 @@ def table_uri(root: str, table: str) -> str:
     return os.path.join(os.path.abspath(root), f"{table}.lance")
 
 
-_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _RUST_LOCATION = re.compile(r",\s*/\S+\.rs:\d+:\d+")
-
-
-def check_table_name(name: str) -> str:
-    """`name` if LanceDB takes it as a table name (letters, digits, `_`, `-`, `.`); ValueError saying why not."""
-    if not _TABLE_NAME.fullmatch(name or ""):
-        raise ValueError(f"invalid table name {name!r}: use only letters, digits, '_', '-' and '.'")
-    return name
 
 
 def is_not_found(error: BaseException) -> bool:
