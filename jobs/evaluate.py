@@ -24,7 +24,8 @@ prepare_job_process("jobs/evaluate.py")  # before the imports that need the proj
 from pipeline import evaluation_cli  # noqa: E402
 from pipeline.datasets import DatasetError  # noqa: E402
 from pipeline.evaluation_run import (  # noqa: E402
-    DatasetSelection, RunFolderError, WorkerPlacement, collect_samples, compare_rows, run_evaluation, write_reports)
+    DatasetSelection, PlacementError, RunFolderError, WorkerPlacement, collect_samples, compare_rows, run_evaluation,
+    write_reports)
 from pipeline.evaluation_report import format_table, summarize_run  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run_evaluation(name, spec, config, refs, out, placement, args.overwrite)
             results, failures = outcome.results, outcome.failures
             rows = summarize_run(name, results, args.max_clicks) if results else []
-    except (DatasetError, RunFolderError, RayStartError) as e:
+    except (DatasetError, PlacementError, RunFolderError, RayStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

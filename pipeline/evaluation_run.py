@@ -34,6 +34,10 @@ class RunFolderError(ValueError):
     """The output folder holds another run's results, or a folder to compare holds none."""
 
 
+class PlacementError(ValueError):
+    """Worker options no node of the cluster can take: Ray would queue the workers forever, without a word."""
+
+
 @dataclass(frozen=True)
 class DatasetSelection:
     """Which samples: dataset names/folders/COCO files, how to read them, and at most `limit` per dataset."""
@@ -56,6 +60,19 @@ class WorkerPlacement:
     gpus_per_worker: float = 0.0
     address: str | None = None
     num_cpus: int | None = None
+
+
+def placement_problem(placement: "WorkerPlacement", nodes: list[dict[str, float]]) -> str | None:
+    """Why no node (the resources of each live node) can hold one worker of `placement`, or None."""
+    if placement.gpus_per_worker > 0 and not any(n.get("GPU", 0.0) >= placement.gpus_per_worker for n in nodes):
+        most = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+        return (f"--gpus-per-worker {placement.gpus_per_worker:g}: no node of the cluster has that many GPUs "
+                f"(the most on one node: {most:g})")
+    if not any(n.get("CPU", 0.0) >= placement.cpus_per_worker for n in nodes):
+        most = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+        return (f"--cpus-per-worker {placement.cpus_per_worker:g}: no node of the cluster has that many CPUs "
+                f"(the most on one node: {most:g})")
+    return None
 
 
 @dataclass
@@ -222,6 +239,9 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
     if handler is not None:  # joining Ray installs its own SIGTERM handler, which kills the driver outright
         signal.signal(signal.SIGTERM, handler)
     try:
+        problem = placement_problem(placement, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if problem:
+            raise PlacementError(problem)
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n = placement.workers or max(1, int(cpus // max(placement.cpus_per_worker, 1e-3)))
         n = max(1, min(n, len(todo)))

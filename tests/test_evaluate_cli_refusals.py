@@ -67,3 +67,29 @@ def test_a_stopped_run_says_what_it_kept_exits_130_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     ids = [json.loads(line)["sample_id"] for line in results.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 6 and kept >= 1
+
+
+@pytest.mark.parametrize("nodes, gpus, cpus, refused", [
+    ([{"CPU": 2.0}], 1.0, 1.0, "--gpus-per-worker"),
+    ([{"CPU": 2.0, "GPU": 1.0}], 1.0, 1.0, None),
+    ([{"CPU": 2.0, "GPU": 0.5}, {"CPU": 8.0}], 1.0, 1.0, "--gpus-per-worker"),
+    ([{"CPU": 2.0}, {"CPU": 4.0}], 0.0, 4.0, None),
+    ([{"CPU": 2.0}, {"CPU": 4.0}], 0.0, 6.0, "--cpus-per-worker"),
+    ([], 0.0, 1.0, "--cpus-per-worker"),
+])
+def test_worker_options_no_node_can_take_are_named(nodes, gpus, cpus, refused):
+    from pipeline.evaluation_run import WorkerPlacement, placement_problem
+
+    problem = placement_problem(WorkerPlacement(cpus_per_worker=cpus, gpus_per_worker=gpus), nodes)
+    assert (problem is None) if refused is None else problem.startswith(refused)
+
+
+def test_gpus_a_cpu_cluster_lacks_are_refused_instead_of_waiting_forever(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run([sys.executable, str(JOB), "--baseline", "grabcut", "GrabCut", *DATA, "--limit", "1",
+                           "--output", str(tmp_path / "o"), "--gpus-per-worker", "1", "--num-cpus", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--gpus-per-worker" in done.stderr and "Traceback" not in done.stderr
