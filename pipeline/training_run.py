@@ -18,7 +18,7 @@ import torch
 from interformer.training.config import SCHEDULE_FIELDS, TrainConfig
 from interformer.training.data import TrainSource, check_source
 from interformer.training.init import check_init
-from interformer.training.launch import WorkerHooks, run_ray_train
+from interformer.training.launch import TrainingFailed, WorkerHooks, run_ray_train
 from interformer.training.launch import run_local as run_in_process
 from interformer.training.runlog import refuse_schedule_changes
 from interformer.training.trainer import check_resume_checkpoint, open_sources
@@ -201,6 +201,10 @@ def run_on_ray(cfg: TrainConfig, address: str | None, max_failures: int) -> dict
     init_ray(address, num_cpus=max(os.cpu_count() or 1, cfg.num_workers * cfg.cpus_per_worker),
              log_to_driver=False, job="train")
     try:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if cfg.use_gpu and gpus < cfg.num_workers:  # Ray Train would wait for them forever, without a word
+            raise TrainingFailed(f"--use-gpu true needs {cfg.num_workers} GPU(s), one per worker, and the cluster "
+                                 f"has {gpus:g}; train on CPUs (--use-gpu false) or on a cluster with GPUs")
         return run_ray_train(cfg, max_failures, PIPELINE_HOOKS)
     finally:
         ray.shutdown()

@@ -241,3 +241,17 @@ def test_an_unusable_resume_checkpoint_is_refused_before_start(shared_dir, tmp_p
 def test_a_sound_resume_checkpoint_passes(shared_dir, tmp_path):
     run_worker(davis_config(shared_dir, tmp_path / "run", stop_at=1))
     checked_before_start(davis_config(shared_dir, tmp_path / "run"))
+
+
+def test_gpus_a_cpu_cluster_lacks_are_refused_instead_of_waiting_forever(shared_dir, tmp_path):
+    """--use-gpu true on a cluster without GPUs: Ray Train would queue the workers forever without a word."""
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = [a for a in job_args(shared_dir, tmp_path / "run", "--use-gpu", "true") if a != "--local"]
+    done = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), *argv, "--num-workers", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--use-gpu true needs 1 GPU" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
