@@ -22,6 +22,7 @@ official code. With several workers on several machines --out-dir must be on sto
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from pipeline.ray_runtime import RayStartError, prepare_job_process
@@ -72,6 +73,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops a run as Ctrl-C does
     try:
         with RunFolderLock(cfg.out_dir):  # a clear refusal before any start-up while another run writes there
             pass
@@ -84,8 +86,18 @@ def main(argv: list[str] | None = None) -> int:
             CheckpointError, TrainingDiverged, NonFiniteWeights) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n[train] stopped; the newest checkpoint in {cfg.out_dir}/checkpoints is kept: run the same command "
+              "again to resume from it", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"[train] done: {last}", flush=True)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

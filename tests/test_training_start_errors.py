@@ -255,3 +255,23 @@ def test_gpus_a_cpu_cluster_lacks_are_refused_instead_of_waiting_forever(shared_
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--use-gpu true needs 1 GPU" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_a_stopped_local_run_says_what_it_kept_and_exits_130(shared_dir, tmp_path):
+    """SIGTERM (or Ctrl-C) during a local run: one line naming the kept checkpoint, exit 130, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = job_args(shared_dir, tmp_path / "run")
+    argv[argv.index("--max-iters") + 1] = "100000"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "run" / "checkpoints").glob("*.pth")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped" in err and "Traceback" not in err, err[-2000:]
