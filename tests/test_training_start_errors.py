@@ -140,7 +140,7 @@ def write_held_out(folder: Path, n: int, bad: int | None, fault: str) -> None:
 
 
 HELD_OUT_FAULTS = {"empty mask": "s{bad}.*no object pixel", "mask size": "s{bad}: mask size",
-                   "not an image": r"s{bad}\.png \(not an image\)"}
+                   "not an image": r"s{bad}\.png: not_an_image"}
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
