@@ -179,7 +179,7 @@ def stored_mask_gt(data: bytes, ignore_value: int | None = None, shown: str = "m
     """Ground truth of a generic mask file: object and background exactly as training's `read_mask(binary)`
     gives them (one reader, one ground truth), and pixels whose stored value is `ignore_value` -> -1."""
     try:
-        obj = read_mask(io.BytesIO(data), "binary")
+        obj = read_mask(io.BytesIO(data), "binary", max_pixels=None)  # the caller checked its own limit
         gt = obj.astype(np.int8)
         if ignore_value is not None:
             gt[stored_mask_values(data) == ignore_value] = -1

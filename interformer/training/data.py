@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, BinaryIO, Iterable, Protocol, Sequence
 from urllib.parse import parse_qs, unquote, urlparse
 
 import cv2
@@ -27,11 +27,15 @@ import numpy as np
 from PIL import Image
 
 from ..coco_rle import RLEError, checked_counts
+from ..config import PreprocessConfig
 from ..polygons import PolygonError, checked_polygons, rasterize
 from .augment import IGNORE_SEGMENT
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DATA_KINDS = ("coco", "lvis", "panoptic", "labelstudio", "folder")
+# Training reads images and masks under the encoder's pixel limit (a decompression-bomb guard): a file that
+# declares more is refused at the start-up check instead of taking a worker's memory.
+MAX_PIXELS = PreprocessConfig().max_pixels
 
 
 class DataError(ValueError):
@@ -58,15 +62,32 @@ class TrainSource(Protocol):
         ...
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
+def read_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Decode an image file to RGB uint8 (grey and alpha images are converted). EXIF orientation is ignored:
-    annotations refer to the stored pixel grid."""
-    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
+    annotations refer to the stored pixel grid. A file whose header declares more than `max_pixels` pixels, or
+    that holds more bytes than such an image can take, is a DataError before any pixel is decoded."""
+    _image_size(Path(path), max_pixels)
+    cap = max_file_bytes(max_pixels)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read() if cap is None else f.read(cap + 1)
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+    if cap is not None and len(raw) > cap:
+        raise DataError(f"image {path} holds more than {cap} bytes, more than an image of at most {max_pixels} "
+                        "pixels can take")
+    data = np.frombuffer(raw, dtype=np.uint8)
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imdecode(data, flags) if data is not None and data.size else None
+    img = cv2.imdecode(data, flags) if data.size else None
     if img is None:
         raise DataError(f"cannot read image {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def max_file_bytes(max_pixels: int | None) -> int | None:
+    """The most bytes an image file of at most `max_pixels` pixels is read with (None: no limit): 16 bytes per
+    pixel (16-bit RGBA stored uncompressed, twice over for a second frame) plus 64 MiB of metadata headroom."""
+    return None if max_pixels is None else max_pixels * 16 + 64 * 1024 * 1024
 
 
 def paint_with_overlap_rule(shape: tuple[int, int], masks: Iterable[np.ndarray], max_overlap: float = 0.5) -> np.ndarray:
@@ -119,15 +140,23 @@ def _field(record: object, name: str, where: str, kind: str = "int") -> Any:
     return int(value) if kind != "str" else value
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file from its header (no pixel decoding); DataError when missing/unreadable."""
+def _image_size(path: Path, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of an image file from its header (no pixel decoding); DataError when missing, unreadable
+    or over `max_pixels` pixels, so a job's start-up check refuses an oversized file before training decodes it."""
     if not path.is_file():
         raise DataError(f"image {path} not found")
     try:
         with Image.open(path) as im:
-            return im.height, im.width
+            h, w = im.height, im.width
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
+    _check_pixels(h, w, max_pixels, f"image {path}")
+    return h, w
+
+
+def _check_pixels(h: int, w: int, max_pixels: int | None, what: str) -> None:
+    if max_pixels is not None and h * w > max_pixels:
+        raise DataError(f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} pixels")
 
 
 def unique_image_records(images: object, where: str) -> dict[int, dict]:
@@ -487,11 +516,13 @@ class LabelStudioSource:
         return img, paint_with_overlap_rule((h, w), masks, self.max_overlap)
 
 
-def read_mask(path: Path, mask_format: str) -> np.ndarray:
+def read_mask(path: Path | BinaryIO, mask_format: str, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Segment map of a mask file: `binary` (non-zero in any channel = object 1) or `instances` (values 1..254
-    are objects, 255 ignore; palette PNGs give their indices)."""
+    are objects, 255 ignore; palette PNGs give their indices). Over `max_pixels` pixels is a DataError, from the
+    header, before decoding."""
     try:
         with Image.open(path) as im:
+            _check_pixels(im.height, im.width, max_pixels, f"mask {path}")
             arr = np.asarray(im if im.mode in ("P", "L", "I", "I;16") else im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read mask {path}: {e}") from None
