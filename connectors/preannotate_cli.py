@@ -132,6 +132,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     a = parser.parse_args(argv)
     if a.checkpoint is not None and not os.path.isfile(a.checkpoint):
         parser.error(f"--checkpoint {a.checkpoint!r} is not a file")
+    if a.coco is not None and "://" not in a.coco and not os.path.isfile(a.coco):
+        parser.error(f"--coco {a.coco!r} is not a file")
     try:
         check_table_name(a.table)
     except ValueError as e:

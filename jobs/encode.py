@@ -36,7 +36,7 @@ from pipeline.encoding import EncoderSpec, ResourcePlanError  # noqa: E402
 from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, check_table_name, parse_storage_options  # noqa: E402
 from pipeline.files import write_json_atomic  # noqa: E402
 from pipeline.images import DEFAULT_MAX_PIXELS  # noqa: E402
-from pipeline.sources import SourceError  # noqa: E402
+from pipeline.sources import SourceError, missing_local_input  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
         check_table_name(a.table)
     except ValueError as e:
         p.error(f"--table: {e}")
+    problem = missing_local_input(a.input, a.image_root)
+    if problem:
+        p.error(problem)
     if a.checkpoint is not None and not os.path.isfile(a.checkpoint):
         p.error(f"--checkpoint {a.checkpoint!r} is not a file")
     if a.summary_json is not None:

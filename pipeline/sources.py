@@ -90,6 +90,19 @@ def list_images(
     return _same_uri(_dedupe(_drop_unstorable(listing)))
 
 
+def missing_local_input(spec: str, image_root: str | None = None) -> str | None:
+    """Why a local input cannot be listed, found without listing anything (None: it may be listable): the input
+    path, or the COCO file's --image-root, does not exist. A job checks this before it loads a model, so a
+    mistyped path is one line at once. Globs and object-store URIs are left to `list_images`."""
+    spec = str(spec)
+    if not is_uri(spec) and not any(c in _GLOB_CHARS for c in spec) and not os.path.lexists(spec):
+        return f"input {spec!r} does not exist"
+    if (spec.lower().endswith(".json") and image_root is not None and not is_uri(image_root)
+            and not os.path.isdir(image_root)):
+        return f"--image-root {image_root!r} is not a folder"
+    return None
+
+
 def printable(text: str) -> str:
     """`text` with what is not valid UTF-8 escaped: the bytes of an undecodable file name as \\xNN (Python keeps
     them as lone surrogates), any other lone surrogate as \\udNNN."""

@@ -23,3 +23,19 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, case):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "missing list file", "missing coco file", "coco image root"])
+def test_a_missing_input_is_refused_before_the_model_is_built(tmp_path, case):
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [], "annotations": [], "categories": []}')
+    args = {"missing folder": [str(tmp_path / "no such folder")],
+            "missing list file": [str(tmp_path / "paths.txt")],
+            "missing coco file": [str(tmp_path / "ann.json"), "--image-root", str(tmp_path)],
+            "coco image root": [str(coco), "--image-root", str(tmp_path / "images")]}[case]
+    done = subprocess.run([sys.executable, "jobs/encode.py", *args, "--db", str(tmp_path / "db")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "does not exist" in done.stderr or "is not a folder" in done.stderr, done.stderr[-2000:]
+    assert "RANDOMLY INITIALISED" not in done.stderr + done.stdout  # refused before the encoder was built
+    assert not (tmp_path / "db").exists()

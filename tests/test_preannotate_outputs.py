@@ -50,6 +50,16 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     assert not (tmp_path / "run").exists() and coco.read_text() == prompts_before
 
 
+@pytest.mark.parametrize("case", ["missing", "folder"])
+def test_a_prompt_file_that_is_not_a_file_is_a_usage_error_before_the_model_is_built(tmp_path, capsys, case):
+    coco = tmp_path / "nowhere.json" if case == "missing" else tmp_path
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, coco, str(tmp_path / "out.json"))
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and "--coco" in captured.err and "is not a file" in captured.err
+    assert "RANDOMLY INITIALISED" not in captured.err + captured.out and not (tmp_path / "run").exists()
+
+
 def test_integer_ids_pass_the_check_and_the_run_goes_on(tmp_path, capsys):
     coco = prompt_file(tmp_path / "prompts.json", [1, 2])
     rc = run(tmp_path, coco, str(tmp_path / "out.json"), "--coco-format", "results")
