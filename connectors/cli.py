@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import sys
@@ -59,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=COUNT, default=1,
                    help="number of CPU serving actors; images are spread over them by id (default: %(default)s)")
     p.add_argument("--actor-cpus", type=POSITIVE, default=None,
-                   help="Ray CPUs reserved per actor (default: the cluster's CPUs / (actors + 1 encoder))")
+                   help="Ray CPUs reserved per actor (default: the largest share with which every actor, the "
+                   "encoder included, fits on the cluster's nodes: CPUs / (actors + 1) on one machine); a size "
+                   "the nodes cannot all hold is refused at start")
     p.add_argument("--threads", type=COUNT, default=None,
                    help="torch threads per serving actor (default: this machine's cores / actors)")
     p.add_argument("--address", default=None,
@@ -177,7 +178,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
     import ray
     import uvicorn
 
-    from .actors import ActorPool
+    from .actors import ActorPool, default_actor_cpus, placement_problem
     from .engine import EngineConfig
     from .server import ServerSettings, create_app
 
@@ -209,9 +210,13 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
     )
     pool = None
     try:
-        total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        # Rounded down: 3 x 0.667 CPUs would not fit on 2 CPUs, and the last actor would wait forever.
-        actor_cpus = args.actor_cpus or math.floor(total_cpus / (args.actors + 1) * 1000) / 1000
+        node_cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+        count = args.actors + (0 if args.no_encode_on_demand else 1)
+        actor_cpus = args.actor_cpus or default_actor_cpus(count, node_cpus)
+        problem = placement_problem(count, actor_cpus, node_cpus)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         pool = ActorPool(cfg, args.actors, actor_cpus, encode_on_demand=not args.no_encode_on_demand,
                          max_restarts=args.max_restarts, log_level=args.log_level)
         pool.wait_ready()

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +43,38 @@ def test_what_the_backend_cannot_serve_is_refused_before_ray_starts(tmp_path, ca
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
     assert "Started a local Ray" not in done.stderr and not (tmp_path / "db").exists()
+
+
+def test_actors_that_can_never_all_be_placed_are_refused_instead_of_waiting(tmp_path):
+    """2 actors (1 serving + the encoder) of 1.5 CPUs on one 2-CPU node: the second would wait for CPUs forever
+    (the pool used to give up after 300 s with a traceback)."""
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = str(free.getsockname()[1])
+    free.close()
+    done = _backend("--db", str(tmp_path / "db"), "--port", port, "--ray-cpus", "2", "--actors", "1",
+                    "--actor-cpus", "1.5")
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --actor-cpus 1.5") and "hold 1 of that size" in last and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("count, cpus, nodes, fits", [
+    (3, 1.0, [2.0, 1.0], True), (4, 1.0, [2.0, 1.0], False), (3, 1.333, [4.0], True), (3, 1.334, [4.0], False),
+    (2, 0.5, [0.5, 0.5], True), (1, 2.0, [1.0, 1.0], False), (1, 0.1, [], False), (3, 2 / 3, [2.0], True),
+])
+def test_placement_counts_whole_actors_per_node(count, cpus, nodes, fits):
+    from connectors.actors import placement_problem
+
+    assert (placement_problem(count, cpus, nodes) is None) == fits
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(1, 12), nodes=st.lists(st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0]),
+                                                min_size=1, max_size=5))
+def test_the_default_share_always_fits_and_is_the_largest_that_does(count, nodes):
+    from connectors.actors import actors_that_fit, default_actor_cpus
+
+    share = default_actor_cpus(count, nodes)
+    assert actors_that_fit(share, nodes) >= count or share == 0.001
+    assert actors_that_fit(share + 0.001, nodes) < count or share + 0.001 > max(nodes)
