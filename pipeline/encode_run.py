@@ -335,7 +335,6 @@ def _storage_failure(kind: str) -> bool:
 def _join_cluster(cfg: EncodeConfig) -> None:
     """Join (or start) Ray and check that the cluster takes the encoder pool options (ResourcePlanError)."""
     init_ray(cfg.address, num_cpus=cfg.num_cpus, job="encode")
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # joining Ray installs its own handler
     resources = ray.cluster_resources()
     plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder)
 

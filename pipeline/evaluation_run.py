@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import socket
 import time
 import traceback
@@ -234,10 +233,7 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
 
     from .actor_pool import map_unordered_surviving
 
-    handler = signal.getsignal(signal.SIGTERM)
     init_ray(placement.address, num_cpus=placement.num_cpus, log_to_driver=False, job="evaluate")
-    if handler is not None:  # joining Ray installs its own SIGTERM handler, which kills the driver outright
-        signal.signal(signal.SIGTERM, handler)
     try:
         problem = placement_problem(placement, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
         if problem:

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
 import sys
+import threading
 import warnings
 
 LOCAL = "local"
@@ -86,7 +88,17 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     """Join the cluster at `address` (or RAY_ADDRESS), else start a private local Ray with `num_cpus` CPUs.
 
     Raises RayStartError when the private Ray does not come up after retries; `job` names the caller in
-    the retry messages."""
+    the retry messages. The caller's SIGTERM handler is kept: joining Ray installs its own, which ends the
+    driver at once (or aborts it, exit -6), before the job can commit, clean up or say what it kept."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        _init_ray(address, num_cpus, log_to_driver, job)
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init_ray(address: str | None, num_cpus: int | None, log_to_driver: bool, job: str) -> None:
     use_ray_auth_token()
     import ray
 

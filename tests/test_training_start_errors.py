@@ -257,8 +257,10 @@ def test_gpus_a_cpu_cluster_lacks_are_refused_instead_of_waiting_forever(shared_
     assert "Traceback" not in done.stderr
 
 
-def test_a_stopped_local_run_says_what_it_kept_and_exits_130(shared_dir, tmp_path):
-    """SIGTERM (or Ctrl-C) during a local run: one line naming the kept checkpoint, exit 130, no traceback."""
+@pytest.mark.parametrize("mode, sig", [("local", "SIGTERM"), ("ray", "SIGINT"), ("ray", "SIGTERM")])
+def test_a_stopped_run_says_what_it_kept_and_exits_130(shared_dir, tmp_path, mode, sig):
+    """SIGTERM or Ctrl-C during a run, local or on Ray (whose Train installs its own Ctrl-C handler and used to
+    leave with exit 1 and no word): one line naming the kept checkpoint, exit 130, no traceback."""
     import signal
     import subprocess
     import sys
@@ -266,12 +268,14 @@ def test_a_stopped_local_run_says_what_it_kept_and_exits_130(shared_dir, tmp_pat
 
     argv = job_args(shared_dir, tmp_path / "run")
     argv[argv.index("--max-iters") + 1] = "100000"
+    if mode == "ray":
+        argv = [a for a in argv if a != "--local"] + ["--num-workers", "1"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "run" / "checkpoints").glob("*.pth")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "stopped" in err and "Traceback" not in err, err[-2000:]

@@ -98,6 +98,8 @@ def run_ray_train(cfg: TrainConfig, max_failures: int, hooks: WorkerHooks = Work
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:  # Train v2 raises: WorkerGroupError, ControllerError
             raise TrainingFailed(f"training failed: {failure_message(e)}") from None
+        except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run and leaves the driver by SystemExit
+            raise KeyboardInterrupt from None
     if getattr(result, "error", None) is not None:  # Train v1 returned the error in the result
         raise TrainingFailed(f"training failed: {failure_message(result.error)}")
     return last_log_row(cfg)
