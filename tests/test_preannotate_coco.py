@@ -329,8 +329,13 @@ def test_help_explains_every_option_and_bad_combinations_are_refused(env, capsys
         assert e.value.code == 2, argv
 
 
-def test_a_missing_prompt_file_is_a_clear_error(env, capsys):
-    rc = env["job"].main(["--coco", str(env["tmp"] / "nope.json"), "--coco-out", str(env["tmp"] / "o.json"),
+def test_an_unreadable_prompt_file_is_a_clear_error(env, capsys):
+    """A missing --coco is a usage error at parse time (tests/test_preannotate_outputs.py); one that exists but
+    is not JSON is this one line."""
+    bad = env["tmp"] / "not-json.json"
+    bad.write_bytes(b"\xff{ not json")
+    rc = env["job"].main(["--coco", str(bad), "--coco-out", str(env["tmp"] / "o.json"),
                           "--db", str(env["tmp"] / "db"), "--checkpoint", str(env["ckpt"]),
                           "--run-dir", str(env["tmp"] / "nope-run")])
-    assert rc == 2 and "cannot read prompt file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "is not valid JSON" in err and "Traceback" not in err
