@@ -255,24 +255,70 @@ class LabelStudioProject:
         """Tasks with their full annotations and predictions (`include` would return annotation ids only)."""
         return list(self._pages(None, page_size=100))
 
-    def create_tasks(self, items: Sequence[tuple[str, str]], batch: int = 500) -> int:
+    def create_tasks(self, items: Sequence[tuple[str, str]], batch: int = 500) -> CreatedTasks:
         """Create one task per (image_id, image URL) with data {image key: URL, `image_id_key`: id}; returns the
-        count.
+        count and, where Label Studio says them (`return_task_ids`: a synchronous import), the new tasks' ids.
 
         Each import is sent once; one without a definite answer raises `ImportInDoubt` (look the images up
         before creating any of them again)."""
-        created = 0
+        created, ids = 0, []
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
             request = [{"data": {self.image_key: url, self.image_id_key: image_id}} for image_id, url in chunk]
             what = f"creating {len(chunk)} tasks in project {self.project_id}"
             try:
-                self._send(lambda: self.client.projects.import_tasks(id=self.project_id, request=request,
-                                                                     request_options=NO_RETRY), what)
+                response = self._send(lambda: self.client.projects.import_tasks(
+                    id=self.project_id, request=request, return_task_ids=True, request_options=NO_RETRY), what)
             except _Refused as e:
                 raise LabelStudioError(f"{what} was refused: {e}") from None
             created += len(chunk)
-        return created
+            said = getattr(response, "task_ids", None)
+            if ids is not None and isinstance(said, list) and all(isinstance(t, int) for t in said):
+                ids += said
+            else:
+                ids = None  # an asynchronous import (Label Studio Enterprise) does not name its tasks
+        return CreatedTasks(created, frozenset(ids) if ids is not None else None)
+
+    def remove_own_duplicate_tasks(self, refs: Sequence[TaskRef], own: Iterable[int]) -> set[int]:
+        """Delete each task of `own` (tasks this run just created) for whose image a lower-id task exists in
+        `refs` (the project read after the creation); returns the ids deleted (or found gone).
+
+        Two runs creating tasks for the same images at the same moment both see none before they create. Each
+        run calls this after its own creation: whichever order the calls come in, the lowest-id task of an
+        image is never deleted, so the image ends with one task. A lower task names the same image by its id
+        (`index_tasks`' rule), or by its URL alone (a storage sync's task). Only `own` tasks are ever deleted,
+        and only while they hold no annotation, skipped annotation or prediction (a person or another run
+        may have used one already): such a task is kept and stays reported as a duplicate."""
+        own = set(own)
+        by_id: set[str] = set()
+        by_url: set[str] = set()
+        doomed: list[int] = []
+        for ref in sorted(refs, key=lambda r: r.id):
+            url = canonical_url(ref.url) if ref.url is not None else None
+            if ref.id in own and ref.image_id is not None and (ref.image_id in by_id or url in by_url):
+                doomed.append(ref.id)
+                continue
+            if ref.image_id is not None:
+                by_id.add(ref.image_id)
+            if url is not None and ref.image_id == ref.url:  # a task naming its image by URL only
+                by_url.add(url)
+        return {t for t in doomed if self._delete_unused_task(t)}
+
+    def _delete_unused_task(self, task_id: int) -> bool:
+        """Delete a task unless it holds an annotation (also a skipped one) or a prediction; True when it is
+        gone."""
+        try:
+            task = self.client.tasks.get(id=task_id)
+            if any(getattr(task, k, None) for k in ("total_annotations", "cancelled_annotations",
+                                                     "total_predictions", "annotations", "predictions")):
+                return False
+            self.client.tasks.delete(id=task_id)
+        except Exception as e:
+            if _status(e) == 404:
+                return True
+            raise LabelStudioError(f"cannot delete the duplicate task {task_id} this run created in project "
+                                   f"{self.project_id}: {_describe(e)}") from None
+        return True
 
     def push(self, predictions: Sequence[dict[str, Any]]) -> PushResult:
         """Import predictions in one call; if Label Studio refuses some of them (400/413/422), halve the batch
@@ -317,6 +363,14 @@ class LabelStudioProject:
                     raise LabelStudioError(f"{what} was refused: {_describe(e)}") from None
                 raise ImportInDoubt(f"{what}: no definite answer ({_describe(e)})") from None
         raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class CreatedTasks:
+    """What `create_tasks` did: how many tasks it created, and their ids when Label Studio named them."""
+
+    count: int
+    ids: frozenset[int] | None = None
 
 
 @dataclass

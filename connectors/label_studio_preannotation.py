@@ -78,7 +78,10 @@ class ProjectLink:
 
         An image is given a new task only when two reads of the project agree that it has none, and a task
         import without a definite answer is never sent again: the run stops, and the next run looks the
-        images up before creating anything."""
+        images up before creating anything. Two runs that both find an image without a task both create one:
+        after creating, a run reads the project again and deletes the tasks it just created wherever a
+        lower-id task shows the same image (`remove_own_duplicate_tasks`), so the lowest id survives and both
+        runs push onto it; `tasks_created` counts the created tasks kept, `tasks_removed` those deleted."""
         project = self.project
         make_url = url_template(self.cfg.image_url)
 
@@ -93,7 +96,7 @@ class ProjectLink:
 
         refs = project.task_refs()
         task_of = finder(refs)
-        created, no_task = 0, set()
+        created, removed, no_task = 0, set(), set()
         missing = [j for j in jobs if j.task_id is None and task_of(j) is None]
         if missing:
             refs = project.task_refs()
@@ -104,11 +107,15 @@ class ProjectLink:
         elif missing:
             unique = {j.image_id: make_url(j.image_id, j.file_name, j.uri) for j in missing}
             try:
-                created = project.create_tasks(list(unique.items()))
+                made = project.create_tasks(list(unique.items()))
             except ImportInDoubt as e:
                 raise LabelStudioError(f"{e}. Its tasks may exist now: run again, the next run looks every image "
                                        "up before it creates a task") from None
             refs = project.task_refs()
+            if made.ids:  # another run may have created the same images' tasks at the same moment
+                removed = project.remove_own_duplicate_tasks(refs, made.ids)
+                refs = [r for r in refs if r.id not in removed]
+            created = made.count - len(removed)
             task_of = finder(refs)
         _, extra = index_tasks(refs)
         holding = project.tasks_holding(model_version)
@@ -134,7 +141,7 @@ class ProjectLink:
             if ref.id in holding:
                 delivered.add(j.key)
         return TaskAttachment(out, delivered, created, [{"image_id": i, "task": t} for i, t in extra], lost,
-                              [{"image_id": i, "reason": r} for i, r in sorted(unplaced.items())])
+                              [{"image_id": i, "reason": r} for i, r in sorted(unplaced.items())], len(removed))
 
     def pusher(self, model_version: str, task_of: dict[str, int], fingerprint: str,
                leave_out: frozenset[str] = frozenset()) -> "Pusher":

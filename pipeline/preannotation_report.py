@@ -55,6 +55,7 @@ class PreannotateSummary:
     tasks_gone: list = field(default_factory=list)  # {"image_id", "task"}: the task was deleted during the run
     no_task: list = field(default_factory=list)  # {"image_id", "reason"}: no task, and the run cannot create one
     duplicate_tasks: list = field(default_factory=list)
+    duplicate_tasks_removed: int = 0  # tasks this run created and deleted again (another run's older task won)
     coco_out: str | None = None
     coco_annotations: int = 0
     workers: int = 0
@@ -193,6 +194,9 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
     if s.no_task:
         lines.append(f"  not pushed   {len(s.no_task)} images have no task of their own, and none can be created "
                      f"({s.no_task[0]['reason']}): " + ", ".join(str(g["image_id"]) for g in s.no_task[:problems_shown]))
+    if s.duplicate_tasks_removed:
+        lines.append(f"  note         {s.duplicate_tasks_removed} tasks this run created were deleted again: another "
+                     "run created tasks for the same images at the same moment, and its older tasks are used")
     if s.duplicate_tasks:
         lines.append(f"  note         {len(s.duplicate_tasks)} images have several tasks; the lowest task id is used")
     if s.coco_out:

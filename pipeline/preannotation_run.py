@@ -125,6 +125,7 @@ class TaskAttachment:
     duplicate_tasks: list[dict] = field(default_factory=list)
     lost: list[dict] = field(default_factory=list)  # {"image_id", "task"} of jobs whose task was deleted meanwhile
     no_task: list[dict] = field(default_factory=list)  # {"image_id", "reason"}: no task, and none can be created
+    tasks_removed: int = 0  # tasks this run created and deleted again: another run's older task shows the image
 
 
 class PredictionPusher(Protocol):
@@ -223,6 +224,7 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
         jobs, delivered = attached.jobs, attached.delivered
         summary.tasks_created, summary.duplicate_tasks = attached.tasks_created, attached.duplicate_tasks
         summary.tasks_gone, summary.no_task = attached.lost, attached.no_task
+        summary.duplicate_tasks_removed = attached.tasks_removed
     by_key = {j.key: j for j in jobs}
     finished = {k for k, j in by_key.items() if k in done and done[k].final and done[k].digest == j.digest()}
     needs_mask = [j for j in jobs if j.key not in finished and (cfg.coco_out or j.key not in delivered)]

@@ -1,5 +1,6 @@
 """Two pre-annotation runs at once on one Label Studio project (the real server of the session fixture
-`label_studio`), ordered by fault hold points, never by sleeps.
+`label_studio`), ordered by fault hold points or by proxies that hold requests (tests/ls_proxy.py), never by
+sleeps.
 
 Run A holds at its first image (`INTERFORMER_FAULT=segment:hold`) after it has created the tasks and read
 which of them hold a prediction of its model version (none). A second run on A's run folder is refused at
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from backend_support import LABEL_CONFIG
+from ls_proxy import LabelStudioProxy
 from preannotate_support import prepare_store
 
 from pipeline.faults import FAULT_DIR_ENV, FAULT_ENV
@@ -33,7 +37,7 @@ def env(tmp_path_factory, label_studio):
     return {**prepare_store(tmp, n_grabcut=2, n_berkeley=1), "ls": label_studio, "client": label_studio.client()}
 
 
-def _start(env, project: int, run_dir: str, faults: Path | None) -> subprocess.Popen:
+def _start(env, project: int, run_dir: str, faults: Path | None, ls_url: str | None = None) -> subprocess.Popen:
     fx = env["fx"]
     args = [sys.executable, str(ROOT / "jobs" / "preannotate.py"), "--db", str(env["tmp"] / "db"),
             "--checkpoint", str(env["ckpt"]), "--workers", "0", "--max-clicks", "2",
@@ -41,6 +45,8 @@ def _start(env, project: int, run_dir: str, faults: Path | None) -> subprocess.P
             "--ls-project", str(project), "--push"]
     child = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, FAULT_DIR_ENV)}
     child.update(env["ls"].env(), PYTHONPATH=str(ROOT))
+    if ls_url is not None:
+        child["LABEL_STUDIO_URL"] = ls_url
     if faults is not None:
         faults.mkdir()
         child.update({FAULT_ENV: "segment:hold", FAULT_DIR_ENV: str(faults)})
@@ -105,6 +111,95 @@ def test_two_runs_at_once_push_each_prediction_once_and_a_shared_run_folder_is_r
         per_task.setdefault(p.task, []).append(p.model_version)
     assert sum(len(v) for v in per_task.values()) == first["pushed"]
     assert all(len(v) == 1 for v in per_task.values()), per_task
+
+
+TASK_IMPORT = re.compile(r"/api/projects/\d+/import(\?|$)")
+
+
+class ImportOrder:
+    """Orders the task imports of runs "a" and "b", each reaching Label Studio through its own proxy.
+
+    Both imports are held until both have arrived (so each run has read the project twice and found the
+    images without a task); then `first`'s goes through. With `reread_first`, the second import waits until
+    `first` has read the tasks again after its import (it then sees only its own tasks); otherwise the
+    second import lands before `first` reads them again (both runs then see both sets of tasks)."""
+
+    def __init__(self, upstream: str, first: str, reread_first: bool) -> None:
+        self.first, self.second = first, "b" if first == "a" else "a"
+        self.reread_first = reread_first
+        self.arrived: set[str] = set()
+        self.lock = threading.Lock()
+        self.proxies = {run: LabelStudioProxy(upstream, before=lambda m, p, run=run: self._before(run, m, p))
+                        for run in ("a", "b")}
+
+    def _imported(self, run: str) -> bool:
+        return any(TASK_IMPORT.search(path) for _, path, _ in self.proxies[run].posts("/import"))
+
+    def _reread_after_import(self, run: str) -> bool:
+        log = self.proxies[run].log
+        at = next((n for n, (m, path, _) in enumerate(log) if m == "POST" and TASK_IMPORT.search(path)), None)
+        return at is not None and any(m == "GET" and path.startswith("/api/tasks") for m, path, _ in log[at:])
+
+    @staticmethod
+    def _wait(ready, timeout_s: float = 300.0) -> None:
+        """Poll `ready` (what another request thread logs) until true; the bound is on a hang only."""
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert time.monotonic() < deadline, "the other run never got there"
+            time.sleep(0.05)
+
+    def _before(self, run: str, method: str, path: str) -> None:
+        if method == "POST" and TASK_IMPORT.search(path):
+            with self.lock:
+                self.arrived.add(run)
+            self._wait(lambda: len(self.arrived) == 2)
+            if run == self.second:
+                self._wait(lambda: self._reread_after_import(self.first) if self.reread_first
+                           else self._imported(self.first))
+        elif (method == "GET" and path.startswith("/api/tasks") and run == self.first and not self.reread_first
+              and self._imported(self.first)):
+            self._wait(lambda: self._imported(self.second))
+
+    def close(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.close()
+
+
+@pytest.mark.parametrize("first, reread_first", [("a", True), ("b", False)])
+def test_two_runs_creating_tasks_at_once_leave_one_task_per_image_with_one_prediction(env, first, reread_first):
+    """Two runs on an EMPTY project both find every image without a task and both create one. After creating,
+    each deletes the tasks it made wherever a lower-id task shows the same image: whichever order the
+    imports and the re-reads come in, every image ends with one task holding one prediction."""
+    client = env["client"]
+    project = client.projects.create(title=f"two runs create tasks {first}", label_config=LABEL_CONFIG).id
+    order = ImportOrder(env["ls"].url, first, reread_first)
+    tag = f"{first}-{int(reread_first)}"
+    try:
+        runs = {r: _start(env, project, f"create-{tag}-{r}", None, order.proxies[r].url) for r in ("a", "b")}
+        results = {r: _finish(p) for r, p in runs.items()}
+    finally:
+        order.close()
+    summaries = {r: _summary(env, f"create-{tag}-{r}") for r in ("a", "b")}
+    for r, (rc, out, err) in results.items():  # a run finding the other's masks already there segments nothing
+        done_by_other = (rc == 1 and summaries[r]["segmented"] == 0 and summaries[r]["delivered_before"] > 0
+                         and "no object could be segmented" in err)
+        assert (rc == 0 or done_by_other) and "Traceback" not in err, err[-3000:]
+    second = order.second
+    assert all(order._imported(r) for r in ("a", "b"))  # both runs created tasks
+    assert summaries[first]["duplicate_tasks_removed"] == 0
+    assert summaries[second]["duplicate_tasks_removed"] > 0 and summaries[second]["tasks_created"] == 0
+    assert "tasks this run created were deleted again" in results[second][1]
+    assert summaries[second]["duplicate_tasks"] == []  # the first may have seen the second's before they went
+
+    tasks = list(client.tasks.list(project=project))
+    images = [t.data["image_id"] for t in tasks]
+    assert sorted(images) == sorted(set(images)) and len(images) == summaries[first]["tasks_created"]
+    per_task: dict[int, list[str]] = {}
+    for p in client.predictions.list(project=project):
+        per_task.setdefault(p.task, []).append(p.model_version)
+    assert set(per_task) <= {t.id for t in tasks} and all(len(v) == 1 for v in per_task.values()), per_task
+    masked = {t.id for t in tasks if t.data["image_id"] not in (env["fx"].unencoded, env["fx"].missing_file)}
+    assert set(per_task) == masked and masked
 
 
 def test_a_run_folder_in_use_is_refused_before_anything_is_read_or_written(tmp_path):

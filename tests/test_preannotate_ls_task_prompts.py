@@ -189,9 +189,12 @@ class _FakeLabelStudio:
         self.projects = SimpleNamespace(get=lambda id: _Project(xml), import_tasks=self._import)
         self.tasks = SimpleNamespace(list=self._list)
 
-    def _import(self, id, request, request_options=None):
+    def _import(self, id, request, return_task_ids=None, request_options=None):
+        from types import SimpleNamespace
+
         start = max((t["id"] for t in self.tasks_store), default=0) + 1
         self.tasks_store += [{"id": start + n, **item} for n, item in enumerate(request)]
+        return SimpleNamespace(task_ids=[start + n for n in range(len(request))] if return_task_ids else None)
 
     def _list(self, project, query, page, page_size, include=None):
         from types import SimpleNamespace
@@ -245,7 +248,8 @@ def test_the_task_index_names_each_tasks_image_as_the_backend_does_and_created_t
             want = None
         assert ref.id == task["id"] and ref.image_id == want
     new = [(f"new-{n}.jpg", f"/data/local-files/?d=imgs/new-{n}.jpg") for n in range(2)]
-    assert project.create_tasks(new) == 2
+    result = project.create_tasks(new)
+    assert result.count == 2 and result.ids == {len(datas) + 1, len(datas) + 2}
     made = tasks[len(datas):]
     assert [task_image(t["data"], config, image) for t in made] == new  # the backend finds their features
     assert [(r.image_id, r.id) for r in project.task_refs()[len(datas):]] == [(i, t["id"]) for (i, _), t in
