@@ -144,6 +144,8 @@ class ImageResult:
     ms: float = 0.0  # wall time in the worker
     cpu_ms: float = 0.0  # CPU time of the worker process meanwhile (all its threads)
     exif_orientation: int | None = None  # the image file's EXIF tag (1..8) as stored with its features; None: unknown
+    feature_row: list | None = None  # [table id, content_sha256, created_at ISO] of the feature row the masks come
+    # from; None: none was read (or a ledger written before rows were recorded)
 
     @property
     def final(self) -> bool:
@@ -156,9 +158,20 @@ class ImageResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImageResult":
         objects = [ObjectResult(**o) for o in d["objects"]]
+        row = d.get("feature_row")
         return cls(d["key"], d["image_id"], d["digest"], list(d["size"]), objects,
                    bool(d.get("encoded_on_the_fly")), float(d.get("ms", 0.0)), float(d.get("cpu_ms", 0.0)),
-                   d.get("exif_orientation"))
+                   d.get("exif_orientation"), list(row) if row else None)
+
+    def features_changed(self, identities: dict[str, Any]) -> bool:
+        """Whether the feature row these masks come from is no longer the one stored under its id (re-encoded,
+        or gone); `identities` is `FeatureReader.identities` of `feature_row[0]`. A result without a recorded
+        row cannot tell and counts as unchanged."""
+        if not self.feature_row:
+            return False
+        row_id, sha256, created_at = self.feature_row
+        now = identities.get(row_id)
+        return now is None or (now[0], now[1].isoformat(), now[2]) != (sha256, created_at, self.exif_orientation)
 
 
 def lost_image(job: ImageJob, error: BaseException) -> ImageResult:
@@ -341,11 +354,13 @@ class PreannotateWorker:
         t0, c0 = time.perf_counter(), time.process_time()
         digest = job.digest()
         try:
-            feats, encoded, tag = self._features(job)
+            record, encoded = self._features(job)
         except ImageUnavailable as e:
             return self._all_failed(job, digest, e.reason, e.detail, t0, c0)
         except Exception:  # a broken table row, an IO error: reported, the job goes on
             return self._all_failed(job, digest, INTERNAL_ERROR, traceback.format_exc(limit=4), t0, c0)
+        feats, tag = record.features, record.exif_orientation
+        row = [record.image_id, record.content_sha256, record.created_at.isoformat()]
         stored = tuple(feats.geometry.original_size)
         # Label Studio prompts are drawn on the grid the browser shows; COCO prompts on the stored grid.
         view = Orientation(stored, normalize_tag(tag) if job.via_label_studio else 1)
@@ -363,14 +378,14 @@ class PreannotateWorker:
             except Exception:
                 results.append(ObjectResult.failure(prompt, INTERNAL_ERROR, traceback.format_exc(limit=4)))
         return ImageResult(job.key, job.image_id, digest, list(stored), results, encoded, *_elapsed(t0, c0),
-                           exif_orientation=tag)
+                           exif_orientation=tag, feature_row=row)
 
     def _all_failed(self, job: ImageJob, digest: str, reason: str, detail: str, t0: float, c0: float) -> ImageResult:
         return ImageResult(job.key, job.image_id, digest, list(job.size),
                            [ObjectResult.failure(p, reason, detail) for p in job.objects], False, *_elapsed(t0, c0))
 
-    def _features(self, job: ImageJob) -> tuple[Any, bool, int | None]:
-        """(features, encoded now, the file's EXIF orientation tag as stored with them: None when unknown).
+    def _features(self, job: ImageJob) -> tuple[Any, bool]:
+        """(the feature row as stored: features, EXIF tag, identity; whether it was encoded now).
 
         A Label Studio task's image is looked up as the interactive backend looks it up (its image_id, then
         the row whose uri is its URL) and, when encoded here, stored as the backend stores it: under its URL,
@@ -380,15 +395,13 @@ class PreannotateWorker:
         from .feature_store import UnknownImageError
 
         try:
-            record = self.reader.get_record(job.image_id)
-            return record.features, False, record.exif_orientation
+            return self.reader.get_record(job.image_id), False
         except UnknownImageError as e:
             miss = str(e)
         if job.via_label_studio and job.uri:
             stored_id = self._id_of_uri(job.uri)  # on-demand rows are keyed by the URL (and hold it as uri)
             if stored_id is not None:
-                record = self.reader.get_record(stored_id)
-                return record.features, False, record.exif_orientation
+                return self.reader.get_record(stored_id), False
         if not self.spec.encode_missing:
             raise ImageUnavailable(NO_FEATURES, f"{miss}; run jobs/encode.py on it first, or pass --encode-missing")
         if not job.uri:
@@ -410,8 +423,7 @@ class PreannotateWorker:
         key = job.uri if job.via_label_studio else job.image_id
         self._save(job, key, data, feats, tag)
         self.reader.refresh()
-        record = self.reader.get_record(key)  # the row as stored (or as another run stored it first)
-        return record.features, True, record.exif_orientation
+        return self.reader.get_record(key), True  # the row as stored (or as another run stored it first)
 
     def _id_of_uri(self, uri: str) -> str | None:
         """The id of this encoder's row whose `uri` is `uri` (as the interactive backend looks tasks up)."""

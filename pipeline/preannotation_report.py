@@ -55,6 +55,8 @@ class PreannotateSummary:
     tasks_gone: list = field(default_factory=list)  # {"image_id", "task"}: the task was deleted during the run
     no_task: list = field(default_factory=list)  # {"image_id", "reason"}: no task, and the run cannot create one
     duplicate_tasks: list = field(default_factory=list)
+    features_changed: list = field(default_factory=list)  # {"image_id", "key"}: done in an earlier run from a
+    # feature row encoded again since, so segmented again
     duplicate_tasks_removed: int = 0  # tasks this run created and deleted again (another run's older task won)
     coco_out: str | None = None
     coco_annotations: int = 0
@@ -156,6 +158,10 @@ def format_summary(s: PreannotateSummary, problems_shown: int = 20) -> str:
                  f"{s.not_usable} not usable")
     lines.append(f"  resumed      {s.done_before} images done in an earlier run, {s.delivered_before} already "
                  "predicted in Label Studio")
+    if s.features_changed:
+        lines.append(f"  redone       {len(s.features_changed)} images done in an earlier run were segmented again: "
+                     "their features were encoded again since (" + ", ".join(
+                         str(g["image_id"]) for g in s.features_changed[:problems_shown]) + ")")
     lines.append(f"  computed     {s.computed_objects} objects on {s.computed_images} images"
                  + (f" with {s.workers} workers" if s.workers else " in this process")
                  + (f", {s.encoded_on_the_fly} images encoded on the fly" if s.encoded_on_the_fly else "")

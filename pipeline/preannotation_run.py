@@ -227,11 +227,16 @@ def _run_in(cfg: PreannotateConfig, label_studio: LabelStudioLink | None, run_di
         summary.duplicate_tasks_removed = attached.tasks_removed
     by_key = {j.key: j for j in jobs}
     finished = {k for k, j in by_key.items() if k in done and done[k].final and done[k].digest == j.digest()}
+    changed = features_changed(cfg, fingerprint, [done[k] for k in sorted(finished)])
+    finished -= {r.key for r in changed}
+    summary.features_changed = [{"image_id": r.image_id, "key": r.key} for r in changed]
     needs_mask = [j for j in jobs if j.key not in finished and (cfg.coco_out or j.key not in delivered)]
     summary.done_before = len(finished)
     summary.delivered_before = len(delivered)
     print(f"preannotate: {summary.objects} objects on {summary.images} images ({summary.not_usable} prompts not "
-          f"usable); {len(finished)} images done in an earlier run, {len(delivered)} already predicted by "
+          f"usable); {len(finished)} images done in an earlier run"
+          + (f" ({len(changed)} more segmented again: their features were encoded again since)" if changed else "")
+          + f", {len(delivered)} already predicted by "
           f"{model_version}; {len(needs_mask)} images to segment", flush=True)
 
     pusher = None
@@ -420,6 +425,25 @@ def latest_results(ledger: Ledger) -> dict[str, ImageResult]:
             r = ImageResult.from_dict(rec["result"])
             out[r.key] = r
     return out
+
+
+def features_changed(cfg: PreannotateConfig, fingerprint: str, results: Sequence[ImageResult]) -> list[ImageResult]:
+    """The results whose feature row is no longer the one stored under its id: the image was encoded again
+    (`jobs/encode.py --reencode-changed`, perhaps while the earlier run was reading) or its row is gone. Their
+    masks no longer match the image, so a resumed run segments them again, as a fresh run would."""
+    rows = [r for r in results if r.feature_row]
+    if not rows:
+        return []
+    from .feature_store import FeatureReader, FeatureStoreError
+
+    reader = FeatureReader(cfg.db, fingerprint, table=cfg.table, storage_options=cfg.storage_options or None)
+    try:
+        now = reader.identities(r.feature_row[0] for r in rows)
+    except FeatureStoreError as e:  # kept as they are: segmenting them again now could only fail
+        print(f"preannotate: WARNING: cannot check whether the features of the {len(rows)} images done in an "
+              f"earlier run were encoded again since ({e}); their masks are kept", file=sys.stderr, flush=True)
+        return []
+    return [r for r in rows if r.features_changed(now)]
 
 
 def worker_spec(cfg: PreannotateConfig, threads: int, image_access: Any) -> WorkerSpec:

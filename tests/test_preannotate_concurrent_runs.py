@@ -186,20 +186,21 @@ def test_two_runs_creating_tasks_at_once_leave_one_task_per_image_with_one_predi
         assert (rc == 0 or done_by_other) and "Traceback" not in err, err[-3000:]
     second = order.second
     assert all(order._imported(r) for r in ("a", "b"))  # both runs created tasks
-    assert summaries[first]["duplicate_tasks_removed"] == 0
-    assert summaries[second]["duplicate_tasks_removed"] > 0 and summaries[second]["tasks_created"] == 0
-    assert "tasks this run created were deleted again" in results[second][1]
-    assert summaries[second]["duplicate_tasks"] == []  # the first may have seen the second's before they went
 
     tasks = list(client.tasks.list(project=project))
     images = [t.data["image_id"] for t in tasks]
-    assert sorted(images) == sorted(set(images)) and len(images) == summaries[first]["tasks_created"]
+    assert sorted(images) == sorted(set(images)), images  # one task per image
     per_task: dict[int, list[str]] = {}
     for p in client.predictions.list(project=project):
         per_task.setdefault(p.task, []).append(p.model_version)
     assert set(per_task) <= {t.id for t in tasks} and all(len(v) == 1 for v in per_task.values()), per_task
     masked = {t.id for t in tasks if t.data["image_id"] not in (env["fx"].unencoded, env["fx"].missing_file)}
     assert set(per_task) == masked and masked
+
+    assert len(images) == summaries[first]["tasks_created"] and summaries[first]["duplicate_tasks_removed"] == 0
+    assert summaries[second]["duplicate_tasks_removed"] == len(images) and summaries[second]["tasks_created"] == 0
+    assert "tasks this run created were deleted again" in results[second][1]
+    assert summaries[second]["duplicate_tasks"] == []  # the first may have seen the second's before they went
 
 
 def test_a_run_folder_in_use_is_refused_before_anything_is_read_or_written(tmp_path):
