@@ -429,12 +429,15 @@ def address_refusal(address: str, trusted: bool, access: ImageAccess) -> str | N
     return "a loopback, private or reserved address (allow its network with --allow-network)"
 
 
-def resolve_checked(url: HttpURL, access: ImageAccess) -> list[str]:
-    """Resolve the host once and return the addresses that may be connected to (all of them pass)."""
+def resolve_checked(url: HttpURL, access: ImageAccess, deadline: float | None = None) -> list[str]:
+    """Resolve the host once, by `deadline` (time.monotonic(); default: the access's timeout from now), and
+    return the addresses that may be connected to (all of them pass)."""
     ls = access.label_studio
     trusted = ls is not None and url.origin == ls.origin
+    if deadline is None:
+        deadline = time.monotonic() + access.timeout_s
     try:
-        infos = socket.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = resolve_by(url.host, url.port, deadline)
     except (socket.gaierror, UnicodeError):
         raise ImageAccessError(f"image host {url.host} could not be resolved", 502) from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
@@ -445,6 +448,31 @@ def resolve_checked(url: HttpURL, access: ImageAccess) -> list[str]:
     if not addresses:
         raise ImageAccessError(f"image host {url.host} could not be resolved", 502)
     return addresses
+
+
+def resolve_by(host: str, port: int, deadline: float) -> list:
+    """`socket.getaddrinfo` for a TCP connection to (host, port), waiting at most until `deadline`.
+
+    The system resolver has no timeout of its own (it may take resolv.conf's timeout times its attempts per
+    name server), so the lookup runs in a daemon thread: when the deadline passes first the download fails
+    with 504, and the thread ends, its answer unused, whenever the resolver gives up."""
+    answer: dict[str, object] = {}
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            answer["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        except BaseException as e:  # handed to the caller
+            answer["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name=f"resolve {host}", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        raise ImageAccessError(f"the image download took too long (resolving {host})", 504)
+    if "error" in answer:
+        raise answer["error"]
+    return answer["infos"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -578,7 +606,7 @@ def http_get(url: HttpURL, access: ImageAccess) -> bytes:
         headers = {"User-Agent": "interformer-ml-backend", "Accept": "*/*", "Connection": "close"}
         if with_key and access.api_key:
             headers["Authorization"] = f"Token {access.api_key}"
-        addresses = resolve_checked(url, access)
+        addresses = resolve_checked(url, access, deadline)
         response = conn = watchdog = None
         for address in addresses:
             try:

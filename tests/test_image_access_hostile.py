@@ -344,3 +344,34 @@ def test_a_host_trickling_any_part_of_its_answer_is_cut_at_the_deadline(phase, r
         assert time.monotonic() - t0 < 5.0  # was: as long as the host kept trickling its headers
     finally:
         stub.close()
+
+
+@pytest.mark.parametrize("hop", ["first", "redirect"])
+def test_a_name_server_that_never_answers_is_cut_at_the_deadline(monkeypatch, hop):
+    """Resolving the host name is inside the download's deadline, on the first hop and on a redirect's: a
+    lookup the system resolver holds (a name server that never answers) is a 504 at the deadline. The resolver
+    is replaced here because a silent DNS server cannot be run on loopback; it is released at the end."""
+    import pipeline.image_access as image_access
+
+    real, release = socket.getaddrinfo, threading.Event()
+
+    def silent_name_server(host, *args, **kwargs):
+        if host == "images.example.com":
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(image_access.socket, "getaddrinfo", silent_name_server)
+    target = "http://images.example.com/x.png"
+    with StubServer({"/x.png": Route(302, headers={"Location": target})}) as stub:
+        access = ImageAccess(storage_hosts=("images.example.com", f"127.0.0.1:{stub.port}"),
+                             allowed_networks=("127.0.0.0/8",), timeout_s=1.0)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(ImageAccessError) as e:
+                read_image_bytes(target if hop == "first" else f"http://127.0.0.1:{stub.port}/x.png", access)
+            assert e.value.status == 504 and "took too long" in e.value.message
+            assert time.monotonic() - t0 < 5.0  # was: as long as the resolver took (30 s here)
+            assert len(stub.hits) == (hop == "redirect")
+        finally:
+            release.set()
