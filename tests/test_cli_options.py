@@ -92,6 +92,7 @@ def _parse(name: str, argv: list[str], tmp_path: Path) -> None:
     if name == "encode":
         jobs.encode.parse_args([str(ROOT / "samples"), *argv])
     elif name == "preannotate":
+        (tmp_path / "p.json").write_text('{"images": [], "annotations": [], "categories": []}')
         jobs.preannotate.parse_args(["--coco", str(tmp_path / "p.json"), "--image-root", str(ROOT / "samples"),
                                      "--coco-out", str(tmp_path / "out.json"), *argv])
     elif name == "evaluate":
