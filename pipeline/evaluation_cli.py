@@ -126,7 +126,8 @@ def build_spec(args: argparse.Namespace) -> SegmenterSpec:
         return SegmenterSpec("grabcut", grabcut=GrabCutConfig())
     common = dict(device=args.device, max_side=args.max_side, feature_db=args.feature_db,
                   feature_table=args.feature_table, feature_id_prefix=args.feature_id_prefix,
-                  engine=args.click_engine, engine_cache=args.engine_cache)
+                  engine=args.click_engine, engine_cache=args.engine_cache,
+                  engine_max_sizes=args.engine_max_sizes)
     if args.random_init:
         return SegmenterSpec("random", variant=args.random_init, seed=args.init_seed, **common)
     return SegmenterSpec("checkpoint", checkpoint=str(args.checkpoint), variant=args.variant, **common)

@@ -25,9 +25,9 @@ class SegmenterSpec:
     for random weights; max_side: the predictor's longest-side resize (None: native size, as in the papers);
     feature_db / feature_table: LanceDB root and table of stored features to read instead of encoding
     (models only); feature_id_prefix: prepended to a sample's image id to find its row; grabcut: baseline
-    settings; engine / engine_cache: the click engine (interformer.click_engine.ENGINES; torch is the exact
-    fp32 reference) and its cache folder; checkpoint_sha256: the checkpoint's content (`pinned`), which
-    `build` then insists on."""
+    settings; engine / engine_cache / engine_max_sizes: the click engine (interformer.click_engine.ENGINES;
+    torch is the exact fp32 reference), its cache folder and its compiled sizes held at once (None: the
+    default); checkpoint_sha256: the checkpoint's content (`pinned`), which `build` then insists on."""
 
     kind: str
     checkpoint: str | None = None
@@ -41,6 +41,7 @@ class SegmenterSpec:
     grabcut: GrabCutConfig = field(default_factory=GrabCutConfig)
     engine: str = "torch"
     engine_cache: str | None = None
+    engine_max_sizes: int | None = None
     checkpoint_sha256: str | None = None
 
     def __post_init__(self) -> None:
@@ -68,7 +69,8 @@ class SegmenterSpec:
     def engine_config(self) -> Any:
         from interformer.click_engine import ClickEngineConfig
 
-        return ClickEngineConfig(self.engine, cache_dir=self.engine_cache)
+        extra = {} if self.engine_max_sizes is None else {"max_sizes": self.engine_max_sizes}
+        return ClickEngineConfig(self.engine, cache_dir=self.engine_cache, **extra)
 
     def pinned(self) -> "SegmenterSpec":
         """This spec with the checkpoint's sha256 filled in (unchanged for other kinds or when already set):
@@ -85,6 +87,7 @@ class SegmenterSpec:
         still match."""
         d = asdict(self.pinned())
         d.pop("engine_cache")
+        d.pop("engine_max_sizes")  # memory, not results: an evicted size is compiled again from the same IR
         if d["engine"] == "torch":
             d.pop("engine")
         if d["checkpoint_sha256"] is None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from interformer import Predictor, load_model
 from interformer import click_engine, runtime
-from interformer.click_engine import ClickEngineConfig, EngineShapeError, OpenVINOEngine, build_engine, resolve_engine
+from interformer.click_engine import ClickEngineConfig, OpenVINOEngine, TorchEngine, build_engine, resolve_engine
 from interformer.clicks import DEF_BG, DEF_FG, MAYBE_BG, MAYBE_FG, UNKNOWN, update_by_prediction
 
 TOL = 1e-4  # the parity fixtures' tolerance (tests/test_model_parity.py)
@@ -136,7 +136,7 @@ def test_a_size_the_runtime_cannot_compile_falls_back_to_torch(small_model, monk
     assert len([r for r in caplog.records if "conversion failed" in r.getMessage()]) == 1
 
 
-def test_converted_models_are_reused_from_disk_and_wrong_shapes_fail_loudly(small_model, monkeypatch, tmp_path):
+def test_converted_models_are_reused_from_disk_and_wrong_shapes_are_refused(small_model, monkeypatch, caplog, tmp_path):
     cfg = ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path))
     first = Predictor(small_model, device="cpu", engine=cfg)
     feats_a = first.encode(np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8))
@@ -155,12 +155,19 @@ def test_converted_models_are_reused_from_disk_and_wrong_shapes_fail_loudly(smal
     engine = second.engine
     cache_a, cache_b = second._ensure_cache(feats_a), second._ensure_cache(feats_b)
     rl_b = torch.from_numpy(np.full(feats_b.geometry.padded_size, UNKNOWN, np.uint8))[None, None]
-    # A compiled model handed inputs of another size (as a mixed-up cache key would) refuses them.
-    wrong = engine._signature(feats_b.pyramid[0], rl_b, cache_b)
-    engine._compiled[wrong] = engine._compiled[engine._signature(feats_a.pyramid[0],
-                                                                 torch.from_numpy(ref_a)[None, None], cache_a)]
-    with pytest.raises(EngineShapeError):
-        engine.margin(feats_b.pyramid[0], rl_b, cache_b, None)
+
+    def signature(x0, rl, cache):
+        return engine._signature([x0, rl, *(t for kv in cache.keys_values for t in kv)])
+
+    # A compiled model handed inputs of another size (as a mixed-up cache key would) refuses them: the click is
+    # answered by torch with a logged error, never with a guessed mask and never with an exception.
+    wrong = signature(feats_b.pyramid[0], rl_b, cache_b)
+    engine._compiled[wrong] = engine._compiled[signature(feats_a.pyramid[0], torch.from_numpy(ref_a)[None, None],
+                                                         cache_a)]
+    with caplog.at_level(logging.ERROR, logger="interformer.click_engine"), torch.inference_mode():
+        got = engine.margin(feats_b.pyramid[0], rl_b, cache_b, None)
+        assert np.array_equal(got, TorchEngine(small_model).margin(feats_b.pyramid[0], rl_b, cache_b, None))
+    assert any(isinstance(r.msg, str) and "torch answers this click" in r.getMessage() for r in caplog.records)
 
 
 def test_images_of_one_size_interleaved_on_one_engine_answer_as_on_their_own(small_model, tmp_path):
