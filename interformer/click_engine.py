@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli_types import COUNT
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache, PatchMerging, Roi
 from .runtime import (CACHE_ENV, compile_settings, engine_cache_root, native_bf16, openvino_available,
@@ -469,22 +470,10 @@ def add_click_engine_arguments(parser, compile_default: str = "blocking") -> Non
     parser.add_argument("--engine-compile", choices=COMPILE_MODES, default=compile_default,
                         help="a new padded size: wait for its conversion (blocking: every click on the engine "
                         "asked for) or convert in the background while torch answers (default: %(default)s)")
-    parser.add_argument("--engine-max-sizes", type=_at_least_one, default=DEFAULT_MAX_SIZES, metavar="N",
+    parser.add_argument("--engine-max-sizes", type=COUNT, default=DEFAULT_MAX_SIZES, metavar="N",
                         help="compiled padded sizes an OpenVINO click engine holds in memory at once (tens of MiB "
                         "each; the least recently used is released and compiled again from the disk cache in "
                         "~0.2-1 s when needed) (default: %(default)s)")
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def click_engine_config(args) -> ClickEngineConfig:
