@@ -43,7 +43,7 @@ import numpy as np
 from interformer.clicks import Click
 from pipeline.polygons import rasterize
 
-from .protocol import Prompt, Task
+from .protocol import MAX_REGION_ID_CHARS, Prompt, Task
 from .region_meta import StartClicks, parse_click_meta
 from .rle import DecodeBudget, RleError, max_rle_bytes, rle_to_mask
 
@@ -158,13 +158,26 @@ def _regions(result: Any, prompt: Prompt) -> list[tuple[str, np.ndarray, StartCl
     return out
 
 
+def source_name(kind: str, item_id: object) -> str:
+    """`kind:id`, the name of the saved item a start comes from (kept with sessions and logged): an integer id
+    or a string of at most MAX_REGION_ID_CHARS as it is, any other id (a long string, a list, an object: the
+    client chose it) by its first characters and a digest, so that it costs neither memory nor log space."""
+    if isinstance(item_id, int) and not isinstance(item_id, bool) and abs(item_id) < 10**18:
+        return f"{kind}:{item_id}"
+    if isinstance(item_id, str) and len(item_id) <= MAX_REGION_ID_CHARS:
+        return f"{kind}:{item_id}"
+    text = item_id if isinstance(item_id, str) else repr(item_id)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{kind}:{text[:16]}~{digest}"
+
+
 def _newest(items: Iterable[tuple[str, dict[str, Any]]], prompt: Prompt) -> StartCandidates | None:
     ranked = sorted((it for it in items if isinstance(it[1], dict) and not it[1].get("was_cancelled")),
                     key=lambda it: _stamp(it[1]), reverse=True)
     for kind, item in ranked:
         shapes = _regions(item.get("result"), prompt)
         if shapes:
-            return StartCandidates(f"{kind}:{item.get('id')}", tuple(shapes), tuple(prompt.original_size))
+            return StartCandidates(source_name(kind, item.get("id")), tuple(shapes), tuple(prompt.original_size))
     return None
 
 

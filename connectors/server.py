@@ -408,7 +408,7 @@ async def _interactive(state: _State, body: PredictRequest, config: LabelConfig,
         return {"results": [prediction([], mv)]}
     res = await state.segmenter.segment(req)
     fields.update(image_id=res.image_id, session=res.path, steps=res.steps, actor=res.actor, area=res.area,
-                  encoded_on_demand=res.encoded_on_demand, start=res.start, start_kind=res.start_kind,
+                  encoded_on_demand=res.encoded_on_demand, start=_loggable(res.start), start_kind=res.start_kind,
                   polygon_iou=res.polygon_iou,
                   **{f"{k}_ms": round(v, 2) for k, v in res.timings_ms.items()})
     regions = mask_results(prompt, res.score, res.rle, res.polygons, interactive_region_id())

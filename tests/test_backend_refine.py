@@ -295,6 +295,27 @@ def test_hostile_task_contents_never_break_a_click(annotations, drafts, predicti
         assert all(0 <= c.row < SIZE[0] and 0 <= c.col < SIZE[1] for c in found.clicks.clicks)
 
 
+_any_id = (st.integers() | st.text(max_size=300) | st.text(min_size=1, max_size=3).map(lambda t: t * 10_000)
+           | st.lists(st.integers(), max_size=2000) | st.dictionaries(st.text(max_size=5), st.integers(), max_size=50)
+           | st.floats(allow_nan=True) | st.none() | st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(["annotation", "draft", "prediction"]), item_id=_any_id, other=_any_id)
+def test_a_start_source_is_short_whatever_id_the_client_chose(kind, item_id, other):
+    """The source names the saved item a session starts from; it is kept with every session and logged, so an id
+    of megabytes (or a list, an object) must not be kept or logged whole; two different ids stay two sources."""
+    task = Task(id=1, data={}, **{f"{kind}s": [{"id": item_id, "result": [region(LEFT)]}]})
+    source, mask = chosen(task)
+    assert mask is not None and source.startswith(f"{kind}:") and len(source) <= len(kind) + 1 + 64
+    if isinstance(item_id, str) and len(item_id) <= 64 or isinstance(item_id, int) and not isinstance(item_id, bool) \
+            and abs(item_id) < 10**18:
+        assert source == f"{kind}:{item_id}"
+    if repr(other) != repr(item_id) and type(other) is type(item_id):
+        other_source, _ = chosen(Task(id=1, data={}, **{f"{kind}s": [{"id": other, "result": [region(LEFT)]}]}))
+        assert other_source != source
+
+
 _REGION_IDS = itertools.count()  # a new region per example: a stored session would answer from its own start
 
 
