@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import math
 import os
 import time
 import uuid
@@ -24,6 +23,8 @@ from typing import Any, Sequence
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+from pipeline.placement import actors_that_fit, describe, largest_share
 
 from .engine import EngineConfig, OnDemandEncoder, SegmentEngine
 from .logs import get_logger, log_event, setup_logging
@@ -167,30 +168,21 @@ class _SegmentActor:
         return ray.get_runtime_context().get_node_id()
 
 
-def actors_that_fit(actor_cpus: float, node_cpus: Sequence[float]) -> int:
-    """How many actors of `actor_cpus` CPUs the nodes (their CPU counts) can hold at once: Ray places an actor
-    whole on one node, so each node holds floor(its CPUs / actor_cpus) of them."""
-    return sum(int(cpus / actor_cpus + 1e-9) for cpus in node_cpus)
-
-
 def default_actor_cpus(count: int, node_cpus: Sequence[float]) -> float:
     """The largest CPU share (in thousandths) with which `count` actors all fit on the nodes: on one node its
-    CPUs / count; on several, a size each node holds a whole number of (an even split of the cluster's total can
-    fit nowhere on the smaller nodes)."""
-    candidates = sorted({math.floor(cpus / k * 1000) / 1000 for cpus in node_cpus if cpus > 0
-                         for k in range(1, count + 1)}, reverse=True)
-    return next((c for c in candidates if c > 0 and actors_that_fit(c, node_cpus) >= count), 0.001)
+    CPUs / count; on several, a size each node holds a whole number of (pipeline.placement.largest_share)."""
+    return largest_share(count, [{"CPU": c} for c in node_cpus]) or 0.001
 
 
 def placement_problem(count: int, actor_cpus: float, node_cpus: Sequence[float]) -> str | None:
     """Why `count` actors of `actor_cpus` CPUs each can never all start on nodes of `node_cpus` CPUs (the last
     ones would wait for resources forever), or None when they fit."""
-    fit = actors_that_fit(actor_cpus, node_cpus)
+    nodes = [{"CPU": c} for c in node_cpus]
+    fit = actors_that_fit(nodes, actor_cpus)
     if fit >= count:
         return None
-    shown = ", ".join(f"{c:g}" for c in node_cpus) or "none"
     return (f"--actor-cpus {actor_cpus:g}: the backend needs {count} actors (--actors, plus one encoder unless "
-            f"--no-encode-on-demand) and the cluster's nodes (CPUs per node: {shown}) hold {fit} of that size; "
+            f"--no-encode-on-demand) and the cluster's nodes ({describe(nodes)}) hold {fit} of that size; "
             "lower --actor-cpus or --actors, or add nodes")
 
 

@@ -39,7 +39,9 @@ from interformer.config import ViTConfig
 
 from .changed_sources import (capped_read, check_content, plan_replacements, reencode_problems, sources_to_check,
                               stale_rows)
-from .encoding import EncoderSpec, EncoderStage, build_predictor, decode_stage, plan_resources, write_stage
+from .encoding import (
+    EncoderSpec, EncoderStage, ResourcePlan, build_predictor, decode_stage, plan_resources, write_stage,
+)
 from .faults import fault_point
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, FeatureStoreError, error_rows
 from .images import UNREADABLE
@@ -335,8 +337,15 @@ def _storage_failure(kind: str) -> bool:
 def _join_cluster(cfg: EncodeConfig) -> None:
     """Join (or start) Ray and check that the cluster takes the encoder pool options (ResourcePlanError)."""
     init_ray(cfg.address, num_cpus=cfg.num_cpus, job="encode")
+    _plan(cfg)
+
+
+def _plan(cfg: EncodeConfig) -> ResourcePlan:
+    """The encoder pool plan for the cluster this process joined, checked against its live nodes."""
     resources = ray.cluster_resources()
-    plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder,
+                          nodes=nodes, task_memory=_DECODE_TASK_MEMORY)
 
 
 def _report_other_dtypes(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, summary: EncodeSummary) -> None:
@@ -501,7 +510,7 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
     """One Ray Data pass over `pending`; the committer commits on its timer and once more at the end. `vit`
     (the encoder's) sizes the attention memory check of the decode tasks."""
     resources = ray.cluster_resources()
-    plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder)
+    plan = _plan(cfg)
     device = f"{plan.num_encoders} GPU" if plan.gpus_per_encoder else f"{plan.num_encoders} CPU"
     print(f"encode: {device} encoder actor(s), {plan.cpus_per_encoder:g} CPUs each; "
           f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs in the cluster", flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +38,7 @@ from .feature_store import (
 )
 from .faults import fault_point
 from .images import ENCODE_FAILED, TOO_LARGE, ImageDecodeError, decode_image_oriented, max_file_bytes
+from .placement import Node, actors_that_fit, describe, fits_on, largest_share
 from .sources import read_bytes
 from .staged_commits import StagedRecord, stage
 
@@ -296,10 +298,17 @@ def plan_resources(
     total_gpus: float,
     num_encoders: int | None = None,
     cpus_per_encoder: float | None = None,
+    nodes: Sequence[Node] | None = None,
+    task_memory: float = 0.0,
 ) -> ResourcePlan:
     """Size the encoder pool. With GPUs: one actor per GPU with one CPU each. CPU only: a quarter of the
     CPUs (at least one) stays free for the decode and write tasks; an actor pool that takes every CPU
-    leaves Ray Data's read tasks unscheduled and the job hangs without an error."""
+    leaves Ray Data's read tasks unscheduled and the job hangs without an error.
+
+    With `nodes` (the live nodes' resources), the plan is also checked against each node, as Ray places it: the
+    default CPUs per encoder are capped to a share the nodes hold a whole number of, and encoders or a decode
+    task (one CPU share and `task_memory` bytes) that no node can hold are a ResourcePlanError: Ray would queue
+    them forever, without a word."""
     if total_cpus <= 0:
         raise ResourcePlanError("the Ray cluster has no CPUs")
     if total_gpus >= 1:
@@ -313,6 +322,8 @@ def plan_resources(
         available = total_cpus - reserve
         n = num_encoders or max(1, int(available // 4))
         cpus = cpus_per_encoder if cpus_per_encoder is not None else available / n
+        if cpus_per_encoder is None and nodes:
+            cpus = largest_share(n, nodes, cap=cpus) or cpus
         gpus = 0.0
     left = total_cpus - n * cpus
     if left <= 0:
@@ -320,4 +331,24 @@ def plan_resources(
             f"{n} encoders x {cpus:g} CPUs take all {total_cpus:g} CPUs of the cluster: Ray Data could not run "
             "its read tasks and the job would hang; use fewer or smaller encoders"
         )
-    return ResourcePlan(n, float(cpus), gpus, max(1, int(cpus)), float(min(1.0, left)))
+    plan = ResourcePlan(n, float(cpus), gpus, max(1, int(cpus)), float(min(1.0, left)))
+    if nodes:
+        _check_nodes(plan, nodes, task_memory)
+    return plan
+
+
+def _check_nodes(plan: ResourcePlan, nodes: Sequence[Node], task_memory: float) -> None:
+    """ResourcePlanError when the plan's encoders or its decode task cannot all be placed on the nodes."""
+    fit = actors_that_fit(nodes, plan.cpus_per_encoder, plan.gpus_per_encoder)
+    if fit < plan.num_encoders:
+        gpu = f" + {plan.gpus_per_encoder:g} GPU" if plan.gpus_per_encoder else ""
+        size = f"{plan.cpus_per_encoder:g} CPUs{gpu}"
+        raise ResourcePlanError(
+            f"{plan.num_encoders} encoders of {size} each cannot all be placed: the cluster's nodes "
+            f"({describe(nodes)}) hold {fit}, and Ray would wait for the others forever; use fewer or smaller "
+            "encoders (--num-encoders, --cpus-per-encoder)")
+    if not any(fits_on(node, plan.cpus_per_task, 0.0, task_memory) for node in nodes):
+        raise ResourcePlanError(
+            f"no node of the cluster ({describe(nodes)}) can run a decode task ({plan.cpus_per_task:g} CPU and "
+            f"{task_memory / 1024**2:.0f} MiB of Ray memory): Ray would wait for one forever; give the nodes more "
+            "memory or CPUs")

@@ -73,8 +73,9 @@ def test_placement_counts_whole_actors_per_node(count, cpus, nodes, fits):
 @given(count=st.integers(1, 12), nodes=st.lists(st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0]),
                                                 min_size=1, max_size=5))
 def test_the_default_share_always_fits_and_is_the_largest_that_does(count, nodes):
-    from connectors.actors import actors_that_fit, default_actor_cpus
+    from connectors.actors import default_actor_cpus
+    from pipeline.placement import actors_that_fit
 
-    share = default_actor_cpus(count, nodes)
-    assert actors_that_fit(share, nodes) >= count or share == 0.001
-    assert actors_that_fit(share + 0.001, nodes) < count or share + 0.001 > max(nodes)
+    share, resources = default_actor_cpus(count, nodes), [{"CPU": c} for c in nodes]
+    assert actors_that_fit(resources, share) >= count or share == 0.001
+    assert actors_that_fit(resources, share + 0.001) < count or share + 0.001 > max(nodes)
