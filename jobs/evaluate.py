@@ -22,6 +22,7 @@ from pipeline.ray_runtime import RayStartError, prepare_job_process
 prepare_job_process("jobs/evaluate.py")  # before the imports that need the project's packages
 
 from pipeline import evaluation_cli  # noqa: E402
+from pipeline.actor_pool import ClusterStalled, WorkerStartError  # noqa: E402
 from pipeline.datasets import DatasetError  # noqa: E402
 from pipeline.evaluation_run import (  # noqa: E402
     DatasetSelection, PlacementError, RunFolderError, WorkerPlacement, collect_samples, compare_rows, run_evaluation,
@@ -51,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run_evaluation(name, spec, config, refs, out, placement, args.overwrite)
             results, failures = outcome.results, outcome.failures
             rows = summarize_run(name, results, args.max_clicks) if results else []
-    except (DatasetError, PlacementError, RunFolderError, RayStartError) as e:
+    except (DatasetError, PlacementError, RunFolderError, RayStartError, WorkerStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ClusterStalled as e:
+        print(f"error: {e}; the finished samples are kept in {out}/results.jsonl: run again with the same options "
+              "to resume once the cluster has workers", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nevaluate: stopped; the finished samples are kept in {out}/results.jsonl: run again with the same "
               "options to resume", file=sys.stderr)

@@ -33,6 +33,7 @@ from connectors.label_studio_client import LabelStudioError  # noqa: E402
 from interformer.checkpoint import CheckpointError  # noqa: E402
 from connectors.label_studio_preannotation import ProjectLink  # noqa: E402
 from connectors.preannotate_cli import build_parser, parse_config  # noqa: E402
+from pipeline.actor_pool import WorkerStartError  # noqa: E402
 from pipeline.ledger import LedgerError  # noqa: E402
 from pipeline.preannotation_report import format_summary, nothing_segmented, push_incomplete, write_summary  # noqa: E402
 from pipeline.preannotation_run import OutputError, PreannotateConfig, RunDirError, run  # noqa: E402
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         summary = run(cfg, ProjectLink(cfg) if cfg.ls_project is not None else None)
-    except (RunDirError,
-            PromptFileError, LabelStudioError, LedgerError, RayStartError, OutputError, CheckpointError) as e:
+    except (RunDirError, PromptFileError, LabelStudioError, LedgerError, RayStartError, OutputError, CheckpointError,
+            WorkerStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)

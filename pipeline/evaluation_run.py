@@ -247,8 +247,11 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
         def new_worker() -> Any:
             return worker_cls.remote(spec, config, threads)
 
+        def placeable() -> bool:
+            return placement_problem(placement, [n["Resources"] for n in ray.nodes() if n.get("Alive")]) is None
+
         results = map_unordered_surviving([new_worker() for _ in range(n)], lambda a, ref: a.run.remote(ref), todo,
-                                          new_worker, on_lost=lost_worker_failure)
+                                          new_worker, on_lost=lost_worker_failure, placeable=placeable)
         failures = []
         with tqdm(total=len(todo), desc=f"evaluating on {n} workers", unit="sample") as bar:
             for status, key, payload in results:

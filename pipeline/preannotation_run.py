@@ -25,12 +25,13 @@ from interformer.checkpoint import model_version as weights_version
 from interformer.click_engine import ClickEngineConfig
 from interformer.training.run_lock import LOCK_FILE, RunFolderBusy, RunFolderLock
 
-from .actor_pool import map_unordered_surviving
+from .actor_pool import ClusterStalled, live_workers, map_unordered_surviving
 from .coco_output import FORMATS, coco_annotations, coco_results
 from .encoding import EncoderSpec, build_predictor
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
 from .files import write_json_atomic
 from .ledger import Ledger
+from .placement import actors_that_fit
 from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec, lost_image
 from .preannotation_report import REPORT, SUMMARY, PreannotateSummary, tally, write_report
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptFileError, PromptSet, coco_prompts, read_coco_file
@@ -485,17 +486,23 @@ def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: Preannota
             n = max(1, min(n, len(jobs)))
             summary.workers = n
             actor = ray.remote(PreannotateWorker).options(num_cpus=cfg.cpus_per_worker, max_restarts=0)
-            actors = [actor.remote(spec) for _ in range(n)]
+            # model loaded, table opened: the rest is throughput; a worker whose node was lost meanwhile is dropped
+            actors = live_workers([actor.remote(spec) for _ in range(n)], lambda a: a.ping.remote())
+            summary.startup_s = time.monotonic() - t0
+            bar.set_description(f"preannotate ({max(1, len(actors))} workers)")
+
+            def placeable() -> bool:
+                return actors_that_fit([n["Resources"] for n in ray.nodes() if n.get("Alive")],
+                                       cfg.cpus_per_worker) > 0
+
             try:
-                ray.get([a.ping.remote() for a in actors])  # model loaded, table opened: the rest is throughput
-                summary.startup_s = time.monotonic() - t0
-                bar.set_description(f"preannotate ({n} workers)")
-                for result in map_unordered_surviving(actors, lambda a, job: a.run.remote(job), jobs,
-                                                      lambda: actor.remote(spec), on_lost=lost_image):
+                for result in map_unordered_surviving(actors or [actor.remote(spec)], lambda a, job: a.run.remote(job),
+                                                      jobs, lambda: actor.remote(spec), on_lost=lost_image,
+                                                      placeable=placeable):
                     bar.update(len(result.objects))
                     yield result
-            except ray.exceptions.RayActorError as e:  # a worker died while loading the model
-                raise WorkerDied(f"a worker died: {str(e).splitlines()[0][:300]}") from None
+            except ClusterStalled as e:
+                raise WorkerDied(str(e)) from None
         finally:
             ray.shutdown()
     finally:
