@@ -186,6 +186,8 @@ def placement_problem(count: int, actor_cpus: float, node_cpus: Sequence[float])
             "lower --actor-cpus or --actors, or add nodes")
 
 
+RECREATE_WINDOW_S = 3600.0  # an actor created anew more than max_restarts + 1 times within this is a crash loop
+
 SegmentActor = ray.remote(_SegmentActor)
 EncoderActor = ray.remote(_EncoderActor)
 
@@ -206,15 +208,23 @@ class ActorPool:
         # processes) on a few cores turn a 100 ms click step into seconds.
         opts = dict(num_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=0,
                     runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+        self._opts, self._log_level = opts, log_level
         self.encoder = (EncoderActor.options(**opts).remote(cfg, log_level) if encode_on_demand else None)
-        self.actors = [SegmentActor.options(**opts).remote(i, cfg, self.encoder is not None, log_level)
-                       for i in range(num_actors)]
+        self.actors = [self._new_actor(i) for i in range(num_actors)]
         self.router = StickyRouter(num_actors)
         self.retries = 0  # requests retried because their actor died (each at most once)
+        self.recreated = 0  # actors created anew after Ray's restarts of one were used up
         self._ready = False
+        self._dead: set[int] = set()  # indices whose actor is dead for good and not (yet) replaced
+        self._replacing: dict[int, asyncio.Lock] = {}
+        self._recreations: dict[int, list[float]] = {}
+
+    def _new_actor(self, index: int) -> Any:
+        return SegmentActor.options(**self._opts).remote(index, self.cfg, self.encoder is not None, self._log_level)
 
     def ready(self) -> bool:
-        return self._ready
+        """Every serving actor has started and none is dead for good (the server's /health)."""
+        return self._ready and not self._dead
 
     def wait_ready(self, timeout_s: float = 300.0) -> dict[str, Any]:
         """Block until every actor has loaded its model and opened the table; raises on failure."""
@@ -244,12 +254,12 @@ class ActorPool:
             self.router.inflight[index] -= 1
 
     async def _segment_on(self, index: int, req: SegmentRequest) -> SegmentResult:
-        actor = self.actors[index]
         encode_ms = None
         attempt = 1
         while True:
             try:
-                result = await actor.segment.remote(req)
+                result = await self.actors[index].segment.remote(req)  # the actor at index may have been replaced
+                self._dead.discard(index)
                 if encode_ms is None:
                     return result
                 return dataclasses.replace(result, encoded_on_demand=True,
@@ -296,15 +306,38 @@ class ActorPool:
         deadline = time.monotonic() + self.restart_timeout_s
         while True:
             try:
-                await self.actors[index].ping.remote()
+                await asyncio.wait_for(self.actors[index].ping.remote(), max(0.1, deadline - time.monotonic()))
                 return
-            except ActorUnavailableError:
+            except (ActorUnavailableError, asyncio.TimeoutError):
                 if time.monotonic() > deadline:
                     raise SegmentError(503, f"actor {index} did not come back within "
                                             f"{self.restart_timeout_s:.0f} s") from None
                 await asyncio.sleep(0.1)
-            except RayActorError as e:  # died for good (restarts used up)
-                raise _logged_error(503, f"serving actor {index} is dead", e, actor=index) from None
+            except RayActorError as e:  # died for good (Ray's restarts used up): a new actor takes its place
+                await self._replace(index, e)
+
+    async def _replace(self, index: int, error: Exception) -> None:
+        """Create a new serving actor at `index` after Ray's `max_restarts` of the old one were used up (a
+        long-lived backend loses nodes now and then), unless it already was `max_restarts + 1` times in the last
+        hour (a crash loop: then 503, and /health says not ready). Concurrent callers create one actor."""
+        dead = self.actors[index]
+        async with self._replacing.setdefault(index, asyncio.Lock()):
+            if self.actors[index] is not dead:  # another request replaced it meanwhile
+                return
+            now = time.monotonic()
+            recent = [t for t in self._recreations.get(index, []) if now - t < RECREATE_WINDOW_S]
+            if len(recent) > self.max_restarts:
+                self._dead.add(index)
+                raise _logged_error(503, f"serving actor {index} is dead and kept dying after being created anew "
+                                         f"{len(recent)} times within an hour", error, actor=index)
+            self._dead.add(index)
+            log_event(log, "serving actor dead for good: creating a new one", level=30, actor=index,
+                      error=str(error)[:300])
+            self._recreations[index] = [*recent, now]
+            self.actors[index] = self._new_actor(index)
+            self.recreated += 1
+        await self._until_alive(index)
+        self._dead.discard(index)
 
     def shutdown(self) -> None:
         """Kill the actors (no restart)."""

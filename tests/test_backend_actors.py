@@ -72,6 +72,29 @@ def test_a_killed_actor_is_restarted_and_the_request_retried(pool):
     np.testing.assert_array_equal(rle_to_mask(res.rle, *SIZE), ref(pool, "img-1", list(clicks)))
 
 
+def test_an_actor_dead_for_good_is_created_anew_and_health_tells_a_crash_loop(pool):
+    """Ray's max_restarts count over an actor's whole life: a backend that loses nodes now and then used to
+    answer 503 for good once they were used up, while /health still said ready. The pool creates a new actor
+    (max_restarts + 1 times an hour at most: more is a crash loop, then 503 and not ready)."""
+    p = pool["pool"]
+    lone = ActorPool(p.cfg, num_actors=1, actor_cpus=0.25, encode_on_demand=False, max_restarts=0,
+                     restart_timeout_s=120)
+    try:
+        lone.wait_ready(timeout_s=180)
+        clicks = (pixel(30, 30, SIZE), pixel(70, 60, SIZE))
+        run(lone, SegmentRequest(clicks=clicks[:1], original_size=SIZE, image_id="img-1", region_key="k"))
+        os.kill(ray.get(lone.actors[0].ping.remote()), signal.SIGKILL)  # no restart left: dead for good
+        res = run(lone, SegmentRequest(clicks=clicks, original_size=SIZE, image_id="img-1", region_key="k"))
+        assert lone.recreated == 1 and lone.ready() and res.path == "replay"
+        np.testing.assert_array_equal(rle_to_mask(res.rle, *SIZE), ref(pool, "img-1", list(clicks)))
+        os.kill(ray.get(lone.actors[0].ping.remote()), signal.SIGKILL)  # again within the hour: a crash loop
+        with pytest.raises(SegmentError) as failed:
+            run(lone, SegmentRequest(clicks=clicks, original_size=SIZE, image_id="img-1", region_key="k"))
+        assert failed.value.status == 503 and not lone.ready()
+    finally:
+        lone.shutdown()
+
+
 def test_missing_features_are_encoded_by_the_encoder_actor(pool):
     p = pool["pool"]
     path = str(pool["paths"][2])
