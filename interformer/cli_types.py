@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 
@@ -84,3 +85,11 @@ def range_problems(config: Any) -> list[str]:
             except argparse.ArgumentTypeError as e:
                 problems.append(f"{f.name} {e}")
     return problems
+
+
+def absolute_folder(value: str) -> str:
+    """An argparse `type` for a local folder that other processes use too (Ray workers and actors run in other
+    working directories): `~` expanded and made absolute against this process's working directory."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must be a folder path, got an empty string")
+    return os.path.abspath(os.path.expanduser(value))

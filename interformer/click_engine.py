@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli_types import COUNT
+from .cli_types import COUNT, absolute_folder
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache, PatchMerging, Roi
 from .runtime import (CACHE_ENV, compile_settings, engine_cache_root, native_bf16, openvino_available,
@@ -464,7 +464,7 @@ def add_click_engine_arguments(parser, compile_default: str = "blocking") -> Non
                         help="what runs each click: torch (exact fp32 reference), openvino-f32 (same masks, faster), "
                         "openvino-bf16 (fastest, on CPUs with AMX / AVX512-BF16), fast (bf16 where native, else "
                         "f32); falls back with a logged reason (default: %(default)s)")
-    parser.add_argument("--engine-cache", default=None, metavar="DIR",
+    parser.add_argument("--engine-cache", type=absolute_folder, default=None, metavar="DIR",
                         help=f"folder for the runtime's converted models: click networks, and the image encoder where it "
                         f"runs on openvino (default: ${CACHE_ENV}, else ~/.cache/interformer/click-engine)")
     parser.add_argument("--engine-compile", choices=COMPILE_MODES, default=compile_default,

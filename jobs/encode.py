@@ -23,7 +23,7 @@ import os  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
 from interformer.checkpoint import CheckpointError  # noqa: E402
-from interformer.cli_types import COUNT, POSITIVE, SEED, integer  # noqa: E402
+from interformer.cli_types import COUNT, POSITIVE, SEED, absolute_folder, integer  # noqa: E402
 from interformer.config import CONFIGS, DEFAULT_MAX_ENCODE_MEMORY_GIB, PreprocessConfig  # noqa: E402
 from interformer.encode_engine import ENCODE_PRECISIONS, add_encode_engine_argument  # noqa: E402
 from interformer.features import STORAGE_DTYPES  # noqa: E402
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoder arithmetic: bf16 (CPUs with AMX / AVX512-BF16, or CUDA) is faster with a pyramid within ~1%% "
         "RMS of fp32 (bench/bench_feature_precision.py)")
     add_encode_engine_argument(p)
-    add("--engine-cache", default=None, metavar="DIR",
+    add("--engine-cache", type=absolute_folder, default=None, metavar="DIR",
         help=f"folder for the runtime's converted models (default: ${CACHE_ENV}, else "
         "~/.cache/interformer/click-engine)")
     add("--batch-size", type=COUNT, default=4, help="images per encoder forward pass")

@@ -349,3 +349,19 @@ def test_conv_patch_merging_is_patch_merging(dtype, h, w, c, offset, scale, ramp
     # error (1.3e-6 x magnitude the worst hypothesis found; 0.6e-6 over 1500 random cases): 4e-6 x magnitude.
     floor = (4e-6 if dtype == torch.float32 else 1e-2) * max(1.0, want.abs().max().item())
     assert err <= 3 * own + floor, (err, own)
+
+
+def test_a_relative_engine_cache_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray workers and actors run in other working directories: a relative --engine-cache would give each its
+    own cache (or none it can write), so every command line makes it absolute when it is parsed."""
+    import jobs.encode
+    from connectors.cli import build_parser
+    from pipeline import evaluation_cli
+
+    monkeypatch.chdir(tmp_path)
+    expected = str(tmp_path / "engines")
+    assert build_parser().parse_args(["--variant", "small", "--engine-cache", "engines"]).engine_cache == expected
+    assert jobs.encode.build_parser().parse_args(["imgs", "--engine-cache", "engines"]).engine_cache == expected
+    args = evaluation_cli.parse_args("interformer-evaluate", "", ["--baseline", "grabcut", "GrabCut",
+                                                                   "--engine-cache", "engines"])
+    assert args.engine_cache == expected
