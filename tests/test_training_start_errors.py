@@ -257,7 +257,8 @@ def test_gpus_a_cpu_cluster_lacks_are_refused_instead_of_waiting_forever(shared_
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("mode, sig", [("local", "SIGTERM"), ("ray", "SIGINT")])  # SIGTERM on Ray: test_ray_runtime_signals
+# SIGTERM on Ray is the init_ray property tested in test_ray_runtime_signals.py
+@pytest.mark.parametrize("mode, sig", [("local", "SIGTERM"), ("ray", "SIGINT")])
 def test_a_stopped_run_says_what_it_kept_and_exits_130(shared_dir, tmp_path, mode, sig):
     """SIGTERM or Ctrl-C during a run, local or on Ray (whose Train installs its own Ctrl-C handler and used to
     leave with exit 1 and no word): one line naming the kept checkpoint, exit 130, no traceback."""
