@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -13,9 +12,10 @@ import re
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .file_locks import flock_within
 
 CACHE_ENV = "INTERFORMER_ENGINE_CACHE"
 
@@ -250,21 +250,13 @@ def _conversion_lock(path: Path, log: logging.Logger, wait_s: float | None = Non
         yield
         return
     try:
-        deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
-        delay = 0.01
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    log.warning("%s is still held by another process after %.0f s; converting without it",
-                                lock_path, LOCK_WAIT_S if wait_s is None else wait_s)
-                    break
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            except OSError:  # a filesystem without locks: convert without one
-                break
+        wait = LOCK_WAIT_S if wait_s is None else wait_s
+        try:
+            if not flock_within(fd, wait):
+                log.warning("%s is still held by another process after %.0f s; converting without it",
+                            lock_path, wait)
+        except OSError:  # a filesystem without locks: convert without one
+            pass
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -15,6 +15,8 @@ import socket
 import time
 from pathlib import Path
 
+from ..file_locks import flock_within
+
 LOCK_FILE = "writer.lock"
 _HELD_FDS: set[int] = set()  # lock fds of this process, closed in forked children (see close_inherited_locks)
 
@@ -35,17 +37,10 @@ class RunFolderLock:
         """Take the lock, waiting up to `wait_s` seconds for a holder to exit."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _holder(fd)
-                    os.close(fd)
-                    raise RunFolderBusy(busy_message(self.out_dir, holder)) from None
-                time.sleep(poll_s)
+        if not flock_within(fd, wait_s, max_poll_s=poll_s):
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunFolderBusy(busy_message(self.out_dir, holder))
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
