@@ -232,15 +232,19 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
     from tqdm import tqdm
 
     from .actor_pool import map_unordered_surviving
+    from .placement import describe, pool_size
 
     init_ray(placement.address, num_cpus=placement.num_cpus, log_to_driver=False, job="evaluate")
     try:
-        problem = placement_problem(placement, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        problem = placement_problem(placement, nodes)
         if problem:
             raise PlacementError(problem)
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        n = placement.workers or max(1, int(cpus // max(placement.cpus_per_worker, 1e-3)))
-        n = max(1, min(n, len(todo)))
+        n = max(1, pool_size(placement.workers, nodes, placement.cpus_per_worker, placement.gpus_per_worker,
+                             len(todo)))
+        if placement.workers and n < min(placement.workers, len(todo)):
+            print(f"evaluate: {n} workers, not {placement.workers}: the live nodes hold no more at once "
+                  f"({describe(nodes)})", flush=True)
         worker_cls = ray.remote(EvalWorker).options(num_cpus=placement.cpus_per_worker,
                                                     num_gpus=placement.gpus_per_worker)
         threads = max(1, int(placement.cpus_per_worker))

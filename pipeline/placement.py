@@ -29,6 +29,16 @@ def actors_that_fit(nodes: Sequence[Node], cpus: float, gpus: float = 0.0) -> in
     return sum(fits_on(node, cpus, gpus) for node in nodes)
 
 
+def pool_size(requested: int | None, nodes: Sequence[Node], cpus: float, gpus: float = 0.0, items: int | None = None) -> int:
+    """How many workers of (cpus, gpus) to start: `requested` (None: as many as the nodes hold), at most as many
+    as the live nodes hold at once and at most `items`; 0 when no node holds one. A worker beyond what the nodes
+    hold is queued by Ray without end, and the items handed to it would wait with it."""
+    n = actors_that_fit(nodes, cpus, gpus)
+    if requested is not None:
+        n = min(n, requested)
+    return max(0, min(n, items) if items is not None else n)
+
+
 def largest_share(count: int, nodes: Sequence[Node], cap: float | None = None) -> float | None:
     """The largest CPU share (in thousandths, at most `cap`) with which `count` CPU actors all fit on the nodes
     (a size each node holds a whole number of: an even split of the total can fit nowhere on small nodes), or

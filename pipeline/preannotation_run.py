@@ -25,13 +25,13 @@ from interformer.checkpoint import model_version as weights_version
 from interformer.click_engine import ClickEngineConfig
 from interformer.training.run_lock import LOCK_FILE, RunFolderBusy, RunFolderLock
 
-from .actor_pool import ClusterStalled, live_workers, map_unordered_surviving
+from .actor_pool import ClusterStalled, WorkerStartError, live_workers, map_unordered_surviving
 from .coco_output import FORMATS, coco_annotations, coco_results
 from .encoding import EncoderSpec, build_predictor
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
 from .files import write_json_atomic
 from .ledger import Ledger
-from .placement import actors_that_fit
+from .placement import actors_that_fit, describe, pool_size
 from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec, lost_image
 from .preannotation_report import REPORT, SUMMARY, PreannotateSummary, tally, write_report
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptFileError, PromptSet, coco_prompts, read_coco_file
@@ -481,9 +481,14 @@ def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: Preannota
 
         init_ray(cfg.address, num_cpus=cfg.num_cpus, log_to_driver=True, job="preannotate")
         try:
-            cpus = ray.cluster_resources().get("CPU", 1.0)
-            n = cfg.workers or max(1, int(cpus // max(cfg.cpus_per_worker, 1e-3)))
-            n = max(1, min(n, len(jobs)))
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            n = pool_size(cfg.workers, nodes, cfg.cpus_per_worker, items=len(jobs))
+            if n == 0:
+                raise WorkerStartError(f"--cpus-per-worker {cfg.cpus_per_worker:g}: no live node of the cluster can "
+                                       f"hold a worker ({describe(nodes)})")
+            if cfg.workers and n < min(cfg.workers, len(jobs)):
+                print(f"preannotate: {n} workers, not {cfg.workers}: the live nodes hold no more at once "
+                      f"({describe(nodes)})", file=sys.stderr, flush=True)
             summary.workers = n
             actor = ray.remote(PreannotateWorker).options(num_cpus=cfg.cpus_per_worker, max_restarts=0)
             # model loaded, table opened: the rest is throughput; a worker whose node was lost meanwhile is dropped

@@ -68,3 +68,15 @@ def test_a_slow_item_is_waited_for_while_a_worker_can_be_placed(tmp_path):
     worker = Worker.remote(str(tmp_path / "starts"))
     assert list(map_unordered_surviving([worker], lambda a, x: a.run.remote(x), [3.0], lambda: None,
                                         placeable=lambda: True, stall_timeout_s=0.5)) == [3.0]
+
+
+def test_a_pool_is_never_larger_than_the_live_nodes_hold():
+    from pipeline.placement import pool_size
+
+    nodes = [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 4.0}]
+    assert pool_size(None, nodes, 1.0) == 6
+    assert pool_size(9, nodes, 1.0) == 6  # the rest would be queued by Ray without end, their items with them
+    assert pool_size(9, nodes, 1.5) == 2  # 4.5 CPUs in all but one node of 4 holds two
+    assert pool_size(2, nodes, 1.0, items=1) == 1
+    assert pool_size(None, nodes, 8.0) == 0
+    assert pool_size(None, [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 8.0}], 1.0, gpus=1.0) == 1
