@@ -29,7 +29,8 @@ def actors_that_fit(nodes: Sequence[Node], cpus: float, gpus: float = 0.0) -> in
     return sum(fits_on(node, cpus, gpus) for node in nodes)
 
 
-def pool_size(requested: int | None, nodes: Sequence[Node], cpus: float, gpus: float = 0.0, items: int | None = None) -> int:
+def pool_size(requested: int | None, nodes: Sequence[Node], cpus: float, gpus: float = 0.0,
+              items: int | None = None) -> int:
     """How many workers of (cpus, gpus) to start: `requested` (None: as many as the nodes hold), at most as many
     as the live nodes hold at once and at most `items`; 0 when no node holds one. A worker beyond what the nodes
     hold is queued by Ray without end, and the items handed to it would wait with it."""
