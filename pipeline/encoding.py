@@ -11,7 +11,8 @@ exactly-once commits, which is what makes a killed run safe to re-run.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -38,7 +39,7 @@ from .feature_store import (
 )
 from .faults import fault_point
 from .images import ENCODE_FAILED, TOO_LARGE, ImageDecodeError, decode_image_oriented, max_file_bytes
-from .placement import Node, actors_that_fit, describe, fits_on, largest_share
+from .placement import Node, actors_that_fit, describe, fits_on, largest_share, worst_room
 from .sources import read_bytes
 from .staged_commits import StagedRecord, stage
 
@@ -332,13 +333,12 @@ def plan_resources(
             "its read tasks and the job would hang; use fewer or smaller encoders"
         )
     plan = ResourcePlan(n, float(cpus), gpus, max(1, int(cpus)), float(min(1.0, left)))
-    if nodes:
-        _check_nodes(plan, nodes, task_memory)
-    return plan
+    return _check_nodes(plan, nodes, task_memory) if nodes else plan
 
 
-def _check_nodes(plan: ResourcePlan, nodes: Sequence[Node], task_memory: float) -> None:
-    """ResourcePlanError when the plan's encoders or its decode task cannot all be placed on the nodes."""
+def _check_nodes(plan: ResourcePlan, nodes: Sequence[Node], task_memory: float) -> ResourcePlan:
+    """The plan with a decode task's CPU share that some node has free while the encoders run, wherever Ray put
+    them; ResourcePlanError when the encoders or a decode task cannot all be placed on the nodes."""
     fit = actors_that_fit(nodes, plan.cpus_per_encoder, plan.gpus_per_encoder)
     if fit < plan.num_encoders:
         gpu = f" + {plan.gpus_per_encoder:g} GPU" if plan.gpus_per_encoder else ""
@@ -347,8 +347,17 @@ def _check_nodes(plan: ResourcePlan, nodes: Sequence[Node], task_memory: float) 
             f"{plan.num_encoders} encoders of {size} each cannot all be placed: the cluster's nodes "
             f"({describe(nodes)}) hold {fit}, and Ray would wait for the others forever; use fewer or smaller "
             "encoders (--num-encoders, --cpus-per-encoder)")
-    if not any(fits_on(node, plan.cpus_per_task, 0.0, task_memory) for node in nodes):
+    if not any(fits_on(node, min(plan.cpus_per_task, float(node.get("CPU", 0.0))) or 1.0, 0.0, task_memory)
+               for node in nodes):
         raise ResourcePlanError(
-            f"no node of the cluster ({describe(nodes)}) can run a decode task ({plan.cpus_per_task:g} CPU and "
+            f"no node of the cluster ({describe(nodes)}) can run a decode task (CPUs and "
             f"{task_memory / 1024**2:.0f} MiB of Ray memory): Ray would wait for one forever; give the nodes more "
             "memory or CPUs")
+    room = math.floor(worst_room(nodes, plan.num_encoders, plan.cpus_per_encoder, plan.gpus_per_encoder,
+                                 task_memory) * 1000 + 1e-6) / 1000
+    if room <= 0:
+        raise ResourcePlanError(
+            f"{plan.num_encoders} encoders of {plan.cpus_per_encoder:g} CPUs each can take every CPU of the nodes "
+            f"that could run a decode task ({describe(nodes)}): Ray would wait for one forever; use fewer or "
+            "smaller encoders (--num-encoders, --cpus-per-encoder)")
+    return replace(plan, cpus_per_task=min(plan.cpus_per_task, room))

@@ -51,6 +51,24 @@ def largest_share(count: int, nodes: Sequence[Node], cap: float | None = None) -
     return next((c for c in sorted(candidates, reverse=True) if c > 0 and actors_that_fit(nodes, c) >= count), None)
 
 
+def worst_room(nodes: Sequence[Node], count: int, cpus: float, gpus: float = 0.0, memory: float = 0.0) -> float:
+    """The CPUs a task needing `memory` is sure to find free on some node while `count` actors of (cpus, gpus) run,
+    wherever Ray placed them: the largest CPU room left on a node that holds the memory, under the placement that
+    makes it smallest (Ray may fill every node partly, e.g. 2 actors of 1.5 CPUs on 2 nodes of 2 leave 0.5 each
+    although 1 CPU is free in total). Greedy is that placement: each actor goes where the most room is left."""
+    holds = [memory <= 0 or "memory" not in n or float(n["memory"]) + _EPS >= memory for n in nodes]
+    rooms = [float(n.get("CPU", 0.0)) if ok else 0.0 for n, ok in zip(nodes, holds)]
+    spare = [fits_on(n, cpus, gpus) if ok else 0 for n, ok in zip(nodes, holds)]
+    for _ in range(count):
+        open_ = [i for i in range(len(nodes)) if spare[i] > 0]
+        if not open_:
+            break
+        i = max(open_, key=lambda j: rooms[j])
+        rooms[i] -= cpus
+        spare[i] -= 1
+    return max([r for r, ok in zip(rooms, holds) if ok], default=0.0)
+
+
 def describe(nodes: Sequence[Node]) -> str:
     """The nodes' CPUs (and GPUs where any), for messages: 'CPUs per node: 1, 1, 1'."""
     cpus = ", ".join(f"{float(n.get('CPU', 0.0)):g}" for n in nodes) or "none"

@@ -60,7 +60,7 @@ def test_encode_survives_a_worker_node_killed_mid_run(tmp_path):
     db = tmp_path / "db"
     try:
         cmd = [sys.executable, "-m", "jobs.encode", str(root), "--db", str(db), "--variant", "small",
-               "--address", cluster.address, "--num-encoders", "1", "--cpus-per-encoder", "1",
+               "--address", cluster.address,  # no pool options: the default plan must fit nodes of 1 CPU
                "--batch-size", "2", "--write-batch", "2", "--commit-interval", "0.2"]
         env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
         env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
@@ -82,7 +82,31 @@ def test_encode_survives_a_worker_node_killed_mid_run(tmp_path):
         (faults / "release").touch()
         cluster.shutdown()
     assert job.returncode == 0, out[-4000:]
+    assert "1 CPU encoder actor(s), 1 CPUs each" in out, out[-3000:]  # was 2 CPUs (from the total): a hang
     assert _rows(db) == good, "each good image stored exactly once"
     assert _errors(db) == BAD
     assert f"encoded      {len(good)} of {len(good) + len(BAD)} to do" in out, out[-3000:]
     assert not list((tmp_path / "db" / "features_staged").glob("*.json")), "staged work left uncommitted"
+
+
+@pytest.mark.slow
+def test_encoders_no_node_can_hold_are_refused_before_anything_is_written(tmp_path):
+    """Ray places an actor whole on one node and waits forever for one no live node can hold: encoders of 2 CPUs
+    on nodes of 1 CPU (3 CPUs in all) are exit 2 with one sentence, and no row is written."""
+    root = tmp_path / "images"
+    _collection(root, 2)
+    cluster = start_cluster(workers=3)
+    db = tmp_path / "db"
+    try:
+        cmd = [sys.executable, "-m", "jobs.encode", str(root), "--db", str(db), "--variant", "small",
+               "--address", cluster.address, "--num-encoders", "1", "--cpus-per-encoder", "2"]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
+        job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        cluster.shutdown()
+    errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
+    assert job.returncode == 2 and len(errors) == 1 and "cannot all be placed" in errors[0], job.stderr[-3000:]
+    assert "CPUs per node:" in errors[0], errors  # the sentence says why: the nodes' sizes
+    tables = lancedb.connect(str(db)).table_names() if db.exists() else []
+    assert "features" not in tables or not _rows(db), "nothing is written before the plan is checked"

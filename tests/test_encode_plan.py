@@ -34,6 +34,50 @@ def test_a_plan_either_fits_the_nodes_or_is_refused(node_cpus, num_encoders, cpu
         return
     assert actors_that_fit(nodes, plan.cpus_per_encoder) >= plan.num_encoders
     assert any(fits_on(n, plan.cpus_per_task, 0.0, 512 * 1024**2) for n in nodes)
+    # wherever Ray put the encoders, a node that holds the task's memory has its CPU share free
+    for counts in _placements([fits_on(n, plan.cpus_per_encoder) for n in nodes], plan.num_encoders):
+        assert any(n["CPU"] - k * plan.cpus_per_encoder >= plan.cpus_per_task - 1e-9 and n["memory"] >= 512 * 1024**2
+                   for n, k in zip(nodes, counts)), (counts, plan)
+
+
+def _placements(capacity: list[int], count: int):
+    """Every way to put `count` identical actors on nodes holding `capacity` of them each (actors per node)."""
+    if not capacity:
+        if count == 0:
+            yield ()
+        return
+    for here in range(min(capacity[0], count) + 1):
+        for rest in _placements(capacity[1:], count - here):
+            yield (here, *rest)
+
+
+@settings(max_examples=300, deadline=None)
+@given(node_cpus=st.lists(NODE_SIZES, min_size=1, max_size=5), count=st.integers(1, 5),
+       cpus=st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0, 3.0]), small_memory=st.lists(st.booleans(), min_size=5))
+def test_worst_room_is_the_least_room_any_placement_leaves(node_cpus, count, cpus, small_memory):
+    """The room a task is sure to find is the smallest, over every placement of the actors, of the largest CPU
+    room left on a node holding the task's memory (brute force over all placements)."""
+    from pipeline.placement import fits_on, worst_room
+
+    nodes = [{"CPU": c, "memory": 100.0 if small else 1000.0} for c, small in zip(node_cpus, small_memory)]
+    rooms = [max([n["CPU"] - k * cpus for n, k in zip(nodes, counts) if n["memory"] >= 500.0], default=0.0)
+             for counts in _placements([fits_on(n, cpus) for n in nodes], count)]
+    if rooms:  # the actors can all be placed
+        assert worst_room(nodes, count, cpus, memory=500.0) == pytest.approx(min(rooms))
+
+
+def test_a_decode_task_gets_the_cpu_share_encoders_leave_on_some_node():
+    """2 encoders of 1.5 CPUs on 2 nodes of 2 leave 1 CPU in all but 0.5 per node: a 1-CPU decode task was
+    placeable nowhere while they ran (a silent hang); it now asks for 0.5. Encoders that can fill every node
+    are refused."""
+    from pipeline.encoding import ResourcePlanError
+
+    two = [{"CPU": 2.0}] * 2
+    assert plan_resources(4, 0, num_encoders=2, cpus_per_encoder=1.5, nodes=two).cpus_per_task == 0.5
+    assert plan_resources(4, 0, num_encoders=1, cpus_per_encoder=1.5, nodes=two).cpus_per_task == 1.0
+    with pytest.raises(ResourcePlanError, match="can take every CPU"):
+        plan_resources(5, 0, num_encoders=2, cpus_per_encoder=2, nodes=[*two, {"CPU": 1.0, "memory": 1.0}],
+                       task_memory=512 * 1024**2)
 
 
 def test_small_nodes_get_encoders_they_can_hold():
