@@ -56,6 +56,10 @@ def _pool(error: BaseException) -> actors.ActorPool:
     pool.actors, pool.restart_timeout_s, pool.retries = [_Handle(error)], 1.0, 0
     pool.encoder = _Handle(error)
     pool.router = actors.StickyRouter(1)
+    # an actor dead for good is created anew (failing the same way) until the crash-loop bound answers 503
+    pool.max_restarts, pool.recreated = 0, 0
+    pool._dead, pool._replacing, pool._recreations = set(), {}, {}
+    pool._new_actor = lambda index: _Handle(error)
     return pool
 
 
