@@ -20,6 +20,19 @@ class InvalidImageError(ValueError):
     """The array given as an image cannot be used (wrong rank, channels, dtype, size)."""
 
 
+# The most bytes an image file under a pixel limit is read with (by the encoder's readers and by training). The
+# widest stored pixel of the image formats read (JPEG, PNG, BMP, TIFF, WebP, GIF) is 8 bytes (16-bit RGBA,
+# uncompressed TIFF or stored-deflate PNG, plus PNG's filter byte per row: 9 for a one-pixel-wide image); twice that leaves room for a second frame or page, and the headroom for metadata
+# (EXIF, ICC profiles, XMP, embedded thumbnails). A file over it cannot be an image the limit lets through.
+MAX_FILE_BYTES_PER_PIXEL = 16
+FILE_HEADROOM_BYTES = 64 * 1024 * 1024
+
+
+def max_file_bytes(max_pixels: int | None) -> int | None:
+    """The byte cap for reading an image file decoded under `max_pixels` (None: no pixel limit, no cap)."""
+    return None if max_pixels is None else max_pixels * MAX_FILE_BYTES_PER_PIXEL + FILE_HEADROOM_BYTES
+
+
 def validate_image(image: np.ndarray, max_pixels: int | None = None) -> np.ndarray:
     """Check that `image` is an RGB uint8 HxWx3 array (a 2-D grey image is promoted) and return it."""
     if isinstance(image, torch.Tensor):

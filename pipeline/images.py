@@ -29,6 +29,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from interformer.preprocess import max_file_bytes  # noqa: F401 - the read cap, re-used by the readers here
+
 from .orientation import IDENTITY, normalize_tag
 
 # Reason codes carried by ImageDecodeError (and stored in the errors table).
@@ -55,19 +57,6 @@ FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "GIF": (".gif",),
 }
 IMAGE_FORMATS = tuple(FORMAT_EXTENSIONS)
-
-# The most bytes an image file under a pixel limit is read with. The widest stored pixel of the formats above is
-# 8 bytes (16-bit RGBA, uncompressed TIFF or stored-deflate PNG, plus PNG's filter byte per row: 9 for a
-# one-pixel-wide image); twice that leaves room for a second frame or page, and the headroom for metadata
-# (EXIF, ICC profiles, XMP, embedded thumbnails). A file over it cannot be an image the limit lets through.
-MAX_FILE_BYTES_PER_PIXEL = 16
-FILE_HEADROOM_BYTES = 64 * 1024 * 1024
-
-
-def max_file_bytes(max_pixels: int | None) -> int | None:
-    """The byte cap for reading an image file decoded under `max_pixels` (None: no pixel limit, no cap)."""
-    return None if max_pixels is None else max_pixels * MAX_FILE_BYTES_PER_PIXEL + FILE_HEADROOM_BYTES
-
 
 class ImageDecodeError(ValueError):
     """An input file is not a usable image; `reason` is one of `REASONS`."""

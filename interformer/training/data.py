@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..coco_rle import RLEError, checked_counts
 from ..config import PreprocessConfig
+from ..preprocess import max_file_bytes
 from ..polygons import PolygonError, checked_polygons, rasterize
 from .augment import IGNORE_SEGMENT
 
@@ -82,12 +83,6 @@ def read_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarra
     if img is None:
         raise DataError(f"cannot read image {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def max_file_bytes(max_pixels: int | None) -> int | None:
-    """The most bytes an image file of at most `max_pixels` pixels is read with (None: no limit): 16 bytes per
-    pixel (16-bit RGBA stored uncompressed, twice over for a second frame) plus 64 MiB of metadata headroom."""
-    return None if max_pixels is None else max_pixels * 16 + 64 * 1024 * 1024
 
 
 def paint_with_overlap_rule(shape: tuple[int, int], masks: Iterable[np.ndarray], max_overlap: float = 0.5) -> np.ndarray:
