@@ -22,8 +22,9 @@ class InvalidImageError(ValueError):
 
 # The most bytes an image file under a pixel limit is read with (by the encoder's readers and by training). The
 # widest stored pixel of the image formats read (JPEG, PNG, BMP, TIFF, WebP, GIF) is 8 bytes (16-bit RGBA,
-# uncompressed TIFF or stored-deflate PNG, plus PNG's filter byte per row: 9 for a one-pixel-wide image); twice that leaves room for a second frame or page, and the headroom for metadata
-# (EXIF, ICC profiles, XMP, embedded thumbnails). A file over it cannot be an image the limit lets through.
+# uncompressed TIFF or stored-deflate PNG, plus PNG's filter byte per row: 9 for a one-pixel-wide image); twice
+# that leaves room for a second frame or page, and the headroom for metadata (EXIF, ICC profiles, XMP, embedded
+# thumbnails). A file over it cannot be an image the limit lets through.
 MAX_FILE_BYTES_PER_PIXEL = 16
 FILE_HEADROOM_BYTES = 64 * 1024 * 1024
 
