@@ -43,7 +43,7 @@ from .cli_types import COUNT, absolute_folder
 from .modeling import InterFormer
 from .modeling.imsa import IMSACache, PatchMerging, Roi
 from .runtime import (CACHE_ENV, compile_settings, engine_cache_root, native_bf16, openvino_available,
-                      read_or_convert, weights_key)
+                      read_or_convert, runtime_tag, weights_key)
 
 log = logging.getLogger("interformer.click_engine")
 
@@ -286,8 +286,9 @@ class OpenVINOEngine:
         size = "x".join(str(v) for v in signature[1][0][-2:])
         shape_key = hashlib.sha256(repr(signature).encode()).hexdigest()[:12]
         # "v6": the graph's version (ConvPatchMerging, centred statistics); one IR serves both precisions. The
-        # key holds every input's shape and dtype: an IR converted for other dtypes is never read for these.
-        return self.cache_dir / self._digest / f"click_v6_{size}_{shape_key}.xml"
+        # key holds the OpenVINO release and every input's shape and dtype: an IR converted by another release
+        # or for other dtypes is never read for these.
+        return self.cache_dir / self._digest / f"click_v6_{runtime_tag()}_{size}_{shape_key}.xml"
 
     @staticmethod
     def _mismatch(ports, signature: Signature) -> str | None:
@@ -387,6 +388,16 @@ class OpenVINOEngine:
             self._store(signature, entry)
         return entry
 
+    def _give_up(self, signature: Signature, error: Exception) -> None:
+        """A compiled size whose inference failed answers on torch for good in this process: the failure (out
+        of memory, a runtime fault) would recur, and a click must never wait on one that fails every time."""
+        with self._entries:
+            self._compiled.pop(signature, None)
+            self._loaded.pop(signature, None)
+            self._failed.add(signature)
+        log.error("click engine fallback: %s failed running the click network for %s (%s: %s); torch answers "
+                  "this size from now on", self.name, signature[1][0], type(error).__name__, error)
+
     def _unusable(self, why: str) -> "TorchEngine":
         if why not in self._unusable_logged:
             self._unusable_logged.add(why)
@@ -416,6 +427,9 @@ class OpenVINOEngine:
             low = self._infer(signature, inputs, request, lock, cache)
         except EngineShapeError as e:  # a compiled model that does not take these inputs: never a guessed mask
             log.error("click engine: %s; torch answers this click", e)
+            return self._fallback.margin(x0, ref_label, cache, roi)
+        except Exception as e:  # the runtime failed while running (memory at a huge size, a broken kernel)
+            self._give_up(signature, e)
             return self._fallback.margin(x0, ref_label, cache, roi)
         h, w = ref_label.shape[-2:]
         # Bilinear with half-pixel centres: the same function as F.interpolate(align_corners=False),

@@ -30,7 +30,7 @@ from torch import nn
 
 from .modeling.fpn import MAEWithSimpleFPN
 from .modeling.vit import keeps_training_tables, nearest_grid_index
-from .runtime import compile_settings, native_bf16, openvino_available, read_or_convert, weights_key
+from .runtime import compile_settings, native_bf16, openvino_available, read_or_convert, runtime_tag, weights_key
 
 log = logging.getLogger("interformer.encode_engine")
 
@@ -149,9 +149,10 @@ class OpenVINOEncoder:
         self._lock = threading.Lock()
         self._request = None
         self._failed: str | None = None
+        self._failed_sizes: set[tuple[int, int]] = set()  # padded sizes the runtime failed to run: torch's now
 
     def ir_path(self) -> Path:
-        return self.cache_dir / backbone_digest(self.backbone) / f"{IR_VERSION}.xml"
+        return self.cache_dir / backbone_digest(self.backbone) / f"{IR_VERSION}_{runtime_tag()}.xml"
 
     def _convert(self):
         import openvino as ov
@@ -199,9 +200,18 @@ class OpenVINOEncoder:
             if not self._ready():
                 return self._fallback(batch)
             grid = (batch.shape[2] // self._patch, batch.shape[3] // self._patch)
-            self._request.infer({0: np.ascontiguousarray(batch.detach().float().numpy()),
-                                 1: token_index(grid, self._window).numpy()})
-            return [torch.from_numpy(self._request.get_output_tensor(i).data.copy()) for i in range(4)]
+            size = tuple(batch.shape[2:])
+            if size not in self._failed_sizes:
+                try:
+                    self._request.infer({0: np.ascontiguousarray(batch.detach().float().numpy()),
+                                         1: token_index(grid, self._window).numpy()})
+                    return [torch.from_numpy(self._request.get_output_tensor(i).data.copy()) for i in range(4)]
+                except Exception as e:  # the runtime failed while running (memory at a huge size, a fault)
+                    self._failed_sizes.add(size)
+                    log.error("encode engine fallback: %s failed encoding a batch of %s (%s: %s); torch encodes "
+                              "images of this padded size from now on", self.name, tuple(batch.shape),
+                              type(e).__name__, e)
+            return self._fallback(batch)
 
 
 def add_encode_engine_argument(parser, purpose: str = "what runs the image encoder") -> None:

@@ -47,6 +47,16 @@ def openvino_available() -> str | None:
     return None
 
 
+def runtime_tag() -> str:
+    """The installed OpenVINO's release as a path-safe tag (`ov2026_4_1`): part of every converted model's cache
+    key, so that a model converted (and its graph chosen) by one release is never read by another; after an
+    upgrade each size converts once more."""
+    import openvino
+
+    release = re.match(r"[0-9.]+", openvino.__version__)
+    return "ov" + re.sub(r"[^0-9A-Za-z]+", "_", release.group(0) if release else openvino.__version__).strip("_")
+
+
 def engine_cache_root(cache_dir: str | None = None) -> Path:
     """The folder of converted models: `cache_dir`, else $INTERFORMER_ENGINE_CACHE, else
     ~/.cache/interformer/click-engine (the name it had when only clicks were converted)."""

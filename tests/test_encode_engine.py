@@ -217,3 +217,40 @@ def test_predictor_encodes_on_the_engine_asked_for(small_model, f32_encoder):
     assert predictor.encoder.name == ("openvino-bf16" if runtime.native_bf16() else "openvino-f32")
     with pytest.raises(ValueError, match="encode engine"):
         Predictor(small_model, device="cpu", encode_engine="tensorrt")
+
+
+class _FailingRequest:
+    """An infer request whose runs fail the way OpenVINO's do when memory runs out at a huge size (a
+    RuntimeError from infer()); everything else is the real request's. Counts the runs it was asked for."""
+
+    def __init__(self, request, sizes: set[tuple[int, int]]) -> None:
+        self.request, self.sizes, self.runs = request, sizes, []
+
+    def infer(self, inputs):
+        size = tuple(inputs[0].shape[2:])
+        self.runs.append(size)
+        if size in self.sizes:
+            raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp: std::bad_alloc (test)")
+        return self.request.infer(inputs)
+
+    def get_output_tensor(self, i):
+        return self.request.get_output_tensor(i)
+
+
+def test_a_batch_the_runtime_fails_to_run_is_encoded_by_torch_and_its_size_stays_there(small_model, f32_encoder,
+                                                                                       caplog):
+    """A failure inside infer() (not at conversion) used to surface as the job's error: now torch encodes that
+    batch, bit for bit the reference, and every later batch of that padded size; other sizes stay on the engine."""
+    encoder = OpenVINOEncoder(small_model.backbone, "fp32", f32_encoder.cache_dir)  # reads the module's IR
+    assert encoder.prepare()
+    failing = _FailingRequest(encoder._request, {(96, 64)})
+    encoder._request = failing
+    big, other = torch.randn(2, 3, 96, 64), torch.randn(1, 3, 64, 64)
+    with caplog.at_level(logging.WARNING, logger="interformer.encode_engine"), torch.no_grad():
+        for _ in range(2):
+            got = encoder(big)
+            assert all(torch.equal(w, g) for w, g in zip(small_model.backbone(big), got))
+        reference = small_model.backbone(other)
+        assert max(_rel_rms(w, g) for w, g in zip(reference, encoder(other))) < 1e-5
+    assert failing.runs == [(96, 64), (64, 64)], "a failed size is not run again; other sizes are"
+    assert len([r for r in caplog.records if "bad_alloc" in r.getMessage()]) == 1

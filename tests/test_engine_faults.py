@@ -172,6 +172,64 @@ def test_a_session_pinned_to_an_evicted_size_stays_on_the_engine(small_model, tm
     np.testing.assert_array_equal(got.margin, want.add_click(40, 40, False).margin)
 
 
+class _FailingRequest:
+    """An infer request whose runs fail the way OpenVINO's do when memory runs out (a RuntimeError from
+    infer()); its buffers are the real request's. Counts the runs it was asked for."""
+
+    def __init__(self, request) -> None:
+        self.request, self.runs = request, 0
+
+    def infer(self):
+        self.runs += 1
+        raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp: std::bad_alloc (test)")
+
+    def get_input_tensor(self, i):
+        return self.request.get_input_tensor(i)
+
+    def get_output_tensor(self, i):
+        return self.request.get_output_tensor(i)
+
+
+def test_a_click_the_runtime_fails_to_run_is_answered_by_torch_and_its_size_stays_there(small_model, exact,
+                                                                                        tmp_path, caplog):
+    """A failure inside infer() (not at conversion) used to surface as the click's error (an HTTP 500 in the
+    backend, a failed image in pre-annotation): now torch answers, bit for bit the reference, that click and
+    every later one of its size, sessions pinned to the engine included; other sizes stay on the engine."""
+    fast = Predictor(small_model, device="cpu", engine=ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path)))
+    a, b = fast.encode(_image(64, 64)), fast.encode(_image(64, 96, 5))
+    ref_a, ref_b = _label_map(a.geometry.padded_size, 0), _label_map(b.geometry.padded_size, 1)
+    fast.predict_margin(a, ref_a, None)
+    session = fast.session(a)
+    assert session.engine is fast.engine
+    (signature, (compiled, request, lock)), = fast.engine._compiled.items()
+    failing = _FailingRequest(request)
+    fast.engine._compiled[signature] = (compiled, failing, lock)
+    with caplog.at_level(logging.WARNING, logger="interformer.click_engine"):
+        for _ in range(2):
+            np.testing.assert_array_equal(fast.predict_margin(a, ref_a, None), exact.predict_margin(a, ref_a, None))
+        np.testing.assert_array_equal(session.add_click(30, 30).margin,
+                                      exact.session(a).add_click(30, 30).margin)
+        _assert_same_masks(fast.predict_margin(b, ref_b, None), exact.predict_margin(b, ref_b, None))
+    assert failing.runs == 1, "a size that failed to run is not run again"
+    assert len(fast.engine._compiled) == 1 and signature not in fast.engine._compiled, "the other size compiled"
+    assert len([r for r in caplog.records if "bad_alloc" in r.getMessage()]) == 1
+
+
+def test_another_openvino_release_never_reads_a_cached_model(small_model, exact, feats64, tmp_path, monkeypatch):
+    """The cache key holds OpenVINO's release: an IR converted (its graph chosen) by one release is converted
+    anew by another and left in place for the first."""
+    ref = _label_map(feats64.geometry.padded_size, 4)
+    engine = ClickEngineConfig("openvino-f32", cache_dir=str(tmp_path))
+    Predictor(small_model, device="cpu", engine=engine).predict_margin(feats64, ref, None)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("click_*")}
+    monkeypatch.setattr(openvino, "__version__", "2099.1.0-1-abc-releases/2099/1")
+    upgraded = Predictor(small_model, device="cpu", engine=engine)
+    _assert_same_masks(upgraded.predict_margin(feats64, ref, None), exact.predict_margin(feats64, ref, None))
+    after = sorted(p.name for p in tmp_path.rglob("click_*.xml"))
+    assert len(after) == 2 and any("ov2099_1_0" in name for name in after), after
+    assert all(p.read_bytes() == data for p, data in before.items()), "the first release's entry is untouched"
+
+
 def test_the_bound_is_one_option_of_the_backend_evaluation_and_preannotation(tmp_path):
     from connectors.cli import build_parser
     from connectors.preannotate_cli import build_parser as preannotate_parser
