@@ -187,6 +187,7 @@ def placement_problem(count: int, actor_cpus: float, node_cpus: Sequence[float])
 
 
 RECREATE_WINDOW_S = 3600.0  # an actor created anew more than max_restarts + 1 times within this is a crash loop
+ENCODER = -1  # the encoder actor's slot; serving actors' slots are their indices
 
 SegmentActor = ray.remote(_SegmentActor)
 EncoderActor = ray.remote(_EncoderActor)
@@ -209,22 +210,32 @@ class ActorPool:
         opts = dict(num_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=0,
                     runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
         self._opts, self._log_level = opts, log_level
-        self.encoder = (EncoderActor.options(**opts).remote(cfg, log_level) if encode_on_demand else None)
+        self.encoder = self._new_actor(ENCODER) if encode_on_demand else None
         self.actors = [self._new_actor(i) for i in range(num_actors)]
         self.router = StickyRouter(num_actors)
         self.retries = 0  # requests retried because their actor died (each at most once)
         self.recreated = 0  # actors created anew after Ray's restarts of one were used up
         self._ready = False
-        self._dead: set[int] = set()  # indices whose actor is dead for good and not (yet) replaced
+        self._dead: set[int] = set()  # slots whose actor is dead for good and not (yet) replaced
         self._replacing: dict[int, asyncio.Lock] = {}
         self._recreations: dict[int, list[float]] = {}
 
-    def _new_actor(self, index: int) -> Any:
-        return SegmentActor.options(**self._opts).remote(index, self.cfg, self.encoder is not None, self._log_level)
+    def _new_actor(self, slot: int) -> Any:
+        if slot == ENCODER:
+            return EncoderActor.options(**self._opts).remote(self.cfg, self._log_level)
+        return SegmentActor.options(**self._opts).remote(slot, self.cfg, self.encoder is not None, self._log_level)
+
+    def _actor(self, slot: int) -> Any:
+        return self.encoder if slot == ENCODER else self.actors[slot]
+
+    @staticmethod
+    def _name(slot: int) -> str:
+        return "the encoder actor" if slot == ENCODER else f"serving actor {slot}"
 
     def ready(self) -> bool:
-        """Every serving actor has started and none is dead for good (the server's /health)."""
-        return self._ready and not self._dead
+        """Every serving actor has started and none is dead for good (the server's /health; images with features
+        are served whatever the encoder actor's state)."""
+        return self._ready and not (self._dead - {ENCODER})
 
     def wait_ready(self, timeout_s: float = 300.0) -> dict[str, Any]:
         """Block until every actor has loaded its model and opened the table; raises on failure."""
@@ -284,60 +295,75 @@ class ActorPool:
                 await self._until_alive(index)
 
     async def _encode(self, ask: EncodeFirst) -> float:
-        """Store the image's features through the encoder actor (the serving actors go on meanwhile); the ms."""
+        """Store the image's features through the encoder actor (the serving actors go on meanwhile); the ms.
+        An encoder actor that died (its node lost, killed for memory) is waited for while Ray restarts it, or
+        created anew, as a serving actor is, and the image is encoded once more: storing features is
+        idempotent."""
         log_event(log, "encoding on demand", image_id=ask.image_id, image_ref=ask.image_ref, task=ask.task_id)
         t0 = time.perf_counter()
-        try:
-            info = await self.encoder.encode.remote(ask.image_id, ask.image_ref, ask.task_id)
-        except RayTaskError as e:
-            cause = _unwrap(e)
-            if isinstance(cause, SegmentError):
-                raise cause from None
-            raise _logged_error(502, "the task's image could not be encoded on demand", cause,
-                                image_id=ask.image_id) from None
-        except RayActorError as e:
-            raise _logged_error(503, "the encoder actor is unavailable", e) from None
+        attempt = 1
+        while True:
+            try:
+                info = await self.encoder.encode.remote(ask.image_id, ask.image_ref, ask.task_id)
+                self._dead.discard(ENCODER)
+                break
+            except RayTaskError as e:
+                cause = _unwrap(e)
+                if isinstance(cause, SegmentError):
+                    raise cause from None
+                raise _logged_error(502, "the task's image could not be encoded on demand", cause,
+                                    image_id=ask.image_id) from None
+            except RayActorError as e:
+                if attempt == 2:
+                    raise _logged_error(503, "the encoder actor failed twice for this request", e) from None
+                log_event(log, "encoder actor died, retrying once", level=30, error=str(e)[:300])
+                self.retries += 1
+                attempt = 2
+                await self._until_alive(ENCODER)
         ms = (time.perf_counter() - t0) * 1e3
         log_event(log, "encoded on demand", image_id=ask.image_id, encode_ms=round(ms, 1), **info)
         return ms
 
-    async def _until_alive(self, index: int) -> None:
-        """Wait (bounded) while Ray restarts actor `index`: calls meanwhile fail as 'unavailable'."""
+    async def _until_alive(self, slot: int) -> None:
+        """Wait (bounded) while Ray restarts the actor of `slot`: calls meanwhile fail as 'unavailable'."""
         deadline = time.monotonic() + self.restart_timeout_s
         while True:
             try:
-                await asyncio.wait_for(self.actors[index].ping.remote(), max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(self._actor(slot).ping.remote(), max(0.1, deadline - time.monotonic()))
                 return
             except (ActorUnavailableError, asyncio.TimeoutError):
                 if time.monotonic() > deadline:
-                    raise SegmentError(503, f"actor {index} did not come back within "
+                    raise SegmentError(503, f"{self._name(slot)} did not come back within "
                                             f"{self.restart_timeout_s:.0f} s") from None
                 await asyncio.sleep(0.1)
             except RayActorError as e:  # died for good (Ray's restarts used up): a new actor takes its place
-                await self._replace(index, e)
+                await self._replace(slot, e)
 
-    async def _replace(self, index: int, error: Exception) -> None:
-        """Create a new serving actor at `index` after Ray's `max_restarts` of the old one were used up (a
-        long-lived backend loses nodes now and then), unless it already was `max_restarts + 1` times in the last
-        hour (a crash loop: then 503, and /health says not ready). Concurrent callers create one actor."""
-        dead = self.actors[index]
-        async with self._replacing.setdefault(index, asyncio.Lock()):
-            if self.actors[index] is not dead:  # another request replaced it meanwhile
+    async def _replace(self, slot: int, error: Exception) -> None:
+        """Create a new actor for `slot` after Ray's `max_restarts` of the old one were used up (a long-lived
+        backend loses nodes now and then), unless it already was `max_restarts + 1` times in the last hour (a
+        crash loop: then 503, and for a serving actor /health says not ready). Concurrent callers create one."""
+        dead = self._actor(slot)
+        async with self._replacing.setdefault(slot, asyncio.Lock()):
+            if self._actor(slot) is not dead:  # another request replaced it meanwhile
                 return
             now = time.monotonic()
-            recent = [t for t in self._recreations.get(index, []) if now - t < RECREATE_WINDOW_S]
+            recent = [t for t in self._recreations.get(slot, []) if now - t < RECREATE_WINDOW_S]
             if len(recent) > self.max_restarts:
-                self._dead.add(index)
-                raise _logged_error(503, f"serving actor {index} is dead and kept dying after being created anew "
-                                         f"{len(recent)} times within an hour", error, actor=index)
-            self._dead.add(index)
-            log_event(log, "serving actor dead for good: creating a new one", level=30, actor=index,
+                self._dead.add(slot)
+                raise _logged_error(503, f"{self._name(slot)} is dead and kept dying after being created anew "
+                                         f"{len(recent)} times within an hour", error, actor=slot)
+            self._dead.add(slot)
+            log_event(log, f"{self._name(slot)} dead for good: creating a new one", level=30, actor=slot,
                       error=str(error)[:300])
-            self._recreations[index] = [*recent, now]
-            self.actors[index] = self._new_actor(index)
+            self._recreations[slot] = [*recent, now]
+            if slot == ENCODER:
+                self.encoder = self._new_actor(slot)
+            else:
+                self.actors[slot] = self._new_actor(slot)
             self.recreated += 1
-        await self._until_alive(index)
-        self._dead.discard(index)
+        await self._until_alive(slot)
+        self._dead.discard(slot)
 
     def shutdown(self) -> None:
         """Kill the actors (no restart)."""

@@ -136,7 +136,7 @@ def test_the_on_demand_encoder_runs_the_engine_asked_for_and_is_ready_at_start(t
 
     encoder = OnDemandEncoder(config("openvino", "db"))
     assert encoder.encoder_name == "openvino-f32"
-    assert list((tmp_path / "engine-cache").rglob("encoder_v1.sha256")), "converted at start"
+    assert list((tmp_path / "engine-cache").rglob("encoder_v1_*.sha256")), "converted at start"
     reference = OnDemandEncoder(config("torch", "db-torch"))
     assert reference.encoder_name == "torch-fp32"
     for enc in (encoder, reference):
@@ -156,3 +156,31 @@ def test_the_on_demand_encoder_runs_the_engine_asked_for_and_is_ready_at_start(t
     assert "vit_ms" in fallback.encode("the-image", str(path))
     with pytest.raises(ValueError, match="unknown encode engine"):
         config("tensorrt", "db")
+
+
+def test_an_encoder_actor_dead_for_good_is_created_anew_and_the_image_encoded(pool):
+    """The encoder actor's death (its node lost, killed for memory) used to answer 503 at once and for good
+    ('the encoder actor is unavailable'): no image without features could be labelled until the backend was
+    restarted. Now it is waited for or created anew, as serving actors are, within the same crash-loop bound;
+    its crash loop is a 503 for images to encode while images with features are still served."""
+    p = pool["pool"]
+    paths = [str(write_png(img, pool["tmp"] / "images" / f"enc-{k}.png"))
+             for k, (_, img) in enumerate(grabcut_images(2, SIZE))]
+    lone = ActorPool(p.cfg, num_actors=1, actor_cpus=0.25, encode_on_demand=True, max_restarts=0,
+                     restart_timeout_s=120)
+    try:
+        lone.wait_ready(timeout_s=180)
+        click = (pixel(50, 50, SIZE),)
+        os.kill(ray.get(lone.encoder.ping.remote()), signal.SIGKILL)  # no restart left: dead for good
+        res = run(lone, SegmentRequest(clicks=click, original_size=SIZE, image_ref=paths[0], region_key="e"))
+        assert res.encoded_on_demand and lone.recreated == 1 and lone.ready()
+        np.testing.assert_array_equal(rle_to_mask(res.rle, *SIZE), ref(pool, paths[0], list(click)))
+        os.kill(ray.get(lone.encoder.ping.remote()), signal.SIGKILL)  # again within the hour: a crash loop
+        with pytest.raises(SegmentError) as failed:
+            run(lone, SegmentRequest(clicks=click, original_size=SIZE, image_ref=paths[1], region_key="f"))
+        assert failed.value.status == 503 and "encoder actor" in str(failed.value)
+        assert lone.ready()
+        served = run(lone, SegmentRequest(clicks=click, original_size=SIZE, image_id="img-0", region_key="g"))
+        np.testing.assert_array_equal(rle_to_mask(served.rle, *SIZE), ref(pool, "img-0", list(click)))
+    finally:
+        lone.shutdown()

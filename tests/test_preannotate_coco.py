@@ -222,7 +222,7 @@ def test_missing_images_are_encoded_on_the_fly_when_asked(env, first_run):
     rc, s = run_inline(env, run["run_dir"], "--coco-out", str(run["out"]), "--workers", "0", "--encode-missing",
                        "--encode-engine", "openvino", "--engine-cache", str(engines), db=run["db"])
     assert rc == 0 and s["encoded_on_the_fly"] == 1 and s["computed_images"] == 2
-    assert len(list(engines.glob("*/encoder_v1.xml"))) == 1  # encoded by the runtime, not a fallback
+    assert len(list(engines.glob("*/encoder_v1_*.xml"))) == 1  # encoded by the runtime, not a fallback
     rows = report(env, run["run_dir"])
     assert rows["coco:9006"]["reason"] == "image_unreadable"
     assert all(rows[f"coco:{k}"]["status"] == "ok" for k in fx.kinds)
