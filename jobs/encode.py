@@ -37,6 +37,7 @@ from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, check_table_name
 from pipeline.files import write_json_atomic  # noqa: E402
 from pipeline.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.sources import SourceError, missing_local_input  # noqa: E402
+from pipeline.stall import DEFAULT_STALL_TIMEOUT_S  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-cpus", type=COUNT, default=None, help="CPUs of the local Ray started when no cluster is given")
     add("--commit-interval", type=POSITIVE, default=5.0, help="seconds between commits of written work, whatever the "
         "pace of the pipeline (a stop commits everything written; a kill -9 leaves it for the next run to commit)")
+    add("--stall-timeout", type=POSITIVE, default=DEFAULT_STALL_TIMEOUT_S, metavar="S",
+        help="seconds to wait while no image comes back and no live node of the cluster can hold an encoder (every "
+        "worker node lost; a line says so every 30 s): then the job commits what was written and exits 1, and a "
+        "rerun resumes. A slow encoder on a live node is never stopped")
     add("--limit", type=COUNT, default=None, help="encode at most this many of the missing images")
     add("--retry-failed", action="store_true", help="try again the inputs recorded as bad by an earlier run (after "
         "fixing the files or raising --max-pixels); unreadable ones, possibly a transient storage error, are always retried")
@@ -151,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EncodeConfig, str | None]
         cpus_per_encoder=a.cpus_per_encoder, address=a.address, num_cpus=a.num_cpus,
         commit_interval=a.commit_interval, limit=a.limit, retry_failed=a.retry_failed,
         check_content=a.check_content, reencode_changed=a.reencode_changed, strict=a.strict,
-        ray_progress=a.ray_progress,
+        ray_progress=a.ray_progress, stall_timeout=a.stall_timeout,
     )
     return cfg, a.summary_json
 
@@ -187,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary), flush=True)
     if summary_json:
         write_json_atomic(summary_json, {**asdict(summary), "images_per_s": summary.images_per_s}, indent=2)
-    if summary.error:
+    if summary.stalled:
+        print(f"error: the cluster stalled: {summary.error.partition(': ')[2]}; the {summary.encoded} images encoded "
+              "before are committed (see the summary): run again once the cluster has a node for an encoder, it "
+              "resumes where this run stopped", file=sys.stderr, flush=True)
+    elif summary.error:
         print(f"error: the run failed: {summary.error}; what was committed stays (see the summary): fix the cause "
               "and run again to finish", file=sys.stderr, flush=True)
     return exit_code(summary, cfg.strict)

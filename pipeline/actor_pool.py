@@ -19,17 +19,16 @@ from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
+from .stall import DEFAULT_STALL_TIMEOUT_S, WAIT_LINE_S, ClusterStalled, is_stalled, unplaceable_since
+
+__all__ = ["DEFAULT_ITEM_RETRIES", "DEFAULT_STALL_TIMEOUT_S", "ClusterStalled", "WorkerStartError", "live_workers",
+           "map_unordered_surviving", "start_failure"]
+
 DEFAULT_ITEM_RETRIES = 3
-DEFAULT_STALL_TIMEOUT_S = 600.0  # no worker alive or placeable for this long: the job stops, naming why
-_WAIT_TICK_S = 30.0
 
 
 class WorkerStartError(RuntimeError):
     """A worker's constructor raised: a configuration problem (exit 2), not a lost worker."""
-
-
-class ClusterStalled(RuntimeError):
-    """No worker was alive and no node could hold one for the stall timeout."""
 
 
 def start_failure(error: BaseException) -> str | None:
@@ -116,18 +115,16 @@ def _next_done(refs: list, placeable: Callable[[], bool] | None, stall_timeout_s
     """The first of `refs` to finish; a line every 30 s while none does, ClusterStalled when no live node could
     hold a worker for `stall_timeout_s`."""
     started = time.monotonic()
-    unplaceable_since: float | None = None
+    since: float | None = None
     while True:
-        done, _ = ray.wait(refs, num_returns=1, timeout=min(_WAIT_TICK_S, stall_timeout_s))
+        done, _ = ray.wait(refs, num_returns=1, timeout=min(WAIT_LINE_S, stall_timeout_s))
         if done:
             return done[0]
         now = time.monotonic()
-        if placeable is not None and not placeable():
-            unplaceable_since = unplaceable_since if unplaceable_since is not None else now
-            if now - unplaceable_since >= stall_timeout_s:
-                raise ClusterStalled(f"no result for {now - started:.0f} s and no live node of the cluster could "
-                                     f"hold a worker for {now - unplaceable_since:.0f} s (worker nodes lost?)")
+        since = unplaceable_since(since, started, now, placeable is None or placeable())
+        if is_stalled(since, now, stall_timeout_s):
+            raise ClusterStalled(f"no result for {now - started:.0f} s and no live node of the cluster could "
+                                 f"hold a worker for {now - since:.0f} s (worker nodes lost?)")
+        if since is not None:
             print(f"waiting for workers: no result for {now - started:.0f} s; no live node can hold a worker now "
                   f"(giving up after {stall_timeout_s:.0f} s of that)", file=sys.stderr, flush=True)
-        else:
-            unplaceable_since = None

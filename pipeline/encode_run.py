@@ -14,7 +14,8 @@ at its geometry, or a bf16 row when this run asks for fp32 ("stale").
 Exit codes (`exit_code`): 0 the run finished (failed inputs are in the errors table and the summary),
 1 `strict` and some listed input is not stored, or stored from other bytes or by another feature version or
 precision than this run's, or the run itself failed (the pipeline failed: the summary still says what was
-committed, `EncodeSummary.error` why it failed),
+committed, `EncodeSummary.error` why it failed; a cluster that stalled, `EncodeSummary.stalled`, is one: no
+image came back while no live node could hold an encoder for `stall_timeout` seconds),
 2 the input or an option cannot be used (the --db/--table included: not a feature table of ours, unreadable or
 not writable, `TableError`), 3 Ray cannot be reached or the interpreter lacks the project,
 130 stopped (SIGINT/SIGTERM) after committing what was written: run again to finish.
@@ -31,6 +32,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import ray
 from tqdm import tqdm
@@ -45,9 +47,11 @@ from .encoding import (
 from .faults import fault_point
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, FeatureStoreError, error_rows
 from .images import UNREADABLE
+from .placement import actors_that_fit
 from .ray_runtime import init_ray
 from .sources import Listing, SourceError, list_images
 from .staged_commits import CommitTimer, StagedCommitter, read_staged
+from .stall import DEFAULT_STALL_TIMEOUT_S, ClusterStalled, StallWatchdog
 
 _DECODE_BATCH = 8
 _DECODE_TASK_MEMORY = 512 * 1024**2
@@ -72,7 +76,9 @@ EXIT_CODES_HELP = """exit codes:
   1    --strict and some listed image is not stored, or stored from other bytes than its source has now, or
        stored by an older feature version that differs at its size, or at bf16 under --precision fp32 (see
        --reencode-changed); or the job itself failed (a storage failure such as a full disk: the summary of what
-       was committed, then `error: ...`; run again to finish)
+       was committed, then `error: ...`; run again to finish), or the cluster stalled: no image came back while
+       no live node could hold an encoder for --stall-timeout seconds (every worker node lost): what was written
+       is committed, then `error: ...`; run again to finish once the cluster has such a node
   2    the input cannot be listed or an option is wrong (the encoder pool options checked against the cluster,
        before anything changes; a --db/--table that is not a feature table, cannot be read or is not writable)
   3    Ray cannot be reached (address, authentication) or this python lacks the project's packages
@@ -104,6 +110,7 @@ class EncodeConfig:
     reencode_changed: bool = False
     strict: bool = False
     ray_progress: bool = False
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # s with no image back and no node for an encoder: exit 1
 
 
 @dataclass
@@ -136,6 +143,7 @@ class EncodeSummary:
     seconds: float = 0.0
     interrupted: bool = False
     error: str = ""  # why the pipeline failed ("" when it did not); what was committed stays
+    stalled: bool = False  # it failed because no live node could hold an encoder for the stall timeout
 
     @property
     def images_per_s(self) -> float:
@@ -258,7 +266,8 @@ def _run(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, vit: ViTConfi
             except Exception as e:  # noqa: BLE001 - the run failed: the summary still says what was committed
                 kind, message = original_error(e)
                 summary.error = f"{kind}: {message}"[:500]
-                if not _storage_failure(kind):  # not the storage: likely a bug, whose traceback is needed
+                summary.stalled = isinstance(e, ClusterStalled)
+                if not _storage_failure(kind) and not summary.stalled:  # likely a bug, whose traceback is needed
                     traceback.print_exc()
         finally:
             ray.shutdown()
@@ -543,20 +552,32 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
     interactive = sys.stderr.isatty()  # a bar on a terminal; a line every 30 s in `ray job logs` and files
     bar = tqdm(total=len(pending), unit="img", desc="encode", disable=not interactive)
     timer = CommitTimer(committer, cfg.commit_interval).start()
+    # Ray Data waits without end for encoders no live node can hold (every worker node lost): the watchdog bounds
+    # that wait (its interrupt is a KeyboardInterrupt here, told from a stop by its reason)
+    watchdog = StallWatchdog(_encoder_placeable(plan), cfg.stall_timeout, "encode", "image", "an encoder")
+    stalled = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        logged = time.monotonic()
-        done = 0
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            done += block.num_rows
-            bar.update(block.num_rows)
-            now = time.monotonic()
-            if not interactive and now - logged >= 30:
-                print(f"encode: {done}/{len(pending)} images processed, {done / (now - t0):.2f} images/s", flush=True)
-                logged = now
+        try:
+            watchdog.start()
+            logged = time.monotonic()
+            done = 0
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                watchdog.progress()
+                done += block.num_rows
+                bar.update(block.num_rows)
+                now = time.monotonic()
+                if not interactive and now - logged >= 30:
+                    print(f"encode: {done}/{len(pending)} images processed, {done / (now - t0):.2f} images/s",
+                          flush=True)
+                    logged = now
+        finally:
+            watchdog.stop()  # an interrupt it sent lands by now, never in the commit below
     except KeyboardInterrupt:
-        summary.interrupted = True
-        print("\nencode: interrupted; committing the fragments already written", file=sys.stderr, flush=True)
+        stalled = watchdog.reason
+        summary.interrupted = stalled is None
+        what = f"the cluster stalled: {stalled}" if stalled else "interrupted"
+        print(f"\nencode: {what}; committing the fragments already written", file=sys.stderr, flush=True)
     finally:
         signal.signal(signal.SIGTERM, _ignore_while_committing)  # a second stop must not cut the last commit
         try:
@@ -564,6 +585,16 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
         finally:
             signal.signal(signal.SIGTERM, previous)
             bar.close()
+    if stalled:
+        raise ClusterStalled(stalled)
+
+
+def _encoder_placeable(plan: ResourcePlan) -> Callable[[], bool]:
+    """Whether a live node of the cluster could hold one encoder of the plan now (the plan's placement rule)."""
+    def placeable() -> bool:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        return actors_that_fit(nodes, plan.cpus_per_encoder, plan.gpus_per_encoder) > 0
+    return placeable
 
 
 def _raise_interrupt(signum, frame):

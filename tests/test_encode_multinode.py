@@ -21,6 +21,8 @@ from PIL import Image
 from pipeline.faults import FAULT_DIR_ENV, FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
+# the GCS declares a killed node dead after ~3 s (3 failed checks 1 s apart; a refused connection fails at once)
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 BAD = {"broken.jpg": "corrupt", "empty.png": "empty", "dangling.png": "unreadable", "folder.jpg": "unreadable"}
 
 
@@ -110,3 +112,59 @@ def test_encoders_no_node_can_hold_are_refused_before_anything_is_written(tmp_pa
     assert "CPUs per node:" in errors[0], errors  # the sentence says why: the nodes' sizes
     tables = lancedb.connect(str(db)).table_names() if db.exists() else []
     assert "features" not in tables or not _rows(db), "nothing is written before the plan is checked"
+
+
+@pytest.mark.slow
+def test_encode_stops_with_one_error_when_every_worker_node_is_lost(tmp_path):
+    """Every worker node killed once some rows are committed: Ray Data waits without end for an encoder no live
+    node can hold. With --stall-timeout the job says it is waiting, then commits what was written and exits 1
+    (not 130: nobody stopped it) with one error line; the committed rows stay, each once, nothing staged is left
+    behind, so a rerun resumes from there (as after any stop). Kept cheap: one node, six small images; the GCS
+    health check is shortened so that the dead node is known in seconds, not ~15 s."""
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(root / f"im{k}.png")
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    # the 2nd written batch holds (before staging), so exactly the 1st is committed when the node dies
+    cluster = start_cluster(workers=1, env={FAULT_ENV: "written:hold:2", FAULT_DIR_ENV: str(faults),
+                                            "PYTHONPATH": str(ROOT), **FAST_NODE_DEATH})
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "jobs.encode", str(root), "--db", str(db), "--variant", "small",
+           "--address", cluster.address, "--batch-size", "2", "--write-batch", "2", "--commit-interval", "0.2",
+           "--stall-timeout", "3"]
+    env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
+    env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
+    try:
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: (sorted(faults.glob("held-*")) and _committed(db)) or job.poll() is not None,
+                     "a write task to hold with the first batch committed", timeout=600)
+            assert job.poll() is None, "the job ended before a write task held:\n" + job.communicate()[1][-4000:]
+            committed = _committed(db)
+            for node in list(cluster.worker_nodes):
+                cluster.remove_node(node, allow_graceful=False)
+            held = [int(p.name.split("-")[1]) for p in faults.glob("held-*")]
+            wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in held), "the held tasks to die")
+            out, err = job.communicate(timeout=180)  # before: no exit at all (the audit waited 240 s)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert job.returncode == 1, err[-4000:]
+        assert len(errors) == 1 and "the cluster stalled" in errors[0] and "no live node" in errors[0], errors
+        assert "run again" in errors[0], errors
+        assert "encode: waiting: no image for" in err, err[-3000:]
+    finally:
+        (faults / "release").touch()
+        cluster.shutdown()
+    assert _rows(db) == committed, "the committed rows stay, each once, and nothing else"
+    assert f"encoded      {len(committed)} of 6 to do" in out, out[-3000:]
+    assert not list((db / "features_staged").glob("*.json")), "staged work left uncommitted"
+
+
+def _committed(db: Path) -> list[str]:
+    """The image ids committed so far ([] before the table exists)."""
+    return _rows(db) if (db / "features.lance").is_dir() else []
