@@ -20,6 +20,7 @@ from pipeline.polygons import DEFAULT_MIN_IOU, DEFAULT_TOLERANCE
 from pipeline.preannotation import MASK_FORMATS, ClickPolicy, MaskFormat
 from pipeline.preannotation_run import DEFAULT_IMAGE_URL, PreannotateConfig
 from pipeline.prompts import USE_CHOICES
+from pipeline.stall import add_stall_timeout_argument
 
 from .label_studio_client import url_template
 
@@ -119,6 +120,8 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                      help="Ray workers (default: the cluster's CPUs / --cpus-per-worker); 0 runs in this process")
     run.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0,
                      help="CPUs reserved per worker; its torch threads (default: %(default)s)")
+    add_stall_timeout_argument(run, "image", "a worker", "the run stops (the finished images are in the ledger: "
+                               "nothing is pushed twice) and exits 1")
     run.add_argument("--address", default=None,
                      help="Ray cluster to join (e.g. auto, ray://head:10001); default: the cluster of a `ray job "
                      "submit` (RAY_ADDRESS), else a private local Ray")
@@ -170,6 +173,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
             output=MaskFormat(a.mask_format, a.polygon_tolerance), encode_missing=a.encode_missing,
             image_access=access, engine=click_engine_config(a), run_dir=a.run_dir, fresh=a.fresh, workers=a.workers,
             cpus_per_worker=a.cpus_per_worker, address=a.address, num_cpus=a.num_cpus, limit=a.limit,
+            stall_timeout=a.stall_timeout,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -37,7 +37,7 @@ from pipeline.feature_store import DEFAULT_ROOT, DEFAULT_TABLE, check_table_name
 from pipeline.files import write_json_atomic  # noqa: E402
 from pipeline.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.sources import SourceError, missing_local_input  # noqa: E402
-from pipeline.stall import DEFAULT_STALL_TIMEOUT_S  # noqa: E402
+from pipeline.stall import add_stall_timeout_argument  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,10 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-cpus", type=COUNT, default=None, help="CPUs of the local Ray started when no cluster is given")
     add("--commit-interval", type=POSITIVE, default=5.0, help="seconds between commits of written work, whatever the "
         "pace of the pipeline (a stop commits everything written; a kill -9 leaves it for the next run to commit)")
-    add("--stall-timeout", type=POSITIVE, default=DEFAULT_STALL_TIMEOUT_S, metavar="S",
-        help="seconds to wait while no image comes back and no live node of the cluster can hold an encoder (every "
-        "worker node lost; a line says so every 30 s): then the job commits what was written and exits 1, and a "
-        "rerun resumes. A slow encoder on a live node is never stopped")
+    add_stall_timeout_argument(p, "image", "an encoder", "the job commits what was written and exits 1")
     add("--limit", type=COUNT, default=None, help="encode at most this many of the missing images")
     add("--retry-failed", action="store_true", help="try again the inputs recorded as bad by an earlier run (after "
         "fixing the files or raising --max-pixels); unreadable ones, possibly a transient storage error, are always retried")

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         compared = compare_rows(args.compare, this_run=out if spec is not None else None)
         if spec is not None:
             placement = WorkerPlacement(args.workers, args.cpus_per_worker, args.gpus_per_worker, args.address,
-                                        args.num_cpus)
+                                        args.num_cpus, args.stall_timeout)
             outcome = run_evaluation(name, spec, config, refs, out, placement, args.overwrite)
             results, failures = outcome.results, outcome.failures
             rows = summarize_run(name, results, args.max_clicks) if results else []

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_summary(summary), flush=True)
     write_summary(summary)
+    if summary.interrupted and summary.error:  # the cluster lost the workers: not a stop anyone asked for
+        print(f"error: {summary.error}; the finished images are in the ledger: run again with the same options to "
+              "resume once the cluster has a node for a worker", file=sys.stderr)
+        return 1
     if summary.interrupted:
         return 130
     if summary.push_stopped:

@@ -14,6 +14,7 @@ from .datasets import default_data_root
 from .feature_store import check_table_name
 from .evaluation import PROTOCOLS, EvalConfig
 from .segmenters import SegmenterSpec
+from .stall import add_stall_timeout_argument
 
 
 def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -75,6 +76,7 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                    help="Ray cluster to join ('auto', HOST:PORT); default: the cluster of a `ray job submit` "
                         "(RAY_ADDRESS), else a private local Ray ('local' forces one)")
     p.add_argument("--num-cpus", type=COUNT, help="CPUs of the private local cluster (default: all)")
+    add_stall_timeout_argument(p, "sample", "a worker", "the run stops, keeping the finished samples, and exits 1")
     add_click_engine_arguments(p.add_argument_group("click engine (model runs)"))
     return p
 

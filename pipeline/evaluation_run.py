@@ -22,6 +22,7 @@ from .evaluation_report import Row, format_table, plot_miou, summarize_run, uniq
 from .files import write_text_atomic
 from .ray_runtime import init_ray
 from .segmenters import SegmenterSpec
+from .stall import DEFAULT_STALL_TIMEOUT_S
 
 RESULTS = "results.jsonl"
 RUN_INFO = "run.json"
@@ -59,6 +60,7 @@ class WorkerPlacement:
     gpus_per_worker: float = 0.0
     address: str | None = None
     num_cpus: int | None = None
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # s with no result and no node for a worker: ClusterStalled
 
 
 def placement_problem(placement: "WorkerPlacement", nodes: list[dict[str, float]]) -> str | None:
@@ -255,7 +257,8 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
             return placement_problem(placement, [n["Resources"] for n in ray.nodes() if n.get("Alive")]) is None
 
         results = map_unordered_surviving([new_worker() for _ in range(n)], lambda a, ref: a.run.remote(ref), todo,
-                                          new_worker, on_lost=lost_worker_failure, placeable=placeable)
+                                          new_worker, on_lost=lost_worker_failure, placeable=placeable,
+                                          stall_timeout_s=placement.stall_timeout)
         failures = []
         with tqdm(total=len(todo), desc=f"evaluating on {n} workers", unit="sample") as bar:
             for status, key, payload in results:

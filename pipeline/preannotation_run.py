@@ -37,6 +37,7 @@ from .preannotation_report import REPORT, SUMMARY, PreannotateSummary, tally, wr
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptFileError, PromptSet, coco_prompts, read_coco_file
 from .ray_runtime import init_ray
 from .run_info import RunInfoError, changed_settings, record_settings
+from .stall import DEFAULT_STALL_TIMEOUT_S
 
 RUN_INFO = "run.json"
 LEDGER = "ledger.jsonl"
@@ -79,6 +80,7 @@ class PreannotateConfig:
     address: str | None = None
     num_cpus: int | None = None
     limit: int | None = None
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # s with no result and no node for a worker: the run stops
 
     def __post_init__(self) -> None:
         if self.coco is None and self.ls_project is None:
@@ -168,7 +170,8 @@ class RunDirError(ValueError):
 
 
 class WorkerDied(RuntimeError):
-    """A Ray worker process died mid-run; what finished is in the ledger."""
+    """The run lost its workers (none alive and no live node could hold one for the stall timeout); what finished
+    is in the ledger."""
 
 
 def run(cfg: PreannotateConfig, label_studio: LabelStudioLink | None = None) -> PreannotateSummary:
@@ -503,11 +506,11 @@ def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: Preannota
             try:
                 for result in map_unordered_surviving(actors or [actor.remote(spec)], lambda a, job: a.run.remote(job),
                                                       jobs, lambda: actor.remote(spec), on_lost=lost_image,
-                                                      placeable=placeable):
+                                                      placeable=placeable, stall_timeout_s=cfg.stall_timeout):
                     bar.update(len(result.objects))
                     yield result
             except ClusterStalled as e:
-                raise WorkerDied(str(e)) from None
+                raise WorkerDied(f"the cluster stalled: {e}") from None
         finally:
             ray.shutdown()
     finally:

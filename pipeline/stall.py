@@ -24,6 +24,17 @@ _MAX_CHECK_S = 5.0  # how often the watchdog looks at the cluster while no progr
 _LANDING_S = 0.5  # how long `stop` gives an interrupt already sent to reach the main thread
 
 
+def add_stall_timeout_argument(parser, result: str, worker: str, stops: str) -> None:
+    """The --stall-timeout option, the same in the encode job, evaluation and pre-annotation: `result` and
+    `worker` name what the job waits for ("image", "an encoder"), `stops` what the job does then."""
+    from interformer.cli_types import POSITIVE
+
+    parser.add_argument("--stall-timeout", type=POSITIVE, default=DEFAULT_STALL_TIMEOUT_S, metavar="S",
+                        help=f"seconds to wait while no {result} comes back and no live node of the cluster can hold "
+                        f"{worker} (every worker node lost; a line says so every 30 s): then {stops}, and a rerun "
+                        "resumes. A slow worker on a live node is never stopped (default: %(default)s)")
+
+
 class ClusterStalled(RuntimeError):
     """No result came back and no live node could hold a worker for the stall timeout (worker nodes lost)."""
 

@@ -12,6 +12,9 @@ from ray.cluster_utils import Cluster
 # A driver started with `--address 127.0.0.1:PORT` would swap 127.0.0.1 for the machine's own address (Ray's
 # resolve_ip_for_localhost), where a cluster bound to loopback does not listen; this keeps it on loopback.
 LOOPBACK_DRIVER = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# For start_cluster's env: the GCS declares a killed node dead after ~3 s (3 failed checks 1 s apart; a refused
+# connection fails at once) instead of ~15 s.
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 def start_cluster(workers: int, cpus_per_node: int = 1, env: dict | None = None) -> Cluster:

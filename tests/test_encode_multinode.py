@@ -15,14 +15,12 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pytest
-from multinode_support import LOOPBACK_DRIVER, node_of_process, start_cluster, wait_for
+from multinode_support import FAST_NODE_DEATH, LOOPBACK_DRIVER, node_of_process, start_cluster, wait_for
 from PIL import Image
 
 from pipeline.faults import FAULT_DIR_ENV, FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-# the GCS declares a killed node dead after ~3 s (3 failed checks 1 s apart; a refused connection fails at once)
-FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 BAD = {"broken.jpg": "corrupt", "empty.png": "empty", "dangling.png": "unreadable", "folder.jpg": "unreadable"}
 
 

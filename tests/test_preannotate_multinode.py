@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from backend_support import encode_into_store, make_checkpoint
-from multinode_support import LOOPBACK_DRIVER, node_of_process, start_cluster, wait_for
+from multinode_support import FAST_NODE_DEATH, LOOPBACK_DRIVER, node_of_process, start_cluster, wait_for
 from preannotate_support import build_prompt_file
 
 from pipeline.faults import FAULT_DIR_ENV, FAULT_ENV
@@ -70,3 +70,40 @@ def test_preannotation_survives_a_worker_node_killed_mid_run(tmp_path):
     coco = json.loads(out.read_text())
     sources = Counter(int(a["source_key"].split(":")[1]) for a in coco["annotations"])
     assert sorted(sources.elements()) == sorted(fx.kinds), "each good object annotated exactly once"
+
+
+@pytest.mark.slow
+def test_preannotation_losing_every_worker_node_stops_with_one_error_not_as_a_stop(tmp_path):
+    """A run whose only worker node dies used to wait 10 minutes and then end as if stopped by the user (exit
+    130). With --stall-timeout it ends after that many seconds: exit 1, one error line saying the cluster stalled,
+    and the images finished before are in the ledger exactly once, for a rerun to resume."""
+    fx = build_prompt_file(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "small.pth")
+    encode_into_store(ckpt, tmp_path / "db", "features", [(i, str(fx.image_root / i), img) for i, img in fx.images.items()])
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    run_dir = tmp_path / "run"
+    cluster = start_cluster(workers=1, env={FAULT_ENV: "segment:hold:2", FAULT_DIR_ENV: str(faults),
+                                            "PYTHONPATH": str(ROOT), **FAST_NODE_DEATH})
+    try:
+        cmd = [sys.executable, str(JOB), "--coco", str(fx.coco_path), "--image-root", str(fx.image_root),
+               "--db", str(tmp_path / "db"), "--checkpoint", str(ckpt), "--run-dir", str(run_dir),
+               "--max-clicks", "3", "--coco-out", str(tmp_path / "masks.json"), "--address", cluster.address,
+               "--stall-timeout", "3"]
+        env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
+        env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        held = wait_for(lambda: _ledger_keys(run_dir) and sorted(faults.glob("held-*")),
+                        "a finished image in the ledger and the worker holding its next image")
+        finished = _ledger_keys(run_dir)
+        cluster.remove_node(node_of_process(cluster, int(held[0].name.split("-")[1])), allow_graceful=False)
+        (faults / "release").touch()
+        stdout, _ = job.communicate(timeout=300)
+    finally:
+        (faults / "release").touch()
+        cluster.shutdown()
+    assert job.returncode == 1, stdout[-4000:]
+    errors = [line for line in stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the cluster stalled" in errors[0], stdout[-4000:]
+    assert _ledger_keys(run_dir) == finished, "the finished images are kept, each once"
+    assert not (tmp_path / "masks.json").exists(), "no COCO file from a run that did not finish"
