@@ -34,40 +34,56 @@ def _ledger_keys(run_dir: Path) -> list[str]:
     return [json.loads(line)["result"]["key"] for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-@pytest.mark.slow
-def test_preannotation_survives_a_worker_node_killed_mid_run(tmp_path):
+def _start(tmp_path: Path, workers: int, fault: str, *options: str, **cluster_env: str):
+    """The prompt file, its features, a cluster of `workers` one-CPU nodes whose workers hold at `fault`, and the
+    job started on it with `options`: (prompts, run folder, faults folder, cluster, job)."""
     fx = build_prompt_file(tmp_path)
     ckpt = make_checkpoint(tmp_path / "small.pth")
     encode_into_store(ckpt, tmp_path / "db", "features", [(i, str(fx.image_root / i), img) for i, img in fx.images.items()])
     faults = tmp_path / "faults"
     faults.mkdir()
     run_dir = tmp_path / "run"
-    out = tmp_path / "masks.json"
-    cluster = start_cluster(workers=3, env={FAULT_ENV: "segment:hold:3", FAULT_DIR_ENV: str(faults),
-                                            "PYTHONPATH": str(ROOT)})
+    cluster = start_cluster(workers=workers, env={FAULT_ENV: fault, FAULT_DIR_ENV: str(faults),
+                                                  "PYTHONPATH": str(ROOT), **cluster_env})
+    cmd = [sys.executable, str(JOB), "--coco", str(fx.coco_path), "--image-root", str(fx.image_root),
+           "--db", str(tmp_path / "db"), "--checkpoint", str(ckpt), "--run-dir", str(run_dir),
+           "--max-clicks", "3", "--coco-out", str(tmp_path / "masks.json"), "--address", cluster.address, *options]
+    env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
+    env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
     try:
-        cmd = [sys.executable, str(JOB), "--coco", str(fx.coco_path), "--image-root", str(fx.image_root),
-               "--db", str(tmp_path / "db"), "--checkpoint", str(ckpt), "--run-dir", str(run_dir),
-               "--max-clicks", "3", "--coco-out", str(out), "--address", cluster.address, "--workers", "3"]
-        env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
-        env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
         job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        held = wait_for(lambda: _ledger_keys(run_dir) and sorted(faults.glob("held-*")),
-                        "a finished image in the ledger and a worker holding its next image")
-        pid = int(held[0].name.split("-")[1])
-        node = node_of_process(cluster, pid)
-        assert node is not None, f"worker {pid} runs on no worker node"
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return fx, run_dir, faults, cluster, job
+
+
+def _held_worker(run_dir: Path, faults: Path) -> int:
+    """Once an image is in the ledger and a worker holds its next one: that worker's pid."""
+    held = wait_for(lambda: _ledger_keys(run_dir) and sorted(faults.glob("held-*")),
+                    "a finished image in the ledger and a worker holding its next image")
+    return int(held[0].name.split("-")[1])
+
+
+@pytest.mark.slow
+def test_preannotation_survives_a_worker_node_killed_mid_run(tmp_path):
+    fx, run_dir, faults, cluster, job = _start(tmp_path, 3, "segment:hold:3", "--workers", "3")
+    try:
+        node = node_of_process(cluster, _held_worker(run_dir, faults))
+        assert node is not None, "the held worker runs on no worker node"
         cluster.remove_node(node, allow_graceful=False)  # the worker dies with its image in flight
         (faults / "release").touch()
         stdout, _ = job.communicate(timeout=900)
     finally:
         (faults / "release").touch()
+        if job.poll() is None:  # a failed wait: the job is stopped by the pid it has, not left behind
+            job.kill()
         cluster.shutdown()
     assert job.returncode == 0, stdout[-4000:]
     keys = _ledger_keys(run_dir)
     jobs = {j.key for j in coco_prompts(read_coco_file(str(fx.coco_path)), str(fx.image_root)).images}
     assert sorted(keys) == sorted(jobs), "each image answered exactly once (one ledger record)"
-    coco = json.loads(out.read_text())
+    coco = json.loads((tmp_path / "masks.json").read_text())
     sources = Counter(int(a["source_key"].split(":")[1]) for a in coco["annotations"])
     assert sorted(sources.elements()) == sorted(fx.kinds), "each good object annotated exactly once"
 
@@ -77,30 +93,18 @@ def test_preannotation_losing_every_worker_node_stops_with_one_error_not_as_a_st
     """A run whose only worker node dies used to wait 10 minutes and then end as if stopped by the user (exit
     130). With --stall-timeout it ends after that many seconds: exit 1, one error line saying the cluster stalled,
     and the images finished before are in the ledger exactly once, for a rerun to resume."""
-    fx = build_prompt_file(tmp_path)
-    ckpt = make_checkpoint(tmp_path / "small.pth")
-    encode_into_store(ckpt, tmp_path / "db", "features", [(i, str(fx.image_root / i), img) for i, img in fx.images.items()])
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    run_dir = tmp_path / "run"
-    cluster = start_cluster(workers=1, env={FAULT_ENV: "segment:hold:2", FAULT_DIR_ENV: str(faults),
-                                            "PYTHONPATH": str(ROOT), **FAST_NODE_DEATH})
+    _, run_dir, faults, cluster, job = _start(tmp_path, 1, "segment:hold:2", "--stall-timeout", "3",
+                                              **FAST_NODE_DEATH)
     try:
-        cmd = [sys.executable, str(JOB), "--coco", str(fx.coco_path), "--image-root", str(fx.image_root),
-               "--db", str(tmp_path / "db"), "--checkpoint", str(ckpt), "--run-dir", str(run_dir),
-               "--max-clicks", "3", "--coco-out", str(tmp_path / "masks.json"), "--address", cluster.address,
-               "--stall-timeout", "3"]
-        env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "RAY_ADDRESS")}
-        env.update(PYTHONPATH=str(ROOT), **LOOPBACK_DRIVER)
-        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        held = wait_for(lambda: _ledger_keys(run_dir) and sorted(faults.glob("held-*")),
-                        "a finished image in the ledger and the worker holding its next image")
+        pid = _held_worker(run_dir, faults)
         finished = _ledger_keys(run_dir)
-        cluster.remove_node(node_of_process(cluster, int(held[0].name.split("-")[1])), allow_graceful=False)
+        cluster.remove_node(node_of_process(cluster, pid), allow_graceful=False)
         (faults / "release").touch()
         stdout, _ = job.communicate(timeout=300)
     finally:
         (faults / "release").touch()
+        if job.poll() is None:  # a failed wait: the job is stopped by the pid it has, not left behind
+            job.kill()
         cluster.shutdown()
     assert job.returncode == 1, stdout[-4000:]
     errors = [line for line in stdout.splitlines() if line.startswith("error:")]
