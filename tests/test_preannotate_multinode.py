@@ -98,7 +98,12 @@ def test_preannotation_losing_every_worker_node_stops_with_one_error_not_as_a_st
     try:
         pid = _held_worker(run_dir, faults)
         finished = _ledger_keys(run_dir)
-        cluster.remove_node(node_of_process(cluster, pid), allow_graceful=False)
+        node = node_of_process(cluster, pid)
+        assert node is not None, "the held worker runs on no worker node"
+        cluster.remove_node(node, allow_graceful=False)
+        # Actor calls go from the driver to the worker directly, not through the raylet: a worker released
+        # before it has died with its node would finish the run
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the held worker to die with its node")
         (faults / "release").touch()
         stdout, _ = job.communicate(timeout=300)
     finally:
