@@ -48,7 +48,7 @@ from .faults import fault_point
 from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE, FeatureStore, FeatureStoreError, error_rows
 from .images import UNREADABLE
 from .placement import actors_that_fit
-from .ray_runtime import init_ray
+from .ray_runtime import init_ray, live_node_resources
 from .sources import Listing, SourceError, list_images
 from .staged_commits import CommitTimer, StagedCommitter, read_staged
 from .stall import DEFAULT_STALL_TIMEOUT_S, ClusterStalled, StallWatchdog
@@ -352,7 +352,7 @@ def _join_cluster(cfg: EncodeConfig) -> None:
 def _plan(cfg: EncodeConfig) -> ResourcePlan:
     """The encoder pool plan for the cluster this process joined, checked against its live nodes."""
     resources = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = live_node_resources()
     return plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), cfg.num_encoders, cfg.cpus_per_encoder,
                           nodes=nodes, task_memory=_DECODE_TASK_MEMORY)
 
@@ -592,7 +592,7 @@ def _run_pipeline(cfg: EncodeConfig, store: FeatureStore, fingerprint: str, pend
 def _encoder_placeable(plan: ResourcePlan) -> Callable[[], bool]:
     """Whether a live node of the cluster could hold one encoder of the plan now (the plan's placement rule)."""
     def placeable() -> bool:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        nodes = live_node_resources()
         return actors_that_fit(nodes, plan.cpus_per_encoder, plan.gpus_per_encoder) > 0
     return placeable
 

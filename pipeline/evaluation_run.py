@@ -20,7 +20,7 @@ from .datasets import DatasetError, SampleRef, dataset_sources, default_data_roo
 from .evaluation import EvalConfig, SampleResult, append_results, pending, read_results
 from .evaluation_report import Row, format_table, plot_miou, summarize_run, unique_results, write_csv
 from .files import write_text_atomic
-from .ray_runtime import init_ray
+from .ray_runtime import init_ray, live_node_resources
 from .segmenters import SegmenterSpec
 from .stall import DEFAULT_STALL_TIMEOUT_S
 
@@ -238,7 +238,7 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
 
     init_ray(placement.address, num_cpus=placement.num_cpus, log_to_driver=False, job="evaluate")
     try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        nodes = live_node_resources()
         problem = placement_problem(placement, nodes)
         if problem:
             raise PlacementError(problem)
@@ -254,7 +254,7 @@ def evaluate_on_ray(spec: SegmenterSpec, config: EvalConfig, todo: list[SampleRe
             return worker_cls.remote(spec, config, threads)
 
         def placeable() -> bool:
-            return placement_problem(placement, [n["Resources"] for n in ray.nodes() if n.get("Alive")]) is None
+            return placement_problem(placement, live_node_resources()) is None
 
         results = map_unordered_surviving([new_worker() for _ in range(n)], lambda a, ref: a.run.remote(ref), todo,
                                           new_worker, on_lost=lost_worker_failure, placeable=placeable,

@@ -35,7 +35,7 @@ from .placement import actors_that_fit, describe, pool_size
 from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec, lost_image
 from .preannotation_report import REPORT, SUMMARY, PreannotateSummary, tally, write_report
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptFileError, PromptSet, coco_prompts, read_coco_file
-from .ray_runtime import init_ray
+from .ray_runtime import init_ray, live_node_resources
 from .run_info import RunInfoError, changed_settings, record_settings
 from .stall import DEFAULT_STALL_TIMEOUT_S
 
@@ -484,7 +484,7 @@ def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: Preannota
 
         init_ray(cfg.address, num_cpus=cfg.num_cpus, log_to_driver=True, job="preannotate")
         try:
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            nodes = live_node_resources()
             n = pool_size(cfg.workers, nodes, cfg.cpus_per_worker, items=len(jobs))
             if n == 0:
                 raise WorkerStartError(f"--cpus-per-worker {cfg.cpus_per_worker:g}: no live node of the cluster can "
@@ -500,7 +500,7 @@ def segment_all(cfg: PreannotateConfig, jobs: list[ImageJob], summary: Preannota
             bar.set_description(f"preannotate ({max(1, len(actors))} workers)")
 
             def placeable() -> bool:
-                return actors_that_fit([n["Resources"] for n in ray.nodes() if n.get("Alive")],
+                return actors_that_fit(live_node_resources(),
                                        cfg.cpus_per_worker) > 0
 
             try:

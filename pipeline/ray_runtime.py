@@ -128,6 +128,13 @@ def _init_ray(address: str | None, num_cpus: int | None, log_to_driver: bool, jo
                   file=sys.stderr, flush=True)
 
 
+def live_node_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the joined cluster (what pipeline/placement.py checks against)."""
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """RayConnectError at once when nothing accepts connections at a `host:port` cluster address: `ray.init`
     would retry such an address for minutes. Other forms ("auto", "ray://...") are left to Ray."""
