@@ -289,7 +289,8 @@ class Predictor:
     def session(self, feats: ImageFeatures, box: Roi | None = None, initial_mask: np.ndarray | None = None,
                 start: SessionStart | None = None,
                 initial_clicks: Sequence[Click | tuple] | None = None,
-                engine: ClickEngine | None = None) -> "InteractiveSession":
+                engine: ClickEngine | None = None, zoom_in: bool = True,
+                allow_padding: bool = False) -> "InteractiveSession":
         """A new interactive session (one object) over encoded features.
 
         `box` (left, up, right, bottom, original pixels) fixes the zoom-in region of the refine stages
@@ -299,6 +300,8 @@ class Predictor:
         later clicks answer exactly as if added after them, and undo stops there); `start` from any
         `SessionStart`, e.g. a given reference-label map (`SessionStart.from_ref_label`). Every click of the
         session runs on one engine: `engine` when given (from `click_engine_for`), else the one answering now.
+        `zoom_in` and `allow_padding`: see `InteractiveSession` (the released evaluation, clicktest, runs with
+        zoom_in=False and allow_padding=True).
         """
         if sum(x is not None for x in (initial_mask, start, initial_clicks)) > 1:
             raise ValueError("give at most one of initial_mask, initial_clicks and start")
@@ -306,10 +309,10 @@ class Predictor:
         if initial_mask is not None:
             start = SessionStart.from_mask(initial_mask, feats.geometry)
         elif initial_clicks is not None:
-            prefix = InteractiveSession(self, feats, box, engine=engine)
+            prefix = InteractiveSession(self, feats, box, engine=engine, zoom_in=zoom_in, allow_padding=allow_padding)
             prefix.replay(initial_clicks)
             start = prefix.snapshot()
-        return InteractiveSession(self, feats, box, start, engine=engine)
+        return InteractiveSession(self, feats, box, start, engine=engine, zoom_in=zoom_in, allow_padding=allow_padding)
 
     def click_engine_for(self, feats: ImageFeatures) -> ClickEngine:
         """The engine that answers this image's clicks now: `engine`, or its torch fallback while the compiled
@@ -339,12 +342,28 @@ def _mask_result(start: SessionStart, geometry: ImageGeometry) -> ClickResult:
 
 
 class InteractiveSession:
-    """Click-by-click segmentation of one object. State: reference-label map, clicks, last prediction."""
+    """Click-by-click segmentation of one object. State: reference-label map, clicks, last prediction.
+
+    zoom_in: the demo's feature-level zoom-in of the refine stages (spec §4.4; `ModelConfig.zoom_in`), on by
+    default as in the demo and the backend; False runs every step on the whole map, as the released
+    evaluation (`ClickSegmentor`, no zoom-in) does. A `box` needs it.
+    allow_padding: clicks may also lie in the bottom/right padding of the network canvas (coordinates up to
+    the padded size), as the released clicktest's simulator puts them; only for images at native size. Off,
+    a click outside the image is an InvalidClickError.
+    """
 
     def __init__(self, predictor: Predictor, feats: ImageFeatures, box: Roi | None = None,
-                 start: SessionStart | None = None, engine: ClickEngine | None = None) -> None:
+                 start: SessionStart | None = None, engine: ClickEngine | None = None, zoom_in: bool = True,
+                 allow_padding: bool = False) -> None:
         if box is not None:
+            if not zoom_in:
+                raise ValueError("a zoom-in box needs zoom_in=True")
             check_box(box, feats.geometry.original_size)
+        if allow_padding and feats.geometry.resized:
+            raise ValueError("clicks in the padding (allow_padding) need an image at native size; this predictor "
+                             "resizes it (max_side)")
+        self.zoom_in = bool(zoom_in)
+        self.allow_padding = bool(allow_padding)
         self.predictor = predictor
         self.feats = feats
         self.engine = engine if engine is not None else predictor.click_engine_for(feats)  # runs every click
@@ -388,7 +407,13 @@ class InteractiveSession:
                             tuple(self.start.clicks) + tuple(self._clicks), state.result)
 
     def to_network(self, row: int, col: int) -> tuple[int, int]:
-        """Original-image pixel -> pixel of the (resized) network canvas; raises for clicks outside."""
+        """Original-image pixel -> pixel of the (resized) network canvas; raises for clicks outside the image
+        (with `allow_padding`: outside the padded canvas)."""
+        if self.allow_padding:
+            hp, wp = self.geometry.padded_size
+            if not (0 <= row < hp and 0 <= col < wp):
+                raise InvalidClickError(f"click ({row}, {col}) is outside the {hp}x{wp} padded canvas")
+            return int(row), int(col)
         h0, w0 = self.geometry.original_size
         if not (0 <= row < h0 and 0 <= col < w0):
             raise InvalidClickError(f"click ({row}, {col}) is outside the {h0}x{w0} image")
@@ -401,7 +426,7 @@ class InteractiveSession:
     def _roi(self, prev_pred: np.ndarray, ref_label: np.ndarray) -> Roi | None:
         model = self.predictor.model
         zc = model.config.zoom_in
-        if not model.neck.has_refine or not zc.enabled:
+        if not model.neck.has_refine or not zc.enabled or not self.zoom_in:
             return None
         if self.box is not None:
             s = self.geometry.scale
@@ -424,6 +449,21 @@ class InteractiveSession:
         result = ClickResult(margin, self.geometry, tuple(self._clicks))
         pred = result.padded_mask
         self._states.append(_State(update_by_prediction(ref, pred), pred, result))
+        return result
+
+    def repredict(self) -> ClickResult:
+        """Run the network again on the current state, without a new click, and return its prediction.
+
+        The released clicktest runs a forward pass at every step, also when its simulator has no click to
+        add: the reference-label map, already updated by the last prediction, goes in as it is, so the
+        prediction can still change. The new state replaces the current one (undo still removes the last
+        click; `replay` does not repeat re-predictions)."""
+        state = self._states[-1]
+        margin = self.predictor.predict_margin(self.feats, state.ref_label, self._roi(state.pred, state.ref_label),
+                                               self.engine)
+        result = ClickResult(margin, self.geometry, tuple(self._clicks))
+        pred = result.padded_mask
+        self._states[-1] = _State(update_by_prediction(state.ref_label, pred), pred, result)
         return result
 
     def undo(self) -> ClickResult | None:
