@@ -47,10 +47,15 @@ class BaselineResult:
 
 
 class GrabCutSession:
-    """Clicks on one image; every `add_click` reruns GrabCut with all clicks so far."""
+    """Clicks on one image; every `add_click` reruns GrabCut with all clicks so far.
 
-    def __init__(self, image: np.ndarray, config: GrabCutConfig) -> None:
+    allow_padding: clicks may also lie in the padding of `canvas_size` (the InterFormer protocol's canvas).
+    GrabCut never predicts there, so that protocol's simulator never asks for one; one given anyway is
+    kept in `clicks` and leaves the prediction as it was (there is no image under it)."""
+
+    def __init__(self, image: np.ndarray, config: GrabCutConfig, allow_padding: bool = False) -> None:
         self.config = config
+        self.allow_padding = allow_padding
         self.image_size = image.shape[:2]
         h, w = self.image_size
         d = config.size_divisor
@@ -63,15 +68,26 @@ class GrabCutSession:
         self._work = bgr if (wh, ww) == (h, w) else cv2.resize(bgr, (ww, wh), interpolation=cv2.INTER_AREA)
         self._prev = np.zeros((wh, ww), dtype=bool)
         self.clicks: list[Click] = []
+        self._last = self._result(self._prev)
 
     def add_click(self, row: int, col: int, positive: bool) -> BaselineResult:
-        """Add a click at (row, col) of the original image and return the new mask."""
+        """Add a click at (row, col) of the original image (or of the padded canvas, with `allow_padding`) and
+        return the new mask."""
         h, w = self.image_size
-        if not (0 <= row < h and 0 <= col < w):
-            raise ValueError(f"click ({row}, {col}) lies outside the {h}x{w} image")
+        inside = 0 <= row < h and 0 <= col < w
+        hp, wp = self.canvas_size
+        if not inside and not (self.allow_padding and 0 <= row < hp and 0 <= col < wp):
+            where = f"the {hp}x{wp} canvas" if self.allow_padding else f"the {h}x{w} image"
+            raise ValueError(f"click ({row}, {col}) lies outside {where}")
         self.clicks.append(Click(int(row), int(col), bool(positive)))
-        self._prev = self._segment()
-        return self._result(self._prev)
+        if inside:
+            self._prev = self._segment()
+            self._last = self._result(self._prev)
+        return self._last
+
+    def repredict(self) -> BaselineResult:
+        """The current mask: GrabCut keeps no state that would change it without a new click."""
+        return self._last
 
     def _segment(self) -> np.ndarray:
         cfg = self.config
@@ -79,9 +95,10 @@ class GrabCutSession:
         labels = np.where(self._prev, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
         soft = max(1, round(cfg.soft_radius_frac * min(wh, ww)))
         hard = max(1, round(cfg.hard_radius * self.scale))
-        for c in self.clicks:
+        clicks = [c for c in self.clicks if c.row < self.image_size[0] and c.col < self.image_size[1]]
+        for c in clicks:
             cv2.circle(labels, self._work_xy(c), soft, int(cv2.GC_PR_FGD if c.positive else cv2.GC_PR_BGD), -1)
-        for c in self.clicks:
+        for c in clicks:
             cv2.circle(labels, self._work_xy(c), hard, int(cv2.GC_FGD if c.positive else cv2.GC_BGD), -1)
         fg = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
         if fg.all() or not fg.any():
@@ -118,6 +135,7 @@ class GrabCutBaseline:
     def __init__(self, config: GrabCutConfig = GrabCutConfig()) -> None:
         self.config = config
 
-    def start(self, image: np.ndarray, image_id: str | None = None) -> GrabCutSession:
-        """Open a session on an RGB uint8 image (`image_id` is not needed: nothing is precomputed)."""
-        return GrabCutSession(validate_image(image), self.config)
+    def start(self, image: np.ndarray, image_id: str | None = None, allow_padding: bool = False) -> GrabCutSession:
+        """Open a session on an RGB uint8 image (`image_id` is not needed: nothing is precomputed);
+        `allow_padding`: see `GrabCutSession`."""
+        return GrabCutSession(validate_image(image), self.config, allow_padding)

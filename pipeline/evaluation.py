@@ -1,10 +1,12 @@
 """The interaction loop of one evaluation sample, and the per-sample result records.
 
-A segmenter is anything with `start(image, image_id=None) -> session`, where `session.add_click(row, col,
-positive)` returns a result with a boolean `.mask` at image size, optionally `.prob` (foreground
-probability) and `.padded_mask` (prediction on the padded network canvas), and the session has a
-`canvas_size` (Hp, Wp) for the InterFormer protocol. `pipeline.baselines.GrabCutBaseline` and the model
-adapter in `pipeline.segmenters` both qualify.
+A segmenter is anything with `start(image, image_id=None, allow_padding=False) -> session`, where
+`session.add_click(row, col, positive)` returns a result with a boolean `.mask` at image size, optionally
+`.prob` (foreground probability) and `.padded_mask` (prediction on the padded network canvas). For the
+InterFormer protocol the session is opened with `allow_padding=True` (it then takes clicks anywhere on the
+padded canvas), and has a `canvas_size` (Hp, Wp) and `repredict()` (the prediction again from the current
+state, no new click). `pipeline.baselines.GrabCutBaseline` and the model adapter in `pipeline.segmenters`
+both qualify.
 
 Protocols (spec §1.3 and §1.9); both always run `max_clicks` clicks so the mIoU curve is complete
 (NoC is identical to RITM's early-stopped run because the clicks are deterministic):
@@ -13,9 +15,10 @@ Protocols (spec §1.3 and §1.9); both always run `max_clicks` clicks so the mIo
   probability map, else its mask; IoU on the image with the ignore label excluded.
 * "interformer": InterFormer's clicker on the padded canvas (gt padded with background), prediction =
   `padded_mask` (argmax), IoU on the canvas with the ignore label excluded; a random tie-break seeded per
-  sample; when there is no error left no click is added and the prediction (and IoU) stay as they were.
-  A click the simulator puts in the padding (a false positive there) cannot be given to a session, which
-  takes image pixels only: it is recorded in `extra["outside_clicks"]` (1-based) and the prediction stays.
+  sample; every step runs the segmenter as clicktest does: a click the simulator puts in the padding (a
+  false positive there) is given to the session like any other (and listed, 1-based, in
+  `extra["outside_clicks"]`), and when there is no error left no click is added but the prediction is
+  made again from the current state (`repredict`; its IoU may change).
 """
 from __future__ import annotations
 
@@ -61,9 +64,9 @@ class SampleResult:
     """Everything measured on one sample.
 
     ious[k-1]: IoU after click k. clicks[k-1]: [row, col, positive] of click k, or None when the InterFormer
-    simulator had nothing left to click. extra: protocol notes (InterFormer: "outside_clicks").
-    Seconds: load_s (read image and mask), encode_s (`start`), click_s[k-1] (the `add_click` of click k, None
-    when no call was made), total_s (the whole sample with all its clicks: reading, encoding, clicker, IoU and
+    simulator had nothing left to click. extra: protocol notes (InterFormer: "outside_clicks", the clicks in
+    the padding). Seconds: load_s (read image and mask), encode_s (`start`), click_s[k-1] (the model call of
+    step k: `add_click`, or `repredict` when there was no click; None when no call was made), total_s (the whole sample with all its clicks: reading, encoding, clicker, IoU and
     model). RITM's SPC is computed from load_s, encode_s and click_s up to the click reaching IoU 0.90
     (`pipeline.metrics.ritm_spc_share`).
     """
@@ -127,7 +130,10 @@ def evaluate_sample(segmenter: Any, sample: Sample, config: EvalConfig = EvalCon
     perfect 1.0 at every click (NoC 1), which would flatter the dataset's averages."""
     check_has_object(sample)
     t0 = clock()
-    session = segmenter.start(sample.image, sample.image_id)
+    if config.protocol == "interformer":
+        session = segmenter.start(sample.image, sample.image_id, allow_padding=True)
+    else:
+        session = segmenter.start(sample.image, sample.image_id)
     encode_s = clock() - t0
     if config.protocol == "ritm":
         ious, clicks, click_s, extra = _ritm_loop(session, sample.gt, config, clock)
@@ -182,32 +188,22 @@ def _interformer_loop(session: Any, sample: Sample, config: EvalConfig,
     made: list[Click] = []
     outside: list[int] = []
     ious, clicks, click_s = [], [], []
-    current = iou(gt, pred)
     for _ in range(config.max_clicks):
         click = interformer_next_click(gt, pred, made, rng)
-        if click is None:
-            ious.append(current)
-            clicks.append(None)
-            click_s.append(None)
-            continue
-        made.append(click)
-        if click.row >= h or click.col >= w:
-            # A false positive in the padding: sessions take image pixels only, so the click is recorded
-            # (and removed from later error maps) but not sent; the prediction stays as it was.
-            outside.append(len(ious) + 1)
-            ious.append(current)
-            clicks.append([click.row, click.col, click.positive])
-            click_s.append(None)
-            continue
         t = clock()
-        res = session.add_click(click.row, click.col, click.positive)
+        if click is None:  # nothing to click: clicktest still runs the step on the updated reference map
+            res = session.repredict()
+        else:
+            made.append(click)
+            if click.row >= h or click.col >= w:  # a false positive in the padding, stamped there as clicktest does
+                outside.append(len(ious) + 1)
+            res = session.add_click(click.row, click.col, click.positive)
         click_s.append(clock() - t)
         pred = np.asarray(res.padded_mask, dtype=bool)
         if pred.shape != canvas:
             raise ValueError(f"segmenter returned a {pred.shape} padded mask for a {canvas} canvas")
-        current = iou(gt, pred)
-        ious.append(current)
-        clicks.append([click.row, click.col, click.positive])
+        ious.append(iou(gt, pred))
+        clicks.append(None if click is None else [click.row, click.col, click.positive])
     return ious, clicks, click_s, {"outside_clicks": outside} if outside else {}
 
 

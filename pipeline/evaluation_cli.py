@@ -49,6 +49,10 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=PROTOCOLS, default="ritm",
                    help="click simulator and IoU: 'ritm' (standard, default) or 'interformer' (the InterFormer "
                         "repository's clicktest: padded canvas, random tie-break)")
+    p.add_argument("--zoom-in", action="store_true",
+                   help="models with refine stages (tiny): use the demo's feature zoom-in from click 3 (default: "
+                        "off, as the InterFormer repository's evaluation); recorded in run.json and added to the "
+                        "default run name ('-zoomin')")
     p.add_argument("--max-clicks", type=COUNT, default=20, help="clicks per sample (default 20)")
     p.add_argument("--pred-thr", type=FRACTION, default=0.49,
                    help="RITM protocol: foreground when probability > this (default 0.49, RITM's)")
@@ -125,11 +129,11 @@ def parse_args(prog: str, doc: str, argv: list[str] | None = None) -> argparse.N
 def build_spec(args: argparse.Namespace) -> SegmenterSpec:
     """The segmenter the options name: the GrabCut baseline, random weights, or a checkpoint."""
     if args.baseline:
-        return SegmenterSpec("grabcut", grabcut=GrabCutConfig())
+        return SegmenterSpec("grabcut", grabcut=GrabCutConfig(), zoom_in=args.zoom_in)
     common = dict(device=args.device, max_side=args.max_side, feature_db=args.feature_db,
                   feature_table=args.feature_table, feature_id_prefix=args.feature_id_prefix,
                   engine=args.click_engine, engine_cache=args.engine_cache,
-                  engine_max_sizes=args.engine_max_sizes)
+                  engine_max_sizes=args.engine_max_sizes, zoom_in=args.zoom_in)
     if args.random_init:
         return SegmenterSpec("random", variant=args.random_init, seed=args.init_seed, **common)
     return SegmenterSpec("checkpoint", checkpoint=str(args.checkpoint), variant=args.variant, **common)

@@ -3,7 +3,8 @@
 Kinds: "grabcut" (the OpenCV baseline), "checkpoint" (InterFormer weights from a file), "random" (a
 randomly initialised variant, seeded so that every worker builds the same weights). Model sessions are
 wrapped so that the evaluation loop sees `canvas_size` and times image encoding apart from clicks; with a
-feature table the stored features are read instead of running the image encoder.
+feature table the stored features are read instead of running the image encoder. Model sessions run
+without the demo's zoom-in unless asked (`zoom_in`): the released evaluation (clicktest) has none.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ class SegmenterSpec:
     (models only); feature_id_prefix: prepended to a sample's image id to find its row; grabcut: baseline
     settings; engine / engine_cache / engine_max_sizes: the click engine (interformer.click_engine.ENGINES;
     torch is the exact fp32 reference), its cache folder and its compiled sizes held at once (None: the
-    default); checkpoint_sha256: the checkpoint's content (`pinned`), which `build` then insists on."""
+    default); checkpoint_sha256: the checkpoint's content (`pinned`), which `build` then insists on;
+    zoom_in: the demo's feature zoom-in of the refine stages (spec §4.4) in every session (default off, as the
+    released clicktest; it changes the results of refine-stage variants such as tiny only)."""
 
     kind: str
     checkpoint: str | None = None
@@ -43,6 +46,7 @@ class SegmenterSpec:
     engine_cache: str | None = None
     engine_max_sizes: int | None = None
     checkpoint_sha256: str | None = None
+    zoom_in: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -55,15 +59,16 @@ class SegmenterSpec:
             raise ValueError("a model variant is required for random initialisation")
         if self.kind == "grabcut" and self.feature_db:
             raise ValueError("the GrabCut baseline does not use stored features")
+        if self.kind == "grabcut" and self.zoom_in:
+            raise ValueError("the GrabCut baseline has no zoom-in (it is a model option)")
         self.engine_config  # an unknown engine name fails here, in the driver, not in every worker
 
     @property
     def default_name(self) -> str:
         if self.kind == "grabcut":
             return "grabcut"
-        if self.kind == "random":
-            return f"random-{self.variant}"
-        return Path(self.checkpoint).stem
+        name = f"random-{self.variant}" if self.kind == "random" else Path(self.checkpoint).stem
+        return name + ("-zoomin" if self.zoom_in else "")
 
     @property
     def engine_config(self) -> Any:
@@ -84,8 +89,13 @@ class SegmenterSpec:
     def to_dict(self) -> dict[str, Any]:
         """What decides the results: the weights (a checkpoint by content: the spec is pinned first), not the
         cache folder; the default torch engine is left out so that runs recorded before engines existed
-        still match."""
+        still match. `zoom_in` is recorded for every model that may have refine stages (a checkpoint of
+        unknown variant included): runs recorded before it existed used the zoom-in, so they do not match a
+        run without it. For the baseline and variants without refine stages it changes nothing and is left
+        out."""
         d = asdict(self.pinned())
+        if not self._zoom_in_matters():
+            d.pop("zoom_in")
         d.pop("engine_cache")
         d.pop("engine_max_sizes")  # memory, not results: an evicted size is compiled again from the same IR
         if d["engine"] == "torch":
@@ -93,6 +103,14 @@ class SegmenterSpec:
         if d["checkpoint_sha256"] is None:
             d.pop("checkpoint_sha256")
         return d
+
+    def _zoom_in_matters(self) -> bool:
+        if self.kind == "grabcut":
+            return False
+        from interformer.config import CONFIGS
+
+        config = CONFIGS.get(self.variant) if self.variant else None
+        return config is None or any(d > 0 for d in config.imsa.refine_depths)
 
     def _check_pinned_checkpoint(self) -> None:
         from interformer.checkpoint import file_sha256
@@ -121,7 +139,7 @@ class SegmenterSpec:
             from .feature_store import FeatureReader
 
             reader = FeatureReader(self.feature_db, predictor.fingerprint, table=self.feature_table)
-        return ModelSegmenter(predictor, reader, self.feature_id_prefix)
+        return ModelSegmenter(predictor, reader, self.feature_id_prefix, zoom_in=self.zoom_in)
 
 
 class ModelSession:
@@ -142,21 +160,30 @@ class ModelSession:
     def add_click(self, row: int, col: int, positive: bool) -> Any:
         return self._session.add_click(row, col, positive=positive)
 
+    def repredict(self) -> Any:
+        """The network run again on the current state, no new click (the InterFormer protocol's step when its
+        simulator has nothing to click)."""
+        return self._session.repredict()
+
 
 class ModelSegmenter:
-    """Open InterFormer sessions on images, encoding them or reading their stored features."""
+    """Open InterFormer sessions on images, encoding them or reading their stored features; `zoom_in`: the
+    demo's zoom-in in every session (default off: the released evaluation has none)."""
 
-    def __init__(self, predictor: Any, reader: Any = None, id_prefix: str = "") -> None:
+    def __init__(self, predictor: Any, reader: Any = None, id_prefix: str = "", zoom_in: bool = False) -> None:
         self.predictor = predictor
         self.reader = reader
         self.id_prefix = id_prefix
+        self.zoom_in = zoom_in
 
-    def start(self, image: np.ndarray, image_id: str | None = None) -> ModelSession:
-        """A session on `image`; with a feature reader its stored features (by `image_id`) are used instead."""
+    def start(self, image: np.ndarray, image_id: str | None = None, allow_padding: bool = False) -> ModelSession:
+        """A session on `image`; with a feature reader its stored features (by `image_id`) are used instead.
+        `allow_padding`: the session also takes clicks in the padding of the canvas (InterFormer protocol)."""
         if self.reader is not None:
             if image_id is None:
                 raise ValueError("reading stored features needs the image id")
             feats = self.reader.get(self.id_prefix + image_id)
         else:
             feats = self.predictor.encode(image)
-        return ModelSession(self.predictor.session(feats), feats.geometry)
+        session = self.predictor.session(feats, zoom_in=self.zoom_in, allow_padding=allow_padding)
+        return ModelSession(session, feats.geometry)

@@ -49,6 +49,9 @@ class _DiskSession:
 
     def add_click(self, row: int, col: int, positive: bool) -> _Result:
         self.clicks.append(Click(row, col, positive))
+        return self.repredict()
+
+    def repredict(self) -> _Result:
         yy, xx = np.mgrid[: self.shape[0], : self.shape[1]]
         mask = np.zeros(self.shape, bool)
         for c in self.clicks:
@@ -63,7 +66,7 @@ class _DiskSegmenter:
         self.radius = radius
         self.with_prob = with_prob
 
-    def start(self, image: np.ndarray, image_id: str | None = None) -> _DiskSession:
+    def start(self, image: np.ndarray, image_id: str | None = None, allow_padding: bool = False) -> _DiskSession:
         return _DiskSession(image.shape[:2], self.radius, self.with_prob)
 
 
@@ -96,7 +99,7 @@ def test_interformer_loop_stops_clicking_when_nothing_is_wrong_and_is_seeded():
     sample = _disk_sample()
     res = evaluate_sample(_DiskSegmenter(8), sample, EvalConfig(protocol="interformer", max_clicks=3))
     assert res.clicks[0] == [20, 25, True] and res.ious == [1.0, 1.0, 1.0]
-    assert res.clicks[1:] == [None, None] and res.click_s[1:] == [None, None]
+    assert res.clicks[1:] == [None, None] and all(t is not None for t in res.click_s)  # re-predicted
     # a small disk leaves errors: clicks continue, and the same seed gives the same clicks
     a = evaluate_sample(_DiskSegmenter(3), sample, EvalConfig(protocol="interformer", max_clicks=6, seed=1))
     b = evaluate_sample(_DiskSegmenter(3), sample, EvalConfig(protocol="interformer", max_clicks=6, seed=1))

@@ -45,19 +45,22 @@ class _CostlySession:
         self.made = 0
 
     def add_click(self, row: int, col: int, positive: bool) -> _Result:
-        self.clock.now += self.click_s
         self.made += 1
+        return self.repredict()
+
+    def repredict(self) -> _Result:
+        self.clock.now += self.click_s
         done = self.reach is not None and self.made >= self.reach
         return _Result(self.gt == 1 if done else np.zeros(self.gt.shape, bool), self.canvas_size)
 
 
 class CostlySegmenter:
-    """`start` costs `encode_s` seconds of the clock, each `add_click` costs `click_s`."""
+    """`start` costs `encode_s` seconds of the clock, each `add_click` or `repredict` costs `click_s`."""
 
     def __init__(self, clock: FakeClock, encode_s: float, click_s: float, reach: int | None) -> None:
         self.clock, self.encode_s, self.click_s, self.reach = clock, encode_s, click_s, reach
 
-    def start(self, image: np.ndarray, image_id: str | None = None) -> _CostlySession:
+    def start(self, image: np.ndarray, image_id: str | None = None, allow_padding: bool = False) -> _CostlySession:
         self.clock.now += self.encode_s
         gt = _gt()
         return _CostlySession(gt, self.clock, self.click_s, self.reach)
@@ -92,7 +95,7 @@ def test_spc_is_the_early_stopped_time_over_the_clicks_made(costs, protocol):
     made = [reach or MAX_CLICKS for *_, reach in costs]
     spent = [load + encode + k * click for (load, encode, click, _), k in zip(costs, made)]
     assert t.spc == pytest.approx(sum(spent) / sum(made), rel=1e-12, abs=1e-12)
-    calls = [sum(c is not None for c in r.click_s) for r in results]  # InterFormer: none once nothing is wrong
+    calls = [sum(c is not None for c in r.click_s) for r in results]
     whole = [load + encode + n * click for (load, encode, click, _), n in zip(costs, calls)]
     assert t.run_s_per_click == pytest.approx(sum(whole) / (MAX_CLICKS * len(costs)), rel=1e-12, abs=1e-12)
     if protocol == "ritm":
