@@ -67,8 +67,10 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def replay_agreement(exact: Predictor, fast: Predictor, feats, fast_feats, clicks: list) -> list[float]:
-    """IoU of the candidate's mask with the exact mask after each click of the same click list."""
-    a, b = exact.session(feats), fast.session(fast_feats)
+    """IoU of the candidate's mask with the exact mask after each click of the same click list (sessions as
+    the evaluation opens them: no zoom-in, clicks in the padding taken)."""
+    a = exact.session(feats, zoom_in=False, allow_padding=True)
+    b = fast.session(fast_feats, zoom_in=False, allow_padding=True)
     out = []
     for click in clicks:
         if click is None:
@@ -78,15 +80,15 @@ def replay_agreement(exact: Predictor, fast: Predictor, feats, fast_feats, click
     return out
 
 
-def summarize(results: list, max_clicks: int) -> dict:
+def summarize(results: list, max_clicks: int, protocol: str) -> dict:
     ious = [r.ious for r in results]
     clicks = [s for r in results for s in r.click_s if s is not None]
-    return {"samples": len(results), "noc85": round(mean_noc(ious, 0.85, max_clicks), 4),
-            "noc90": round(mean_noc(ious, 0.90, max_clicks), 4),
+    return {"samples": len(results), "noc85": round(mean_noc(ious, 0.85, max_clicks, protocol), 4),
+            "noc90": round(mean_noc(ious, 0.90, max_clicks, protocol), 4),
             **{f"miou@{k}": round(miou_at(ious, k), 4) for k in K_VALUES if k <= max_clicks},
             "click_ms_median": round(1000 * statistics.median(clicks), 1),
-            "per_sample_noc85": [noc(x, 0.85, max_clicks) for x in ious],
-            "per_sample_noc90": [noc(x, 0.90, max_clicks) for x in ious]}
+            "per_sample_noc85": [noc(x, 0.85, max_clicks, protocol) for x in ious],
+            "per_sample_noc90": [noc(x, 0.90, max_clicks, protocol) for x in ious]}
 
 
 def gate(rows: dict, max_delta_noc: float = 0.05, min_iou: float = 0.995) -> dict:
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{mean_noc([runs['exact'][-1].ious], 0.9, args.max_clicks):.0f} fast "
                   f"{mean_noc([runs['fast'][-1].ious], 0.9, args.max_clicks):.0f}, min IoU vs fp32 so far "
                   f"{min(agreement):.4f}", flush=True)
-        rows = {name: summarize(res, args.max_clicks) for name, res in runs.items()}
+        rows = {name: summarize(res, args.max_clicks, args.protocol) for name, res in runs.items()}
         name = refs[0].load().dataset if refs else spec
         rows["per_click_iou_vs_fp32"] = {"mean": round(float(np.mean(agreement)), 5),
                                          "min": round(float(np.min(agreement)), 5), "clicks": len(agreement)}

@@ -44,10 +44,13 @@ def summarize_run(run: str, results: Sequence[SampleResult], max_clicks: int) ->
         n_clicks = min(len(r.ious) for r in rs)
         if n_clicks < max_clicks:
             raise ValueError(f"run {run!r}, dataset {name}: a sample has {n_clicks} clicks, the summary needs {max_clicks}")
+        protocols = {r.protocol for r in rs}
+        if len(protocols) != 1:
+            raise ValueError(f"run {run!r}, dataset {name}: samples of several protocols {sorted(protocols)}")
         timed = any(t is not None for r in rs for t in r.click_s)
         t = timing([r.encode_s for r in rs], [r.click_s for r in rs], [r.total_s for r in rs], [r.load_s for r in rs],
                    [r.ious for r in rs]) if timed else None
-        rows.append(Row(run, name, summarize([r.ious for r in rs], t, max_clicks)))
+        rows.append(Row(run, name, summarize([r.ious for r in rs], t, max_clicks, protocols.pop())))
     return rows
 
 

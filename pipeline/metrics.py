@@ -30,28 +30,44 @@ def iou(gt: np.ndarray, pred: np.ndarray, ignore_label: int = IGNORE_LABEL) -> f
     return 1.0 if union == 0 else inter / union
 
 
-def noc(ious: Sequence[float], threshold: float, max_clicks: int = MAX_CLICKS) -> int:
+NOC_DTYPES = {"ritm": np.float32, "interformer": np.float64}
+
+
+def noc_dtype(protocol: str) -> type:
+    """The float type NoC compares IoUs in under `protocol`: RITM's `compute_noc_metric` holds them in a
+    float32 array, InterFormer's clicktest in a float64 one (mmseg's IoUs)."""
+    try:
+        return NOC_DTYPES[protocol]
+    except KeyError:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {tuple(NOC_DTYPES)}") from None
+
+
+def noc(ious: Sequence[float], threshold: float, max_clicks: int = MAX_CLICKS, protocol: str = "ritm") -> int:
     """Number of clicks to reach `threshold`: 1-based index of the first IoU >= threshold, else `max_clicks`.
 
-    Compared in float32 like RITM (`compute_noc_metric` holds the IoUs in a float32 array).
+    Compared in the protocol's precision (`noc_dtype`): float32 for RITM, float64 for InterFormer, so an IoU a
+    float32 rounding below the threshold reaches it under RITM only.
     """
-    arr = np.asarray(ious, dtype=np.float32)[:max_clicks]
-    hits = np.nonzero(arr >= np.float32(threshold))[0]
+    dtype = noc_dtype(protocol)
+    arr = np.asarray(ious, dtype=dtype)[:max_clicks]
+    hits = np.nonzero(arr >= dtype(threshold))[0]
     return int(hits[0]) + 1 if hits.size else max_clicks
 
 
-def mean_noc(ious_lists: Sequence[Sequence[float]], threshold: float, max_clicks: int = MAX_CLICKS) -> float:
+def mean_noc(ious_lists: Sequence[Sequence[float]], threshold: float, max_clicks: int = MAX_CLICKS,
+             protocol: str = "ritm") -> float:
     """Dataset NoC@threshold: the mean of the per-sample NoC."""
     _require_samples(ious_lists)
-    return float(np.mean([noc(x, threshold, max_clicks) for x in ious_lists]))
+    return float(np.mean([noc(x, threshold, max_clicks, protocol) for x in ious_lists]))
 
 
-def nof_ritm(ious_lists: Sequence[Sequence[float]], threshold: float, max_clicks: int = MAX_CLICKS) -> int:
+def nof_ritm(ious_lists: Sequence[Sequence[float]], threshold: float, max_clicks: int = MAX_CLICKS,
+             protocol: str = "ritm") -> int:
     """NoF as RITM prints it (">=20@t"): samples whose NoC equals `max_clicks`.
 
     This also counts samples that first reach the threshold exactly at the last click.
     """
-    return int(sum(noc(x, threshold, max_clicks) == max_clicks for x in ious_lists))
+    return int(sum(noc(x, threshold, max_clicks, protocol) == max_clicks for x in ious_lists))
 
 
 def success_ratio(ious_lists: Sequence[Sequence[float]], threshold: float, max_clicks: int = MAX_CLICKS) -> float:
@@ -184,14 +200,16 @@ def summarize(
     ious_lists: Sequence[Sequence[float]],
     timing_: Timing | None = None,
     max_clicks: int = MAX_CLICKS,
+    protocol: str = "ritm",
 ) -> Summary:
-    """All reported metrics of one run on one dataset (runs must have `max_clicks` clicks per sample)."""
+    """All reported metrics of one run on one dataset (runs must have `max_clicks` clicks per sample); NoC
+    and NoF compare in the `protocol`'s precision (`noc_dtype`)."""
     return Summary(
         samples=len(ious_lists),
-        noc85=mean_noc(ious_lists, 0.85, max_clicks),
-        noc90=mean_noc(ious_lists, 0.90, max_clicks),
-        nof85=nof_ritm(ious_lists, 0.85, max_clicks),
-        nof90=nof_ritm(ious_lists, 0.90, max_clicks),
+        noc85=mean_noc(ious_lists, 0.85, max_clicks, protocol),
+        noc90=mean_noc(ious_lists, 0.90, max_clicks, protocol),
+        nof85=nof_ritm(ious_lists, 0.85, max_clicks, protocol),
+        nof90=nof_ritm(ious_lists, 0.90, max_clicks, protocol),
         success85=success_ratio(ious_lists, 0.85, max_clicks),
         success90=success_ratio(ious_lists, 0.90, max_clicks),
         miou=tuple(miou_curve(ious_lists, max_clicks)),

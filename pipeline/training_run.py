@@ -96,8 +96,8 @@ def make_evaluator(cfg: TrainConfig, device: torch.device):
         ious = [r.ious for r in results]
         return {
             "dataset": cfg.eval_data, "protocol": cfg.eval_protocol, "samples": len(results),
-            "noc85": round(mean_noc(ious, 0.85, cfg.eval_clicks), 4),
-            "noc90": round(mean_noc(ious, 0.90, cfg.eval_clicks), 4),
+            "noc85": round(mean_noc(ious, 0.85, cfg.eval_clicks, cfg.eval_protocol), 4),
+            "noc90": round(mean_noc(ious, 0.90, cfg.eval_clicks, cfg.eval_protocol), 4),
             "miou1": round(miou_at(ious, 1), 4),
             "miou5": round(miou_at(ious, min(5, cfg.eval_clicks)), 4),
         }
