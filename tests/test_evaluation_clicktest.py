@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from interformer.clicks import DEF_BG, DEF_FG, add_click_disk, initial_ref_label, update_by_prediction
-from interformer.predictor import InvalidClickError
+from interformer.config import PreprocessConfig
+from interformer.predictor import InvalidClickError, Predictor
 from pipeline import evaluation_cli
 from pipeline.clicker import interformer_next_click
 from pipeline.datasets import Sample, SampleRef
@@ -274,6 +275,9 @@ def test_padding_clicks_are_a_session_option_and_the_default_still_refuses_them(
     assert session.ref_label[20, 20] == DEF_FG
     with pytest.raises(InvalidClickError, match="outside the 64x64 padded canvas"):
         session.add_click(64, 0, True)
+    resized = Predictor(predictor.model, PreprocessConfig(max_side=32), device="cpu")
+    with pytest.raises(ValueError, match="native size"):
+        resized.session(resized.encode(refine_image), allow_padding=True)
 
 
 def test_repredict_runs_the_step_on_the_updated_reference_map(refine_spec, refine_image):
