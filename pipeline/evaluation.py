@@ -66,9 +66,9 @@ class SampleResult:
     ious[k-1]: IoU after click k. clicks[k-1]: [row, col, positive] of click k, or None when the InterFormer
     simulator had nothing left to click. extra: protocol notes (InterFormer: "outside_clicks", the clicks in
     the padding). Seconds: load_s (read image and mask), encode_s (`start`), click_s[k-1] (the model call of
-    step k: `add_click`, or `repredict` when there was no click; None when no call was made), total_s (the whole sample with all its clicks: reading, encoding, clicker, IoU and
-    model). RITM's SPC is computed from load_s, encode_s and click_s up to the click reaching IoU 0.90
-    (`pipeline.metrics.ritm_spc_share`).
+    step k: `add_click`, or `repredict` when there was no click; None when no call was made), total_s (the
+    whole sample with all its clicks: reading, encoding, clicker, IoU and model). RITM's SPC is computed from
+    load_s, encode_s and click_s up to the click reaching IoU 0.90 (`pipeline.metrics.ritm_spc_share`).
     """
 
     dataset: str
