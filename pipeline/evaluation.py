@@ -37,6 +37,9 @@ from .datasets import Sample, SampleRef
 from .metrics import MAX_CLICKS, iou
 
 PROTOCOLS = ("ritm", "interformer")
+# The InterFormer protocol's semantics changed on 4 Dec 2026 (clicks in the padding applied, a forward pass at
+# steps without a click, NoC in float64, as clicktest): a results folder of the older loop must not be resumed.
+INTERFORMER_PROTOCOL_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,12 @@ class EvalConfig:
             raise ValueError(f"max_clicks must be >= 1, got {self.max_clicks}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings a run records (run.json); the InterFormer protocol adds its revision, so a folder its
+        older loop wrote is a different run (RITM-protocol folders keep their settings)."""
+        d = asdict(self)
+        if self.protocol == "interformer":
+            d["protocol_revision"] = INTERFORMER_PROTOCOL_REVISION
+        return d
 
 
 @dataclass

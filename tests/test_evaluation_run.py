@@ -225,6 +225,29 @@ def test_an_interrupted_report_write_leaves_every_file_whole(tmp_path, monkeypat
 
 # ---- --overwrite leaves nothing of the discarded run; a damaged results file is one line -----------------
 
+def test_a_folder_of_the_older_interformer_loop_is_not_resumed_and_ritm_folders_are(tmp_path):
+    """The InterFormer protocol's loop changed (padding clicks applied, a forward pass at steps without a
+    click, NoC in float64): a folder whose run.json the older loop wrote (no protocol revision) would mix both
+    loops' results, so it is refused; a RITM-protocol folder recorded the same way still resumes."""
+    refs = collect_samples(DatasetSelection([str(_dataset(tmp_path / "ds"))]))
+    for protocol, refused in (("interformer", True), ("ritm", False)):
+        out = tmp_path / protocol
+        config = EvalConfig(protocol=protocol, max_clicks=2)
+        info = run_settings("run", GRABCUT, config, refs)
+        older = {**info, "eval": {k: v for k, v in info["eval"].items() if k != "protocol_revision"}}
+        out.mkdir()
+        (out / "run.json").write_text(json.dumps(older))
+        if refused:
+            assert info["eval"]["protocol_revision"] >= 2
+            with pytest.raises(RunFolderError, match=r"differs in: eval.*--output or --overwrite"):
+                prepare_output(out, info, overwrite=False)
+            assert prepare_output(out, info, overwrite=True) == []
+        else:
+            assert info == older
+            assert prepare_output(out, info, overwrite=False) == []
+        assert json.loads((out / "run.json").read_text()) == info
+
+
 def test_overwrite_removes_every_file_the_discarded_run_wrote(tmp_path):
     """Whatever the new run then writes (nothing, when all its samples fail or it is killed), no report of the
     discarded run stays beside the new run.json."""
