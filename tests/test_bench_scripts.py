@@ -110,9 +110,13 @@ def test_bench_engine_quality_gates_a_candidate_with_signed_noc_and_intervals(tm
     save_checkpoint(load_model(None, variant="small"), ckpt)
     monkeypatch.setattr(sys, "argv", ["bench_engine_quality.py"])
     out = tmp_path / "gate.json"
-    assert module.main(["--checkpoint", str(ckpt), "--engine", "openvino-f32", "--datasets", "GrabCut",
-                        "--data-root", str(shared_dir / "data"), "--limit", "2", "--max-clicks", "3",
-                        "--engine-cache", str(tmp_path / "engines"), "--out", str(out)]) == 0
+    args = ["--checkpoint", str(ckpt), "--engine", "openvino-f32", "--datasets", "GrabCut", "--data-root",
+            str(shared_dir / "data"), "--limit", "2", "--max-clicks", "3", "--engine-cache", str(tmp_path / "engines")]
+    assert module.main([*args, "--out", str(out)]) == 0  # openvino-f32 gives fp32's masks: the gate passes
+    assert _raw(out)["datasets"]["GrabCut"]["gate_passed"]
+    failed = tmp_path / "failed.json"  # an IoU bound no candidate meets: the gate fails, and the exit status says so
+    assert module.main([*args, "--min-iou", "1.01", "--out", str(failed)]) == 1
+    assert not _raw(failed)["datasets"]["GrabCut"]["gate_passed"]
     figures = _raw(out)
     assert figures["engine"] == "openvino-f32"
     rows = figures["datasets"]["GrabCut"]
