@@ -14,7 +14,7 @@ from interformer.encode_engine import add_encode_engine_argument
 from interformer.config import CONFIGS, DEFAULT_MAX_ENCODE_MEMORY_GIB, PreprocessConfig
 
 from pipeline.image_access import ImageAccess, ImageAccessError, add_image_access_arguments
-from pipeline.ray_runtime import LOCAL, RayStartError, init_ray
+from pipeline.ray_runtime import LOCAL, RayStartError, init_ray, live_node_resources
 from pipeline.table_names import check_table_name
 
 from .logs import get_logger, log_event, setup_logging
@@ -109,21 +109,27 @@ def _storage_problem(db: str, table: str) -> str | None:
     return None
 
 
-def _listen_problem(host: str, port: int) -> str | None:
-    """Why the server could not listen on host:port (a bad address, a port in use), found by binding it once
-    now rather than after the actors have started; None when it can."""
+class ListenError(Exception):
+    """The server cannot listen where it was asked to."""
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound to host:port now (before the actors start), so that a bad address or a port
+    in use is refused at once and nothing else can take the port meanwhile; port 0 binds a free one, which the
+    socket names (`getsockname`). uvicorn serves on this very socket."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        return f"--host {host!r}: {e.strerror}"
+        raise ListenError(f"--host {host!r}: {e.strerror}") from None
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(address)
-        except OSError as e:
-            return f"cannot listen on {host}:{port}: {e.strerror or e}"
-    return None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageAccessError, ValueError) as e:
         print(f"error: image access settings: {e}", file=sys.stderr)
         return 2
-    problem = _storage_problem(args.db, args.table) or _listen_problem(args.host, args.port)
+    problem = _storage_problem(args.db, args.table)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -152,7 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.basic_auth_user and not password:
         print(f"error: --basic-auth-user needs the password in ${AUTH_PASS_ENV[0]}", file=sys.stderr)
         return 2
+    try:
+        listener = open_listener(args.host, args.port)
+    except ListenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _start_and_serve(args, listener, password)
+    finally:
+        listener.close()
 
+
+def _start_and_serve(args: argparse.Namespace, listener: socket.socket, password: str | None) -> int:
+    """Start (or join) Ray, then serve on `listener` until stopped."""
     import ray
 
     # Ray starts its workers at niceness 15 (batch work); serving actors answer people, so our local Ray
@@ -165,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        return _serve(args, password)
+        return _serve(args, listener, password)
     finally:
         ray.shutdown()
 
@@ -174,8 +192,7 @@ def _mib(value: float) -> int:
     return int(value * 1024 * 1024)
 
 
-def _serve(args: argparse.Namespace, password: str | None) -> int:
-    import ray
+def _serve(args: argparse.Namespace, listener: socket.socket, password: str | None) -> int:
     import uvicorn
 
     from .actors import ActorPool, default_actor_cpus, placement_problem
@@ -210,7 +227,7 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
     )
     pool = None
     try:
-        node_cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+        node_cpus = [float(r.get("CPU", 0.0)) for r in live_node_resources()]
         count = args.actors + (0 if args.no_encode_on_demand else 1)
         actor_cpus = args.actor_cpus or default_actor_cpus(count, node_cpus)
         problem = placement_problem(count, actor_cpus, node_cpus)
@@ -221,13 +238,14 @@ def _serve(args: argparse.Namespace, password: str | None) -> int:
                          max_restarts=args.max_restarts, log_level=args.log_level)
         pool.wait_ready()
         app = create_app(settings, pool)
-        log_event(log, "serving", url=f"http://{args.host}:{args.port}", model_version=settings.model_version,
+        port = listener.getsockname()[1]
+        log_event(log, "serving", url=f"http://{args.host}:{port}", model_version=settings.model_version,
                   table=f"{cfg.db}/{cfg.table}", actors=args.actors, actor_cpus=actor_cpus, threads=cfg.threads,
                   click_engine=cfg.click_engine.engine,
                   encode_engine=None if args.no_encode_on_demand else cfg.encode_engine,
                   auth=bool(args.basic_auth_user), label_studio_url=cfg.access.label_studio_url)
-        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                    timeout_graceful_shutdown=5)
+        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5))
+        server.run(sockets=[listener])
     finally:
         if pool is not None:
             pool.shutdown()

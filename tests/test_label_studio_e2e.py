@@ -25,7 +25,6 @@ import pytest
 from backend_support import (
     LABEL_CONFIG,
     ROOT,
-    free_port,
     grabcut_images,
     keypoint,
     make_checkpoint,
@@ -125,15 +124,17 @@ def stack(label_studio, tmp_path_factory):
                                "--db", str(tmp / "db"), "--checkpoint", str(ckpt), "--num-cpus", "2"],
                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=900)
     assert done.returncode == 0, logs["encode"].read_text()[-4000:]
-    port = free_port()
     env = {**os.environ, **label_studio.env(), "ML_BACKEND_BASIC_AUTH_PASS": AUTH[1]}
-    with open(logs["backend"], "w") as out:
+    with open(logs["backend"], "w") as out:  # --port 0: the backend binds a free port and logs it
         backend = subprocess.Popen(
             [sys.executable, "-m", "connectors", "--db", str(tmp / "db"), "--checkpoint", str(ckpt),
-             "--port", str(port), "--actors", "1", "--ray-cpus", "2", "--basic-auth-user", AUTH[0],
+             "--host", "127.0.0.1", "--port", "0", "--actors", "1", "--ray-cpus", "2", "--basic-auth-user", AUTH[0],
              "--encode-engine", "openvino", "--engine-cache", str(tmp / "engine-cache")],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
+        serving = BackendLog(logs["backend"], backend).wait_for(lambda r: r.get("msg") == "serving", "serving", 600)
+        host, _, port = serving["url"].removeprefix("http://").rpartition(":")
+        assert host == "127.0.0.1" and 0 < int(port) < 65536, serving
         wait_http(f"http://127.0.0.1:{port}/health", backend, logs["backend"], 600, auth=AUTH)
         yield {"tmp": tmp, "storage": storage, "images": images, "ckpt": ckpt, "logs": logs,
                "log": BackendLog(logs["backend"], backend), "ls": label_studio,
