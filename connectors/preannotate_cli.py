@@ -118,7 +118,8 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                      help="at most this many simulated clicks per object; the best mask is kept (default: %(default)s)")
     run = p.add_argument_group("running")
     run.add_argument("--run-dir", help="folder of the ledger, report and summary (default: "
-                     "runs/preannotate/<source>-<model version>)")
+                     "runs/preannotate/<source>-<model version>, then the settings that differ from their "
+                     "defaults, e.g. -polygon, -fast: a folder holds one setting's run)")
     run.add_argument("--fresh", action="store_true", help="forget an earlier run in --run-dir and start over")
     run.add_argument("--workers", type=integer(0), default=None,
                      help="Ray workers (default: the cluster's CPUs / --cpus-per-worker); 0 runs in this process")
