@@ -78,9 +78,13 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                      "tasks are created, with image_id in their data, for images that have none")
     out.add_argument("--push-batch", type=COUNT, default=50, help="predictions per import call (default: %(default)s)")
     out.add_argument("--image-url", default=DEFAULT_IMAGE_URL,
-                     help="image URL of new tasks, from {file_name}, {image_id} and {uri} (default: %(default)s, "
-                     "i.e. Label Studio's local files with LOCAL_FILES_DOCUMENT_ROOT = --image-root); values are "
-                     "percent-encoded in paths and http(s) URLs, raw in s3:// or gs:// ones")
+                     help="image URL of new tasks, from {file_name}, {image_id} and {uri} (default: %(default)s). "
+                     "Label Studio serves /data/local-files/?d=PATH (PATH relative to its LOCAL_FILES_DOCUMENT_ROOT) "
+                     "only when the project has a Local Storage whose folder holds the file, and that folder must "
+                     "be a subfolder of the root, never the root itself: e.g. LOCAL_FILES_DOCUMENT_ROOT=/data, "
+                     "--image-root /data/images, --image-url '/data/local-files/?d=images/{file_name}' and a "
+                     "Local Storage on /data/images. Values are percent-encoded in paths and http(s) URLs, raw in "
+                     "s3:// or gs:// ones")
     model = p.add_argument_group("model and features")
     model.add_argument("--db", default=DEFAULT_ROOT, help="LanceDB root of the feature table (default: %(default)s)")
     model.add_argument("--table", default=DEFAULT_TABLE, help="feature table name (default: %(default)s)")
@@ -114,7 +118,8 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                      help="at most this many simulated clicks per object; the best mask is kept (default: %(default)s)")
     run = p.add_argument_group("running")
     run.add_argument("--run-dir", help="folder of the ledger, report and summary (default: "
-                     "runs/preannotate/<source>-<model version>)")
+                     "runs/preannotate/<source>-<model version>, then the settings that differ from their "
+                     "defaults, e.g. -polygon, -fast: a folder holds one setting's run)")
     run.add_argument("--fresh", action="store_true", help="forget an earlier run in --run-dir and start over")
     run.add_argument("--workers", type=integer(0), default=None,
                      help="Ray workers (default: the cluster's CPUs / --cpus-per-worker); 0 runs in this process")

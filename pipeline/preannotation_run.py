@@ -11,6 +11,7 @@ run with COCO prompts and a COCO output needs no Label Studio at all.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from .feature_store import DEFAULT_ROOT, DEFAULT_TABLE
 from .files import write_json_atomic
 from .ledger import Ledger
 from .placement import actors_that_fit, describe, pool_size
+from .polygons import DEFAULT_TOLERANCE
 from .preannotation import ClickPolicy, ImageResult, MaskFormat, PreannotateWorker, WorkerSpec, lost_image
 from .preannotation_report import REPORT, SUMMARY, PreannotateSummary, tally, write_report
 from .prompts import USE_CHOICES, ImageJob, Problem, PromptFileError, PromptSet, coco_prompts, read_coco_file
@@ -355,6 +357,53 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80] or "run"
 
 
+_IDENTITY = ("source", "fingerprint", "model_version")  # named by the folder's stem and model version
+_DEFAULT_SETTINGS = {"use": "auto", "coco_id": "file_name", "ls_prompts": "annotations",
+                     "ls_prompt_model_version": None, "policy": asdict(ClickPolicy()), "mask_format": None,
+                     "polygon_tolerance": DEFAULT_TOLERANCE, "click_engine": None}
+
+
+def _setting_parts(key: str, value: Any) -> list[str]:
+    """Name parts of one non-default setting of `run_info`."""
+    if key in ("mask_format", "click_engine", "ls_prompts"):
+        return [str(value)]
+    if key == "polygon_tolerance":
+        return [f"tol{value:g}"]
+    if key == "policy" and isinstance(value, dict):
+        default = _DEFAULT_SETTINGS["policy"]
+        names = {"target_iou": "iou", "max_clicks": "clicks"}
+        return [f"{names.get(k, k)}{v:g}" if isinstance(v, (int, float)) else f"{k}-{v}"
+                for k, v in sorted(value.items()) if default.get(k) != v]
+    if key == "ls_prompt_model_version":
+        return [f"from-{value}"]
+    return [f"{key.replace('_', '-')}-{value}"]
+
+
+def run_name_suffix(info: dict) -> str:
+    """The settings of `run_info` that differ from their defaults, as a readable run-folder name suffix
+    ("-polygon-tol2", "-fast", "-use-box-clicks5"); "" for the defaults, so folders made before settings
+    were named still resolve. Runs of different settings get different default folders (a folder holds one
+    setting): a suffix with free text (a model version), one that cannot be spelt exactly in a folder name, or
+    a long one ends in a hash of the settings."""
+    changed = {k: v for k, v in sorted(info.items()) if k not in _IDENTITY and _DEFAULT_SETTINGS.get(k, ...) != v}
+    parts = [part for k, v in changed.items() for part in _setting_parts(k, v)]
+    if not parts:
+        return ""
+    text = "-".join(parts)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    free_text = any(k == "ls_prompt_model_version" or k not in _DEFAULT_SETTINGS for k in changed)
+    if free_text or name != text or len(name) > 60:  # free text could spell another setting's parts
+        digest = hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        name = f"{name[:40].strip('-')}-{digest}"
+    return f"-{name}"
+
+
+def default_run_dir(cfg: PreannotateConfig, info: dict) -> Path:
+    """runs/preannotate/<prompt source>-<model version>[-<settings that differ from the defaults>]."""
+    stem = Path(cfg.coco).stem if cfg.coco else f"ls-project-{cfg.ls_project}"
+    return Path("runs") / "preannotate" / (_slug(f"{stem}-{info['model_version']}") + run_name_suffix(info))
+
+
 def prepare_run_dir(cfg: PreannotateConfig, info: dict) -> tuple[Path, RunFolderLock]:
     """Create and lock the run folder, and check that it holds a run of the same setting (--fresh starts over).
 
@@ -364,8 +413,7 @@ def prepare_run_dir(cfg: PreannotateConfig, info: dict) -> tuple[Path, RunFolder
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
     else:
-        stem = Path(cfg.coco).stem if cfg.coco else f"ls-project-{cfg.ls_project}"
-        run_dir = Path("runs") / "preannotate" / _slug(f"{stem}-{info['model_version']}")
+        run_dir = default_run_dir(cfg, info)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from backend_support import LABEL_CONFIG, keypoint, rectangle
+from label_studio_sdk.core.api_error import ApiError
 from ls_proxy import LabelStudioProxy
 from preannotate_support import SIZE, load_preannotate_job, prepare_store
 
@@ -424,6 +425,30 @@ def test_file_names_that_need_escaping_find_their_synced_task_and_created_tasks_
         assert r.status_code == 200, t.data
         served[t.data["image_id"].split("/", 1)[1]] = r.content
     assert served == expected
+
+
+def test_the_documented_local_files_setup_serves_every_created_task_s_image(env, label_studio):
+    """The recipe of README step 4 / preannotation.md, with Label Studio's LOCAL_FILES_DOCUMENT_ROOT standing
+    for /data: images in its subfolder (/data/images) given as --image-root, --image-url
+    '/data/local-files/?d=images/{file_name}' and a Local Storage on that subfolder. Every task the push
+    creates for an existing file shows that file (200, same bytes); a storage on the root itself is refused."""
+    fx, client = env["fx"], env["client"]
+    folder = label_studio.files_root / "images-recipe"  # /data/images
+    shutil.copytree(fx.image_root, folder)
+    project = client.projects.create(title="documented local files", label_config=LABEL_CONFIG)
+    with pytest.raises(ApiError):
+        client.import_storage.local.create(project=project.id, path=str(label_studio.files_root), title="root")
+    client.import_storage.local.create(project=project.id, path=str(folder), title="images", use_blob_urls=True)
+    s = run(env, "documented-local-files", "--coco", str(fx.coco_path), "--image-root", str(folder),
+            "--image-url", f"/data/local-files/?d={folder.name}/{{file_name}}", "--ls-project", str(project.id),
+            "--push")
+    assert s["tasks_created"] == len(fx.images) + 1 and s["pushed"] == 4  # + the entry whose file is missing
+    served = {}
+    for t in client.tasks.list(project=project.id, include="id,data"):
+        r = httpx.get(label_studio.url + t.data["image"], headers={"Authorization": f"Token {label_studio.token}"})
+        served[t.data["image_id"]] = r.content if r.status_code == 200 else r.status_code
+    expected = {name: (folder / name).read_bytes() for name in fx.images}
+    assert served == {**expected, fx.missing_file: 404}
 
 
 TWO_IMAGES = """<View>

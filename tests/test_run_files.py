@@ -18,11 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from interformer.click_engine import ENGINES, ClickEngineConfig
 from pipeline import preannotation_run
-from pipeline.preannotation import ImageResult
+from pipeline.polygons import DEFAULT_TOLERANCE
+from pipeline.preannotation import MASK_FORMATS, ClickPolicy, ImageResult, MaskFormat
 from pipeline.preannotation_report import PreannotateSummary, write_report, write_summary
 from pipeline.preannotation_run import PreannotateConfig, RunDirError, prepare_run_dir
-from pipeline.prompts import Problem
+from pipeline.prompts import USE_CHOICES, Problem
 from pipeline.run_info import record_settings
 
 
@@ -126,3 +128,60 @@ def test_an_output_written_whole_gets_the_permissions_a_plain_write_would(tmp_pa
     kept.chmod(0o604)
     write_text_atomic(kept, "{}")
     assert kept.stat().st_mode & 0o777 == 0o604 and kept.read_text() == "{}"
+
+
+def _default_dir(tmp_path: Path, **kw) -> Path:
+    """The folder a run of these settings takes when no --run-dir is given (relative to the cwd)."""
+    cfg = PreannotateConfig(coco=str(tmp_path / "coarse.json"), coco_out=str(tmp_path / "out.json"), **kw)
+    info = preannotation_run.run_info(cfg, cfg.coco, "fp", "interformer-small-light-5a433573")
+    run_dir, lock = prepare_run_dir(cfg, info)
+    lock.release()
+    return run_dir
+
+
+def test_the_documented_polygon_run_after_the_brush_run_gets_its_own_default_folder(tmp_path, monkeypatch):
+    """README's brush push then preannotation.md's `--mask-format polygon` push, both without --run-dir: the
+    second used to be refused (the same default folder, other settings); each now has its folder, a brush
+    run keeps the name it had before settings were named, and rerunning either resumes its own."""
+    monkeypatch.chdir(tmp_path)
+    brush = _default_dir(tmp_path)
+    assert brush == Path("runs/preannotate/coarse-interformer-small-light-5a433573")
+    polygon = _default_dir(tmp_path, output=MaskFormat("polygon"))
+    coarse = _default_dir(tmp_path, output=MaskFormat("polygon", tolerance=2.5))
+    assert polygon == Path(f"{brush}-polygon") and coarse == Path(f"{brush}-polygon-tol2.5")
+    assert _default_dir(tmp_path) == brush and _default_dir(tmp_path, output=MaskFormat("polygon")) == polygon
+
+
+SETTINGS = st.fixed_dictionaries({
+    "use": st.sampled_from(USE_CHOICES), "coco_id": st.sampled_from(("file_name", "id")),
+    "policy": st.builds(ClickPolicy, target_iou=st.sampled_from((0.9, 0.85, 1.0)), max_clicks=st.integers(1, 30)),
+    "output": st.builds(MaskFormat, kind=st.sampled_from(MASK_FORMATS),
+                        tolerance=st.sampled_from((DEFAULT_TOLERANCE, 0.0, 0.5, 2.5))),
+    "engine": st.builds(ClickEngineConfig, engine=st.sampled_from(ENGINES)),
+})
+LS_SETTINGS = st.fixed_dictionaries({
+    "ls_prompts": st.sampled_from(("annotations", "predictions")),
+    "ls_prompt_model_version": st.sampled_from((None, "yolo", "yolo-v8", "yolo-polygon", "det/2 b", "x" * 90))})
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=SETTINGS, b=SETTINGS, ls_a=LS_SETTINGS, ls_b=LS_SETTINGS, from_ls=st.booleans())
+def test_runs_of_other_settings_never_share_a_default_folder(a, b, ls_a, ls_b, from_ls):
+    """Every setting a run folder refuses to mix (run_info) is in the default folder's name: two runs from one
+    source and model whose settings differ get different folders, the same settings the same folder, and the
+    defaults no suffix (the folders of earlier runs still resume)."""
+    def info(kw: dict, ls: dict) -> tuple[PreannotateConfig, dict]:
+        if ls["ls_prompt_model_version"] and ls["ls_prompts"] != "predictions":
+            ls = {**ls, "ls_prompt_model_version": None}
+        src = dict(ls_project=3, push=True, **ls) if from_ls else dict(coco="/data/coarse.json", coco_out="/o.json")
+        cfg = PreannotateConfig(**src, **kw)
+        return cfg, preannotation_run.run_info(cfg, "src", "fp", "mv")
+    (cfg_a, info_a), (cfg_b, info_b) = info(a, ls_a), info(b, ls_b)
+    dir_a, dir_b = preannotation_run.default_run_dir(cfg_a, info_a), preannotation_run.default_run_dir(cfg_b, info_b)
+    assert (dir_a == dir_b) == (info_a == info_b), (info_a, info_b)
+    assert len(dir_a.name) <= 160 and "/" not in dir_a.name
+    if info_a == preannotation_run.run_info(PreannotateConfig(**{**dict(cfg_a.__dict__), **dict(
+            use="auto", coco_id="file_name", policy=ClickPolicy(), output=MaskFormat(), engine=ClickEngineConfig(),
+            ls_prompts="annotations", ls_prompt_model_version=None)}), "src", "fp", "mv"):
+        assert dir_a.name == ("ls-project-3-mv" if from_ls else "coarse-mv")
+
