@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from pipeline.ray_runtime import RayStartError, prepare_job_process
 
@@ -38,6 +39,7 @@ from interformer.training.launch import TrainingFailed  # noqa: E402
 from interformer.training.run_lock import RunFolderBusy, RunFolderLock  # noqa: E402
 from interformer.training.runlog import NonFiniteWeights, ScheduleChanged  # noqa: E402
 from interformer.training.step import TrainingDiverged  # noqa: E402
+from interformer.training.trainer import stopped_message  # noqa: E402
 from pipeline.datasets import DatasetError  # noqa: E402
 from pipeline.training_run import FeatureTableError, run_local, run_on_ray  # noqa: E402
 
@@ -87,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n[train] stopped; the newest checkpoint in {cfg.out_dir}/checkpoints is kept: run the same command "
-              "again to resume from it", file=sys.stderr)
+        print(f"\n{stopped_message(Path(cfg.out_dir))}", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
 from interformer.training.augment import AugmentConfig
@@ -161,3 +163,29 @@ def test_stop_at_changes_neither_the_log_nor_the_evaluations(shared_dir, tmp_pat
     assert rows_a == rows_b and rows_a[-1][0] == "6"
     evals = [[r["iter"] for r in CsvLog(tmp_path / run / "eval.csv", EVAL_FIELDS).rows()] for run in ("a", "b")]
     assert evals[0] == evals[1] == sorted({str(i) for i in range(eval_interval, 7, eval_interval)} | {"6"}, key=int)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(max_iters=st.integers(2, 6), checkpoint_interval=st.integers(1, 20), eval_interval=st.integers(1, 6),
+       data=st.data())
+def test_every_evaluation_has_its_checkpoint_written_before_it(shared_dir, tmp_path_factory, max_iters,
+                                                               checkpoint_interval, eval_interval, data):
+    """Whatever --checkpoint-interval (the default 20000 against --eval-interval 500 in the documented fine-tune),
+    the checkpoint of an evaluated iteration is on disk when its evaluation starts: a stop after an evaluation
+    keeps at least that checkpoint, and a kill during it is made good by the rerun (missed_evaluation)."""
+    torch.set_num_threads(1)
+    stop_at = data.draw(st.one_of(st.none(), st.integers(1, max_iters)))
+    out = tmp_path_factory.mktemp("run")
+    cfg = config(shared_dir, out, max_iters=max_iters, checkpoint_interval=checkpoint_interval,
+                 eval_interval=eval_interval, eval_data="grabcut", log_interval=1, stop_at=stop_at)
+    seen: list[list[int]] = []  # the checkpoints on disk as each evaluation starts
+
+    def evaluator(model) -> dict:
+        seen.append([it for it, _ in list_checkpoints(out)])
+        return {"dataset": "held-out", "protocol": "ritm", "samples": 1, "noc85": 1.0}
+
+    run_worker(cfg, evaluator=evaluator)
+    evaluated = [int(r["iter"]) for r in CsvLog(out / "eval.csv", EVAL_FIELDS).rows()]
+    assert len(evaluated) == len(seen)
+    for it, on_disk in zip(evaluated, seen):
+        assert it in on_disk, (it, on_disk)

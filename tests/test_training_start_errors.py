@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -21,8 +25,8 @@ from interformer.training.data import DataError, DataSpec
 from interformer.training.init import check_init, initial_model
 from interformer.training.launch import failure_message
 from interformer.training.optim import OptimConfig, build_optimizer
-from interformer.training.runlog import list_checkpoints, save_training_checkpoint
-from interformer.training.trainer import run_worker
+from interformer.training.runlog import EVAL_FIELDS, LOG_FIELDS, CsvLog, list_checkpoints, save_training_checkpoint
+from interformer.training.trainer import run_worker, stopped_message
 from pipeline.datasets import DatasetError
 from pipeline.training_run import checked_before_start
 from test_training_init import timm_mae_state_dict
@@ -257,26 +261,86 @@ def test_gpus_a_cpu_cluster_lacks_are_refused_instead_of_waiting_forever(shared_
     assert "Traceback" not in done.stderr
 
 
+# --- a stop (SIGTERM, Ctrl-C) keeps what it says it keeps ---------------------------------------------------------
+
+def start_job(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs/train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def stop_when(proc: subprocess.Popen, ready, what: str, sig: str = "SIGTERM") -> str:
+    """Send `sig` once `ready()` holds (polled, never timed); the job's stderr after it exited with 130."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} before the job ended: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    return err
+
+
+def stop_line(err: str) -> str:
+    """The one line a stop writes (tqdm may redraw its bar after it, when the interpreter closes it)."""
+    lines = [line for line in err.splitlines() if line.startswith("[train] stopped")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
 # SIGTERM on Ray is the init_ray property tested in test_ray_runtime_signals.py
 @pytest.mark.parametrize("mode, sig", [("local", "SIGTERM"), ("ray", "SIGINT")])
 def test_a_stopped_run_says_what_it_kept_and_exits_130(shared_dir, tmp_path, mode, sig):
     """SIGTERM or Ctrl-C during a run, local or on Ray (whose Train installs its own Ctrl-C handler and used to
-    leave with exit 1 and no word): one line naming the kept checkpoint, exit 130, no traceback."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
+    leave with exit 1 and no word): one line naming the kept checkpoint and its iteration, exit 130, no
+    traceback."""
     argv = job_args(shared_dir, tmp_path / "run")
     argv[argv.index("--max-iters") + 1] = "100000"
     if mode == "ray":
         argv = [a for a in argv if a != "--local"] + ["--num-workers", "1"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "run" / "checkpoints").glob("*.pth")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
-        time.sleep(0.2)
-    proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "stopped" in err and "Traceback" not in err, err[-2000:]
+    proc = start_job(argv)
+    err = stop_when(proc, lambda: list_checkpoints(tmp_path / "run"), "checkpoint", sig)
+    line = stop_line(err)
+    assert re.fullmatch(r"\[train\] stopped; the newest checkpoint, .*iter_\d+\.pth \(iteration (\d+)\), is kept: run the "
+                        r"same command again to resume from iteration \1", line), line
+    if mode == "local":  # on Ray an aborted worker may still finish a step after the driver's word
+        assert line == stopped_message(tmp_path / "run")
+
+
+def test_a_stop_keeps_the_checkpoint_of_the_last_evaluation_and_the_rerun_resumes_from_it(shared_dir, tmp_path):
+    """--eval-interval below --checkpoint-interval (the documented fine-tune: 500 against 20000): every
+    evaluation has its checkpoint written before it, so a SIGTERM after an evaluation keeps that checkpoint (within
+    --keep-checkpoints) and the rerun of the same command resumes from it, not from iteration 0."""
+    write_held_out(tmp_path / "held", 1, None, "")
+    out = tmp_path / "run"
+    argv = job_args(shared_dir, out, "--eval-data", str(tmp_path / "held"), "--eval-interval", "2", "--eval-clicks",
+                    "2", "--keep-checkpoints", "1", "--log-interval", "1")
+    argv[argv.index("--max-iters") + 1] = "100000"
+    argv[argv.index("--checkpoint-interval") + 1] = "50000"
+    eval_log = CsvLog(out / "eval.csv", EVAL_FIELDS)
+    err = stop_when(start_job(argv), eval_log.rows, "eval.csv row")
+    kept = list_checkpoints(out)
+    # --keep-checkpoints 1 prunes the evaluation checkpoints too (a stop between the newest one's rename and the
+    # pruning may leave the one before it)
+    assert 1 <= len(kept) <= 2, (kept, err[-2000:])
+    iteration = kept[-1][0]
+    evaluated = [int(r["iter"]) for r in eval_log.rows()]
+    assert iteration % 2 == 0 and iteration >= max(evaluated), (iteration, evaluated)
+    assert f"(iteration {iteration}), is kept" in stop_line(err), err[-2000:]
+    rerun = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), *argv, "--stop-at", str(iteration + 1)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"(iteration {iteration}); iterations {iteration} -> {iteration + 1} of 100000" in rerun.stdout, rerun.stdout
+    assert [int(r["iter"]) for r in eval_log.rows()] == list(range(2, iteration + 1, 2))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_nothing_was_saved(shared_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = job_args(shared_dir, out, "--log-interval", "1")
+    argv[argv.index("--max-iters") + 1] = "100000"
+    argv[argv.index("--checkpoint-interval") + 1] = "50000"
+    err = stop_when(start_job(argv), CsvLog(out / "log.csv", LOG_FIELDS).rows, "log.csv row")
+    assert not list_checkpoints(out)
+    assert stop_line(err) == (f"[train] stopped before the first checkpoint: nothing was saved yet in {out}; running "
+                              "the same command again starts from iteration 0"), err[-2000:]

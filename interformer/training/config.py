@@ -61,7 +61,7 @@ class TrainConfig:
         "help": "encoder fingerprint of the stored features; default: the model's own (variant, weights, "
                 "default preprocessing)"})
     checkpoint_interval: int = field(default=20_000, metadata={"range": COUNT,
-        "help": "save a checkpoint every N iterations"})
+        "help": "save a checkpoint every N iterations, at the end of the session and before every evaluation"})
     keep_checkpoints: int = field(default=0, metadata={"range": integer(0),
         "help": "keep only the newest N checkpoints (0: keep all)"})
     log_interval: int = field(default=50, metadata={"range": COUNT,

@@ -118,11 +118,24 @@ def evaluate(evaluator: Evaluator, model: InterFormer, iteration: int, eval_log:
     return result
 
 
+def evaluation_due(cfg: TrainConfig, done: int) -> bool:
+    """Whether the run evaluates after iteration `done`: a multiple of --eval-interval, or the end of the schedule
+    (not --stop-at: a stopped session evaluates as a straight run would)."""
+    return bool(cfg.eval_interval) and done > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters)
+
+
+def checkpoint_due(cfg: TrainConfig, done: int) -> bool:
+    """Whether the run writes a checkpoint after iteration `done`: every --checkpoint-interval, at the end of the
+    session, and before every evaluation, so that a stop never loses more than the iterations since the last
+    evaluation. A function of the config alone, so every worker of a multi-worker run agrees (the barrier)."""
+    return done % cfg.checkpoint_interval == 0 or done == cfg.last_iter or evaluation_due(cfg, done)
+
+
 def missed_evaluation(cfg: TrainConfig, start: int, eval_log: CsvLog) -> bool:
     """Whether the checkpoint a run resumes from sits at an evaluation point (a multiple of --eval-interval, or
     the end of the schedule) without its eval.csv row: the checkpoint is written before the evaluation, so a
     kill during the evaluation loses the row, and the resumed run must evaluate that checkpoint first."""
-    if start == 0 or not cfg.eval_interval or (start % cfg.eval_interval and start != cfg.max_iters):
+    if not evaluation_due(cfg, start):
         return False
     return not any(r.get("iter") == str(start) for r in eval_log.rows())
 
@@ -173,6 +186,18 @@ def diverged_message(out_dir: Path, iteration: int, lr: float, problem: str) -> 
     resume = f"the newest checkpoint, {newest[-1][1]}, is untouched" if newest else "no checkpoint was written"
     return (f"training diverged at iteration {iteration} (lr {lr:.3g}): {problem}; the step was not taken and {resume}"
             "; lower --lr or raise --warmup-iters and train in a new --out-dir (a run folder keeps its schedule)")
+
+
+def stopped_message(out_dir: Path) -> str:
+    """What a stopped run (Ctrl-C, SIGTERM) says: the checkpoint really kept in the run folder and where a rerun
+    of the same command starts, read from the folder after the stop."""
+    newest = list_checkpoints(Path(out_dir))
+    if not newest:
+        return (f"[train] stopped before the first checkpoint: nothing was saved yet in {out_dir}; running the same "
+                "command again starts from iteration 0")
+    iteration, path = newest[-1]
+    return (f"[train] stopped; the newest checkpoint, {path} (iteration {iteration}), is kept: run the same command "
+            f"again to resume from iteration {iteration}")
 
 
 def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
@@ -253,14 +278,14 @@ def _train(cfg: TrainConfig, ctx: WorkerContext, evaluator: Evaluator | None,
                 log.append([row])
             summary["last"] = row
             pending = []
-        if done % cfg.checkpoint_interval == 0 or done == cfg.last_iter:  # it carries the rows' pending window
+        if checkpoint_due(cfg, done):  # it carries the rows' pending window
             if is_main:
                 save_training_checkpoint(model, optimizer, out_dir, done, config_dict, cfg.keep_checkpoints, pending)
                 if has_rows(out_dir / "log.csv"):
                     plot_loss(out_dir / "log.csv", out_dir / "loss.png")
             if ctx.barrier is not None:
                 ctx.barrier()
-        if evaluator is not None and cfg.eval_interval and (done % cfg.eval_interval == 0 or final) and is_main:
+        if evaluator is not None and evaluation_due(cfg, done) and is_main:  # after its checkpoint
             summary["eval"] = evaluate(evaluator, model, done, eval_log)
         t_data = time.perf_counter()
     bar.close()
