@@ -73,9 +73,7 @@ def _python_without_the_packages() -> str:
     pytest.skip("no python without torch on this machine")
 
 
-@pytest.mark.parametrize("job", [pytest.param(j, marks=pytest.mark.xfail(
-    strict=True, reason="jobs/train.py is being changed on another branch: it gets the same sys.path lines at merge"))
-    if j == "train" else j for j in JOBS])
+@pytest.mark.parametrize("job", JOBS)
 def test_a_job_started_as_a_file_by_a_python_without_the_packages_reaches_its_guard(job, tmp_path):
     """`python3 jobs/NAME.py` with a system python (the README's venv never activated, as the bench scripts used
     to run) puts jobs/, not the checkout, on sys.path: the job still reaches prepare_job_process and exits 3
