@@ -13,16 +13,11 @@ the job writes results.csv, summary.json, summary.md and miou.png and prints the
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not __package__ and _ROOT not in sys.path:  # run as a file: its folder, not the checkout's root, is on sys.path
-    sys.path.insert(0, _ROOT)  # so the guard below, not an import traceback, answers a python without the packages
-
-from pipeline.ray_runtime import RayStartError, prepare_job_process  # noqa: E402
+from pipeline.ray_runtime import RayStartError, prepare_job_process
 
 prepare_job_process("jobs/evaluate.py")  # before the imports that need the project's packages
 

@@ -21,20 +21,14 @@ official code. With several workers on several machines --out-dir must be on sto
 """
 from __future__ import annotations
 
-import os
+import argparse
+import signal
 import sys
+from pathlib import Path
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not __package__ and _ROOT not in sys.path:  # run as a file: its folder, not the checkout's root, is on sys.path
-    sys.path.insert(0, _ROOT)  # so the guard below, not an import traceback, answers a python without the packages
-
-from pipeline.ray_runtime import RayStartError, prepare_job_process  # noqa: E402
+from pipeline.ray_runtime import RayStartError, prepare_job_process
 
 prepare_job_process("jobs/train.py")  # before the imports that need the project's packages
-
-import argparse  # noqa: E402
-import signal  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from interformer.checkpoint import CheckpointError  # noqa: E402
 from interformer.cli_types import integer  # noqa: E402

@@ -63,29 +63,6 @@ def test_an_interpreter_without_the_dependencies_gets_a_clear_message():
     assert "Traceback" not in done.stderr
 
 
-def _python_without_the_packages() -> str:
-    """A python that cannot import torch (the system one beside this venv), or skip: nothing to test with."""
-    for candidate in ("/usr/bin/python3", getattr(sys, "_base_executable", "")):
-        if candidate and os.path.isfile(candidate) and subprocess.run(
-                [candidate, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"],
-                capture_output=True, timeout=60).returncode == 1:
-            return candidate
-    pytest.skip("no python without torch on this machine")
-
-
-@pytest.mark.parametrize("job", JOBS)
-def test_a_job_started_as_a_file_by_a_python_without_the_packages_reaches_its_guard(job, tmp_path):
-    """`python3 jobs/NAME.py` with a system python (the README's venv never activated, as the bench scripts used
-    to run) puts jobs/, not the checkout, on sys.path: the job still reaches prepare_job_process and exits 3
-    with its message instead of a ModuleNotFoundError traceback for `pipeline`."""
-    python = _python_without_the_packages()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    done = subprocess.run([python, str(ROOT / "jobs" / f"{job}.py"), "--help"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 3, done.stdout + done.stderr
-    assert "lacks the project's packages" in done.stderr and "Traceback" not in done.stderr
-
-
 RECORDER = '#!/bin/sh\necho "{tag} $*" >> "$CALLS"\n'
 
 
