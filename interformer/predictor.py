@@ -445,11 +445,8 @@ class InteractiveSession:
         prev = self._states[-1]
         ref = add_click_disk(prev.ref_label, r, c, bool(positive), self.predictor.model.config.clicks.inner_radius)
         self._clicks.append(Click(int(row), int(col), bool(positive)))
-        margin = self.predictor.predict_margin(self.feats, ref, self._roi(prev.pred, ref), self.engine)
-        result = ClickResult(margin, self.geometry, tuple(self._clicks))
-        pred = result.padded_mask
-        self._states.append(_State(update_by_prediction(ref, pred), pred, result))
-        return result
+        self._states.append(self._step(ref, prev.pred))
+        return self._states[-1].result
 
     def repredict(self) -> ClickResult:
         """Run the network again on the current state, without a new click, and return its prediction.
@@ -459,12 +456,16 @@ class InteractiveSession:
         prediction can still change. The new state replaces the current one (undo still removes the last
         click; `replay` does not repeat re-predictions)."""
         state = self._states[-1]
-        margin = self.predictor.predict_margin(self.feats, state.ref_label, self._roi(state.pred, state.ref_label),
-                                               self.engine)
+        self._states[-1] = self._step(state.ref_label, state.pred)
+        return self._states[-1].result
+
+    def _step(self, ref: np.ndarray, prev_pred: np.ndarray) -> _State:
+        """One forward pass on reference map `ref` (previous prediction `prev_pred` for the zoom-in), and the
+        state it leads to: the prediction and the map it updates."""
+        margin = self.predictor.predict_margin(self.feats, ref, self._roi(prev_pred, ref), self.engine)
         result = ClickResult(margin, self.geometry, tuple(self._clicks))
         pred = result.padded_mask
-        self._states[-1] = _State(update_by_prediction(state.ref_label, pred), pred, result)
-        return result
+        return _State(update_by_prediction(ref, pred), pred, result)
 
     def undo(self) -> ClickResult | None:
         """Remove the last click; returns the prediction before it (with no click left: the initial mask's
