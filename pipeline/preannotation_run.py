@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -358,9 +358,10 @@ def _slug(text: str) -> str:
 
 
 _IDENTITY = ("source", "fingerprint", "model_version")  # named by the folder's stem and model version
-_DEFAULT_SETTINGS = {"use": "auto", "coco_id": "file_name", "ls_prompts": "annotations",
-                     "ls_prompt_model_version": None, "policy": asdict(ClickPolicy()), "mask_format": None,
-                     "polygon_tolerance": DEFAULT_TOLERANCE, "click_engine": None}
+_CONFIG_DEFAULTS = {f.name: f.default for f in fields(PreannotateConfig)}
+_DEFAULT_SETTINGS = {**{k: _CONFIG_DEFAULTS[k] for k in ("use", "coco_id", "ls_prompts", "ls_prompt_model_version")},
+                     "policy": asdict(ClickPolicy()), "mask_format": None, "polygon_tolerance": DEFAULT_TOLERANCE,
+                     "click_engine": None}  # run_info's settings as a run of the defaults records them
 
 
 def _setting_parts(key: str, value: Any) -> list[str]:
